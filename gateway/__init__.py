@@ -1,0 +1,1 @@
+"""Tollgate's HTTP gateway: authentication, validation, task records, results."""

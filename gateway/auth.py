@@ -1,0 +1,81 @@
+"""Bearer-key authentication with a short-lived per-process cache.
+
+A cached key costs no database round trip. Each entry (found or not found)
+lives ``key_cache_ttl_seconds``, which bounds how long a revoked key keeps
+working on any gateway process. The admin API's credential is separate and
+compared in constant time.
+"""
+
+import hmac
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.errors import Unauthorized
+from gateway.tenants import KEY_PREFIX, ApiKey, Tenant, hash_key
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: resolved once per key and cached."""
+
+    tenant_id: str
+    tenant_name: str
+    key_id: str
+    user_group: str
+
+
+def bearer_token(header: str | None) -> str:
+    if not header:
+        raise Unauthorized("Missing Authorization header: use `Authorization: Bearer <key>`")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Authorization header must be `Bearer <key>`")
+    return token.strip()
+
+
+class KeyCache:
+    def __init__(self, engine: AsyncEngine, ttl_seconds: float) -> None:
+        self._engine = engine
+        self._ttl = ttl_seconds
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+
+    async def authenticate(self, header: str | None) -> Principal:
+        token = bearer_token(header)
+        if not token.startswith(KEY_PREFIX):
+            raise Unauthorized()
+        digest = hash_key(token)
+        now = time.monotonic()
+        cached = self._entries.get(digest)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            principal = await self._load(digest)
+            if len(self._entries) > 100_000:
+                # Bounded: random bad keys must not grow memory without limit.
+                self._entries.clear()
+            self._entries[digest] = (now + self._ttl, principal)
+        if principal is None:
+            raise Unauthorized()
+        return principal
+
+    async def _load(self, digest: str) -> Principal | None:
+        keys, tenants = ApiKey.__table__.c, Tenant.__table__.c  # type: ignore[attr-defined]
+        query = (
+            select(keys.id, keys.revoked_at, tenants.id, tenants.name, tenants.user_group)
+            .join_from(ApiKey.__table__, Tenant.__table__, tenants.id == keys.tenant_id)  # type: ignore[attr-defined]
+            .where(keys.key_hash == digest)
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None or row[1] is not None:
+            return None
+        return Principal(tenant_id=row[2], tenant_name=row[3], key_id=row[0], user_group=row[4])
+
+
+def check_admin(header: str | None, admin_token: str) -> None:
+    token = bearer_token(header)
+    if not hmac.compare_digest(token.encode(), admin_token.encode()):
+        raise Unauthorized("Invalid admin token")

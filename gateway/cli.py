@@ -1,0 +1,200 @@
+"""``tollgate``: the operator's command line.
+
+Reads the same ``TOLLGATE_*`` environment as the gateway and talks to
+PostgreSQL directly (no running gateway needed). Output is JSON, one document
+per command, so it can be piped into ``jq``. Errors go to stderr with exit 1.
+"""
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.admin import key_json, tenant_json
+from gateway.db import (
+    DatabaseNotReady,
+    alembic_config,
+    check_migrated,
+    create_engine,
+    session_factory,
+    transaction,
+)
+from gateway.errors import ApiError
+from gateway.settings import Settings, SettingsError, load_settings
+from gateway.tasks.service import list_tasks, task_summary
+from gateway.tenants import create_tenant, find_tenant, issue_key, list_keys, revoke_key
+
+T = TypeVar("T")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _emit(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _run_in_session(fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Run ``fn`` in one committed transaction against a migrated database."""
+
+    async def main() -> T:
+        settings = _settings()
+        engine = create_engine(settings)
+        try:
+            await check_migrated(engine)
+            async with transaction(session_factory(engine)) as session:
+                return await fn(session)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except (ApiError, DatabaseNotReady) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def main() -> None:
+    """Tollgate: API gateway and billing proxy for image generation."""
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema to the latest revision (alembic upgrade head)."""
+    from alembic import command
+
+    settings = _settings()
+    command.upgrade(alembic_config(settings.database_url), "head")
+    click.echo("database is at the latest revision", err=True)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int, help="Gateway processes.")
+def serve(host: str, port: int, workers: int) -> None:
+    """Run the HTTP gateway."""
+    import uvicorn
+
+    settings = _settings()
+
+    async def preflight() -> None:
+        engine = create_engine(settings)
+        try:
+            await check_migrated(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(preflight())
+    except DatabaseNotReady as exc:
+        raise click.ClickException(str(exc)) from None
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+@main.group()
+def tenants() -> None:
+    """Create and list tenants."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--group", "user_group", default="default", show_default=True)
+def tenants_create(name: str, user_group: str) -> None:
+    """Create a tenant called NAME."""
+
+    async def run(session: AsyncSession) -> dict[str, Any]:
+        return tenant_json(await create_tenant(session, name=name, user_group=user_group))
+
+    _emit(_run_in_session(run))
+
+
+@tenants.command("list")
+def tenants_list() -> None:
+    from gateway.tenants import list_tenants
+
+    async def run(session: AsyncSession) -> list[dict[str, Any]]:
+        return [tenant_json(t) for t in await list_tenants(session)]
+
+    _emit(_run_in_session(run))
+
+
+@main.group()
+def keys() -> None:
+    """Issue, list and revoke API keys."""
+
+
+@keys.command("issue")
+@click.argument("tenant")
+@click.option("--name", default="", help="A label for the key.")
+def keys_issue(tenant: str, name: str) -> None:
+    """Issue a key for TENANT (id or name). The key is printed once; store it."""
+
+    async def run(session: AsyncSession) -> dict[str, Any]:
+        issued = await issue_key(session, await find_tenant(session, tenant), name=name)
+        return {**key_json(issued.key), "key": issued.secret}
+
+    _emit(_run_in_session(run))
+
+
+@keys.command("list")
+@click.argument("tenant")
+def keys_list(tenant: str) -> None:
+    """List TENANT's keys (prefixes only; secrets are never stored)."""
+
+    async def run(session: AsyncSession) -> list[dict[str, Any]]:
+        found = await find_tenant(session, tenant)
+        return [key_json(k) for k in await list_keys(session, found.id)]
+
+    _emit(_run_in_session(run))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke KEY_ID; every gateway refuses it within TOLLGATE_KEY_CACHE_TTL_SECONDS."""
+
+    async def run(session: AsyncSession) -> dict[str, Any]:
+        return key_json(await revoke_key(session, key_id))
+
+    _emit(_run_in_session(run))
+
+
+@main.group()
+def tasks() -> None:
+    """Inspect tasks."""
+
+
+@tasks.command("list")
+@click.option("--tenant", default=None, help="Tenant id or name.")
+@click.option("--status", default=None)
+@click.option("--limit", default=50, show_default=True, type=int)
+def tasks_list(tenant: str | None, status: str | None, limit: int) -> None:
+    """List tasks, newest first."""
+
+    async def run(session: AsyncSession) -> list[dict[str, Any]]:
+        tenant_id = (await find_tenant(session, tenant)).id if tenant else None
+        found = await list_tasks(session, tenant_id=tenant_id, status=status, limit=limit)
+        return [task_summary(t) for t in found]
+
+    _emit(_run_in_session(run))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""PostgreSQL access: the engine, sessions, and the migration check.
+
+The request scope owns the transaction (see ``app.py``): services take the
+session as their first argument and never commit. The app refuses to start on
+a database whose schema is not at the migrations' head.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.settings import Settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class DatabaseNotReady(RuntimeError):
+    """The database is unreachable or not migrated; the message says what to run."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    return create_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_pre_ping=False,
+    )
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def transaction(
+    sessions: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """One unit of work outside a request (CLI, worker): commit on success, roll back on error."""
+    async with sessions() as session, session.begin():
+        yield session
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if database_url:
+        config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def migration_head() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def check_migrated(engine: AsyncEngine) -> None:
+    """Raise DatabaseNotReady unless the schema is at the migrations' head."""
+    head = migration_head()
+    try:
+        async with engine.connect() as conn:
+            current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    except ProgrammingError:
+        current = None
+    except (OSError, DBAPIError) as exc:
+        raise DatabaseNotReady(f"cannot reach PostgreSQL: {exc}") from None
+    if current != head:
+        state = f"at revision {current}" if current else "not migrated"
+        raise DatabaseNotReady(
+            f"the database is {state}, the code needs revision {head}: "
+            "run `tollgate migrate` (alembic upgrade head) first"
+        )

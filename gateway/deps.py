@@ -1,0 +1,75 @@
+"""What a request handler can ask for: the process's services, the caller, a unit of work.
+
+``Services`` is built once at start-up (``app.py``) and kept on the app state.
+``UnitOfWork`` is the request scope's transaction: it commits when the handler
+returns, rolls back when it raises, and runs ``after_commit`` callbacks (such as
+enqueueing a job) only once the commit has succeeded.
+"""
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from arq.connections import ArqRedis
+from litestar import Request
+from litestar.datastructures import State
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.auth import KeyCache, Principal, check_admin
+from gateway.settings import Settings
+from gateway.storage import Storage, UrlSigner
+from pricing.catalog import Catalog
+
+logger = logging.getLogger("tollgate.deps")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    catalog: Catalog
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: ArqRedis
+    keys: KeyCache
+    storage: Storage
+    signer: UrlSigner
+
+
+@dataclass
+class UnitOfWork:
+    session: AsyncSession
+    after_commit: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+
+
+def services(state: State) -> Services:
+    svc: Services = state.services
+    return svc
+
+
+async def provide_services(state: State) -> Services:
+    return services(state)
+
+
+async def provide_principal(request: Request[object, object, State]) -> Principal:
+    return await services(request.app.state).keys.authenticate(request.headers.get("authorization"))
+
+
+async def provide_admin(request: Request[object, object, State]) -> None:
+    check_admin(
+        request.headers.get("authorization"), services(request.app.state).settings.admin_token
+    )
+
+
+async def provide_uow(state: State) -> AsyncIterator[UnitOfWork]:
+    svc = services(state)
+    async with svc.sessions() as session:
+        async with session.begin():
+            uow = UnitOfWork(session)
+            yield uow
+        for callback in uow.after_commit:
+            try:
+                await callback()
+            except Exception:
+                # The commit stands; the reconciler re-enqueues from the task rows.
+                logger.exception("after-commit step failed; the reconciler will retry it")

@@ -1,0 +1,168 @@
+"""Errors a client can see, and the one translator that renders all of them.
+
+Every error leaves Tollgate as the envelope of the unified API contract
+(seeds/002): ``{"error": {"code", "message", "type"}}``. Domain errors subclass
+``ApiError`` beside their domain; the framework's own exceptions (validation,
+unknown route, method, body too large) and anything unexpected go through
+``exception_handler`` too. An unexpected exception is logged with its trace and
+answered 500 ``internal_error`` with a fixed message: no trace reaches a client.
+"""
+
+import logging
+import re
+from typing import Any, ClassVar
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
+
+logger = logging.getLogger("tollgate.errors")
+
+_encoder = msgspec.json.Encoder()
+
+JSON = "application/json"
+
+
+class ApiError(Exception):
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "invalid_request"
+    type: ClassVar[str] = "invalid_request_error"
+    default_message: ClassVar[str] = "Invalid request parameters"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        self.message = message or self.default_message
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+
+class InvalidRequest(ApiError):
+    """A request field is missing, of the wrong type or out of range."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+    type = "authentication_error"
+    default_message = "Invalid or expired token"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+    type = "permission_error"
+    default_message = "Not allowed"
+
+
+class ModelAccessDenied(ApiError):
+    status = 403
+    code = "model_access_denied"
+    type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"Token does not have access to model: {model}")
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+    default_message = "Not found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+    type = "invalid_request_error"
+    default_message = "Conflict"
+
+
+class LinkExpired(ApiError):
+    status = 410
+    code = "link_expired"
+    type = "invalid_request_error"
+    default_message = "This link has expired"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "service_unavailable"
+    type = "api_error"
+    default_message = "Service temporarily unavailable, please retry"
+
+
+# Framework statuses that have no ApiError of their own.
+_FRAMEWORK_CODES: dict[int, tuple[str, str]] = {
+    400: ("invalid_request", "invalid_request_error"),
+    401: ("unauthorized", "authentication_error"),
+    403: ("forbidden", "permission_error"),
+    404: ("not_found", "invalid_request_error"),
+    405: ("method_not_allowed", "invalid_request_error"),
+    413: ("request_too_large", "invalid_request_error"),
+    415: ("unsupported_media_type", "invalid_request_error"),
+    429: ("rate_limit_exceeded", "rate_limit_error"),
+    503: ("service_unavailable", "api_error"),
+}
+
+
+def envelope(code: str, message: str, type_: str) -> bytes:
+    return _encoder.encode({"error": {"code": code, "message": message, "type": type_}})
+
+
+def error_response(
+    status: int, code: str, message: str, type_: str, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    return Response(
+        content=envelope(code, message, type_), status_code=status, media_type=JSON, headers=headers
+    )
+
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
+def _validation_message(exc: ValidationException) -> str:
+    """Name the field from litestar's validation detail ("seed: Expected `int`...")."""
+    extra: Any = exc.extra
+    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
+        key = str(extra[0].get("key") or "")
+        message = str(extra[0].get("message") or "is invalid")
+        if found := _UNKNOWN_FIELD.search(message):
+            return f"{found[1]}: unknown field"
+        if found := _MISSING_FIELD.search(message):
+            return f"{found[1]}: is required"
+        if key and key != "data":
+            return f"{key}: {message}"
+        return f"body: {message}"
+    return exc.detail or "Invalid request"
+
+
+def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.type, exc.headers)
+    if isinstance(exc, ValidationException):
+        return error_response(
+            400, "invalid_request", _validation_message(exc), "invalid_request_error"
+        )
+    if isinstance(exc, HTTPException) and isinstance(exc.__cause__, SerializationException):
+        return error_response(
+            400, "invalid_request", f"body: malformed JSON ({exc.detail})", "invalid_request_error"
+        )
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        code, type_ = _FRAMEWORK_CODES.get(
+            exc.status_code, ("invalid_request", "invalid_request_error")
+        )
+        message = exc.detail or code.replace("_", " ")
+        if exc.status_code == 413:
+            message = "Request body is too large"
+        headers = dict(exc.headers or {})
+        return error_response(exc.status_code, code, message, type_, headers or None)
+    if isinstance(exc, HTTPException) and exc.status_code == 503:
+        return error_response(
+            503, "service_unavailable", ServiceUnavailable.default_message, "api_error"
+        )
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "Internal server error", "api_error")

@@ -1,0 +1,21 @@
+"""Enqueueing work for the workers: the gateway's only way to reach them."""
+
+import logging
+
+from arq.connections import ArqRedis
+
+from gateway.redis_keys import GENERATE_JOB, generate_job_id
+
+logger = logging.getLogger("tollgate.queue")
+
+
+async def enqueue_generation(redis: ArqRedis, queue_name: str, task_id: str, attempt: int) -> bool:
+    """Queue the task's generation job; False if that job is already queued or running."""
+    job = await redis.enqueue_job(
+        GENERATE_JOB,
+        task_id,
+        attempt,
+        _job_id=generate_job_id(task_id, attempt),
+        _queue_name=queue_name,
+    )
+    return job is not None

@@ -1,0 +1,102 @@
+"""Settings: every knob is an environment variable with the ``TOLLGATE_`` prefix.
+
+Built by ``create_app(settings)`` and by the worker's start-up, never at import
+time, so tests pass their own. ``load_settings`` turns validation errors into one
+readable message naming each variable, for the process to print and exit.
+The README's configuration table lists every field here.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, HttpUrl, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TOLLGATE_"
+
+
+class UpstreamAccount(BaseModel):
+    """One account at an upstream provider: where to call it and with which key."""
+
+    base_url: HttpUrl
+    api_key: str = Field(min_length=1, repr=False)
+    # Upstream jobs running at once on this account (issue 4 enforces it).
+    max_concurrency: int = Field(default=16, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        description="PostgreSQL URL, e.g. postgresql+asyncpg://user@host:5432/tollgate"
+    )
+    redis_url: str = Field(description="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    admin_token: str = Field(min_length=16, repr=False)
+    signing_secret: str = Field(min_length=16, repr=False)
+
+    public_base_url: str = "http://127.0.0.1:8000"
+    catalog_path: Path | None = None
+    storage_dir: Path = Path(".tollgate/storage")
+    result_url_ttl_seconds: int = Field(default=86_400, ge=1)
+
+    key_cache_ttl_seconds: float = Field(default=5.0, ge=0)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    db_pool_size: int = Field(default=10, ge=1)
+
+    upstreams: dict[str, UpstreamAccount] = Field(default_factory=dict)
+    queue_name: str = "tollgate:queue"
+    worker_max_jobs: int = Field(default=100, ge=1)
+    task_deadline_seconds: int = Field(default=600, ge=5)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    reconcile_interval_seconds: int = Field(default=10, ge=1, le=60)
+    requeue_pending_after_seconds: float = Field(default=30.0, ge=0)
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+    upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    upstream_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_image_bytes: int = Field(default=52_428_800, ge=1024)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_url(cls, value: str) -> str:
+        # Accept the plain postgresql:// form people copy from elsewhere.
+        for plain in ("postgresql://", "postgres://"):
+            if value.startswith(plain):
+                return "postgresql+asyncpg://" + value[len(plain) :]
+        if not value.startswith("postgresql+asyncpg://"):
+            raise ValueError("must be a postgresql:// or postgresql+asyncpg:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class SettingsError(RuntimeError):
+    """The environment does not describe a usable configuration."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and ``overrides``), or raise SettingsError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            rest = ".".join(str(p) for p in err["loc"][1:])
+            name = ENV_PREFIX + field.upper() + (f" ({rest})" if rest else "")
+            message = "is required" if err["type"] == "missing" else err["msg"]
+            lines.append(f"  {name}: {message}")
+        raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None

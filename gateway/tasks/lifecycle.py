@@ -1,0 +1,177 @@
+"""Task state transitions, each one conditional UPDATE.
+
+Rules:
+- Every write names the ``attempt`` it belongs to. The reconciler bumps
+  ``attempt`` when a worker's lease runs out and queues the task again; from
+  then on the old worker's writes match no row, so at most one worker's
+  outcome is ever recorded, however many ran the job.
+- Final states (completed, failed, cancelled) are never left: every UPDATE
+  requires an open status.
+- Times come from PostgreSQL's ``now()``, one clock for every process.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Table, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
+
+tasks: Table = Task.__table__  # type: ignore[attr-defined]
+c = tasks.c
+_open = c.status.in_(OPEN_STATES)
+_processing = c.status == TaskStatus.PROCESSING.value
+
+
+def _fence(task_id: str, attempt: int) -> ColumnElement[bool]:
+    return (c.id == task_id) & (c.attempt == attempt)
+
+
+def _changed(result: Any) -> bool:
+    return bool(result.rowcount == 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    model: str
+    provider: str
+    request: dict[str, Any]
+    upstream_job_id: str | None
+    created_at: datetime
+
+
+async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float) -> Claimed | None:
+    """Mark the task processing under a lease; None if this attempt no longer owns it."""
+    stmt = (
+        update(tasks)
+        .where(_fence(task_id, attempt), _open)
+        .values(
+            status=TaskStatus.PROCESSING.value,
+            started_at=func.coalesce(c.started_at, func.now()),
+            lease_expires_at=func.now() + timedelta(seconds=lease),
+            progress=func.greatest(c.progress, 5),
+        )
+        .returning(c.model, c.provider, c.request, c.upstream_job_id, c.created_at)
+    )
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return None
+    return Claimed(*row)
+
+
+async def heartbeat(
+    conn: AsyncConnection,
+    task_id: str,
+    attempt: int,
+    lease: float,
+    *,
+    progress: int | None = None,
+    upstream_job_id: str | None = None,
+) -> bool:
+    """Renew the lease (and record progress); False once this attempt has lost the task."""
+    values: dict[str, Any] = {"lease_expires_at": func.now() + timedelta(seconds=lease)}
+    if progress is not None:
+        values["progress"] = func.greatest(c.progress, min(progress, 99))
+    if upstream_job_id is not None:
+        values["upstream_job_id"] = upstream_job_id
+    stmt = update(tasks).where(_fence(task_id, attempt), _processing).values(**values)
+    return _changed(await conn.execute(stmt))
+
+
+async def complete(
+    conn: AsyncConnection, task_id: str, attempt: int, results: list[str], ttl_seconds: int
+) -> bool:
+    stmt = (
+        update(tasks)
+        .where(_fence(task_id, attempt), _processing)
+        .values(
+            status=TaskStatus.COMPLETED.value,
+            progress=100,
+            results=results,
+            finished_at=func.now(),
+            results_expire_at=func.now() + timedelta(seconds=ttl_seconds),
+            lease_expires_at=None,
+        )
+    )
+    return _changed(await conn.execute(stmt))
+
+
+async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, message: str) -> bool:
+    stmt = (
+        update(tasks)
+        .where(_fence(task_id, attempt), _open)
+        .values(
+            status=TaskStatus.FAILED.value,
+            error_code=code,
+            error_message=message[:1000],
+            finished_at=func.now(),
+            lease_expires_at=None,
+        )
+    )
+    return _changed(await conn.execute(stmt))
+
+
+async def reclaim_expired_leases(conn: AsyncConnection, limit: int) -> list[tuple[str, int]]:
+    """Hand tasks whose worker went silent to a new attempt; returns (id, new attempt)."""
+    expired = (
+        select(c.id)
+        .where(
+            _processing,
+            c.lease_expires_at < func.now(),
+        )
+        .order_by(c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(tasks)
+        .where(c.id.in_(expired))
+        .values(attempt=c.attempt + 1, lease_expires_at=None)
+        .returning(c.id, c.attempt)
+    )
+    return [(row[0], row[1]) for row in await conn.execute(stmt)]
+
+
+async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int) -> list[str]:
+    """Fail open tasks past their deadline; bumping ``attempt`` fences out any late worker."""
+    overdue = (
+        select(c.id)
+        .where(_open, c.created_at < func.now() - timedelta(seconds=deadline_seconds))
+        .order_by(c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(tasks)
+        .where(c.id.in_(overdue))
+        .values(
+            status=TaskStatus.FAILED.value,
+            attempt=c.attempt + 1,
+            error_code="timeout",
+            error_message=f"The generation did not finish within {deadline_seconds} seconds",
+            finished_at=func.now(),
+            lease_expires_at=None,
+        )
+        .returning(c.id)
+    )
+    return [row[0] for row in await conn.execute(stmt)]
+
+
+async def stale_pending(
+    conn: AsyncConnection, older_than: float, limit: int
+) -> list[tuple[str, int]]:
+    """Pending tasks old enough that their job may have been lost with Redis."""
+    stmt = (
+        select(c.id, c.attempt)
+        .where(
+            c.status == TaskStatus.PENDING.value,
+            c.created_at < func.now() - timedelta(seconds=older_than),
+        )
+        .order_by(c.created_at)
+        .limit(limit)
+    )
+    return [(row[0], row[1]) for row in await conn.execute(stmt)]

@@ -1,0 +1,77 @@
+"""The ``tasks`` table."""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+from gateway.db import utcnow
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+OPEN_STATES = (TaskStatus.PENDING.value, TaskStatus.PROCESSING.value)
+
+
+def _ts() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+class Task(SQLModel, table=True):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')",
+            name="ck_tasks_status",
+        ),
+        sa.CheckConstraint("progress BETWEEN 0 AND 100", name="ck_tasks_progress"),
+        sa.Index("ix_tasks_tenant_created", "tenant_id", "created_at"),
+        # The reconciler's scan: only open tasks are indexed.
+        sa.Index(
+            "ix_tasks_open",
+            "status",
+            "created_at",
+            postgresql_where=sa.text("status IN ('pending', 'processing')"),
+        ),
+    )
+
+    id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenants.id", max_length=40)
+    api_key_id: str = Field(foreign_key="api_keys.id", max_length=40)
+    model: str = Field(max_length=100)
+    provider: str = Field(max_length=50)
+    status: str = Field(default=TaskStatus.PENDING.value, max_length=20)
+    progress: int = 0
+    # The validated request (pricing.request.ImageRequest.to_json) and the quote
+    # it was reserved with; settlement uses this quote, never a fresh one.
+    request: dict[str, Any] = Field(sa_type=JSONB)
+    quote: dict[str, Any] = Field(sa_type=JSONB)
+    billing_rule: str = Field(max_length=30)
+    user_group: str = Field(max_length=100)
+    credits_reserved_micros: int = Field(default=0, sa_type=sa.BigInteger)
+    credits_charged_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    estimated_seconds: int = 0
+    can_cancel: bool = False
+    callback_url: str | None = Field(default=None, max_length=2048)
+
+    attempt: int = 0
+    lease_expires_at: datetime | None = Field(default=None, sa_type=_ts())
+    upstream_job_id: str | None = Field(default=None, max_length=200)
+    results: list[str] | None = Field(default=None, sa_type=JSONB)
+    results_expire_at: datetime | None = Field(default=None, sa_type=_ts())
+    error_code: str | None = Field(default=None, max_length=50)
+    error_message: str | None = Field(default=None, max_length=1000)
+
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
+    started_at: datetime | None = Field(default=None, sa_type=_ts())
+    finished_at: datetime | None = Field(default=None, sa_type=_ts())

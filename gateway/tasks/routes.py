@@ -1,0 +1,136 @@
+"""The unified endpoint: submit a generation, read a task, list models, fetch results."""
+
+import time
+from functools import partial
+from typing import Annotated, Any
+
+from litestar import Controller, Response, get, post
+from litestar.di import Provide
+from litestar.params import Parameter
+
+from gateway.auth import Principal
+from gateway.callback_urls import validate_callback_url
+from gateway.catalog_view import model_list
+from gateway.deps import Services, UnitOfWork, provide_principal, provide_uow
+from gateway.errors import InvalidRequest, NotFound
+from gateway.queue import enqueue_generation
+from gateway.storage import CONTENT_TYPES, check_key
+from gateway.tasks import service
+from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject, encode_json
+from pricing.quote import quote
+from pricing.request import InvalidField, resolve_request
+
+JSON = "application/json"
+
+
+def _json(value: object) -> Response[Any]:
+    return Response(content=encode_json(value), media_type=JSON)
+
+
+class TaskController(Controller):
+    path = "/v1"
+    tags = ["images"]
+    dependencies = {"principal": Provide(provide_principal)}
+    security = [{"bearerAuth": []}]
+
+    @post(
+        "/images/generations",
+        status_code=200,
+        dependencies={"uow": Provide(provide_uow)},
+        summary="Create an image generation task",
+        description="Validates the request against the model catalogue, records a pending "
+        "task and queues it. Poll `GET /v1/tasks/{id}` for the result.",
+    )
+    async def create_generation(
+        self,
+        data: GenerationRequest,
+        principal: Principal,
+        services: Services,
+        uow: UnitOfWork,
+        webhook_url: Annotated[str | None, Parameter(header="X-Webhook-URL")] = None,
+    ) -> Response[TaskObject]:
+        entry = services.catalog.model(data.model)
+        if entry is None:
+            raise InvalidRequest(
+                "model",
+                f"unknown model {data.model!r}; GET /v1/models lists the models you can use",
+            )
+        fields = data.provided()
+        callback_url = fields.pop("callback_url", None)
+        if callback_url is not None:
+            validate_callback_url(callback_url)
+        elif webhook_url is not None:
+            callback_url = validate_callback_url(webhook_url, "X-Webhook-URL")
+        try:
+            request = resolve_request(entry, fields)
+        except InvalidField as exc:
+            raise InvalidRequest(exc.field, exc.message) from None
+        groups = services.catalog.groups
+        group_name = principal.user_group if principal.user_group in groups else "default"
+        priced = quote(entry, group_name, groups[group_name], request)
+        task = service.build_task(
+            tenant_id=principal.tenant_id,
+            api_key_id=principal.key_id,
+            user_group=group_name,
+            entry=entry,
+            request=request,
+            quote=priced,
+            callback_url=callback_url,
+        )
+        uow.session.add(task)
+        await uow.session.flush()
+        settings = services.settings
+        uow.after_commit.append(
+            partial(enqueue_generation, services.redis, settings.queue_name, task.id, task.attempt)
+        )
+        return _json(service.render_task(task, services.signer))
+
+    @get("/tasks/{task_id:str}", summary="Get a task", description="The task object, kept current.")
+    async def get_task(
+        self, task_id: str, principal: Principal, services: Services
+    ) -> Response[TaskObject]:
+        async with services.sessions() as session:
+            task = await service.get_tenant_task(session, principal.tenant_id, task_id)
+        return _json(service.render_task(task, services.signer))
+
+    @get("/models", summary="List the models this key may use")
+    async def list_models(self, principal: Principal, services: Services) -> Response[ModelList]:
+        return _json(model_list(services.catalog))
+
+
+class FileController(Controller):
+    """Result images under signed, expiring links; the link is the credential."""
+
+    path = "/v1/files"
+    tags = ["images"]
+
+    @get(
+        "/{task_id:str}/{name:str}",
+        summary="Download a result image",
+        description="Links come from a completed task's `results`; they expire at `expires_at`.",
+        media_type="image/png",
+        responses={},
+    )
+    async def download(
+        self,
+        task_id: str,
+        name: str,
+        services: Services,
+        expires: str | None = None,
+        signature: str | None = None,
+    ) -> Response[bytes]:
+        key = f"{task_id}/{name}"
+        try:
+            check_key(key)
+        except ValueError:
+            raise NotFound("File not found") from None
+        services.signer.verify(key, expires, signature, time.time())
+        data = await services.storage.get(key)
+        if data is None:
+            raise NotFound("File not found")
+        content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
+        return Response(
+            content=data,
+            media_type=content_type,
+            headers={"Cache-Control": "private, max-age=3600"},
+        )

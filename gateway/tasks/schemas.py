@@ -1,0 +1,112 @@
+"""The public shapes of the unified endpoint (seeds/002), as msgspec structs.
+
+``TaskObject`` is ``ImageGenerationResponse`` of the contract; ``results``,
+``expires_at``, ``error`` and ``usage.credits_charged`` are additive fields that
+appear only when they have a value. Credits are rendered as JSON numbers from
+exact decimals (``encode_json``), never through a float.
+"""
+
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+
+class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/images/generations``: which fields a model accepts is in ``GET /v1/models``."""
+
+    model: str
+    prompt: str
+    size: str | None = None
+    quality: str | None = None
+    seed: int | None = None
+    nsfw_check: bool | None = None
+    callback_url: str | None = None
+    n: int | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    prompt_enhancement: bool | None = None
+    creativity: str | None = None
+    image_style_references: list[Any] | None = None
+    moodboards: list[Any] | None = None
+    styles: list[Any] | None = None
+    intensity: int | None = None
+    complexity: int | None = None
+    movement: int | None = None
+
+    def provided(self) -> dict[str, Any]:
+        """The fields the client sent (an explicit null counts as not sent)."""
+        return {
+            name: value
+            for name in self.__struct_fields__
+            if (value := getattr(self, name)) is not None
+        }
+
+
+REQUEST_FIELDS = frozenset(GenerationRequest.__struct_fields__)
+
+
+class TaskInfo(msgspec.Struct):
+    can_cancel: bool
+    estimated_time: int
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    billing_rule: str
+    credits_reserved: Decimal
+    user_group: str
+    credits_charged: Decimal | None = None
+
+
+class TaskError(msgspec.Struct):
+    code: str
+    message: str
+
+
+class TaskObject(msgspec.Struct, omit_defaults=True):
+    created: int
+    id: str
+    model: str
+    object: str
+    progress: int
+    status: str
+    task_info: TaskInfo
+    type: str
+    usage: Usage
+    results: list[str] | None = None
+    expires_at: int | None = None
+    error: TaskError | None = None
+
+
+class ModelCard(msgspec.Struct, omit_defaults=True):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: str
+    name: str
+    description: str
+    images_per_generation: int
+    max_images: int
+    estimated_seconds: int
+    max_resolution: str
+    billing_rule: str
+    prompt_max_chars: int
+    sizes: dict[str, dict[str, str]] | None = None
+    default_size: str | None = None
+    qualities: list[str] | None = None
+    default_quality: str | None = None
+    size_format: str | None = None
+    size_bounds: dict[str, int] | None = None
+    settings: dict[str, dict[str, Any]] | None = None
+
+
+class ModelList(msgspec.Struct):
+    object: str
+    data: list[ModelCard]
+
+
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+def encode_json(value: object) -> bytes:
+    return _encoder.encode(value)

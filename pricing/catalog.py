@@ -1,0 +1,244 @@
+"""The model catalogue: which models Tollgate sells, what each accepts, what each costs.
+
+The catalogue is data (``pricing/catalog.toml`` unless an operator points
+``TOLLGATE_CATALOG_PATH`` elsewhere). This module reads and validates it; a
+malformed file raises ``CatalogError`` naming the entry and the field, so a
+gateway or worker refuses to start rather than sell a model it cannot price.
+
+Rules the loader enforces:
+- model ids are unique; every group's per-model prices name a known model;
+- a model has either a table of named ``sizes`` (size × quality → pixels) or
+  ``dimensions`` bounds for ``WxH`` sizes, never both;
+- ``per_megapixel_step`` pricing needs a ``num_inference_steps`` parameter;
+- prices are decimal strings (never TOML floats, which are binary fractions).
+"""
+
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from pricing.money import MoneyError, parse_credits
+
+DEFAULT_CATALOG_PATH = Path(__file__).with_name("catalog.toml")
+
+# Fields of the unified request that every model takes; everything else a
+# request may carry is a per-model parameter declared in the catalogue.
+COMMON_FIELDS = ("model", "prompt", "size", "quality", "callback_url")
+
+
+class CatalogError(ValueError):
+    """The catalogue cannot be used; the message names the entry and field."""
+
+
+def _credits(value: object) -> Decimal:
+    if not isinstance(value, str):
+        raise ValueError('must be a decimal string such as "0.0032", not a TOML number')
+    try:
+        return parse_credits(value)
+    except MoneyError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+Credits = Annotated[Decimal, BeforeValidator(_credits)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ParamSpec(_Frozen):
+    """One optional request field a model accepts, with its range and default."""
+
+    type: Literal["int", "bool", "str", "enum", "list"]
+    description: str = ""
+    min: int | None = None
+    max: int | None = None
+    max_length: int | None = None
+    max_items: int | None = None
+    values: tuple[str, ...] | None = None
+    default: int | bool | str | None = None
+    # The upstream ignores the field and always uses this value (for example
+    # 4 steps for turbo models): a request may send it, but only this value.
+    fixed: int | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ParamSpec":
+        if self.type == "enum" and not self.values:
+            raise ValueError("an enum parameter needs `values`")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("`min` is greater than `max`")
+        return self
+
+
+class Dimensions(_Frozen):
+    """Bounds for models that take ``size`` as ``WxH`` pixels."""
+
+    min_side: int = Field(ge=64)
+    max_side: int = Field(ge=64)
+    multiple_of: int = Field(default=8, ge=1)
+    max_pixels: int = Field(ge=4096)
+    default: str = "1024x1024"
+
+
+class Price(_Frozen):
+    """How a generation of one model is priced, in credits.
+
+    ``amount`` is per generation (``per_call``), per image (``per_image``) or
+    per megapixel (2**20 pixels) per step per image (``per_megapixel_step``).
+    ``by_quality`` replaces ``amount`` for a quality tier. The surcharges are the
+    price with style references or with a moodboard (Krea 2); with both, the
+    moodboard price applies, not the sum.
+    """
+
+    rule: Literal["per_call", "per_image", "per_megapixel_step"]
+    amount: Credits
+    by_quality: dict[str, Credits] = Field(default_factory=dict)
+    with_style_references: Credits | None = None
+    with_moodboard: Credits | None = None
+
+
+class ModelEntry(_Frozen):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
+    name: str
+    provider: str
+    upstream_model: str
+    description: str = ""
+    images_per_generation: int = Field(ge=1, le=16)
+    estimated_seconds: int = Field(ge=0)
+    max_resolution: str
+    prompt_max_chars: int = Field(ge=1)
+    can_cancel: bool = False
+    sizes: dict[str, dict[str, tuple[int, int]]] | None = None
+    default_size: str | None = None
+    default_quality: str | None = None
+    dimensions: Dimensions | None = None
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    price: Price
+    # What the upstream charges Tollgate; the same figures as `price` when absent.
+    upstream_cost: Price | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelEntry":
+        if (self.sizes is None) == (self.dimensions is None):
+            raise ValueError("give exactly one of `sizes` (named sizes) or `dimensions` (WxH)")
+        if self.sizes is not None:
+            if not self.sizes:
+                raise ValueError("`sizes` is empty")
+            if self.default_size not in self.sizes:
+                raise ValueError(f"`default_size` {self.default_size!r} is not one of `sizes`")
+            qualities = self.qualities
+            if self.default_quality not in qualities:
+                raise ValueError(f"`default_quality` {self.default_quality!r} is not offered")
+            for size, by_quality in self.sizes.items():
+                if set(by_quality) != set(qualities):
+                    raise ValueError(f"size {size!r} does not list every quality {qualities}")
+        for common in COMMON_FIELDS:
+            if common in self.params:
+                raise ValueError(f"`params.{common}` is a common field, not a parameter")
+        if self.price.rule == "per_megapixel_step" and "num_inference_steps" not in self.params:
+            raise ValueError("per_megapixel_step pricing needs a `num_inference_steps` parameter")
+        for price in (self.price, self.upstream_cost):
+            if price is not None:
+                unknown = set(price.by_quality) - set(self.qualities)
+                if unknown:
+                    raise ValueError(f"price for unknown quality {sorted(unknown)}")
+        return self
+
+    @property
+    def qualities(self) -> tuple[str, ...]:
+        if not self.sizes:
+            return ()
+        return tuple(next(iter(self.sizes.values())))
+
+    @property
+    def cost(self) -> Price:
+        return self.upstream_cost or self.price
+
+    def max_images(self) -> int:
+        spec = self.params.get("n")
+        if spec is not None and spec.max is not None:
+            return spec.max
+        return self.images_per_generation
+
+
+class Group(_Frozen):
+    """A user group: a multiplier on list prices, or its own price per model."""
+
+    multiplier: Credits = Decimal(1)
+    prices: dict[str, Price] = Field(default_factory=dict)
+
+
+class Catalog(_Frozen):
+    models: tuple[ModelEntry, ...]
+    groups: dict[str, Group] = Field(default_factory=lambda: {"default": Group()})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Catalog":
+        seen: set[str] = set()
+        for entry in self.models:
+            if entry.id in seen:
+                raise ValueError(f"model id {entry.id!r} appears twice")
+            seen.add(entry.id)
+        if "default" not in self.groups:
+            raise ValueError("there must be a `default` group")
+        for name, group in self.groups.items():
+            unknown = set(group.prices) - seen
+            if unknown:
+                raise ValueError(f"group {name!r} prices unknown models {sorted(unknown)}")
+        return self
+
+    def model(self, model_id: str) -> ModelEntry | None:
+        return self._by_id().get(model_id)
+
+    def _by_id(self) -> Mapping[str, ModelEntry]:
+        by_id: dict[str, ModelEntry] | None = self.__dict__.get("_by_id_cache")
+        if by_id is None:
+            by_id = {entry.id: entry for entry in self.models}
+            # Frozen model: cache the index on the instance dict, computed once.
+            object.__setattr__(self, "_by_id_cache", by_id)
+        return by_id
+
+
+def _where(raw: Mapping[str, Any], loc: tuple[int | str, ...]) -> str:
+    """Render a pydantic location, naming a model by its id rather than its index."""
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if loc[:1] == ("models",) and i == 1 and isinstance(part, int):
+            models = raw.get("models") or []
+            ident = models[part].get("id") if part < len(models) else None
+            parts.append(f"[{part}] ({ident})" if ident else f"[{part}]")
+        elif isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            parts.append(f".{part}" if parts else str(part))
+    return "".join(parts)
+
+
+def parse_catalog(raw: Mapping[str, Any]) -> Catalog:
+    try:
+        return Catalog.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+            problems.append(f"{_where(raw, loc) or 'catalog'}: {err['msg']}")
+        raise CatalogError("invalid model catalogue:\n  " + "\n  ".join(problems)) from None
+
+
+def load_catalog(path: Path | str | None = None) -> Catalog:
+    """Read and validate a catalogue file; raises CatalogError with a readable message."""
+    file = Path(path) if path else DEFAULT_CATALOG_PATH
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"cannot read model catalogue {file}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"model catalogue {file} is not valid TOML: {exc}") from None
+    try:
+        return parse_catalog(raw)
+    except CatalogError as exc:
+        raise CatalogError(f"{file}: {exc}") from None

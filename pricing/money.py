@@ -1,0 +1,52 @@
+"""Money: integer micro-credits everywhere, ``Decimal`` only while quoting.
+
+One credit is 1,000,000 micro-credits. A quote is computed exactly (as a
+``Decimal`` with enough precision for every product of catalogue figures) and
+rounded once, up to the next whole micro-credit, so Tollgate never charges less
+than the price list says (docs/adr/0001-money-unit-and-rounding.md).
+Amounts become decimals again only when rendered into JSON.
+"""
+
+from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
+
+MICROS_PER_CREDIT = 1_000_000
+_MICRO = Decimal(1) / MICROS_PER_CREDIT
+
+
+class MoneyError(ValueError):
+    """A money figure that is not a finite, non-negative decimal."""
+
+
+def parse_credits(text: str) -> Decimal:
+    """Read a price from text (never from a float) as an exact Decimal."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise MoneyError(f"{text!r} is not a decimal number") from exc
+    if not value.is_finite() or value < 0:
+        raise MoneyError(f"{text!r} must be a finite, non-negative number")
+    return value
+
+
+def to_micros(amount: Decimal) -> int:
+    """Round an exact credit amount up to whole micro-credits: the one rounding rule."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return int((amount / _MICRO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def credits_from_micros(micros: int) -> Decimal:
+    """The decimal credit figure of a micro-credit amount, for rendering."""
+    return (Decimal(micros) / MICROS_PER_CREDIT).normalize() if micros else Decimal(0)
+
+
+def micros_from_text(text: str) -> int:
+    """Parse a credit amount given by a person ("12.5") into micro-credits, exactly.
+
+    Refuses more precision than a micro-credit rather than rounding a payment.
+    """
+    value = parse_credits(text)
+    micros = value * MICROS_PER_CREDIT
+    if micros != micros.to_integral_value():
+        raise MoneyError(f"{text!r} has more decimal places than a micro-credit (6)")
+    return int(micros)

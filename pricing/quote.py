@@ -1,0 +1,105 @@
+"""Quote a validated request: the charge to the tenant and the upstream's cost.
+
+Three rules, chosen per model in the catalogue:
+
+- ``per_call``: one price per generation, whatever number of images it returns;
+- ``per_image``: price × images;
+- ``per_megapixel_step``: (width × height / 1,048,576) × steps × price × images.
+
+The unit price is the model's list price, or the group's own price for the
+model; a group without its own price multiplies the list price. Quality tiers
+and the Krea 2 surcharges (style references, moodboard; both together cost the
+moodboard price) choose the unit price before the rule applies. All arithmetic
+is exact ``Decimal``; the one rounding (up, to a micro-credit) happens last.
+
+A quote made at submit is the most the task can cost; ``quote`` with a smaller
+``images`` gives the charge when fewer images came back.
+"""
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from pricing.catalog import Group, ModelEntry, Price
+from pricing.money import to_micros
+from pricing.request import ImageRequest
+
+MEGAPIXEL = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    billing_rule: str
+    amount_micros: int
+    cost_micros: int
+    units: dict[str, int | str]
+    breakdown: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "billing_rule": self.billing_rule,
+            "amount_micros": self.amount_micros,
+            "cost_micros": self.cost_micros,
+            "units": self.units,
+            "breakdown": list(self.breakdown),
+        }
+
+
+def _unit_price(price: Price, request: ImageRequest) -> tuple[Decimal, str]:
+    if request.has_moodboard and price.with_moodboard is not None:
+        return price.with_moodboard, "with moodboard"
+    if request.has_style_references and price.with_style_references is not None:
+        return price.with_style_references, "with style references"
+    if request.quality is not None and request.quality in price.by_quality:
+        return price.by_quality[request.quality], f"quality {request.quality}"
+    return price.amount, "list price"
+
+
+def _amount(
+    price: Price, request: ImageRequest, images: int
+) -> tuple[Decimal, dict[str, int | str], str]:
+    unit, why = _unit_price(price, request)
+    if price.rule == "per_call":
+        return unit, {"calls": 1}, f"{unit} per call ({why})"
+    if price.rule == "per_image":
+        return unit * images, {"images": images}, f"{unit} per image ({why}) × {images} image(s)"
+    steps = request.steps or 0
+    pixels = request.width * request.height
+    megapixels = Decimal(pixels) / MEGAPIXEL
+    amount = megapixels * steps * unit * images
+    units: dict[str, int | str] = {"images": images, "pixels": pixels, "steps": steps}
+    line = (
+        f"{request.width}×{request.height} = {megapixels} MP × {steps} step(s) × "
+        f"{unit} per MP-step ({why}) × {images} image(s)"
+    )
+    return amount, units, line
+
+
+def quote(
+    entry: ModelEntry,
+    group_name: str,
+    group: Group,
+    request: ImageRequest,
+    *,
+    images: int | None = None,
+) -> Quote:
+    """The charge and cost of ``request``, or of the same request yielding ``images`` images."""
+    counted = request.images if images is None else images
+    own_price = group.prices.get(entry.id)
+    price = own_price or entry.price
+    amount, units, line = _amount(price, request, counted)
+    lines = [f"{entry.id}: {price.rule}: {line} = {amount} credits"]
+    if own_price is None and group.multiplier != 1:
+        amount *= group.multiplier
+        lines.append(f"group {group_name}: × {group.multiplier} = {amount} credits")
+    elif own_price is not None:
+        lines.append(f"group {group_name}: its own price for {entry.id}")
+    amount_micros = to_micros(amount)
+    lines.append(f"rounded up to the micro-credit: {amount_micros} micro-credits")
+    cost, _, _ = _amount(entry.cost, request, counted)
+    return Quote(
+        billing_rule=price.rule,
+        amount_micros=amount_micros,
+        cost_micros=to_micros(cost),
+        units=units,
+        breakdown=tuple(lines),
+    )

@@ -1,0 +1,522 @@
+"""The upstream simulator: PNG encoder, size table, wire protocol, knobs, and the real process."""
+
+import asyncio
+import json
+import os
+import struct
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+
+from workers.simulator.app import SimulatorConfig, create_simulator_app
+from workers.simulator.png import PNG_SIGNATURE, png_size, render_png
+from workers.simulator.sizes import ASPECT_RATIOS, SIZES, image_size
+
+API_KEY = "sim-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MEDIUM = "/generate/image/krea/krea-2/medium"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """A strict little reader: checks every chunk CRC and returns (width, height, RGB rows)."""
+    assert data.startswith(PNG_SIGNATURE)
+    pos, chunks = len(PNG_SIGNATURE), []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR"
+    assert chunks[-1] == (b"IEND", b"")
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(
+        ">IIBBBBB", chunks[0][1]
+    )
+    assert (depth, colour, compression, filtering, interlace) == (8, 2, 0, 0, 0)
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    stride = 3 * width
+    assert len(raw) == height * (stride + 1)
+    rows: list[bytes] = []
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]
+        if kind == 2:  # Up: add the row above, byte by byte
+            line = bytes((a + b) & 0xFF for a, b in zip(line, rows[-1], strict=True))
+        else:
+            assert kind == 0, f"unexpected filter {kind}"
+        rows.append(line)
+    return width, height, rows
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    app = create_simulator_app(SimulatorConfig(api_key=API_KEY, latency=0.0))
+    async with AsyncTestClient(app, base_url="http://sim.test") as http:
+        yield http
+
+
+async def configure(client: httpx.AsyncClient, **changes: Any) -> dict[str, Any]:
+    response = await client.post("/_sim/config", json=changes)
+    assert response.status_code == 200, response.text
+    knobs: dict[str, Any] = response.json()
+    return knobs
+
+
+async def submit(client: httpx.AsyncClient, path: str = MEDIUM, **body: Any) -> httpx.Response:
+    return await client.post(path, json={"prompt": "a lighthouse at dusk", **body}, headers=AUTH)
+
+
+async def submit_job(client: httpx.AsyncClient, path: str = MEDIUM, **body: Any) -> str:
+    response = await submit(client, path, **body)
+    assert response.status_code == 200, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+async def poll(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    response = await client.get(f"/jobs/{job_id}", headers=AUTH)
+    assert response.status_code == 200, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+# --- PNG encoder ---------------------------------------------------------------------------
+
+
+def test_render_png_is_a_valid_rgb_png_of_the_requested_size() -> None:
+    data = render_png(333, 97, prompt="odd sizes", seed=7, index=1)
+    width, height, rows = decode_png(data)
+    assert (width, height) == (333, 97) == png_size(data)
+    assert len(set(rows)) > 1  # banded, not one flat colour
+
+
+def test_render_png_is_deterministic_and_depends_on_every_input() -> None:
+    first = render_png(64, 48, prompt="a cat", seed=1, index=0)
+    assert render_png(64, 48, prompt="a cat", seed=1, index=0) == first
+    others = [
+        render_png(64, 48, prompt="a dog", seed=1, index=0),
+        render_png(64, 48, prompt="a cat", seed=2, index=0),
+        render_png(64, 48, prompt="a cat", seed=1, index=1),
+    ]
+    pixels = decode_png(first)[2]
+    assert all(decode_png(other)[2] != pixels for other in others)
+
+
+def test_render_png_is_fast_enough_to_serve() -> None:
+    def best_of_three(size: int) -> float:
+        timings = []
+        for attempt in range(3):
+            start = time.perf_counter()
+            render_png(size, size, prompt="speed", seed=attempt, index=0)
+            timings.append(time.perf_counter() - start)
+        return min(timings)
+
+    assert best_of_three(1024) < 0.1
+    assert best_of_three(2048) < 0.5
+
+
+@pytest.mark.parametrize("data", [b"", b"GIF89a" + bytes(30), PNG_SIGNATURE + bytes(16)])
+def test_png_size_rejects_what_is_not_a_png(data: bytes) -> None:
+    with pytest.raises(ValueError, match="not a PNG"):
+        png_size(data)
+
+
+# --- size table ------------------------------------------------------------------------------
+
+
+def test_size_table_matches_the_provider_table_and_doubles_2k_for_4k() -> None:
+    assert len(ASPECT_RATIOS) == 12
+    assert len(SIZES) == 36
+    assert image_size("1:1", "1K") == (1024, 1024)
+    assert image_size("5:4", "1K") == (1152, 896)
+    assert image_size("5:4", "2K") == (2240, 1792)
+    assert image_size("9:16", "2K") == (1472, 2688)
+    assert image_size("2.35:1", "1K") == (1568, 672)
+    assert image_size("2.35:1", "2K") == (3136, 1344)
+    for ratio in ASPECT_RATIOS:
+        w2, h2 = SIZES[ratio, "2K"]
+        assert SIZES[ratio, "4K"] == (2 * w2, 2 * h2)
+    assert image_size("7:3", "1K") is None
+    assert image_size("1:1", "8K") is None
+
+
+# --- wire protocol -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}]
+)
+async def test_requests_without_the_right_bearer_key_get_401(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    job_id = await submit_job(client)
+    for response in (
+        await client.post(MEDIUM, json={"prompt": "x"}, headers=headers),
+        await client.get(f"/jobs/{job_id}", headers=headers),
+        await client.delete(f"/jobs/{job_id}", headers=headers),
+    ):
+        assert response.status_code == 401
+        assert isinstance(response.json()["error"], str)
+
+
+async def test_submit_poll_download_round_trip(client: httpx.AsyncClient) -> None:
+    response = await submit(client, aspect_ratio="16:9", resolution="2K", seed=42)
+    assert response.status_code == 200
+    created = response.json()
+    assert set(created) == {"job_id", "status", "created_at"}
+    assert created["status"] == "queued"
+    assert created["created_at"].endswith("Z")
+
+    job = await poll(client, created["job_id"])
+    assert job["status"] == "completed"
+    assert job["completed_at"] is not None
+    assert "error" not in job
+    [url] = job["result"]["urls"]
+    assert url == f"http://sim.test/images/{created['job_id']}/0.png"
+
+    image = await client.get(url)  # no auth: image URLs behave like CDN links
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/png"
+    assert png_size(image.content) == (2688, 1472)
+    again = await client.get(url)
+    assert again.content == image.content
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "count"),
+    [
+        (MEDIUM, {}, 1),
+        ("/generate/image/krea/krea-2/large", {}, 1),
+        ("/generate/image/krea/krea-2/turbo", {}, 4),
+        ("/generate/image/krea/krea-1", {}, 4),
+        (MEDIUM, {"num_images": 3}, 3),
+        ("/generate/image/krea/krea-1", {"num_images": 1}, 1),
+    ],
+)
+async def test_image_count_comes_from_num_images_or_the_model_table(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], count: int
+) -> None:
+    job = await poll(client, await submit_job(client, path, **body))
+    urls = job["result"]["urls"]
+    assert len(urls) == count
+    assert (await client.get(urls[-1])).status_code == 200
+    beyond = urls[-1].replace(f"/{count - 1}.png", f"/{count}.png")
+    assert (await client.get(beyond)).status_code == 404
+
+
+async def test_same_prompt_and_seed_give_the_same_image(client: httpx.AsyncClient) -> None:
+    async def first_image(seed: int) -> bytes:
+        job = await poll(client, await submit_job(client, seed=seed))
+        return (await client.get(job["result"]["urls"][0])).content
+
+    assert await first_image(5) == await first_image(5)
+    assert await first_image(5) != await first_image(6)
+
+
+async def test_full_optional_body_is_accepted(client: httpx.AsyncClient) -> None:
+    response = await submit(
+        client,
+        aspect_ratio="2.35:1",
+        resolution="1K",
+        seed=0,
+        creativity="high",
+        image_style_references=[{"url": "https://example.com/a.png", "strength": 0.5}],
+        moodboards=[{"id": "mb_1"}],
+        styles=[{"id": "lora_1", "strength": 1}],
+        intensity=-100,
+        complexity=100,
+        movement=0,
+        negative_prompt="blurry",
+        some_future_field=True,
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": 3}, "prompt"),
+        ({"aspect_ratio": "1:1"}, "prompt"),
+        ({"prompt": "x", "aspect_ratio": "7:3"}, "aspect_ratio"),
+        ({"prompt": "x", "resolution": "8K"}, "resolution"),
+        ({"prompt": "x", "seed": "12"}, "seed"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "creativity": "wild"}, "creativity"),
+        ({"prompt": "x", "moodboards": [{"id": 1}, {"id": 2}]}, "moodboards"),
+        ({"prompt": "x", "styles": "lora"}, "styles"),
+        ({"prompt": "x", "image_style_references": {}}, "image_style_references"),
+        ({"prompt": "x", "intensity": 101}, "intensity"),
+        ({"prompt": "x", "movement": True}, "movement"),
+        ({"prompt": "x", "negative_prompt": ["a"]}, "negative_prompt"),
+        ({"prompt": "x", "num_images": 5}, "num_images"),
+        ({"prompt": "x", "num_images": 0}, "num_images"),
+        (["prompt"], "body"),
+    ],
+)
+async def test_invalid_body_gets_400_naming_the_field(
+    client: httpx.AsyncClient, body: Any, field: str
+) -> None:
+    response = await client.post(MEDIUM, json=body, headers=AUTH)
+    assert response.status_code == 400
+    assert field in response.json()["error"]
+
+
+async def test_body_that_is_not_json_gets_400(client: httpx.AsyncClient) -> None:
+    response = await client.post(MEDIUM, content=b"{nope", headers=AUTH)
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]
+
+
+async def test_unknown_job_gets_404_everywhere(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/jobs/nope", headers=AUTH)).status_code == 404
+    assert (await client.delete("/jobs/nope", headers=AUTH)).status_code == 404
+    response = await client.get("/images/nope/0.png")
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+async def test_status_moves_queued_processing_completed_by_wall_clock(
+    client: httpx.AsyncClient,
+) -> None:
+    await configure(client, latency=0.6)
+    job_id = await submit_job(client)
+    job = await poll(client, job_id)
+    assert (job["status"], job["completed_at"]) == ("queued", None)
+    assert "result" not in job
+    assert (await client.get(f"/images/{job_id}/0.png")).status_code == 404
+
+    await asyncio.sleep(0.3)
+    assert (await poll(client, job_id))["status"] == "processing"
+
+    await asyncio.sleep(0.4)
+    job = await poll(client, job_id)
+    assert job["status"] == "completed"
+    assert len(job["result"]["urls"]) == 1
+
+
+async def test_cancel_an_active_job_then_not_again(client: httpx.AsyncClient) -> None:
+    await configure(client, latency=5)
+    job_id = await submit_job(client)
+    response = await client.delete(f"/jobs/{job_id}", headers=AUTH)
+    assert response.status_code == 200
+    job = response.json()
+    assert job["status"] == "cancelled"
+    assert job["completed_at"] is not None
+    assert (await poll(client, job_id))["status"] == "cancelled"
+    assert (await client.delete(f"/jobs/{job_id}", headers=AUTH)).status_code == 409
+    assert (await client.get("/_sim/stats")).json()["jobs_active"] == 0
+
+
+async def test_cancel_a_completed_job_gets_409(client: httpx.AsyncClient) -> None:
+    job_id = await submit_job(client)
+    response = await client.delete(f"/jobs/{job_id}", headers=AUTH)
+    assert response.status_code == 409
+    assert "completed" in response.json()["error"]
+
+
+# --- knobs and faults ----------------------------------------------------------------------------
+
+
+async def test_config_reads_and_changes_at_runtime(client: httpx.AsyncClient) -> None:
+    config = (await client.get("/_sim/config")).json()
+    assert config["latency"] == 0.0
+    assert config["error_kind"] == "none"
+    assert config["images_per_model"] == {"krea/krea-2/turbo": 4, "krea/krea-1": 4}
+    assert "api_key" not in config
+
+    changed = await configure(client, latency=1, failure_rate=0.25, retry_after=3)
+    assert (changed["latency"], changed["failure_rate"], changed["retry_after"]) == (1.0, 0.25, 3)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"latency": -1},
+        {"failure_rate": 1.5},
+        {"error_kind": "explode"},
+        {"retry_after": "soon"},
+        {"api_key": "new"},
+        {"images_per_model": {"krea/krea-1": 9}},
+    ],
+)
+async def test_invalid_config_change_gets_400_and_changes_nothing(
+    client: httpx.AsyncClient, changes: dict[str, Any]
+) -> None:
+    before = (await client.get("/_sim/config")).json()
+    response = await client.post("/_sim/config", json={"latency": 2, **changes})
+    assert response.status_code == 400
+    assert next(iter(changes)) in response.json()["error"]
+    assert (await client.get("/_sim/config")).json() == before
+
+
+async def test_submit_500(client: httpx.AsyncClient) -> None:
+    await configure(client, error_kind="submit_500")
+    response = await submit(client)
+    assert response.status_code == 500
+    assert "error" in response.json()
+
+
+async def test_submit_429_sends_retry_after(client: httpx.AsyncClient) -> None:
+    await configure(client, error_kind="submit_429", retry_after=7)
+    response = await submit(client)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+
+
+async def test_malformed_submit_answers_200_with_a_body_that_is_not_json(
+    client: httpx.AsyncClient,
+) -> None:
+    await configure(client, error_kind="malformed")
+    response = await submit(client)
+    assert response.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        response.json()
+
+
+async def test_hang_delays_the_submit_answer(client: httpx.AsyncClient) -> None:
+    await configure(client, error_kind="hang", hang_seconds=0.3)
+    start = time.monotonic()
+    response = await submit(client)
+    assert time.monotonic() - start >= 0.3
+    assert response.status_code == 200
+
+
+async def test_job_failed_makes_every_job_fail(client: httpx.AsyncClient) -> None:
+    await configure(client, error_kind="job_failed")
+    job = await poll(client, await submit_job(client))
+    assert job["status"] == "failed"
+    assert job["error"]["message"]
+    assert job["completed_at"] is not None
+    assert "result" not in job
+
+
+async def test_bad_image_serves_non_image_bytes_as_png(client: httpx.AsyncClient) -> None:
+    job = await poll(client, await submit_job(client))
+    await configure(client, error_kind="bad_image")
+    response = await client.get(job["result"]["urls"][0])
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    with pytest.raises(ValueError, match="not a PNG"):
+        png_size(response.content)
+
+
+async def test_fail_first_n_fails_that_many_submits_then_recovers(
+    client: httpx.AsyncClient,
+) -> None:
+    await configure(client, fail_first_n=2)
+    statuses = [(await submit(client)).status_code for _ in range(3)]
+    assert statuses == [500, 500, 200]
+    assert (await client.get("/_sim/config")).json()["fail_first_n"] == 0
+
+
+async def test_failure_rate_is_reproducible_from_the_rng_seed(client: httpx.AsyncClient) -> None:
+    async def outcomes() -> list[str]:
+        await client.post("/_sim/reset")
+        job_ids = [await submit_job(client) for _ in range(20)]
+        return [(await poll(client, job_id))["status"] for job_id in job_ids]
+
+    await configure(client, failure_rate=0.5, rng_seed=1234)
+    first = await outcomes()
+    assert set(first) == {"completed", "failed"}
+    assert await outcomes() == first
+    await configure(client, failure_rate=1.0)
+    assert set(await outcomes()) == {"failed"}
+
+
+async def test_jobs_without_a_seed_replay_the_same_images_after_reset(
+    client: httpx.AsyncClient,
+) -> None:
+    async def first_image() -> bytes:
+        await client.post("/_sim/reset")
+        job = await poll(client, await submit_job(client))
+        return (await client.get(job["result"]["urls"][0])).content
+
+    assert await first_image() == await first_image()
+
+
+async def test_stats_count_traffic_and_the_high_water_mark(client: httpx.AsyncClient) -> None:
+    await configure(client, latency=0.4)
+    job_ids = [await submit_job(client) for _ in range(3)]
+    await client.post(MEDIUM, json={"prompt": "x"})  # unauthenticated: not a submit
+    await client.delete(f"/jobs/{job_ids[0]}", headers=AUTH)
+    stats = (await client.get("/_sim/stats")).json()
+    assert stats == {
+        "submits": 3,
+        "polls": 0,
+        "jobs_active": 2,
+        "max_jobs_active": 3,
+        "image_downloads": 0,
+    }
+
+    await asyncio.sleep(0.45)
+    job = await poll(client, job_ids[1])
+    await client.get(job["result"]["urls"][0])
+    stats = (await client.get("/_sim/stats")).json()
+    assert (stats["jobs_active"], stats["max_jobs_active"]) == (0, 3)
+    assert (stats["polls"], stats["image_downloads"]) == (1, 1)
+
+    reset = await client.post("/_sim/reset")
+    assert reset.status_code == 200
+    assert set(reset.json().values()) == {0}
+    assert (await client.get(f"/jobs/{job_ids[1]}", headers=AUTH)).status_code == 404
+
+
+# --- the real process -----------------------------------------------------------------------
+
+
+async def test_simulator_runs_as_a_process_and_serves_the_protocol_over_http() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_SIM_")}
+    env["TOLLGATE_SIM_LATENCY"] = "0.2"  # from the environment, since no flag overrides it
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",  # the OS picks a free port; the announcement line tells which
+        "--api-key",
+        "proc-key",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=15)).decode().strip()
+        prefix = "simulator listening on "
+        assert line.startswith(prefix + "http://127.0.0.1:"), line
+        base_url = line.removeprefix(prefix)
+        headers = {"Authorization": "Bearer proc-key"}
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+            assert (await http.get("/_sim/config")).json()["latency"] == 0.2
+            response = await http.post(
+                "/generate/image/krea/krea-2/large",
+                json={"prompt": "over the wire", "aspect_ratio": "3:2"},
+                headers=headers,
+            )
+            assert response.status_code == 200, response.text
+            job_id = response.json()["job_id"]
+            for _ in range(50):
+                job = (await http.get(f"/jobs/{job_id}", headers=headers)).json()
+                if job["status"] == "completed":
+                    break
+                await asyncio.sleep(0.05)
+            assert job["status"] == "completed"
+            [url] = job["result"]["urls"]
+            assert url.startswith(base_url + "/images/")
+            image = await http.get(url)
+            assert png_size(image.content) == (1280, 832)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        assert await asyncio.wait_for(process.wait(), timeout=10) in (0, -15)

@@ -1,0 +1,1 @@
+"""Tollgate's workers: generation jobs, provider adapters, the reconciler, the simulator."""

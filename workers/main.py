@@ -1,0 +1,120 @@
+"""The worker process: ``tollgate-worker`` (or ``python -m workers``).
+
+Builds its settings from the environment at start-up, never at import time,
+then runs an arq worker with the generation job and the reconciler cron.
+"""
+
+import logging
+import sys
+from typing import Any
+
+import httpx
+from arq import cron
+from arq.connections import RedisSettings
+from arq.worker import Worker
+
+from gateway.db import DatabaseNotReady, check_migrated, create_engine
+from gateway.redis_keys import GENERATE_JOB
+from gateway.settings import Settings, SettingsError, load_settings
+from gateway.storage import LocalStorage
+from pricing.catalog import CatalogError, load_catalog
+from workers.generate import WorkerDeps, generate_task
+from workers.providers import ADAPTERS
+from workers.providers.base import Provider
+from workers.reconciler import reconcile
+
+logger = logging.getLogger("tollgate.worker")
+
+
+def build_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name, account in settings.upstreams.items():
+        adapter = ADAPTERS.get(name)
+        if adapter is None:
+            raise SettingsError(
+                f"TOLLGATE_UPSTREAMS: unknown provider {name!r} (known: {', '.join(ADAPTERS)})"
+            )
+        providers[name] = adapter(client, account)
+    return providers
+
+
+def create_worker(settings: Settings, **overrides: Any) -> Worker:
+    catalog = load_catalog(settings.catalog_path)
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        engine = create_engine(settings)
+        await check_migrated(engine)
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
+            ),
+            trust_env=False,
+        )
+        ctx["deps"] = WorkerDeps(
+            settings=settings,
+            catalog=catalog,
+            engine=engine,
+            storage=LocalStorage(settings.storage_dir),
+            http=http,
+            providers=build_providers(settings, http),
+        )
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        deps: WorkerDeps | None = ctx.get("deps")
+        if deps is not None:
+            await deps.http.aclose()
+            await deps.engine.dispose()
+
+    interval = settings.reconcile_interval_seconds
+    options: dict[str, Any] = {
+        "functions": [_named(generate_task, GENERATE_JOB)],
+        "cron_jobs": [
+            cron(
+                reconcile,
+                name="reconcile",
+                second=set(range(0, 60, interval)),
+                run_at_startup=True,
+                unique=True,
+                timeout=60,
+            )
+        ],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.worker_max_jobs,
+        # A job may wait out the whole task deadline; a lost job is re-queued by
+        # the reconciler long before arq's own in-progress timeout would.
+        "job_timeout": settings.task_deadline_seconds + 60,
+        "keep_result": 0,
+        "max_tries": 1000,
+        "poll_delay": 0.05,
+        "handle_signals": True,
+    }
+    options.update(overrides)
+    return Worker(**options)
+
+
+def _named(fn: Any, name: str) -> Any:
+    from arq.worker import func
+
+    return func(fn, name=name)
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+        worker = create_worker(settings)
+    except (SettingsError, CatalogError) as exc:
+        sys.exit(f"tollgate-worker: {exc}")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        worker.run()
+    except DatabaseNotReady as exc:
+        sys.exit(f"tollgate-worker: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Provider adapters, one module per upstream protocol, all behind ``base.Provider``."""
+
+from collections.abc import Callable
+
+import httpx
+
+from gateway.settings import UpstreamAccount
+from workers.providers.base import Provider
+from workers.providers.krea import KreaProvider
+from workers.providers.siliconflow import SiliconFlowProvider
+
+ADAPTERS: dict[str, Callable[[httpx.AsyncClient, UpstreamAccount], Provider]] = {
+    "krea": KreaProvider,
+    "siliconflow": SiliconFlowProvider,
+}

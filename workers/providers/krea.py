@@ -1,0 +1,100 @@
+"""Krea 2 async jobs (seeds/001): ``POST /generate/image/<model>``, then ``GET /jobs/<id>``.
+
+The unified ``size`` is Krea's ``aspect_ratio`` and ``quality`` its
+``resolution``; the Krea 2 fields pass through under their own names.
+"""
+
+from typing import Any
+
+import httpx
+
+from gateway.settings import UpstreamAccount
+from pricing.request import ImageRequest
+from workers.providers.base import JobState, JobStatus, Submitted, UpstreamProtocolError
+from workers.providers.http import call_json
+
+# Request parameters Krea takes under the same name as the unified API.
+PASSED_THROUGH = (
+    "seed",
+    "creativity",
+    "image_style_references",
+    "moodboards",
+    "styles",
+    "intensity",
+    "complexity",
+    "movement",
+)
+_STATUSES: dict[str, JobStatus] = {
+    "queued": "pending",
+    "pending": "pending",
+    "processing": "processing",
+    "running": "processing",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+
+def krea_body(request: ImageRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": request.prompt, "aspect_ratio": request.size}
+    if request.quality is not None:
+        body["resolution"] = request.quality
+    for name in PASSED_THROUGH:
+        value = request.params.get(name)
+        # seed 0 means "pick one" in the unified API: let Krea pick.
+        if value is not None and not (name == "seed" and value == 0):
+            body[name] = value
+    return body
+
+
+class KreaProvider:
+    name = "krea"
+
+    def __init__(self, client: httpx.AsyncClient, account: UpstreamAccount) -> None:
+        self._client = client
+        self._base = str(account.base_url).rstrip("/")
+        self._key = account.api_key
+
+    async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
+        body = await call_json(
+            self._client,
+            "POST",
+            f"{self._base}/generate/image/{upstream_model}",
+            api_key=self._key,
+            provider="the Krea upstream",
+            json=krea_body(request),
+        )
+        job_id = body.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            raise UpstreamProtocolError("the Krea upstream returned no job id")
+        return Submitted(job_id=job_id)
+
+    async def poll(self, job_id: str) -> JobState:
+        body = await call_json(
+            self._client,
+            "GET",
+            f"{self._base}/jobs/{job_id}",
+            api_key=self._key,
+            provider="the Krea upstream",
+        )
+        status = _STATUSES.get(str(body.get("status")))
+        if status is None:
+            raise UpstreamProtocolError("the Krea upstream returned an unknown job status")
+        if status == "completed":
+            result = body.get("result") or {}
+            urls = result.get("urls") if isinstance(result, dict) else None
+            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+                raise UpstreamProtocolError("the Krea upstream completed a job without images")
+            return JobState(status="completed", progress=100, urls=tuple(urls))
+        if status == "failed":
+            return JobState(status="failed", error="the upstream could not generate the image")
+        return JobState(status=status, progress=50 if status == "processing" else 10)
+
+    async def cancel(self, job_id: str) -> None:
+        await call_json(
+            self._client,
+            "DELETE",
+            f"{self._base}/jobs/{job_id}",
+            api_key=self._key,
+            provider="the Krea upstream",
+        )
