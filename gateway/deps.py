@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from arq.connections import ArqRedis
 from litestar import Request
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -40,6 +41,13 @@ class Services:
 class UnitOfWork:
     session: AsyncSession
     after_commit: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+
+
+# Handler parameter types: litestar injects these by name.
+ServicesDep = NamedDependency[Services]
+PrincipalDep = NamedDependency[Principal]
+UnitOfWorkDep = NamedDependency[UnitOfWork]
+AdminDep = NamedDependency[None]
 
 
 def services(state: State) -> Services:

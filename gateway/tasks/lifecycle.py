@@ -43,10 +43,12 @@ class Claimed:
 
 
 async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float) -> Claimed | None:
-    """Mark the task processing under a lease; None if this attempt no longer owns it."""
+    """Mark the task processing under a lease; None if this run may not work on it."""
+    # Exclusive: a second delivery of the same attempt finds a live lease and stays out.
+    free = (c.lease_expires_at.is_(None)) | (c.lease_expires_at < func.now())
     stmt = (
         update(tasks)
-        .where(_fence(task_id, attempt), _open)
+        .where(_fence(task_id, attempt), _open, free)
         .values(
             status=TaskStatus.PROCESSING.value,
             started_at=func.coalesce(c.started_at, func.now()),

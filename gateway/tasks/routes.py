@@ -6,12 +6,11 @@ from typing import Annotated, Any
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 
-from gateway.auth import Principal
 from gateway.callback_urls import validate_callback_url
 from gateway.catalog_view import model_list
-from gateway.deps import Services, UnitOfWork, provide_principal, provide_uow
+from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_principal, provide_uow
 from gateway.errors import InvalidRequest, NotFound
 from gateway.queue import enqueue_generation
 from gateway.storage import CONTENT_TYPES, check_key
@@ -43,11 +42,11 @@ class TaskController(Controller):
     )
     async def create_generation(
         self,
-        data: GenerationRequest,
-        principal: Principal,
-        services: Services,
-        uow: UnitOfWork,
-        webhook_url: Annotated[str | None, Parameter(header="X-Webhook-URL")] = None,
+        data: JSONBody[GenerationRequest],
+        principal: PrincipalDep,
+        services: ServicesDep,
+        uow: UnitOfWorkDep,
+        webhook_url: Annotated[str | None, HeaderParameter(name="X-Webhook-URL")] = None,
     ) -> Response[TaskObject]:
         entry = services.catalog.model(data.model)
         if entry is None:
@@ -87,14 +86,16 @@ class TaskController(Controller):
 
     @get("/tasks/{task_id:str}", summary="Get a task", description="The task object, kept current.")
     async def get_task(
-        self, task_id: str, principal: Principal, services: Services
+        self, task_id: FromPath[str], principal: PrincipalDep, services: ServicesDep
     ) -> Response[TaskObject]:
         async with services.sessions() as session:
             task = await service.get_tenant_task(session, principal.tenant_id, task_id)
         return _json(service.render_task(task, services.signer))
 
     @get("/models", summary="List the models this key may use")
-    async def list_models(self, principal: Principal, services: Services) -> Response[ModelList]:
+    async def list_models(
+        self, principal: PrincipalDep, services: ServicesDep
+    ) -> Response[ModelList]:
         return _json(model_list(services.catalog))
 
 
@@ -113,11 +114,11 @@ class FileController(Controller):
     )
     async def download(
         self,
-        task_id: str,
-        name: str,
-        services: Services,
-        expires: str | None = None,
-        signature: str | None = None,
+        task_id: FromPath[str],
+        name: FromPath[str],
+        services: ServicesDep,
+        expires: FromQuery[str | None] = None,
+        signature: FromQuery[str | None] = None,
     ) -> Response[bytes]:
         key = f"{task_id}/{name}"
         try:

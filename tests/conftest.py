@@ -1,0 +1,250 @@
+"""Shared fixtures: real PostgreSQL, real Redis, a real simulator process.
+
+Servers come from ``TOLLGATE_TEST_DATABASE_URL`` (any database on the server;
+the run creates its own) and ``TOLLGATE_TEST_REDIS_URL``; ``scripts/dev.py
+test`` sets both, and without them the local standard ports are used. Each run
+builds a fresh database with ``alembic upgrade head``, so every run exercises
+the migrations. Tests isolate themselves by creating their own tenants and
+using their own queue name; Redis is never flushed under another run.
+"""
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import make_url
+
+from gateway.app import create_app
+from gateway.db import create_engine, session_factory, transaction
+from gateway.settings import Settings, UpstreamAccount
+from gateway.tenants import create_tenant, issue_key
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_URL = os.environ.get(
+    "TOLLGATE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TOLLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SIM_KEY = "sim-test-key"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def _plain(url: str) -> str:
+    """A URL asyncpg understands (no +asyncpg driver suffix)."""
+    return str(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"tollgate_test_{os.getpid()}_{secrets.token_hex(3)}"
+    server = _plain(SERVER_URL)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = make_url(SERVER_URL).set(drivername="postgresql+asyncpg", database=name)
+    rendered = url.render_as_string(hide_password=False)
+    env = {**os.environ, "TOLLGATE_DATABASE_URL": rendered}
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    yield rendered
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def simulator_url() -> Iterator[str]:
+    """The upstream simulator as its own process, speaking the Krea protocol over HTTP."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            SIM_KEY,
+            "--latency",
+            "0.2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/_sim/stats", proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def simulator(simulator_url: str) -> AsyncIterator["Sim"]:
+    sim = Sim(simulator_url)
+    await sim.reset()
+    yield sim
+    await sim.reset()
+
+
+class Sim:
+    """Drives the simulator's test knobs over HTTP."""
+
+    DEFAULTS: dict[str, Any] = {  # noqa: RUF012
+        "latency": 0.2,
+        "failure_rate": 0.0,
+        "error_kind": "none",
+        "fail_first_n": 0,
+        "retry_after": 1,
+    }
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def configure(self, **knobs: Any) -> None:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(f"{self.url}/_sim/config", json=knobs)
+            response.raise_for_status()
+
+    async def reset(self) -> None:
+        async with httpx.AsyncClient() as client:
+            (await client.post(f"{self.url}/_sim/reset")).raise_for_status()
+        await self.configure(**self.DEFAULTS)
+
+    async def stats(self) -> dict[str, int]:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{self.url}/_sim/stats")
+            response.raise_for_status()
+            stats: dict[str, int] = response.json()
+            return stats
+
+
+def make_settings(
+    database_url: str, simulator_url: str, storage: Path, **overrides: Any
+) -> Settings:
+    account = UpstreamAccount(base_url=simulator_url, api_key=SIM_KEY)  # type: ignore[arg-type]
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": REDIS_URL,
+        "admin_token": ADMIN_TOKEN,
+        "signing_secret": "test-signing-secret-0123456789",
+        "public_base_url": "http://testserver.local",
+        "storage_dir": storage,
+        "queue_name": f"tollgate:test:{uuid.uuid4().hex}",
+        "upstreams": {"krea": account, "siliconflow": account},
+        "poll_interval_seconds": 0.1,
+        "lease_seconds": 3.0,
+        "reconcile_interval_seconds": 1,
+        "requeue_pending_after_seconds": 5.0,
+        "key_cache_ttl_seconds": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str, simulator_url: str, tmp_path: Path) -> Settings:
+    return make_settings(database_url, simulator_url, tmp_path / "storage")
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        yield c
+
+
+@pytest.fixture
+async def tenant_key(settings: Settings) -> tuple[str, str]:
+    """A fresh tenant and one of its keys: (tenant id, bearer key)."""
+    return await make_tenant_key(settings)
+
+
+async def make_tenant_key(settings: Settings, group: str = "default") -> tuple[str, str]:
+    engine = create_engine(settings)
+    try:
+        async with transaction(session_factory(engine)) as session:
+            tenant = await create_tenant(
+                session, name=f"tenant-{uuid.uuid4().hex[:10]}", user_group=group
+            )
+            issued = await issue_key(session, tenant, name="test")
+            return tenant.id, issued.secret
+    finally:
+        await engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[None]:
+    """An arq worker running in this event loop with the test settings."""
+    from workers.main import create_worker
+
+    arq_worker = create_worker(settings, handle_signals=False)
+    task = asyncio.create_task(arq_worker.async_run())
+    yield
+    await arq_worker.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def wait_for_status(
+    client: AsyncTestClient[Any], key: str, task_id: str, statuses: set[str], timeout: float = 20
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = await client.get(f"/v1/tasks/{task_id}", headers=bearer(key))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if body["status"] in statuses:
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"task {task_id} stayed {body.get('status')}: {body}")
