@@ -135,7 +135,7 @@ async def simulator(simulator_url: str) -> AsyncIterator["Sim"]:
 class Sim:
     """Drives the simulator's test knobs over HTTP."""
 
-    DEFAULTS: dict[str, Any] = {  # noqa: RUF012
+    DEFAULTS: dict[str, Any] = {
         "latency": 0.2,
         "failure_rate": 0.0,
         "error_kind": "none",
@@ -236,9 +236,9 @@ async def worker(settings: Settings) -> AsyncIterator[None]:
 
 
 async def wait_for_status(
-    client: AsyncTestClient[Any], key: str, task_id: str, statuses: set[str], timeout: float = 20
+    client: AsyncTestClient[Any], key: str, task_id: str, statuses: set[str], wait: float = 20
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait
     body: dict[str, Any] = {}
     while time.monotonic() < deadline:
         response = await client.get(f"/v1/tasks/{task_id}", headers=bearer(key))
