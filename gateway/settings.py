@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     upstream_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Back-off between submit retries: base, 2 × base, 4 × base (or the upstream's Retry-After).
+    upstream_retry_base_seconds: float = Field(default=1.0, ge=0)
     max_image_bytes: int = Field(default=52_428_800, ge=1024)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -221,18 +221,35 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture
-async def worker(settings: Settings) -> AsyncIterator[None]:
-    """An arq worker running in this event loop with the test settings."""
+def start_worker(settings: Settings) -> tuple[Any, "asyncio.Task[None]"]:
+    """An arq worker running in this event loop with the given settings."""
     from workers.main import create_worker
 
     arq_worker = create_worker(settings, handle_signals=False)
-    task = asyncio.create_task(arq_worker.async_run())
-    yield
+    return arq_worker, asyncio.create_task(arq_worker.async_run())
+
+
+async def stop_worker(arq_worker: Any, running: "asyncio.Task[None]") -> None:
+    """Stop picking jobs, let running ones finish (10 s at most), then shut down cleanly."""
+    arq_worker.allow_pick_jobs = False
+    jobs = list(arq_worker.tasks.values())
+    if jobs:
+        await asyncio.wait(jobs, timeout=10)
+    for job in jobs:
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
+    arq_worker.tasks.clear()
     await arq_worker.close()
-    task.cancel()
+    running.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        await running
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[None]:
+    arq_worker, running = start_worker(settings)
+    yield
+    await stop_worker(arq_worker, running)
 
 
 async def wait_for_status(

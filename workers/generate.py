@@ -166,7 +166,8 @@ class GenerationRun:
             except UpstreamError as exc:
                 if not exc.retryable or attempt == SUBMIT_TRIES - 1:
                     raise
-                delay = exc.retry_after if exc.retry_after is not None else 2.0**attempt
+                base = self.settings.upstream_retry_base_seconds
+                delay = exc.retry_after if exc.retry_after is not None else base * 2**attempt
                 logger.info("task %s: %s; retrying in %.1fs", self.task_id, exc.message, delay)
                 await self._sleep(delay)
         raise AssertionError("unreachable")

@@ -3,7 +3,8 @@
 Rules:
 - 1K and 2K are the size x quality table of the provider's documentation (eleven aspect ratios),
   plus ``2.35:1`` (1568x672 at 1K) which Krea 2 also accepts.
-- 4K is exactly twice the 2K width and height.
+- 4K: the longer side is 4096 px (Krea 1's maximum); the shorter keeps the aspect ratio,
+  rounded down to a multiple of 32.
 - Anything not in the table is unsupported; the app answers 400 for it.
 
 This is the simulator's own copy on purpose: a real upstream owns its table, and Tollgate's
@@ -32,14 +33,18 @@ _BASE: Final[dict[str, tuple[tuple[int, int], tuple[int, int]]]] = {
 
 ASPECT_RATIOS: Final = tuple(_BASE)
 
+
+def _four_k(ratio: str) -> tuple[int, int]:
+    wide, high = (float(part) for part in ratio.split(":"))
+    if wide >= high:
+        return 4096, int(4096 * high / wide) // 32 * 32
+    return int(4096 * wide / high) // 32 * 32, 4096
+
+
 SIZES: Final[dict[tuple[str, str], tuple[int, int]]] = {
     (ratio, resolution): size
     for ratio, (one_k, two_k) in _BASE.items()
-    for resolution, size in (
-        ("1K", one_k),
-        ("2K", two_k),
-        ("4K", (2 * two_k[0], 2 * two_k[1])),
-    )
+    for resolution, size in (("1K", one_k), ("2K", two_k), ("4K", _four_k(ratio)))
 }
 
 

@@ -1,0 +1,598 @@
+"""The model catalogue: the shipped file against the seeds, and the loader's refusals."""
+
+import copy
+import re
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pricing.catalog import (
+    DEFAULT_CATALOG_PATH,
+    Catalog,
+    CatalogError,
+    ModelEntry,
+    load_catalog,
+    parse_catalog,
+)
+
+# What pytest.raises raises when nothing was raised: the xfail marks below expect it.
+DID_NOT_RAISE = pytest.fail.Exception
+
+SHIPPED_IDS = {
+    "krea-2-turbo",
+    "krea-2-medium",
+    "krea-2-large",
+    "krea-1",
+    "flux-1-schnell",
+    "flux-1-dev",
+    "flux-1-pro",
+    "stable-diffusion-3-5-large",
+    "stable-diffusion-3-5-large-turbo",
+    "stable-diffusion-xl-base-1.0",
+}
+
+# seeds/004 names the SiliconFlow upstream ids; seeds/001 the Krea 2 endpoints.
+UPSTREAM_IDS = {
+    "flux-1-schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux-1-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-1-pro": "black-forest-labs/FLUX.1-pro",
+    "stable-diffusion-3-5-large": "stabilityai/stable-diffusion-3-5-large",
+    "stable-diffusion-3-5-large-turbo": "stabilityai/stable-diffusion-3-5-large-turbo",
+    "stable-diffusion-xl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
+    "krea-2-medium": "krea/krea-2/medium",
+    "krea-2-large": "krea/krea-2/large",
+}
+
+# seeds/002: krea-2-turbo output pixels, size by quality, copied from the seed's table.
+KREA_2_TURBO_PIXELS = {
+    "1:1": {"1K": (1024, 1024), "2K": (2048, 2048)},
+    "4:3": {"1K": (1152, 896), "2K": (2304, 1728)},
+    "3:4": {"1K": (896, 1152), "2K": (1728, 2304)},
+    "5:4": {"1K": (1152, 896), "2K": (2240, 1792)},
+    "4:5": {"1K": (896, 1152), "2K": (1792, 2240)},
+    "2:3": {"1K": (832, 1280), "2K": (1664, 2496)},
+    "3:2": {"1K": (1280, 832), "2K": (2496, 1664)},
+    "9:16": {"1K": (768, 1344), "2K": (1472, 2688)},
+    "16:9": {"1K": (1344, 768), "2K": (2688, 1472)},
+    "1:2": {"1K": (704, 1472), "2K": (1408, 2816)},
+    "2:1": {"1K": (1472, 704), "2K": (2816, 1408)},
+}
+
+# seeds/001: the aspect ratios Krea 2 Medium and Large accept.
+KREA_2_ASPECT_RATIOS = {"1:1", "4:3", "3:2", "16:9", "2.35:1", "4:5", "2:3", "9:16"}
+
+
+def shipped_raw() -> dict[str, Any]:
+    return tomllib.loads(DEFAULT_CATALOG_PATH.read_text(encoding="utf-8"))
+
+
+def shipped_model(model_id: str) -> ModelEntry:
+    entry = load_catalog().model(model_id)
+    assert entry is not None, model_id
+    return entry
+
+
+def named_size_model(model_id: str = "test-named", **changes: Any) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "id": model_id,
+        "name": "Test named",
+        "provider": "test",
+        "upstream_model": "test/named",
+        "images_per_generation": 1,
+        "estimated_seconds": 1,
+        "max_resolution": "1K",
+        "prompt_max_chars": 100,
+        "default_size": "1:1",
+        "default_quality": "1K",
+        "sizes": {"1:1": {"1K": [1024, 1024]}, "16:9": {"1K": [1344, 768]}},
+        "price": {"rule": "per_call", "amount": "1"},
+    }
+    model.update(changes)
+    return model
+
+
+def wxh_model(model_id: str = "test-wxh", **changes: Any) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "id": model_id,
+        "name": "Test WxH",
+        "provider": "test",
+        "upstream_model": "test/wxh",
+        "images_per_generation": 1,
+        "estimated_seconds": 1,
+        "max_resolution": "2048",
+        "prompt_max_chars": 100,
+        "dimensions": {"min_side": 256, "max_side": 2048, "max_pixels": 4_194_304},
+        "params": {"num_inference_steps": {"type": "int", "min": 1, "max": 50, "default": 20}},
+        "price": {"rule": "per_megapixel_step", "amount": "0.0032"},
+    }
+    model.update(changes)
+    return model
+
+
+def catalog_of(*models: dict[str, Any], groups: dict[str, Any] | None = None) -> dict[str, Any]:
+    raw: dict[str, Any] = {"models": list(models)}
+    if groups is not None:
+        raw["groups"] = groups
+    return raw
+
+
+def refusal(raw: dict[str, Any]) -> str:
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(raw)
+    return str(caught.value)
+
+
+VALID_TOML = """
+[groups.default]
+multiplier = "1"
+
+[[models]]
+id = "toml-model"
+name = "TOML model"
+provider = "test"
+upstream_model = "test/toml"
+images_per_generation = 2
+estimated_seconds = 3
+max_resolution = "1024"
+prompt_max_chars = 100
+dimensions = { min_side = 256, max_side = 1024, multiple_of = 32, max_pixels = 1048576 }
+price = { rule = "per_image", amount = "0.25" }
+"""
+
+
+# The shipped catalogue, against the seeds.
+
+
+def test_shipped_catalogue_has_exactly_the_sold_models() -> None:
+    catalog = load_catalog()
+    assert {entry.id for entry in catalog.models} == SHIPPED_IDS
+    assert len(catalog.models) == len(SHIPPED_IDS)
+
+
+def test_shipped_catalogue_loads_the_same_from_a_path_or_by_default() -> None:
+    assert load_catalog(DEFAULT_CATALOG_PATH) == load_catalog()
+    assert load_catalog(str(DEFAULT_CATALOG_PATH)) == load_catalog()
+
+
+def test_shipped_catalogue_has_a_neutral_default_group() -> None:
+    default = load_catalog().groups["default"]
+    assert default.multiplier == 1
+    assert default.prices == {}
+
+
+@pytest.mark.parametrize(("model_id", "upstream"), sorted(UPSTREAM_IDS.items()))
+def test_shipped_models_keep_the_seeds_upstream_ids(model_id: str, upstream: str) -> None:
+    assert shipped_model(model_id).upstream_model == upstream
+
+
+def test_siliconflow_models_are_served_by_siliconflow_and_krea_models_by_krea() -> None:
+    for entry in load_catalog().models:
+        expected = "krea" if entry.id.startswith("krea-") else "siliconflow"
+        assert entry.provider == expected, entry.id
+
+
+def test_krea_2_turbo_size_quality_table_equals_the_seed_cell_by_cell() -> None:
+    entry = shipped_model("krea-2-turbo")
+    assert entry.sizes is not None
+    assert set(entry.sizes) == set(KREA_2_TURBO_PIXELS)
+    for size, by_quality in KREA_2_TURBO_PIXELS.items():
+        assert set(entry.sizes[size]) == set(by_quality), size
+        for quality, pixels in by_quality.items():
+            assert tuple(entry.sizes[size][quality]) == pixels, (size, quality)
+
+
+def test_krea_2_turbo_defaults_are_the_seeds_square_1k() -> None:
+    entry = shipped_model("krea-2-turbo")
+    assert entry.default_size == "1:1"
+    assert entry.default_quality == "1K"
+    assert entry.qualities == ("1K", "2K")
+    assert entry.dimensions is None
+
+
+def test_krea_2_turbo_seed_range_is_the_seeds() -> None:
+    seed = shipped_model("krea-2-turbo").params["seed"]
+    assert (seed.min, seed.max) == (0, 1_048_576)
+
+
+@pytest.mark.parametrize("model_id", ["krea-2-medium", "krea-2-large"])
+def test_krea_2_medium_and_large_offer_the_seeds_aspect_ratios_at_1k(model_id: str) -> None:
+    entry = shipped_model(model_id)
+    assert entry.sizes is not None
+    assert set(entry.sizes) == KREA_2_ASPECT_RATIOS
+    assert entry.qualities == ("1K",)
+    assert entry.params["moodboards"].max_items == 1
+    assert entry.params["creativity"].values == ("raw", "low", "medium", "high")
+    assert entry.params["creativity"].default == "medium"
+
+
+@pytest.mark.parametrize("model_id", ["krea-1", "krea-2-turbo"])
+def test_krea_1_and_krea_2_turbo_make_four_images_per_generation(model_id: str) -> None:
+    entry = shipped_model(model_id)
+    assert entry.images_per_generation == 4
+    assert entry.max_images() == 4
+
+
+@pytest.mark.parametrize("model_id", ["flux-1-schnell", "stable-diffusion-3-5-large-turbo"])
+def test_turbo_models_have_steps_fixed_at_four(model_id: str) -> None:
+    steps = shipped_model(model_id).params["num_inference_steps"]
+    assert steps.fixed == 4
+
+
+def test_siliconflow_models_batch_at_most_four_images() -> None:
+    for model_id in UPSTREAM_IDS:
+        if model_id.startswith("krea-"):
+            continue
+        entry = shipped_model(model_id)
+        assert entry.images_per_generation == 1, model_id
+        assert entry.max_images() == 4, model_id
+
+
+@pytest.mark.parametrize(
+    ("model_id", "rule", "amount"),
+    [
+        ("krea-1", "per_call", "8"),
+        ("krea-2-turbo", "per_call", "2"),
+        ("krea-2-medium", "per_call", "0.030"),
+        ("krea-2-large", "per_call", "0.060"),
+        ("flux-1-pro", "per_image", "0.37"),
+        ("stable-diffusion-3-5-large-turbo", "per_megapixel_step", "0.0032"),
+    ],
+)
+def test_shipped_prices_are_the_seeds_figures(model_id: str, rule: str, amount: str) -> None:
+    price = shipped_model(model_id).price
+    assert price.rule == rule
+    assert price.amount == Decimal(amount)
+
+
+def test_shipped_upstream_cost_defaults_to_the_price() -> None:
+    for entry in load_catalog().models:
+        assert entry.upstream_cost is None, entry.id
+        assert entry.cost == entry.price, entry.id
+
+
+def test_every_per_megapixel_step_model_prices_steps_it_always_has() -> None:
+    for entry in load_catalog().models:
+        if entry.price.rule != "per_megapixel_step":
+            continue
+        steps = entry.params["num_inference_steps"]
+        assert steps.fixed is not None or steps.default is not None, entry.id
+
+
+def test_catalog_model_lookup_returns_none_for_an_unknown_id() -> None:
+    catalog = load_catalog()
+    assert catalog.model("no-such-model") is None
+    krea_1 = catalog.model("krea-1")
+    assert krea_1 is not None
+    assert krea_1.name == "Krea 1"
+
+
+# Malformed catalogues, given as data.
+
+
+def test_minimal_catalogue_gets_a_default_group() -> None:
+    catalog = parse_catalog(catalog_of(named_size_model(), wxh_model()))
+    assert isinstance(catalog, Catalog)
+    assert set(catalog.groups) == {"default"}
+    assert catalog.groups["default"].multiplier == 1
+
+
+def test_duplicate_model_id_is_refused_naming_the_id() -> None:
+    message = refusal(catalog_of(named_size_model("twin"), wxh_model("twin")))
+    assert "model id 'twin' appears twice" in message
+
+
+def test_missing_price_is_refused_naming_the_model_and_field() -> None:
+    model = wxh_model("priceless")
+    del model["price"]
+    message = refusal(catalog_of(model))
+    assert "models[0] (priceless).price" in message
+    assert "Field required" in message
+
+
+def test_price_as_a_toml_float_is_refused_naming_the_model_and_field() -> None:
+    raw = tomllib.loads(VALID_TOML.replace('amount = "0.25"', "amount = 0.25"))
+    message = refusal(raw)
+    assert "models[0] (toml-model).price.amount" in message
+    assert "decimal string" in message
+
+
+def test_surcharge_as_a_float_is_refused_naming_the_field() -> None:
+    model = named_size_model(
+        "floaty", price={"rule": "per_call", "amount": "0.03", "with_moodboard": 0.04}
+    )
+    message = refusal(catalog_of(model))
+    assert "models[0] (floaty).price.with_moodboard" in message
+
+
+@pytest.mark.parametrize("amount", ["-0.01", "nan", "ten"])
+def test_negative_or_non_numeric_price_is_refused(amount: str) -> None:
+    model = wxh_model("bad-amount", price={"rule": "per_megapixel_step", "amount": amount})
+    message = refusal(catalog_of(model))
+    assert "models[0] (bad-amount).price.amount" in message
+
+
+def test_unknown_price_rule_is_refused_naming_the_field() -> None:
+    model = named_size_model("odd-rule", price={"rule": "per_second", "amount": "1"})
+    message = refusal(catalog_of(model))
+    assert "models[0] (odd-rule).price.rule" in message
+
+
+def test_both_sizes_and_dimensions_is_refused_naming_the_model() -> None:
+    both = named_size_model("both", dimensions=wxh_model()["dimensions"])
+    message = refusal(catalog_of(both))
+    assert "models[0] (both)" in message
+    assert "exactly one of `sizes`" in message
+    assert "`dimensions`" in message
+
+
+def test_neither_sizes_nor_dimensions_is_refused_naming_the_model() -> None:
+    model = wxh_model("shapeless")
+    del model["dimensions"]
+    message = refusal(catalog_of(model))
+    assert "models[0] (shapeless)" in message
+    assert "exactly one of `sizes`" in message
+
+
+def test_per_megapixel_step_without_steps_param_is_refused() -> None:
+    message = refusal(catalog_of(wxh_model("stepless", params={})))
+    assert "models[0] (stepless)" in message
+    assert "num_inference_steps" in message
+
+
+def test_default_size_not_in_sizes_is_refused_naming_the_field() -> None:
+    message = refusal(catalog_of(named_size_model("lost", default_size="7:7")))
+    assert "models[0] (lost)" in message
+    assert "`default_size` '7:7' is not one of `sizes`" in message
+
+
+def test_default_quality_not_offered_is_refused_naming_the_field() -> None:
+    message = refusal(catalog_of(named_size_model("lost-q", default_quality="8K")))
+    assert "models[0] (lost-q)" in message
+    assert "`default_quality` '8K'" in message
+
+
+def test_size_missing_a_quality_is_refused_naming_the_size() -> None:
+    sizes = {"1:1": {"1K": [1024, 1024], "2K": [2048, 2048]}, "16:9": {"1K": [1344, 768]}}
+    message = refusal(catalog_of(named_size_model("ragged", sizes=sizes)))
+    assert "models[0] (ragged)" in message
+    assert "size '16:9' does not list every quality" in message
+
+
+def test_price_for_an_unknown_quality_is_refused() -> None:
+    price = {"rule": "per_call", "amount": "1", "by_quality": {"4K": "3"}}
+    message = refusal(catalog_of(named_size_model("no-4k", price=price)))
+    assert "models[0] (no-4k)" in message
+    assert "unknown quality ['4K']" in message
+
+
+def test_common_field_declared_as_a_param_is_refused() -> None:
+    params = {"prompt": {"type": "str"}}
+    message = refusal(catalog_of(named_size_model("greedy", params=params)))
+    assert "models[0] (greedy)" in message
+    assert "`params.prompt` is a common field" in message
+
+
+def test_enum_param_without_values_is_refused_naming_the_param() -> None:
+    params = {"creativity": {"type": "enum"}}
+    message = refusal(catalog_of(named_size_model("no-values", params=params)))
+    assert "models[0] (no-values).params.creativity" in message
+    assert "needs `values`" in message
+
+
+def test_param_min_above_max_is_refused_naming_the_param() -> None:
+    params = {"seed": {"type": "int", "min": 10, "max": 1}}
+    message = refusal(catalog_of(named_size_model("upside-down", params=params)))
+    assert "models[0] (upside-down).params.seed" in message
+
+
+def test_unknown_field_in_a_model_is_refused_naming_it() -> None:
+    message = refusal(catalog_of(named_size_model("typo", pricee="1")))
+    assert "models[0] (typo).pricee" in message
+
+
+def test_bad_model_id_is_refused() -> None:
+    message = refusal(catalog_of(named_size_model("Has Spaces")))
+    assert "models[0] (Has Spaces).id" in message
+
+
+def test_error_names_the_model_by_its_position_and_id_when_not_first() -> None:
+    message = refusal(catalog_of(named_size_model("fine"), named_size_model("broken", sizes={})))
+    assert "models[1] (broken)" in message
+    assert "(fine)" not in message
+
+
+def test_every_problem_is_listed_in_one_error() -> None:
+    first = named_size_model("first")
+    del first["price"]
+    second = wxh_model("second", price={"rule": "per_megapixel_step", "amount": 0.1})
+    message = refusal(catalog_of(first, second))
+    assert "models[0] (first).price" in message
+    assert "models[1] (second).price.amount" in message
+
+
+def test_group_pricing_an_unknown_model_is_refused_naming_group_and_model() -> None:
+    groups = {
+        "default": {},
+        "vip": {"prices": {"ghost-model": {"rule": "per_call", "amount": "1"}}},
+    }
+    message = refusal(catalog_of(named_size_model("real"), groups=groups))
+    assert "group 'vip' prices unknown models ['ghost-model']" in message
+
+
+def test_groups_without_a_default_group_are_refused() -> None:
+    message = refusal(catalog_of(named_size_model(), groups={"vip": {"multiplier": "2"}}))
+    assert "`default` group" in message
+
+
+def test_group_multiplier_as_a_float_is_refused_naming_the_group() -> None:
+    groups = {"default": {}, "vip": {"multiplier": 1.5}}
+    message = refusal(catalog_of(named_size_model(), groups=groups))
+    assert "groups.vip.multiplier" in message
+
+
+def test_group_own_price_and_multiplier_are_read_exactly() -> None:
+    groups = {
+        "default": {"multiplier": "1"},
+        "vip": {
+            "multiplier": "0.85",
+            "prices": {"real": {"rule": "per_call", "amount": "0.5"}},
+        },
+    }
+    catalog = parse_catalog(catalog_of(named_size_model("real"), groups=groups))
+    vip = catalog.groups["vip"]
+    assert vip.multiplier == Decimal("0.85")
+    assert vip.prices["real"].amount == Decimal("0.5")
+
+
+def test_missing_models_is_refused() -> None:
+    assert "models: Field required" in refusal({})
+
+
+@pytest.mark.xfail(
+    raises=AttributeError,
+    strict=True,
+    reason="pricing/catalog.py _where calls .get() on each models entry: a models array of "
+    "non-tables raises AttributeError instead of CatalogError",
+)
+def test_models_that_are_not_tables_are_refused_as_catalog_error() -> None:
+    message = refusal({"models": ["krea-1"]})
+    assert "models[0]" in message
+
+
+@pytest.mark.xfail(
+    raises=DID_NOT_RAISE,
+    strict=True,
+    reason="pricing/catalog.py ModelEntry._consistent checks only `price.rule`: a group's "
+    "own per_megapixel_step price on a model without steps loads, then quotes 0",
+)
+def test_group_per_megapixel_step_price_on_a_stepless_model_is_refused() -> None:
+    groups = {
+        "default": {},
+        "vip": {"prices": {"real": {"rule": "per_megapixel_step", "amount": "1"}}},
+    }
+    message = refusal(catalog_of(named_size_model("real"), groups=groups))
+    assert "num_inference_steps" in message
+
+
+@pytest.mark.xfail(
+    raises=DID_NOT_RAISE,
+    strict=True,
+    reason="pricing/catalog.py ModelEntry._consistent checks only `price.rule`: an "
+    "upstream_cost per_megapixel_step on a model without steps loads, then costs 0",
+)
+def test_upstream_cost_per_megapixel_step_on_a_stepless_model_is_refused() -> None:
+    cost = {"rule": "per_megapixel_step", "amount": "0.001"}
+    message = refusal(catalog_of(named_size_model("real", upstream_cost=cost)))
+    assert "models[0] (real)" in message
+    assert "num_inference_steps" in message
+
+
+@pytest.mark.xfail(
+    raises=DID_NOT_RAISE,
+    strict=True,
+    reason="pricing/catalog.py accepts a num_inference_steps param with neither default nor "
+    "fixed; a request omitting steps then quotes 0 under per_megapixel_step",
+)
+def test_per_megapixel_step_steps_param_without_default_or_fixed_is_refused() -> None:
+    params = {"num_inference_steps": {"type": "int", "min": 1, "max": 50}}
+    message = refusal(catalog_of(wxh_model("optional-steps", params=params)))
+    assert "models[0] (optional-steps)" in message
+    assert "num_inference_steps" in message
+
+
+@pytest.mark.xfail(
+    raises=DID_NOT_RAISE,
+    strict=True,
+    reason="pricing/catalog.py Dimensions does not check `default` against its own bounds "
+    "(or min_side <= max_side): every request without a size is then refused",
+)
+def test_dimensions_default_outside_its_bounds_is_refused() -> None:
+    dimensions = {"min_side": 256, "max_side": 2048, "max_pixels": 4_194_304, "default": "100x100"}
+    message = refusal(catalog_of(wxh_model("tiny-default", dimensions=dimensions)))
+    assert "models[0] (tiny-default).dimensions" in message
+
+
+# Malformed catalogues, given as files.
+
+
+def test_load_catalog_reads_a_valid_file(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.toml"
+    path.write_text(VALID_TOML, encoding="utf-8")
+    catalog = load_catalog(path)
+    entry = catalog.model("toml-model")
+    assert entry is not None
+    assert entry.price.amount == Decimal("0.25")
+    assert entry.dimensions is not None
+    assert entry.dimensions.default == "1024x1024"
+
+
+def test_load_catalog_of_a_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(CatalogError, match="cannot read model catalogue") as caught:
+        load_catalog(path)
+    assert str(path) in str(caught.value)
+
+
+def test_load_catalog_of_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="cannot read model catalogue"):
+        load_catalog(tmp_path)
+
+
+@pytest.mark.xfail(
+    raises=UnicodeDecodeError,
+    strict=True,
+    reason="pricing/catalog.py load_catalog catches OSError and TOMLDecodeError only: a "
+    "file that is not UTF-8 escapes as UnicodeDecodeError",
+)
+def test_load_catalog_of_a_non_utf8_file_is_refused_as_catalog_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(VALID_TOML.replace("TOML model", "Mod\xe8le").encode("latin-1"))
+    with pytest.raises(CatalogError, match=re.escape(str(path))):
+        load_catalog(path)
+
+
+def test_load_catalog_of_invalid_toml_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('[[models]]\nid = "unterminated\n', encoding="utf-8")
+    with pytest.raises(CatalogError, match="is not valid TOML") as caught:
+        load_catalog(path)
+    assert str(path) in str(caught.value)
+
+
+def test_load_catalog_of_a_float_price_names_file_model_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "float.toml"
+    path.write_text(VALID_TOML.replace('amount = "0.25"', "amount = 0.25"), encoding="utf-8")
+    with pytest.raises(CatalogError) as caught:
+        load_catalog(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: invalid model catalogue")
+    assert "models[0] (toml-model).price.amount" in message
+
+
+def test_load_catalog_of_a_duplicate_id_names_the_id(tmp_path: Path) -> None:
+    model_table = VALID_TOML.split("[[models]]", 1)[1]
+    path = tmp_path / "twice.toml"
+    path.write_text(VALID_TOML + "\n[[models]]" + model_table, encoding="utf-8")
+    with pytest.raises(CatalogError, match="model id 'toml-model' appears twice"):
+        load_catalog(path)
+
+
+def test_load_catalog_of_a_missing_price_names_the_model(tmp_path: Path) -> None:
+    path = tmp_path / "priceless.toml"
+    text = VALID_TOML.replace('price = { rule = "per_image", amount = "0.25" }\n', "")
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"models\[0\] \(toml-model\)\.price: Field required"):
+        load_catalog(path)
+
+
+def test_shipped_catalogue_without_flux_dev_steps_names_flux_dev() -> None:
+    edited = copy.deepcopy(shipped_raw())
+    flux_dev = next(m for m in edited["models"] if m["id"] == "flux-1-dev")
+    del flux_dev["params"]["num_inference_steps"]
+    position = edited["models"].index(flux_dev)
+    message = refusal(edited)
+    assert f"models[{position}] (flux-1-dev)" in message
+    assert "num_inference_steps" in message

@@ -1,0 +1,260 @@
+"""The generation job against the simulator over HTTP, with real PostgreSQL and Redis."""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from arq.connections import RedisSettings, create_pool
+from conftest import Sim, bearer, make_settings, start_worker, stop_worker, wait_for_status
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+
+from gateway.db import create_engine
+from gateway.settings import Settings
+from gateway.storage import LocalStorage
+from gateway.tasks import lifecycle
+from pricing.catalog import load_catalog
+from pricing.request import ImageRequest
+from workers.generate import WorkerDeps, generate_task
+from workers.main import build_providers
+from workers.simulator.png import png_size
+
+Client = AsyncTestClient[Any]
+
+
+async def submit(client: Client, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post("/v1/images/generations", json=body, headers=bearer(key))
+    assert response.status_code == 200, response.text
+    task: dict[str, Any] = response.json()
+    return task
+
+
+async def download(client: Client, url: str) -> Any:
+    parts = urlsplit(url)
+    return await client.get(f"{parts.path}?{parts.query}")
+
+
+class Deps:
+    """Worker dependencies built by hand, to run the job function directly."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.http = httpx.AsyncClient(trust_env=False)
+        self.engine = create_engine(settings)
+        self.value = WorkerDeps(
+            settings=settings,
+            catalog=load_catalog(),
+            engine=self.engine,
+            storage=LocalStorage(settings.storage_dir),
+            http=self.http,
+            providers=build_providers(settings, self.http),
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.engine.dispose()
+
+
+@pytest.fixture
+async def deps(settings: Settings) -> Any:
+    built = Deps(settings)
+    yield built.value
+    await built.close()
+
+
+@pytest.mark.usefixtures("worker")
+async def test_task_completes_with_images_of_the_requested_size(
+    client: Client, tenant_key: tuple[str, str], simulator: Sim
+) -> None:
+    _, key = tenant_key
+    task = await submit(
+        client, key, {"model": "krea-2-turbo", "prompt": "a lighthouse", "size": "16:9"}
+    )
+    done = await wait_for_status(client, key, task["id"], {"completed", "failed"})
+    assert done["status"] == "completed", done
+    assert done["progress"] == 100
+    assert len(done["results"]) == 4  # krea-2-turbo: four images per generation
+    assert done["expires_at"] > done["created"]
+    for url in done["results"]:
+        assert url.startswith("http://testserver.local/v1/files/")
+        assert "127.0.0.1" not in url
+        response = await download(client, url)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "image/png"
+        assert png_size(response.content) == (1344, 768)
+    assert (await simulator.stats())["submits"] == 1
+
+
+@pytest.mark.usefixtures("worker")
+async def test_transient_submit_failures_are_retried(
+    client: Client, tenant_key: tuple[str, str], simulator: Sim
+) -> None:
+    _, key = tenant_key
+    await simulator.configure(fail_first_n=2)
+    task = await submit(client, key, {"model": "krea-2-medium", "prompt": "retry me"})
+    done = await wait_for_status(client, key, task["id"], {"completed", "failed"})
+    assert done["status"] == "completed", done
+    assert (await simulator.stats())["submits"] == 3
+
+
+@pytest.mark.parametrize(
+    ("knobs", "code"),
+    [
+        ({"error_kind": "job_failed"}, "generation_failed"),
+        ({"error_kind": "submit_500"}, "upstream_unavailable"),
+        ({"error_kind": "malformed"}, "upstream_bad_response"),
+        ({"error_kind": "bad_image"}, "upstream_bad_result"),
+    ],
+)
+@pytest.mark.usefixtures("worker")
+async def test_upstream_failures_fail_the_task_in_tollgates_words(
+    client: Client,
+    tenant_key: tuple[str, str],
+    simulator: Sim,
+    settings: Settings,
+    knobs: dict[str, Any],
+    code: str,
+) -> None:
+    _, key = tenant_key
+    await simulator.configure(**knobs)
+    task = await submit(client, key, {"model": "krea-2-large", "prompt": "fail me"})
+    done = await wait_for_status(client, key, task["id"], {"completed", "failed"}, wait=30)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == code
+    message = done["error"]["message"]
+    for leak in (simulator.url, "127.0.0.1", "sim-test-key", "Traceback"):
+        assert leak not in message
+    assert "results" not in done
+
+
+@pytest.fixture
+def fast_settings(database_url: str, simulator_url: str, tmp_path: Path) -> Settings:
+    return make_settings(
+        database_url,
+        simulator_url,
+        tmp_path / "storage",
+        upstream_retry_base_seconds=0.05,
+        lease_seconds=1.0,
+        requeue_pending_after_seconds=0.5,
+    )
+
+
+async def create_task(client: Client, key: str, body: dict[str, Any]) -> str:
+    return (await submit(client, key, body))["id"]
+
+
+async def test_the_same_job_run_twice_at_once_generates_once(
+    settings: Settings, client: Client, tenant_key: tuple[str, str], simulator: Sim, deps: Any
+) -> None:
+    _, key = tenant_key
+    task_id = await create_task(client, key, {"model": "krea-2-medium", "prompt": "twice"})
+    outcomes = await asyncio.gather(
+        generate_task({"deps": deps}, task_id, 0), generate_task({"deps": deps}, task_id, 0)
+    )
+    assert sorted(o.split(":")[0] for o in outcomes) == ["completed", "skipped"]
+    again = await generate_task({"deps": deps}, task_id, 0)
+    assert again.startswith("skipped")
+    assert (await simulator.stats())["submits"] == 1
+    done = await wait_for_status(client, key, task_id, {"completed"})
+    assert len(done["results"]) == 1
+
+
+async def test_a_stale_attempt_writes_nothing(
+    settings: Settings, client: Client, tenant_key: tuple[str, str], simulator: Sim, deps: Any
+) -> None:
+    _, key = tenant_key
+    task_id = await create_task(client, key, {"model": "krea-2-medium", "prompt": "stale"})
+    async with deps.engine.begin() as conn:
+        await conn.execute(text("UPDATE tasks SET attempt = 1 WHERE id = :id"), {"id": task_id})
+    assert (await generate_task({"deps": deps}, task_id, 0)).startswith("skipped")
+    assert (await simulator.stats())["submits"] == 0
+    assert (await generate_task({"deps": deps}, task_id, 1)).startswith("completed")
+
+
+async def test_reconciler_requeues_a_task_whose_job_redis_lost(
+    fast_settings: Settings, simulator: Sim, tenant_key: tuple[str, str]
+) -> None:
+    from gateway.app import create_app
+
+    settings = fast_settings
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        _, key = tenant_key
+        task_id = await create_task(c, key, {"model": "krea-2-medium", "prompt": "lost"})
+        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            # Redis loses the queue: no job remains for this task anywhere.
+            assert await redis.delete(settings.queue_name) == 1
+            await redis.delete(f"arq:job:gen:{task_id}:0")
+        finally:
+            await redis.aclose()
+        worker, running = start_worker(settings)
+        try:
+            done = await wait_for_status(c, key, task_id, {"completed", "failed"})
+        finally:
+            await stop_worker(worker, running)
+        assert done["status"] == "completed"
+
+
+async def test_a_silent_workers_task_resumes_its_upstream_job(
+    fast_settings: Settings, simulator: Sim, tenant_key: tuple[str, str]
+) -> None:
+    """A worker that died after submitting: the next attempt polls the same upstream job."""
+    from gateway.app import create_app
+
+    settings = fast_settings
+    await simulator.configure(latency=1.0)
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        _, key = tenant_key
+        task_id = await create_task(c, key, {"model": "krea-2-medium", "prompt": "orphan"})
+        built = Deps(settings)
+        try:
+            # Play the dying worker: claim, submit upstream, record the job id, vanish.
+            async with built.engine.begin() as conn:
+                claimed = await lifecycle.claim(conn, task_id, 0, settings.lease_seconds)
+            assert claimed is not None
+            provider = built.value.providers["krea"]
+            request = ImageRequest.from_json(claimed.request)
+            submitted = await provider.submit("krea/krea-2/medium", request)
+            async with built.engine.begin() as conn:
+                assert await lifecycle.heartbeat(
+                    conn, task_id, 0, settings.lease_seconds, upstream_job_id=submitted.job_id
+                )
+        finally:
+            await built.close()
+        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            await redis.delete(settings.queue_name)  # its job died with it
+        finally:
+            await redis.aclose()
+        worker, running = start_worker(settings)
+        try:
+            done = await wait_for_status(c, key, task_id, {"completed", "failed"})
+        finally:
+            await stop_worker(worker, running)
+        assert done["status"] == "completed", done
+        assert (await simulator.stats())["submits"] == 1
+
+
+async def test_a_task_past_its_deadline_fails_with_timeout(
+    database_url: str,
+    simulator_url: str,
+    tmp_path: Path,
+    simulator: Sim,
+    tenant_key: tuple[str, str],
+) -> None:
+    from gateway.app import create_app
+
+    settings = make_settings(database_url, simulator_url, tmp_path / "s", task_deadline_seconds=5)
+    await simulator.configure(latency=60)
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        _, key = tenant_key
+        task_id = await create_task(c, key, {"model": "krea-2-medium", "prompt": "slow"})
+        worker, running = start_worker(settings)
+        try:
+            done = await wait_for_status(c, key, task_id, {"completed", "failed"}, wait=20)
+        finally:
+            await stop_worker(worker, running)
+        assert done["status"] == "failed"
+        assert done["error"]["code"] == "timeout"
