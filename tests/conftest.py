@@ -156,6 +156,17 @@ class Sim:
             (await client.post(f"{self.url}/_sim/reset")).raise_for_status()
         await self.configure(**self.DEFAULTS)
 
+    def configure_now(self, **knobs: Any) -> None:
+        """``configure`` for synchronous tests."""
+        httpx.post(f"{self.url}/_sim/config", json=knobs).raise_for_status()
+
+    def stats_now(self) -> dict[str, int]:
+        """``stats`` for synchronous tests."""
+        response = httpx.get(f"{self.url}/_sim/stats")
+        response.raise_for_status()
+        stats: dict[str, int] = response.json()
+        return stats
+
     async def stats(self) -> dict[str, int]:
         async with httpx.AsyncClient() as client:
             response = await client.get(f"{self.url}/_sim/stats")
