@@ -71,7 +71,30 @@ class ParamSpec(_Frozen):
             raise ValueError("an enum parameter needs `values`")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("`min` is greater than `max`")
+        if self.default is not None and self.fixed is not None:
+            raise ValueError("give `default` or `fixed`, not both")
+        if self.default is not None:
+            self._check_default(self.default)
         return self
+
+    def _check_default(self, value: int | bool | str) -> None:
+        if self.type == "bool":
+            ok = isinstance(value, bool)
+        elif self.type == "int":
+            ok = (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and (self.min is None or value >= self.min)
+                and (self.max is None or value <= self.max)
+            )
+        elif self.type == "enum":
+            ok = value in (self.values or ())
+        elif self.type == "str":
+            ok = isinstance(value, str)
+        else:
+            ok = False  # a list parameter has no default
+        if not ok:
+            raise ValueError(f"`default` {value!r} is not a valid value of this parameter")
 
 
 class Dimensions(_Frozen):
@@ -82,6 +105,22 @@ class Dimensions(_Frozen):
     multiple_of: int = Field(default=8, ge=1)
     max_pixels: int = Field(ge=4096)
     default: str = "1024x1024"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Dimensions":
+        if self.min_side > self.max_side:
+            raise ValueError("`min_side` is greater than `max_side`")
+        width, _, height = self.default.partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise ValueError("`default` must be WIDTHxHEIGHT")
+        w, h = int(width), int(height)
+        sides_ok = all(
+            self.min_side <= side <= self.max_side and side % self.multiple_of == 0
+            for side in (w, h)
+        )
+        if not sides_ok or w * h > self.max_pixels:
+            raise ValueError(f"`default` {self.default} is outside these bounds")
+        return self
 
 
 class Price(_Frozen):
@@ -139,14 +178,21 @@ class ModelEntry(_Frozen):
         for common in COMMON_FIELDS:
             if common in self.params:
                 raise ValueError(f"`params.{common}` is a common field, not a parameter")
-        if self.price.rule == "per_megapixel_step" and "num_inference_steps" not in self.params:
-            raise ValueError("per_megapixel_step pricing needs a `num_inference_steps` parameter")
+        steps = self.params.get("num_inference_steps")
+        if steps is not None and steps.default is None and steps.fixed is None:
+            raise ValueError("`params.num_inference_steps` needs a `default` or `fixed` value")
         for price in (self.price, self.upstream_cost):
             if price is not None:
-                unknown = set(price.by_quality) - set(self.qualities)
-                if unknown:
-                    raise ValueError(f"price for unknown quality {sorted(unknown)}")
+                self.check_price(price)
         return self
+
+    def check_price(self, price: "Price") -> None:
+        """A price (list, upstream cost or a group's own) must fit this model."""
+        if price.rule == "per_megapixel_step" and "num_inference_steps" not in self.params:
+            raise ValueError("per_megapixel_step pricing needs a `num_inference_steps` parameter")
+        unknown = set(price.by_quality) - set(self.qualities)
+        if unknown:
+            raise ValueError(f"price for unknown quality {sorted(unknown)}")
 
     @property
     def qualities(self) -> tuple[str, ...]:
@@ -185,10 +231,16 @@ class Catalog(_Frozen):
             seen.add(entry.id)
         if "default" not in self.groups:
             raise ValueError("there must be a `default` group")
+        by_id = {entry.id: entry for entry in self.models}
         for name, group in self.groups.items():
             unknown = set(group.prices) - seen
             if unknown:
                 raise ValueError(f"group {name!r} prices unknown models {sorted(unknown)}")
+            for model_id, price in group.prices.items():
+                try:
+                    by_id[model_id].check_price(price)
+                except ValueError as exc:
+                    raise ValueError(f"group {name!r}, price of {model_id}: {exc}") from None
         return self
 
     def model(self, model_id: str) -> ModelEntry | None:
@@ -209,7 +261,8 @@ def _where(raw: Mapping[str, Any], loc: tuple[int | str, ...]) -> str:
     for i, part in enumerate(loc):
         if loc[:1] == ("models",) and i == 1 and isinstance(part, int):
             models = raw.get("models") or []
-            ident = models[part].get("id") if part < len(models) else None
+            entry = models[part] if part < len(models) else None
+            ident = entry.get("id") if isinstance(entry, dict) else None
             parts.append(f"[{part}] ({ident})" if ident else f"[{part}]")
         elif isinstance(part, int):
             parts.append(f"[{part}]")
@@ -236,6 +289,8 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except OSError as exc:
         raise CatalogError(f"cannot read model catalogue {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"model catalogue {file} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(f"model catalogue {file} is not valid TOML: {exc}") from None
     try:

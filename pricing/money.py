@@ -7,10 +7,14 @@ than the price list says (docs/adr/0001-money-unit-and-rounding.md).
 Amounts become decimals again only when rendered into JSON.
 """
 
-from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
+from decimal import ROUND_CEILING, Context, Decimal, InvalidOperation, localcontext
 
 MICROS_PER_CREDIT = 1_000_000
 _MICRO = Decimal(1) / MICROS_PER_CREDIT
+
+# Wide enough that no product of catalogue figures is ever rounded before the
+# one rounding this module does: quoting runs inside ``exact()``.
+EXACT = Context(prec=100)
 
 
 class MoneyError(ValueError):
@@ -20,7 +24,7 @@ class MoneyError(ValueError):
 def parse_credits(text: str) -> Decimal:
     """Read a price from text (never from a float) as an exact Decimal."""
     try:
-        value = Decimal(text)
+        value = EXACT.create_decimal(text)
     except InvalidOperation as exc:
         raise MoneyError(f"{text!r} is not a decimal number") from exc
     if not value.is_finite() or value < 0:
@@ -30,14 +34,16 @@ def parse_credits(text: str) -> Decimal:
 
 def to_micros(amount: Decimal) -> int:
     """Round an exact credit amount up to whole micro-credits: the one rounding rule."""
-    with localcontext() as ctx:
-        ctx.prec = 60
+    with localcontext(EXACT):
         return int((amount / _MICRO).to_integral_value(rounding=ROUND_CEILING))
 
 
 def credits_from_micros(micros: int) -> Decimal:
     """The decimal credit figure of a micro-credit amount, for rendering."""
-    return (Decimal(micros) / MICROS_PER_CREDIT).normalize() if micros else Decimal(0)
+    with localcontext(EXACT):
+        value = (Decimal(micros) / MICROS_PER_CREDIT).normalize()
+    # normalize() writes whole numbers with an exponent (1E+1); JSON wants 10.
+    return value.quantize(Decimal(1)) if value == value.to_integral_value() else value
 
 
 def micros_from_text(text: str) -> int:
@@ -46,7 +52,8 @@ def micros_from_text(text: str) -> int:
     Refuses more precision than a micro-credit rather than rounding a payment.
     """
     value = parse_credits(text)
-    micros = value * MICROS_PER_CREDIT
+    with localcontext(EXACT):
+        micros = value * MICROS_PER_CREDIT
     if micros != micros.to_integral_value():
         raise MoneyError(f"{text!r} has more decimal places than a micro-credit (6)")
     return int(micros)

@@ -17,10 +17,10 @@ A quote made at submit is the most the task can cost; ``quote`` with a smaller
 """
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 from pricing.catalog import Group, ModelEntry, Price
-from pricing.money import to_micros
+from pricing.money import EXACT, to_micros
 from pricing.request import ImageRequest
 
 MEGAPIXEL = 1_048_576
@@ -83,7 +83,15 @@ def quote(
     images: int | None = None,
 ) -> Quote:
     """The charge and cost of ``request``, or of the same request yielding ``images`` images."""
-    counted = request.images if images is None else images
+    with localcontext(EXACT):
+        return _quote(
+            entry, group_name, group, request, request.images if images is None else images
+        )
+
+
+def _quote(
+    entry: ModelEntry, group_name: str, group: Group, request: ImageRequest, counted: int
+) -> Quote:
     own_price = group.prices.get(entry.id)
     price = own_price or entry.price
     amount, units, line = _amount(price, request, counted)

@@ -18,9 +18,6 @@ from pricing.catalog import (
     parse_catalog,
 )
 
-# What pytest.raises raises when nothing was raised: the xfail marks below expect it.
-DID_NOT_RAISE = pytest.fail.Exception
-
 SHIPPED_IDS = {
     "krea-2-turbo",
     "krea-2-medium",
@@ -451,23 +448,11 @@ def test_missing_models_is_refused() -> None:
     assert "models: Field required" in refusal({})
 
 
-@pytest.mark.xfail(
-    raises=AttributeError,
-    strict=True,
-    reason="pricing/catalog.py _where calls .get() on each models entry: a models array of "
-    "non-tables raises AttributeError instead of CatalogError",
-)
 def test_models_that_are_not_tables_are_refused_as_catalog_error() -> None:
     message = refusal({"models": ["krea-1"]})
     assert "models[0]" in message
 
 
-@pytest.mark.xfail(
-    raises=DID_NOT_RAISE,
-    strict=True,
-    reason="pricing/catalog.py ModelEntry._consistent checks only `price.rule`: a group's "
-    "own per_megapixel_step price on a model without steps loads, then quotes 0",
-)
 def test_group_per_megapixel_step_price_on_a_stepless_model_is_refused() -> None:
     groups = {
         "default": {},
@@ -477,12 +462,6 @@ def test_group_per_megapixel_step_price_on_a_stepless_model_is_refused() -> None
     assert "num_inference_steps" in message
 
 
-@pytest.mark.xfail(
-    raises=DID_NOT_RAISE,
-    strict=True,
-    reason="pricing/catalog.py ModelEntry._consistent checks only `price.rule`: an "
-    "upstream_cost per_megapixel_step on a model without steps loads, then costs 0",
-)
 def test_upstream_cost_per_megapixel_step_on_a_stepless_model_is_refused() -> None:
     cost = {"rule": "per_megapixel_step", "amount": "0.001"}
     message = refusal(catalog_of(named_size_model("real", upstream_cost=cost)))
@@ -490,12 +469,6 @@ def test_upstream_cost_per_megapixel_step_on_a_stepless_model_is_refused() -> No
     assert "num_inference_steps" in message
 
 
-@pytest.mark.xfail(
-    raises=DID_NOT_RAISE,
-    strict=True,
-    reason="pricing/catalog.py accepts a num_inference_steps param with neither default nor "
-    "fixed; a request omitting steps then quotes 0 under per_megapixel_step",
-)
 def test_per_megapixel_step_steps_param_without_default_or_fixed_is_refused() -> None:
     params = {"num_inference_steps": {"type": "int", "min": 1, "max": 50}}
     message = refusal(catalog_of(wxh_model("optional-steps", params=params)))
@@ -503,12 +476,6 @@ def test_per_megapixel_step_steps_param_without_default_or_fixed_is_refused() ->
     assert "num_inference_steps" in message
 
 
-@pytest.mark.xfail(
-    raises=DID_NOT_RAISE,
-    strict=True,
-    reason="pricing/catalog.py Dimensions does not check `default` against its own bounds "
-    "(or min_side <= max_side): every request without a size is then refused",
-)
 def test_dimensions_default_outside_its_bounds_is_refused() -> None:
     dimensions = {"min_side": 256, "max_side": 2048, "max_pixels": 4_194_304, "default": "100x100"}
     message = refusal(catalog_of(wxh_model("tiny-default", dimensions=dimensions)))
@@ -541,12 +508,6 @@ def test_load_catalog_of_a_directory_is_refused(tmp_path: Path) -> None:
         load_catalog(tmp_path)
 
 
-@pytest.mark.xfail(
-    raises=UnicodeDecodeError,
-    strict=True,
-    reason="pricing/catalog.py load_catalog catches OSError and TOMLDecodeError only: a "
-    "file that is not UTF-8 escapes as UnicodeDecodeError",
-)
 def test_load_catalog_of_a_non_utf8_file_is_refused_as_catalog_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(VALID_TOML.replace("TOML model", "Mod\xe8le").encode("latin-1"))

@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pricing.catalog import DEFAULT_CATALOG_PATH, Catalog, ModelEntry, load_catalog, parse_catalog
+from pricing.catalog import (
+    DEFAULT_CATALOG_PATH,
+    Catalog,
+    CatalogError,
+    ModelEntry,
+    load_catalog,
+    parse_catalog,
+)
 from pricing.money import credits_from_micros
 from pricing.quote import MEGAPIXEL, Quote, quote
 from pricing.request import ImageRequest, resolve_request
@@ -210,12 +217,6 @@ def test_a_tiny_multiplier_excess_still_rounds_up() -> None:
     assert priced("krea-2-medium", catalog=catalog, group="odd").amount_micros == 30_001
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pricing/quote.py multiplies in the default Decimal context (28 digits), so an "
-    "exact amount is rounded half-even before the ceiling; 8 × (1 + 1e-30) quotes 8000000",
-)
 def test_quote_keeps_every_digit_of_the_group_multiplier_before_rounding_up() -> None:
     catalog = catalog_with_groups({"odd": {"multiplier": "1.000000000000000000000000000001"}})
     # 8.000000000000000000000000000008 credits: the ceiling is 8000001 micro-credits.
@@ -385,18 +386,13 @@ def test_quote_json_is_plain_data() -> None:
 # A paid model is never free.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pricing/quote.py treats missing steps as 0 (`request.steps or 0`), and "
-    "pricing/catalog.py lets a per_megapixel_step model's steps param have no default",
-)
 def test_per_megapixel_step_request_without_steps_is_never_free() -> None:
     raw = copy.deepcopy(shipped_raw())
     flux_dev = next(m for m in raw["models"] if m["id"] == "flux-1-dev")
     flux_dev["params"]["num_inference_steps"] = {"type": "int", "min": 1, "max": 50}
-    catalog = parse_catalog(raw)
-    assert priced("flux-1-dev", catalog=catalog).amount_micros > 0
+    # Refused when loaded, so such a model can never be quoted without steps.
+    with pytest.raises(CatalogError, match=r"flux-1-dev.*num_inference_steps"):
+        parse_catalog(raw)
 
 
 # Properties over the shipped catalogue.
