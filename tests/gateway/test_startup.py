@@ -1,0 +1,105 @@
+"""Start-up refuses bad configuration with messages that say what to do."""
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from conftest import ROOT, SERVER_URL, _plain
+from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import make_url
+
+from gateway.app import create_app
+from gateway.db import DatabaseNotReady, check_migrated, create_engine
+from gateway.settings import Settings, SettingsError, load_settings
+from pricing.catalog import CatalogError
+
+
+def test_missing_settings_are_named_by_their_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("TOLLGATE_"):
+            monkeypatch.delenv(name)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    for variable in (
+        "TOLLGATE_DATABASE_URL",
+        "TOLLGATE_REDIS_URL",
+        "TOLLGATE_ADMIN_TOKEN",
+        "TOLLGATE_SIGNING_SECRET",
+    ):
+        assert f"{variable}: is required" in message
+
+
+def test_invalid_values_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOLLGATE_DATABASE_URL", "mysql://nope")
+    monkeypatch.setenv("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("TOLLGATE_ADMIN_TOKEN", "short")
+    monkeypatch.setenv("TOLLGATE_SIGNING_SECRET", "0123456789abcdef")
+    monkeypatch.setenv("TOLLGATE_UPSTREAMS", '{"krea": {"base_url": "not a url"}}')
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "TOLLGATE_DATABASE_URL: Value error, must be a postgresql://" in message
+    assert "TOLLGATE_ADMIN_TOKEN" in message
+    assert "TOLLGATE_UPSTREAMS (krea.base_url)" in message
+    assert "TOLLGATE_UPSTREAMS (krea.api_key): is required" in message
+
+
+def test_a_malformed_catalogue_stops_the_app_naming_entry_and_field(
+    settings: Settings, tmp_path: Path
+) -> None:
+    bad = tmp_path / "catalog.toml"
+    shipped = (ROOT / "pricing" / "catalog.toml").read_text()
+    bad.write_text(shipped.replace('amount = "0.37"', "amount = 0.37"))
+    with pytest.raises(CatalogError, match=r"flux-1-pro\)\.price\.amount"):
+        create_app(settings.model_copy(update={"catalog_path": bad}))
+
+
+async def test_an_unmigrated_database_is_refused_with_the_command_to_run(
+    settings: Settings,
+) -> None:
+    name = f"tollgate_empty_{os.getpid()}"
+    server = _plain(SERVER_URL)
+    conn = await asyncpg.connect(server)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = make_url(SERVER_URL).set(drivername="postgresql+asyncpg", database=name)
+    empty = settings.model_copy(update={"database_url": url.render_as_string(False)})
+    engine = create_engine(empty)
+    try:
+        with pytest.raises(DatabaseNotReady, match="run `tollgate migrate`"):
+            await check_migrated(engine)
+    finally:
+        await engine.dispose()
+    env = {**os.environ, "TOLLGATE_DATABASE_URL": empty.database_url}
+    env.update(
+        TOLLGATE_REDIS_URL=settings.redis_url,
+        TOLLGATE_ADMIN_TOKEN=settings.admin_token,
+        TOLLGATE_SIGNING_SECRET=settings.signing_secret,
+    )
+    served = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert served.returncode != 0
+    assert "not migrated" in served.stderr
+    assert "tollgate migrate" in served.stderr
+    conn = await asyncpg.connect(server)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+async def test_health_answers_without_credentials(client: AsyncTestClient[Any]) -> None:
+    response = await client.get("/healthz")
+    assert response.status_code == 200
