@@ -1,6 +1,10 @@
-"""A simulated Krea 2 style upstream: async image jobs kept in memory.
+"""A simulated image upstream, jobs kept in memory, speaking two protocols.
 
-Wire protocol (every error body is ``{"error": "<message>"}``):
+Krea 2 async jobs are described here; SiliconFlow-style synchronous generation
+(``POST /v1/images/generations``) in ``workers.simulator.siliconflow``. Both share the job store,
+the image route, the knobs and the counters.
+
+Krea wire protocol (every error body is ``{"error": "<message>"}``):
 
 ``POST /generate/image/{model_path}``, ``Authorization: Bearer <api key>``
     Body: ``prompt`` (required string), ``aspect_ratio`` ("1:1"), ``resolution`` ("1K", "2K",
@@ -32,6 +36,10 @@ Rules:
 - Faults are applied after auth and before the body is read: ``fail_first_n`` (the next N
   submits answer 500), then ``error_kind``. A submit answering 500, 429 or a malformed body
   creates no job; ``hang`` sleeps ``hang_seconds`` and then answers normally.
+- A synchronous generation is a job like any other, submitted when its request passes, and
+  answered once the job is final (completed, or 500 when it was drawn to fail). So it counts as
+  a submit, and as active while its request waits: ``max_jobs_active`` is the most requests
+  in flight at once. A client that gives up does not stop it, as at a real upstream.
 - Images render on first download, in a worker thread, and are cached on the job.
 - At most ``max_jobs`` jobs are kept, oldest forgotten first; their ids then answer 404.
 """
@@ -57,6 +65,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 
+from workers.simulator import siliconflow
 from workers.simulator.png import render_png
 from workers.simulator.sizes import ASPECT_RATIOS, RESOLUTIONS, image_size
 
@@ -242,11 +251,13 @@ class Job:
             "completed_at": _iso(finished) if finished else None,
         }
         if status == "completed":
-            urls = [f"{base_url}/images/{self.id}/{i}.png" for i in range(self.num_images)]
-            body["result"] = {"urls": urls}
+            body["result"] = {"urls": self.image_urls(base_url)}
         elif status == "failed":
             body["error"] = {"message": "simulated generation failure"}
         return body
+
+    def image_urls(self, base_url: str) -> list[str]:
+        return [f"{base_url}/images/{self.id}/{i}.png" for i in range(self.num_images)]
 
 
 class Simulator:
@@ -379,6 +390,40 @@ def create_simulator_app(config: SimulatorConfig) -> Litestar:
         job = sim.submit(model_path.as_posix().strip("/"), generation)
         return Response({"job_id": job.id, "status": "queued", "created_at": _iso(job.created_at)})
 
+    @post(
+        siliconflow.ROUTE,
+        status_code=200,
+        exception_handlers={HTTPException: _siliconflow_error_response},
+    )
+    async def generate_sync(request: Request[Any, Any, Any]) -> Response[Any]:
+        authorize(request)
+        sim.submits += 1
+        match sim.next_fault():
+            case "submit_500":
+                return _siliconflow_error(500, "simulated upstream error")
+            case "submit_429":
+                headers = {"Retry-After": str(sim.config.retry_after)}
+                return _siliconflow_error(429, "rate limited", headers=headers)
+            case "malformed":
+                return Response(siliconflow.MALFORMED_BODY, media_type="application/json")
+            case "hang":
+                await asyncio.sleep(sim.config.hang_seconds)
+        try:
+            wanted = siliconflow.parse_images_request(await json_body(request))
+        except siliconflow.InvalidBody as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        generation = Generation(
+            wanted.prompt, wanted.width, wanted.height, wanted.seed, wanted.batch_size
+        )
+        job = sim.submit(wanted.model, generation)
+        # Until the job's own end, not a fresh `latency`: a knob changed meanwhile must not make
+        # the answer and the job's status disagree.
+        await asyncio.sleep(max(0.0, job.ends_mono - time.monotonic()))
+        if job.fails:
+            return _siliconflow_error(500, "generation failed", code=siliconflow.GENERATION_FAILED)
+        urls = job.image_urls(_base_url(request))
+        return Response(siliconflow.images_body(urls, seconds=job.latency, seed=job.seed))
+
     @get("/jobs/{job_id:str}")
     async def poll(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
         authorize(request)
@@ -436,6 +481,7 @@ def create_simulator_app(config: SimulatorConfig) -> Litestar:
     return Litestar(
         route_handlers=[
             submit,
+            generate_sync,
             poll,
             cancel,
             image,
@@ -452,6 +498,21 @@ def create_simulator_app(config: SimulatorConfig) -> Litestar:
 
 def _error_response(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     return Response({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _siliconflow_error_response(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return _siliconflow_error(exc.status_code, exc.detail, headers=exc.headers)
+
+
+def _siliconflow_error(
+    status: int,
+    message: str,
+    *,
+    code: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response[Any]:
+    body = siliconflow.error_body(status, message, code=code)
+    return Response(body, status_code=status, headers=headers)
 
 
 def _base_url(request: Request[Any, Any, Any]) -> str:
