@@ -1,4 +1,4 @@
-"""Shared fixtures: real PostgreSQL, real Redis, a real simulator process (Krea and SiliconFlow protocols).
+"""Shared fixtures: real PostgreSQL, real Redis, a real simulator process.
 
 Servers come from ``TOLLGATE_TEST_DATABASE_URL`` (any database on the server;
 the run creates its own) and ``TOLLGATE_TEST_REDIS_URL``; ``scripts/dev.py

@@ -35,7 +35,8 @@ class _AnnouncingServer(uvicorn.Server):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m workers.simulator",
-        description="A simulated image upstream (Krea 2 async jobs and SiliconFlow-style synchronous generation) (async jobs, in memory).",
+        description="A simulated image upstream: Krea 2 async jobs and SiliconFlow-style "
+        "synchronous generation, in memory.",
     )
 
     def option(
