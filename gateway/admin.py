@@ -4,7 +4,10 @@ Tenants, their keys (a key's secret appears once, in the response that issues
 it) and a view of tasks. The CLI (``gateway/cli.py``) calls the same services.
 """
 
-from typing import Annotated, Any
+import uuid
+from datetime import date
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Response, get, post
@@ -12,6 +15,10 @@ from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from gateway.deps import AdminDep, UnitOfWorkDep, provide_admin, provide_uow
+from gateway.errors import InvalidRequest
+from gateway.ledger import reports
+from gateway.ledger import service as ledger
+from gateway.ledger.models import EntryKind
 from gateway.tasks.models import Task
 from gateway.tasks.schemas import encode_json
 from gateway.tasks.service import list_tasks, task_summary
@@ -25,6 +32,7 @@ from gateway.tenants import (
     list_tenants,
     revoke_key,
 )
+from pricing.money import MoneyError, credits_from_micros, micros_from_signed_text
 
 JSON = "application/json"
 
@@ -38,11 +46,64 @@ class NewKey(msgspec.Struct, forbid_unknown_fields=True):
     name: str = ""
 
 
+class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
+    """A top-up (positive) or an adjustment (signed); amounts in credits, exact decimals."""
+
+    amount: Decimal
+    reason: str = ""
+    idempotency_key: str | None = None
+
+
+class Refund(msgspec.Struct, forbid_unknown_fields=True):
+    reason: str
+    amount: Decimal | None = None
+
+
+def parse_amount(value: Decimal, field: str = "amount") -> int:
+    """Credits as given by a person → micro-credits, exactly, or a 400 naming the field."""
+    try:
+        return micros_from_signed_text(str(value))
+    except MoneyError as exc:
+        raise InvalidRequest(field, str(exc)) from None
+
+
+def balance_json(tenant_id: str, held: ledger.Balance) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant_id,
+        "balance": credits_from_micros(held.balance_micros),
+        "held": credits_from_micros(held.held_micros),
+        "available": credits_from_micros(held.available_micros),
+        "balance_micros": held.balance_micros,
+        "held_micros": held.held_micros,
+        "available_micros": held.available_micros,
+        "open_holds": held.open_holds,
+    }
+
+
+async def change_credits(
+    session: Any, tenant_id: str, data: CreditChange, kind: EntryKind
+) -> dict[str, Any]:
+    """A top-up or adjustment, then the balance after it (shared by the API and the CLI)."""
+    await get_tenant(session, tenant_id)
+    amount = parse_amount(data.amount)
+    if kind == EntryKind.ADJUSTMENT and not data.reason.strip():
+        raise InvalidRequest("reason", "an adjustment needs a reason")
+    key = data.idempotency_key or f"{kind.value}:{uuid.uuid4()}"
+    applied = await ledger.credit(
+        session, tenant_id, amount, kind=kind, idempotency_key=key, reason=data.reason
+    )
+    result = balance_json(tenant_id, await ledger.balance(session, tenant_id))
+    result["applied"] = applied
+    return result
+
+
 def tenant_json(tenant: Tenant) -> dict[str, Any]:
     return {
         "id": tenant.id,
         "name": tenant.name,
         "user_group": tenant.user_group,
+        "balance": credits_from_micros(tenant.balance_micros),
+        "held": credits_from_micros(tenant.held_micros),
         "created_at": tenant.created_at.isoformat(),
     }
 
@@ -103,6 +164,72 @@ class AdminController(Controller):
         self, key_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep
     ) -> Response[Any]:
         return _json(key_json(await revoke_key(uow.session, key_id)))
+
+    @post("/tenants/{tenant_id:str}/topup", status_code=200, summary="Add credits")
+    async def topup(
+        self,
+        tenant_id: FromPath[str],
+        data: JSONBody[CreditChange],
+        admin: AdminDep,
+        uow: UnitOfWorkDep,
+    ) -> Response[Any]:
+        return _json(await change_credits(uow.session, tenant_id, data, EntryKind.TOPUP))
+
+    @post(
+        "/tenants/{tenant_id:str}/adjust",
+        status_code=200,
+        summary="Adjust credits up or down, with a reason",
+    )
+    async def adjust(
+        self,
+        tenant_id: FromPath[str],
+        data: JSONBody[CreditChange],
+        admin: AdminDep,
+        uow: UnitOfWorkDep,
+    ) -> Response[Any]:
+        return _json(await change_credits(uow.session, tenant_id, data, EntryKind.ADJUSTMENT))
+
+    @get("/tenants/{tenant_id:str}/balance", summary="Balance, held credits and open holds")
+    async def balance(
+        self, tenant_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep
+    ) -> Response[Any]:
+        await get_tenant(uow.session, tenant_id)
+        return _json(balance_json(tenant_id, await ledger.balance(uow.session, tenant_id)))
+
+    @get(
+        "/tenants/{tenant_id:str}/usage",
+        summary="Usage by model and day: tasks, images, charged, upstream cost, margin",
+        description="`format=csv` answers text/csv. Days are UTC; the default is the last 30.",
+    )
+    async def usage(
+        self,
+        tenant_id: FromPath[str],
+        admin: AdminDep,
+        uow: UnitOfWorkDep,
+        since: FromQuery[date | None] = None,
+        until: FromQuery[date | None] = None,
+        format: FromQuery[Literal["json", "csv"]] = "json",
+    ) -> Response[Any]:
+        await get_tenant(uow.session, tenant_id)
+        report = await reports.usage(uow.session, tenant_id, since, until)
+        if format == "csv":
+            return Response(content=reports.usage_csv(report), media_type="text/csv")
+        return _json({"tenant_id": tenant_id, "data": report})
+
+    @post("/tasks/{task_id:str}/refund", status_code=200, summary="Refund a task's charge")
+    async def refund(
+        self, task_id: FromPath[str], data: JSONBody[Refund], admin: AdminDep, uow: UnitOfWorkDep
+    ) -> Response[Any]:
+        if not data.reason.strip():
+            raise InvalidRequest("reason", "a refund needs a reason")
+        amount = None if data.amount is None else parse_amount(data.amount)
+        refunded = await ledger.refund(uow.session, task_id, amount, data.reason)
+        return _json({"task_id": task_id, "refunded": credits_from_micros(refunded)})
+
+    @get("/ledger/check", summary="Check every balance against the ledger")
+    async def ledger_check(self, admin: AdminDep, uow: UnitOfWorkDep) -> Response[Any]:
+        problems = await ledger.check(uow.session)
+        return _json({"ok": not problems, "problems": problems})
 
     @get("/tasks", summary="List tasks, newest first")
     async def list_tasks(

@@ -2,9 +2,10 @@
 
 from sqlmodel import SQLModel
 
-from gateway.tasks.models import Task
+from gateway.ledger.models import LedgerEntry
+from gateway.tasks.models import IdempotencyKey, Task
 from gateway.tenants import ApiKey, Tenant
 
 metadata = SQLModel.metadata
 
-__all__ = ["ApiKey", "Task", "Tenant", "metadata"]
+__all__ = ["ApiKey", "IdempotencyKey", "LedgerEntry", "Task", "Tenant", "metadata"]

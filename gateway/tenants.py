@@ -36,10 +36,18 @@ def new_id(prefix: str) -> str:
 
 class Tenant(SQLModel, table=True):
     __tablename__ = "tenants"
+    __table_args__ = (
+        # The ledger's running totals: open holds never exceed the balance.
+        sa.CheckConstraint("held_micros >= 0", name="ck_tenants_held_not_negative"),
+        sa.CheckConstraint("balance_micros >= held_micros", name="ck_tenants_holds_covered"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     name: str = Field(sa_column_kwargs={"unique": True}, max_length=200)
     user_group: str = Field(default="default", max_length=100)
+    # Written only by gateway/ledger, in the same transaction as a ledger row.
+    balance_micros: int = Field(default=0, sa_type=sa.BigInteger)
+    held_micros: int = Field(default=0, sa_type=sa.BigInteger)
     created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
 
 

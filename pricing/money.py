@@ -46,6 +46,14 @@ def credits_from_micros(micros: int) -> Decimal:
     return value.quantize(Decimal(1)) if value == value.to_integral_value() else value
 
 
+def micros_from_signed_text(text: str) -> int:
+    """As ``micros_from_text``, but a leading minus is allowed (adjustments)."""
+    text = text.strip()
+    if text.startswith("-"):
+        return -micros_from_text(text[1:])
+    return micros_from_text(text)
+
+
 def micros_from_text(text: str) -> int:
     """Parse a credit amount given by a person ("12.5") into micro-credits, exactly.
 

@@ -16,8 +16,10 @@ A quote made at submit is the most the task can cost; ``quote`` with a smaller
 ``images`` gives the charge when fewer images came back.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
+from typing import Any
 
 from pricing.catalog import Group, ModelEntry, Price
 from pricing.money import EXACT, to_micros
@@ -33,6 +35,11 @@ class Quote:
     cost_micros: int
     units: dict[str, int | str]
     breakdown: tuple[str, ...]
+    # The unrounded figures and the images they count, kept with the task so
+    # that settlement uses this quote, never a later price list.
+    images: int = 1
+    exact_amount: Decimal = Decimal(0)
+    exact_cost: Decimal = Decimal(0)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -41,7 +48,28 @@ class Quote:
             "cost_micros": self.cost_micros,
             "units": self.units,
             "breakdown": list(self.breakdown),
+            "images": self.images,
+            "exact_amount": str(self.exact_amount),
+            "exact_cost": str(self.exact_cost),
         }
+
+
+def settlement(quote: Mapping[str, Any], delivered: int) -> tuple[int, int]:
+    """(charge, cost) in micro-credits of a task quoted ``quote`` that gave ``delivered`` images.
+
+    ``per_call`` costs the same whatever came back. The image-counting rules
+    scale the exact quoted amount by delivered / quoted images, rounded once;
+    never more than was reserved.
+    """
+    reserved, cost = int(quote["amount_micros"]), int(quote["cost_micros"])
+    quoted = int(quote["images"])
+    if quote["billing_rule"] == "per_call" or delivered >= quoted:
+        return reserved, cost
+    with localcontext(EXACT):
+        share = Decimal(max(delivered, 0)) / quoted
+        charge = to_micros(Decimal(quote["exact_amount"]) * share)
+        actual_cost = to_micros(Decimal(quote["exact_cost"]) * share)
+    return min(charge, reserved), min(actual_cost, cost)
 
 
 def _unit_price(price: Price, request: ImageRequest) -> tuple[Decimal, str]:
@@ -110,4 +138,7 @@ def _quote(
         cost_micros=to_micros(cost),
         units=units,
         breakdown=tuple(lines),
+        images=counted,
+        exact_amount=amount,
+        exact_cost=cost,
     )

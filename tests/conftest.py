@@ -29,6 +29,8 @@ from sqlalchemy.engine import make_url
 
 from gateway.app import create_app
 from gateway.db import create_engine, session_factory, transaction
+from gateway.ledger import service as ledger
+from gateway.ledger.models import EntryKind
 from gateway.settings import Settings, UpstreamAccount
 from gateway.tenants import create_tenant, issue_key
 
@@ -215,13 +217,24 @@ async def tenant_key(settings: Settings) -> tuple[str, str]:
     return await make_tenant_key(settings)
 
 
-async def make_tenant_key(settings: Settings, group: str = "default") -> tuple[str, str]:
+async def make_tenant_key(
+    settings: Settings, group: str = "default", credits_micros: int = 1_000_000_000
+) -> tuple[str, str]:
+    """A tenant with ``credits_micros`` topped up (1000 credits unless told) and one key."""
     engine = create_engine(settings)
     try:
         async with transaction(session_factory(engine)) as session:
             tenant = await create_tenant(
                 session, name=f"tenant-{uuid.uuid4().hex[:10]}", user_group=group
             )
+            if credits_micros:
+                await ledger.credit(
+                    session,
+                    tenant.id,
+                    credits_micros,
+                    kind=EntryKind.TOPUP,
+                    idempotency_key=f"test-topup:{tenant.id}",
+                )
             issued = await issue_key(session, tenant, name="test")
             return tenant.id, issued.secret
     finally:

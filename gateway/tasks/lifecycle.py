@@ -8,6 +8,9 @@ Rules:
 - Final states (completed, failed, cancelled) are never left: every UPDATE
   requires an open status.
 - Times come from PostgreSQL's ``now()``, one clock for every process.
+- A task's hold is settled in the same transaction as the transition that
+  makes the task final: captured on completion (by the quote it was reserved
+  with), released on failure. Either both happen or neither.
 """
 
 from dataclasses import dataclass
@@ -17,7 +20,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.ledger import service as ledger
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
+from pricing.quote import settlement
 
 tasks: Table = Task.__table__  # type: ignore[attr-defined]
 c = tasks.c
@@ -85,6 +90,7 @@ async def heartbeat(
 async def complete(
     conn: AsyncConnection, task_id: str, attempt: int, results: list[str], ttl_seconds: int
 ) -> bool:
+    """Record the results and capture the charge; False if this attempt lost the task."""
     stmt = (
         update(tasks)
         .where(_fence(task_id, attempt), _processing)
@@ -92,15 +98,29 @@ async def complete(
             status=TaskStatus.COMPLETED.value,
             progress=100,
             results=results,
+            images_delivered=len(results),
             finished_at=func.now(),
             results_expire_at=func.now() + timedelta(seconds=ttl_seconds),
             lease_expires_at=None,
         )
+        .returning(c.tenant_id, c.credits_reserved_micros, c.quote)
     )
-    return _changed(await conn.execute(stmt))
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return False
+    tenant_id, reserved, quote = row
+    charge, cost = settlement(quote, len(results))
+    await ledger.settle(conn, tenant_id, task_id, reserved, charge)
+    await conn.execute(
+        update(tasks)
+        .where(c.id == task_id)
+        .values(credits_charged_micros=charge, upstream_cost_micros=cost)
+    )
+    return True
 
 
 async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, message: str) -> bool:
+    """Fail the task and release its whole hold; False if this attempt lost the task."""
     stmt = (
         update(tasks)
         .where(_fence(task_id, attempt), _open)
@@ -110,9 +130,16 @@ async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, mes
             error_message=message[:1000],
             finished_at=func.now(),
             lease_expires_at=None,
+            credits_charged_micros=0,
+            upstream_cost_micros=0,
         )
+        .returning(c.tenant_id, c.credits_reserved_micros)
     )
-    return _changed(await conn.execute(stmt))
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return False
+    await ledger.settle(conn, row[0], task_id, row[1], None)
+    return True
 
 
 async def reclaim_expired_leases(conn: AsyncConnection, limit: int) -> list[tuple[str, int]]:
@@ -138,7 +165,10 @@ async def reclaim_expired_leases(conn: AsyncConnection, limit: int) -> list[tupl
 
 
 async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int) -> list[str]:
-    """Fail open tasks past their deadline; bumping ``attempt`` fences out any late worker."""
+    """Fail open tasks past their deadline and release their holds (the sweeper).
+
+    Bumping ``attempt`` fences out any worker still on the task.
+    """
     overdue = (
         select(c.id)
         .where(_open, c.created_at < func.now() - timedelta(seconds=deadline_seconds))
@@ -157,10 +187,15 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
             error_message=f"The generation did not finish within {deadline_seconds} seconds",
             finished_at=func.now(),
             lease_expires_at=None,
+            credits_charged_micros=0,
+            upstream_cost_micros=0,
         )
-        .returning(c.id)
+        .returning(c.id, c.tenant_id, c.credits_reserved_micros)
     )
-    return [row[0] for row in await conn.execute(stmt)]
+    failed = list(await conn.execute(stmt))
+    for task_id, tenant_id, reserved in failed:
+        await ledger.settle(conn, tenant_id, task_id, reserved, None)
+    return [row[0] for row in failed]
 
 
 async def stale_pending(

@@ -27,6 +27,25 @@ def _ts() -> sa.DateTime:
     return sa.DateTime(timezone=True)
 
 
+class IdempotencyKey(SQLModel, table=True):
+    """An ``Idempotency-Key`` a tenant sent, the request it came with and its task."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: str = Field(foreign_key="tenants.id", primary_key=True, max_length=40)
+    key: str = Field(primary_key=True, max_length=255)
+    request_hash: str = Field(max_length=64)
+    # Deferred: the key is claimed first in the submit transaction, then the task is inserted.
+    task_id: str = Field(
+        sa_column=sa.Column(
+            sa.String(64),
+            sa.ForeignKey("tasks.id", deferrable=True, initially="DEFERRED"),
+            nullable=False,
+        )
+    )
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
+
+
 class Task(SQLModel, table=True):
     __tablename__ = "tasks"
     __table_args__ = (
@@ -60,6 +79,8 @@ class Task(SQLModel, table=True):
     user_group: str = Field(max_length=100)
     credits_reserved_micros: int = Field(default=0, sa_type=sa.BigInteger)
     credits_charged_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    upstream_cost_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    images_delivered: int | None = None
     estimated_seconds: int = 0
     can_cancel: bool = False
     callback_url: str | None = Field(default=None, max_length=2048)

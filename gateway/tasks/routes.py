@@ -8,16 +8,13 @@ from litestar import Controller, Response, get, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 
-from gateway.callback_urls import validate_callback_url
 from gateway.catalog_view import model_list
 from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_principal, provide_uow
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import NotFound
 from gateway.queue import enqueue_generation
 from gateway.storage import CONTENT_TYPES, check_key
 from gateway.tasks import service
 from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject, encode_json
-from pricing.quote import quote
-from pricing.request import InvalidField, resolve_request
 
 JSON = "application/json"
 
@@ -37,8 +34,10 @@ class TaskController(Controller):
         status_code=200,
         dependencies={"uow": Provide(provide_uow)},
         summary="Create an image generation task",
-        description="Validates the request against the model catalogue, records a pending "
-        "task and queues it. Poll `GET /v1/tasks/{id}` for the result.",
+        description="Validates the request against the model catalogue, reserves its price "
+        "from the tenant's credits (402 when they are short), records a pending task and "
+        "queues it. Poll `GET /v1/tasks/{id}` for the result. With an `Idempotency-Key` "
+        "header, a retry returns the first task and charges once.",
     )
     async def create_generation(
         self,
@@ -47,41 +46,27 @@ class TaskController(Controller):
         services: ServicesDep,
         uow: UnitOfWorkDep,
         webhook_url: Annotated[str | None, HeaderParameter(name="X-Webhook-URL")] = None,
+        idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key")] = None,
     ) -> Response[TaskObject]:
-        entry = services.catalog.model(data.model)
-        if entry is None:
-            raise InvalidRequest(
-                "model",
-                f"unknown model {data.model!r}; GET /v1/models lists the models you can use",
+        submission = await service.submit_generation(
+            uow.session,
+            catalog=services.catalog,
+            principal=principal,
+            fields=data.provided(),
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key,
+        )
+        task = submission.task
+        if submission.created:
+            uow.after_commit.append(
+                partial(
+                    enqueue_generation,
+                    services.redis,
+                    services.settings.queue_name,
+                    task.id,
+                    task.attempt,
+                )
             )
-        fields = data.provided()
-        callback_url = fields.pop("callback_url", None)
-        if callback_url is not None:
-            validate_callback_url(callback_url)
-        elif webhook_url is not None:
-            callback_url = validate_callback_url(webhook_url, "X-Webhook-URL")
-        try:
-            request = resolve_request(entry, fields)
-        except InvalidField as exc:
-            raise InvalidRequest(exc.field, exc.message) from None
-        groups = services.catalog.groups
-        group_name = principal.user_group if principal.user_group in groups else "default"
-        priced = quote(entry, group_name, groups[group_name], request)
-        task = service.build_task(
-            tenant_id=principal.tenant_id,
-            api_key_id=principal.key_id,
-            user_group=group_name,
-            entry=entry,
-            request=request,
-            quote=priced,
-            callback_url=callback_url,
-        )
-        uow.session.add(task)
-        await uow.session.flush()
-        settings = services.settings
-        uow.after_commit.append(
-            partial(enqueue_generation, services.redis, settings.queue_name, task.id, task.attempt)
-        )
         return _json(service.render_task(task, services.signer))
 
     @get("/tasks/{task_id:str}", summary="Get a task", description="The task object, kept current.")

@@ -5,23 +5,35 @@ does. A tenant only ever sees its own tasks: another tenant's task id is
 answered exactly like an id that does not exist.
 """
 
+import hashlib
+import json
 import secrets
 import string
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Table
+from sqlalchemy import select as core_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from gateway.auth import Principal
+from gateway.callback_urls import validate_callback_url
 from gateway.db import utcnow
-from gateway.errors import NotFound
+from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.ledger import service as ledger
 from gateway.storage import UrlSigner
-from gateway.tasks.models import Task, TaskStatus
+from gateway.tasks.models import IdempotencyKey, Task, TaskStatus
 from gateway.tasks.schemas import TaskError, TaskInfo, TaskObject, Usage
-from pricing.catalog import ModelEntry
+from pricing.catalog import Catalog, ModelEntry
 from pricing.money import credits_from_micros
-from pricing.quote import Quote
-from pricing.request import ImageRequest
+from pricing.quote import Quote, quote
+from pricing.request import ImageRequest, InvalidField, resolve_request
+
+idempotency_keys: Table = IdempotencyKey.__table__  # type: ignore[attr-defined]
+MAX_IDEMPOTENCY_KEY = 255
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -61,6 +73,113 @@ def build_task(
         callback_url=callback_url,
         created_at=now,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    task: Task
+    created: bool  # False: an Idempotency-Key retry answered with the task made before
+
+
+def request_fingerprint(fields: dict[str, Any], callback_url: str | None) -> str:
+    canonical = json.dumps({**fields, "callback_url": callback_url}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def submit_generation(
+    session: AsyncSession,
+    *,
+    catalog: Catalog,
+    principal: Principal,
+    fields: dict[str, Any],
+    webhook_url: str | None,
+    idempotency_key: str | None,
+) -> Submission:
+    """Validate, price, claim the idempotency key, record the task and hold its credits.
+
+    All in the caller's one transaction: if the hold fails (402) nothing of it
+    remains. A retry with the same Idempotency-Key finds the first task; a
+    concurrent one waits on the key's row until the first commits.
+    """
+    model_id = fields.pop("model")
+    entry = catalog.model(model_id)
+    if entry is None:
+        raise InvalidRequest(
+            "model", f"unknown model {model_id!r}; GET /v1/models lists the models you can use"
+        )
+    callback_url = fields.pop("callback_url", None)
+    if callback_url is not None:
+        validate_callback_url(callback_url)
+    elif webhook_url is not None:
+        callback_url = validate_callback_url(webhook_url, "X-Webhook-URL")
+    try:
+        request = resolve_request(entry, fields)
+    except InvalidField as exc:
+        raise InvalidRequest(exc.field, exc.message) from None
+    groups = catalog.groups
+    group_name = principal.user_group if principal.user_group in groups else "default"
+    priced = quote(entry, group_name, groups[group_name], request)
+    task = build_task(
+        tenant_id=principal.tenant_id,
+        api_key_id=principal.key_id,
+        user_group=group_name,
+        entry=entry,
+        request=request,
+        quote=priced,
+        callback_url=callback_url,
+    )
+    if idempotency_key is not None:
+        earlier = await _claim_idempotency_key(
+            session,
+            principal.tenant_id,
+            idempotency_key,
+            request_fingerprint({"model": model_id, **fields}, callback_url),
+            task.id,
+        )
+        if earlier is not None:
+            return Submission(task=earlier, created=False)
+    session.add(task)
+    await session.flush()
+    await ledger.hold(session, principal.tenant_id, task.id, priced.amount_micros)
+    return Submission(task=task, created=True)
+
+
+async def _claim_idempotency_key(
+    session: AsyncSession, tenant_id: str, key: str, fingerprint: str, task_id: str
+) -> Task | None:
+    """Claim ``key`` for ``task_id``; or return the task an identical earlier request made."""
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    conn = await session.connection()
+    claimed = await conn.execute(
+        pg_insert(idempotency_keys)
+        .values(
+            tenant_id=tenant_id,
+            key=key,
+            request_hash=fingerprint,
+            task_id=task_id,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing()
+        .returning(idempotency_keys.c.key)
+    )
+    if claimed.first() is not None:
+        return None
+    row = (
+        await conn.execute(
+            core_select(idempotency_keys.c.request_hash, idempotency_keys.c.task_id).where(
+                idempotency_keys.c.tenant_id == tenant_id, idempotency_keys.c.key == key
+            )
+        )
+    ).one()
+    if row[0] != fingerprint:
+        raise Conflict(
+            "Idempotency-Key: this key was already used with a different request body; "
+            "use a new key for a new request"
+        )
+    task = await session.get(Task, row[1])
+    assert task is not None  # the key's task is committed with it
+    return task
 
 
 async def get_tenant_task(session: AsyncSession, tenant_id: str, task_id: str) -> Task:

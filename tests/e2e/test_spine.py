@@ -96,6 +96,8 @@ def start_gateway(stack: Stack) -> str:
 
 def tenant_key(stack: Stack) -> str:
     tenant = stack.cli("tenants", "create", f"e2e-{time.monotonic_ns()}")
+    topped = stack.cli("credits", "topup", tenant["id"], "10", "--reason", "e2e")
+    assert topped["available_micros"] == 10_000_000
     issued = stack.cli("keys", "issue", tenant["id"], "--name", "e2e")
     key: str = issued["key"]
     assert key.startswith("tg_")

@@ -20,7 +20,7 @@ from pricing.catalog import (
     parse_catalog,
 )
 from pricing.money import credits_from_micros
-from pricing.quote import MEGAPIXEL, Quote, quote
+from pricing.quote import MEGAPIXEL, Quote, quote, settlement
 from pricing.request import ImageRequest, resolve_request
 
 CATALOG = load_catalog()
@@ -380,7 +380,32 @@ def test_quote_json_is_plain_data() -> None:
         "cost_micros": 740_000,
         "units": {"images": 2},
         "breakdown": list(q.breakdown),
+        "images": 2,
+        "exact_amount": "0.74",
+        "exact_cost": "0.74",
     }
+
+
+@pytest.mark.parametrize(
+    ("model_id", "fields", "delivered", "charge"),
+    [
+        ("flux-1-pro", {"n": 3}, 2, 740_000),  # per image: two of three images
+        ("flux-1-pro", {"n": 3}, 3, 1_110_000),
+        ("flux-1-pro", {"n": 3}, 5, 1_110_000),  # never more than reserved
+        ("krea-1", {}, 1, 8_000_000),  # per call: the same whatever came back
+        (
+            "stable-diffusion-3-5-large-turbo",
+            {"size": "1024x512", "n": 2},
+            1,
+            6_400,
+        ),
+    ],
+)
+def test_settlement_scales_image_counting_rules_by_delivered_images(
+    model_id: str, fields: dict[str, Any], delivered: int, charge: int
+) -> None:
+    q = priced(model_id, **fields).to_json()
+    assert settlement(q, delivered)[0] == charge
 
 
 # A paid model is never free.

@@ -1,0 +1,347 @@
+"""Money moves. Each function writes one ledger row and the tenant's running totals.
+
+Callers own the transaction; the functions take an ``AsyncSession`` or an
+``AsyncConnection`` (both run Core statements) and never commit. See the
+package docstring for the rules.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.errors import ApiError, Conflict, InvalidRequest, NotFound
+from gateway.ledger.models import EntryKind, LedgerEntry
+from gateway.tasks.models import FINAL_STATES, Task
+from gateway.tenants import Tenant
+
+Db = AsyncSession | AsyncConnection
+
+ledger: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
+tenants: Table = Tenant.__table__  # type: ignore[attr-defined]
+tasks: Table = Task.__table__  # type: ignore[attr-defined]
+
+
+class InsufficientQuota(ApiError):
+    status = 402
+    code = "insufficient_quota"
+    type = "insufficient_quota"
+    default_message = "Insufficient quota. Please top up your account."
+
+
+def hold_key(task_id: str) -> str:
+    return f"hold:{task_id}"
+
+
+def settle_key(task_id: str) -> str:
+    return f"settle:{task_id}"
+
+
+async def connection(db: Db) -> AsyncConnection:
+    """The connection under a session (same transaction): Core statements run on it."""
+    return await db.connection() if isinstance(db, AsyncSession) else db
+
+
+async def _exec(db: Db, stmt: Any) -> Any:
+    return await (await connection(db)).execute(stmt)
+
+
+async def hold(db: Db, tenant_id: str, task_id: str, amount: int) -> None:
+    """Reserve ``amount`` of the tenant's available credits for a task, or raise InsufficientQuota.
+
+    The conditional UPDATE is the whole check: concurrent holds serialise on
+    the tenant's row, and none can pass once the available credits are gone.
+    """
+    reserved = await _exec(
+        db,
+        update(tenants)
+        .where(
+            tenants.c.id == tenant_id,
+            tenants.c.balance_micros - tenants.c.held_micros >= amount,
+        )
+        .values(held_micros=tenants.c.held_micros + amount),
+    )
+    if reserved.rowcount != 1:
+        raise InsufficientQuota()
+    await _exec(
+        db,
+        insert(ledger).values(
+            tenant_id=tenant_id,
+            task_id=task_id,
+            kind=EntryKind.HOLD.value,
+            amount_micros=amount,
+            idempotency_key=hold_key(task_id),
+        ),
+    )
+
+
+async def settle(
+    db: Db, tenant_id: str, task_id: str, hold_micros: int, charge_micros: int | None
+) -> bool:
+    """Close a task's hold: capture ``charge_micros`` (the rest is freed) or, if None, release it.
+
+    Returns False when the hold was already settled: the shared idempotency key
+    makes a second settlement, of either kind, a no-op.
+    """
+    capture = charge_micros is not None
+    charge = min(charge_micros or 0, hold_micros)
+    stmt = (
+        pg_insert(ledger)
+        .values(
+            tenant_id=tenant_id,
+            task_id=task_id,
+            kind=(EntryKind.CAPTURE if capture else EntryKind.RELEASE).value,
+            amount_micros=charge if capture else hold_micros,
+            hold_micros=hold_micros,
+            idempotency_key=settle_key(task_id),
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(ledger.c.id)
+    )
+    if (await _exec(db, stmt)).first() is None:
+        return False
+    await _exec(
+        db,
+        update(tenants)
+        .where(tenants.c.id == tenant_id)
+        .values(
+            held_micros=tenants.c.held_micros - hold_micros,
+            balance_micros=tenants.c.balance_micros - charge,
+        ),
+    )
+    return True
+
+
+async def _locked_tenant(db: Db, tenant_id: str) -> Any:
+    row = (
+        await _exec(
+            db,
+            select(tenants.c.balance_micros, tenants.c.held_micros)
+            .where(tenants.c.id == tenant_id)
+            .with_for_update(),
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no tenant {tenant_id}")
+    return row
+
+
+async def credit(
+    db: Db,
+    tenant_id: str,
+    amount: int,
+    *,
+    kind: EntryKind,
+    idempotency_key: str,
+    reason: str = "",
+    task_id: str | None = None,
+) -> bool:
+    """Add (or, for an adjustment, subtract) credits. False if the key was used before."""
+    if kind not in (EntryKind.TOPUP, EntryKind.ADJUSTMENT, EntryKind.REFUND):
+        raise ValueError(f"{kind} is not a balance change")
+    if kind != EntryKind.ADJUSTMENT and amount <= 0:
+        raise InvalidRequest("amount", "must be greater than zero")
+    if kind == EntryKind.ADJUSTMENT and amount == 0:
+        raise InvalidRequest("amount", "must not be zero")
+    balance, held = await _locked_tenant(db, tenant_id)
+    if balance + amount < held:
+        raise Conflict(
+            "this adjustment would leave open reservations uncovered: "
+            f"balance {balance}, held {held}, change {amount} (micro-credits)"
+        )
+    stmt = (
+        pg_insert(ledger)
+        .values(
+            tenant_id=tenant_id,
+            task_id=task_id,
+            kind=kind.value,
+            amount_micros=amount,
+            idempotency_key=idempotency_key,
+            reason=reason,
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(ledger.c.id)
+    )
+    if (await _exec(db, stmt)).first() is None:
+        return False
+    await _exec(
+        db,
+        update(tenants)
+        .where(tenants.c.id == tenant_id)
+        .values(balance_micros=tenants.c.balance_micros + amount),
+    )
+    return True
+
+
+async def refund(db: Db, task_id: str, amount: int | None, reason: str) -> int:
+    """Give back part or all of what a task was charged; returns the micro-credits refunded."""
+    row = (
+        await _exec(
+            db,
+            select(tasks.c.tenant_id, tasks.c.credits_charged_micros).where(tasks.c.id == task_id),
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no task {task_id}")
+    tenant_id, charged = row
+    await _locked_tenant(db, tenant_id)  # serialises refunds of one tenant
+    refunded = (
+        await _exec(
+            db,
+            select(func.coalesce(func.sum(ledger.c.amount_micros), 0)).where(
+                ledger.c.task_id == task_id, ledger.c.kind == EntryKind.REFUND.value
+            ),
+        )
+    ).scalar_one()
+    left = (charged or 0) - int(refunded)
+    amount = left if amount is None else amount
+    if amount <= 0 or amount > left:
+        raise Conflict(f"task {task_id} has {left} micro-credits left to refund")
+    number = (
+        await _exec(
+            db,
+            select(func.count()).where(
+                ledger.c.task_id == task_id, ledger.c.kind == EntryKind.REFUND.value
+            ),
+        )
+    ).scalar_one()
+    await credit(
+        db,
+        tenant_id,
+        amount,
+        kind=EntryKind.REFUND,
+        idempotency_key=f"refund:{task_id}:{number + 1}",
+        reason=reason,
+        task_id=task_id,
+    )
+    return amount
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    balance_micros: int
+    held_micros: int
+    open_holds: list[dict[str, Any]]
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros - self.held_micros
+
+
+async def balance(db: Db, tenant_id: str) -> Balance:
+    row = (
+        await _exec(
+            db,
+            select(tenants.c.balance_micros, tenants.c.held_micros).where(
+                tenants.c.id == tenant_id
+            ),
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no tenant {tenant_id}")
+    settled = select(ledger.c.task_id).where(
+        ledger.c.kind.in_([EntryKind.CAPTURE.value, EntryKind.RELEASE.value]),
+        ledger.c.tenant_id == tenant_id,
+    )
+    holds = await _exec(
+        db,
+        select(ledger.c.task_id, ledger.c.amount_micros, ledger.c.created_at)
+        .where(
+            ledger.c.tenant_id == tenant_id,
+            ledger.c.kind == EntryKind.HOLD.value,
+            ledger.c.task_id.not_in(settled),
+        )
+        .order_by(ledger.c.created_at),
+    )
+    open_holds = [
+        {"task_id": t, "amount_micros": a, "created_at": c.isoformat()} for t, a, c in holds
+    ]
+    return Balance(balance_micros=row[0], held_micros=row[1], open_holds=open_holds)
+
+
+_CHECKS: tuple[tuple[str, str], ...] = (
+    (
+        "balance differs from its ledger",
+        """
+        SELECT t.id, t.balance_micros, COALESCE(SUM(CASE
+            WHEN l.kind IN ('topup', 'refund', 'adjustment') THEN l.amount_micros
+            WHEN l.kind = 'capture' THEN -l.amount_micros ELSE 0 END), 0)
+        FROM tenants t LEFT JOIN ledger_entries l ON l.tenant_id = t.id
+        GROUP BY t.id HAVING t.balance_micros <> COALESCE(SUM(CASE
+            WHEN l.kind IN ('topup', 'refund', 'adjustment') THEN l.amount_micros
+            WHEN l.kind = 'capture' THEN -l.amount_micros ELSE 0 END), 0)
+        """,
+    ),
+    (
+        "held credits differ from the open holds",
+        """
+        SELECT t.id, t.held_micros, COALESCE(SUM(CASE
+            WHEN l.kind = 'hold' THEN l.amount_micros
+            WHEN l.kind IN ('capture', 'release') THEN -l.hold_micros ELSE 0 END), 0)
+        FROM tenants t LEFT JOIN ledger_entries l ON l.tenant_id = t.id
+        GROUP BY t.id HAVING t.held_micros <> COALESCE(SUM(CASE
+            WHEN l.kind = 'hold' THEN l.amount_micros
+            WHEN l.kind IN ('capture', 'release') THEN -l.hold_micros ELSE 0 END), 0)
+        """,
+    ),
+    (
+        "a hold settled more than once (captured and released, or twice)",
+        """
+        SELECT task_id, COUNT(*), STRING_AGG(kind, ',') FROM ledger_entries
+        WHERE kind IN ('capture', 'release') GROUP BY task_id HAVING COUNT(*) > 1
+        """,
+    ),
+    (
+        "a settlement that does not match its hold",
+        """
+        SELECT s.task_id, s.kind, s.amount_micros, s.hold_micros, h.amount_micros
+        FROM ledger_entries s LEFT JOIN ledger_entries h
+          ON h.task_id = s.task_id AND h.kind = 'hold'
+        WHERE s.kind IN ('capture', 'release') AND (h.id IS NULL
+          OR s.hold_micros <> h.amount_micros
+          OR (s.kind = 'release' AND s.amount_micros <> h.amount_micros)
+          OR (s.kind = 'capture' AND s.amount_micros > h.amount_micros))
+        """,
+    ),
+    (
+        "a finished task whose hold is still open",
+        f"""
+        SELECT t.id, t.status FROM tasks t
+        JOIN ledger_entries h ON h.task_id = t.id AND h.kind = 'hold'
+        WHERE t.status IN ({", ".join(f"'{s.value}'" for s in FINAL_STATES)})
+          AND NOT EXISTS (SELECT 1 FROM ledger_entries s WHERE s.task_id = t.id
+                          AND s.kind IN ('capture', 'release'))
+        """,
+    ),
+    (
+        "an open task whose hold is already settled",
+        """
+        SELECT t.id, t.status FROM tasks t
+        JOIN ledger_entries s ON s.task_id = t.id AND s.kind IN ('capture', 'release')
+        WHERE t.status IN ('pending', 'processing')
+        """,
+    ),
+    (
+        "a task charged other than its capture",
+        """
+        SELECT t.id, t.credits_charged_micros, s.kind, s.amount_micros FROM tasks t
+        JOIN ledger_entries s ON s.task_id = t.id AND s.kind IN ('capture', 'release')
+        WHERE t.credits_charged_micros IS DISTINCT FROM
+              CASE WHEN s.kind = 'capture' THEN s.amount_micros ELSE 0 END
+        """,
+    ),
+)
+
+
+async def check(db: Db) -> list[str]:
+    """Every way the ledger and the running totals disagree; empty when all is well."""
+    from sqlalchemy import text
+
+    problems: list[str] = []
+    for title, sql in _CHECKS:
+        for row in await _exec(db, text(sql)):
+            problems.append(f"{title}: {tuple(row)}")
+    return problems
