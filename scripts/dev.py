@@ -87,8 +87,12 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+LOCK = REPO / "requirements.lock"
+
+
 def _install_fingerprint() -> str:
     digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes())
+    digest.update(LOCK.read_bytes())
     digest.update(EXTRAS.encode())
     return digest.hexdigest()
 
@@ -108,7 +112,8 @@ def ensure_venv() -> None:
             if os.environ.get("CI") != "true":
                 pip.append("--quiet")
             # A relative requirement, so pip never has to parse a path that contains spaces.
-            done = subprocess.run([*pip, "-e", f".[{EXTRAS}]"], cwd=REPO)
+            # Versions pinned by the lock file (regenerate: see docs/development.md).
+            done = subprocess.run([*pip, "-c", LOCK.name, "-e", f".[{EXTRAS}]"], cwd=REPO)
             if done.returncode != 0:
                 raise DevError(f"pip install failed (exit {done.returncode}); see above")
             INSTALL_STAMP.write_text(wanted + "\n")
@@ -639,16 +644,13 @@ def _tollgate_ok(args: list[str], env: dict[str, str]) -> str:
 
 
 def seed_demo_tenant(env: dict[str, str]) -> str:
-    """Create tenant "demo" if needed, give it credits if billing exists; return a new key."""
+    """Create tenant "demo" with 100 credits the first time; return a new key for it."""
     created = _tollgate(["tenants", "create", "demo"], env)
-    if created.returncode != 0 and "already exists" not in created.stderr + created.stdout:
+    if created.returncode == 0:
+        _tollgate_ok(["credits", "topup", "demo", "100", "--reason", "dev run"], env)
+    elif "already exists" not in created.stderr + created.stdout:
         raise DevError("tollgate tenants create demo failed:\n" + created.stderr.rstrip())
     issued = json.loads(_tollgate_ok(["keys", "issue", "demo", "--name", "dev-run"], env))
-    # Billing arrives in its own change; top up only once the CLI has it.
-    if "credits" in _tollgate(["--help"], env).stdout:
-        topup = _tollgate(["credits", "topup", "demo", "100", "--reason", "dev run"], env)
-        if topup.returncode != 0:
-            say("warning: tollgate credits topup demo 100 failed:\n" + topup.stderr.rstrip())
     key: str = issued["key"]
     return key
 
@@ -819,8 +821,8 @@ def cmd_run(args: list[str]) -> int:
         },
     )
     admin_from_env = bool(os.environ.get("TOLLGATE_ADMIN_TOKEN"))
-    _print_banner(port, key, found["TOLLGATE_ADMIN_TOKEN"], admin_from_env=admin_from_env)
     try:
+        _print_banner(port, key, found["TOLLGATE_ADMIN_TOKEN"], admin_from_env=admin_from_env)
         while True:
             for child in children:
                 if child.process.poll() is not None:
