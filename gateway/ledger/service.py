@@ -49,6 +49,17 @@ async def _exec(db: Db, stmt: Any) -> Any:
     return await (await connection(db)).execute(stmt)
 
 
+async def _append(db: Db, **values: Any) -> bool:
+    """Insert one ledger row; False when its idempotency key is already there."""
+    stmt = (
+        pg_insert(ledger)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(ledger.c.id)
+    )
+    return (await _exec(db, stmt)).first() is not None
+
+
 async def hold(db: Db, tenant_id: str, task_id: str, amount: int) -> None:
     """Reserve ``amount`` of the tenant's available credits for a task, or raise InsufficientQuota.
 
@@ -88,20 +99,16 @@ async def settle(
     """
     capture = charge_micros is not None
     charge = min(charge_micros or 0, hold_micros)
-    stmt = (
-        pg_insert(ledger)
-        .values(
-            tenant_id=tenant_id,
-            task_id=task_id,
-            kind=(EntryKind.CAPTURE if capture else EntryKind.RELEASE).value,
-            amount_micros=charge if capture else hold_micros,
-            hold_micros=hold_micros,
-            idempotency_key=settle_key(task_id),
-        )
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(ledger.c.id)
+    settled = await _append(
+        db,
+        tenant_id=tenant_id,
+        task_id=task_id,
+        kind=(EntryKind.CAPTURE if capture else EntryKind.RELEASE).value,
+        amount_micros=charge if capture else hold_micros,
+        hold_micros=hold_micros,
+        idempotency_key=settle_key(task_id),
     )
-    if (await _exec(db, stmt)).first() is None:
+    if not settled:
         return False
     await _exec(
         db,
@@ -152,20 +159,16 @@ async def credit(
             "this adjustment would leave open reservations uncovered: "
             f"balance {balance}, held {held}, change {amount} (micro-credits)"
         )
-    stmt = (
-        pg_insert(ledger)
-        .values(
-            tenant_id=tenant_id,
-            task_id=task_id,
-            kind=kind.value,
-            amount_micros=amount,
-            idempotency_key=idempotency_key,
-            reason=reason,
-        )
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(ledger.c.id)
+    added = await _append(
+        db,
+        tenant_id=tenant_id,
+        task_id=task_id,
+        kind=kind.value,
+        amount_micros=amount,
+        idempotency_key=idempotency_key,
+        reason=reason,
     )
-    if (await _exec(db, stmt)).first() is None:
+    if not added:
         return False
     await _exec(
         db,

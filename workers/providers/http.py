@@ -4,6 +4,7 @@ from typing import Any
 
 import httpx
 
+from gateway.settings import UpstreamAccount
 from workers.providers.base import (
     UpstreamProtocolError,
     UpstreamRejected,
@@ -56,3 +57,25 @@ async def call_json(
     if not isinstance(body, dict):
         raise UpstreamProtocolError(f"{provider} sent an unexpected response")
     return body
+
+
+class AccountClient:
+    """One upstream account: its base URL and key, and the words errors use for it."""
+
+    def __init__(self, client: httpx.AsyncClient, account: UpstreamAccount, label: str) -> None:
+        self._client = client
+        self._base = str(account.base_url).rstrip("/")
+        self._key = account.api_key
+        self.label = label
+
+    async def call(
+        self, method: str, path: str, json: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return await call_json(
+            self._client,
+            method,
+            f"{self._base}{path}",
+            api_key=self._key,
+            provider=self.label,
+            json=json,
+        )

@@ -11,7 +11,7 @@ import httpx
 from gateway.settings import UpstreamAccount
 from pricing.request import ImageRequest
 from workers.providers.base import JobState, JobStatus, Submitted, UpstreamProtocolError
-from workers.providers.http import call_json
+from workers.providers.http import AccountClient
 
 # Request parameters Krea takes under the same name as the unified API.
 PASSED_THROUGH = (
@@ -51,18 +51,11 @@ class KreaProvider:
     name = "krea"
 
     def __init__(self, client: httpx.AsyncClient, account: UpstreamAccount) -> None:
-        self._client = client
-        self._base = str(account.base_url).rstrip("/")
-        self._key = account.api_key
+        self._account = AccountClient(client, account, "the Krea upstream")
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
-        body = await call_json(
-            self._client,
-            "POST",
-            f"{self._base}/generate/image/{upstream_model}",
-            api_key=self._key,
-            provider="the Krea upstream",
-            json=krea_body(request),
+        body = await self._account.call(
+            "POST", f"/generate/image/{upstream_model}", krea_body(request)
         )
         job_id = body.get("job_id")
         if not isinstance(job_id, str) or not job_id:
@@ -70,13 +63,7 @@ class KreaProvider:
         return Submitted(job_id=job_id)
 
     async def poll(self, job_id: str) -> JobState:
-        body = await call_json(
-            self._client,
-            "GET",
-            f"{self._base}/jobs/{job_id}",
-            api_key=self._key,
-            provider="the Krea upstream",
-        )
+        body = await self._account.call("GET", f"/jobs/{job_id}")
         status = _STATUSES.get(str(body.get("status")))
         if status is None:
             raise UpstreamProtocolError("the Krea upstream returned an unknown job status")
@@ -91,10 +78,4 @@ class KreaProvider:
         return JobState(status=status, progress=50 if status == "processing" else 10)
 
     async def cancel(self, job_id: str) -> None:
-        await call_json(
-            self._client,
-            "DELETE",
-            f"{self._base}/jobs/{job_id}",
-            api_key=self._key,
-            provider="the Krea upstream",
-        )
+        await self._account.call("DELETE", f"/jobs/{job_id}")

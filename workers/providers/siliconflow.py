@@ -12,7 +12,7 @@ import httpx
 from gateway.settings import UpstreamAccount
 from pricing.request import ImageRequest
 from workers.providers.base import JobState, Submitted, UpstreamProtocolError, UpstreamRejected
-from workers.providers.http import call_json
+from workers.providers.http import AccountClient
 
 
 def siliconflow_body(upstream_model: str, request: ImageRequest) -> dict[str, Any]:
@@ -37,18 +37,11 @@ class SiliconFlowProvider:
     name = "siliconflow"
 
     def __init__(self, client: httpx.AsyncClient, account: UpstreamAccount) -> None:
-        self._client = client
-        self._base = str(account.base_url).rstrip("/")
-        self._key = account.api_key
+        self._account = AccountClient(client, account, "the SiliconFlow upstream")
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
-        body = await call_json(
-            self._client,
-            "POST",
-            f"{self._base}/v1/images/generations",
-            api_key=self._key,
-            provider="the SiliconFlow upstream",
-            json=siliconflow_body(upstream_model, request),
+        body = await self._account.call(
+            "POST", "/v1/images/generations", siliconflow_body(upstream_model, request)
         )
         images = body.get("images")
         if not isinstance(images, list) or not images:
