@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 logger = logging.getLogger("tollgate.errors")
 
@@ -106,6 +107,38 @@ _FRAMEWORK_CODES: dict[int, tuple[str, str]] = {
     429: ("rate_limit_exceeded", "rate_limit_error"),
     503: ("service_unavailable", "api_error"),
 }
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    type: str
+
+
+class ErrorResponse(msgspec.Struct):
+    """The error envelope, for the OpenAPI document."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error statuses a route can answer."""
+    described = {
+        400: "Invalid request: the message names the field",
+        401: "Missing, unknown or revoked key",
+        402: "Insufficient quota: top up the account",
+        403: "The key may not use this model",
+        404: "Not found",
+        409: "Conflict (an Idempotency-Key reused with another body)",
+        410: "The link has expired",
+        413: "Request body too large",
+    }
+    return {
+        status: ResponseSpec(
+            data_container=ErrorResponse, description=described[status], generate_examples=False
+        )
+        for status in statuses
+    }
 
 
 def envelope(code: str, message: str, type_: str) -> bytes:

@@ -10,7 +10,7 @@ from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 
 from gateway.catalog_view import model_list
 from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_principal, provide_uow
-from gateway.errors import NotFound
+from gateway.errors import NotFound, error_responses
 from gateway.queue import enqueue_generation
 from gateway.storage import CONTENT_TYPES, check_key
 from gateway.tasks import service
@@ -34,6 +34,7 @@ class TaskController(Controller):
         status_code=200,
         dependencies={"uow": Provide(provide_uow)},
         summary="Create an image generation task",
+        responses=error_responses(400, 401, 402, 403, 409, 413),
         description="Validates the request against the model catalogue, reserves its price "
         "from the tenant's credits (402 when they are short), records a pending task and "
         "queues it. Poll `GET /v1/tasks/{id}` for the result. With an `Idempotency-Key` "
@@ -69,7 +70,12 @@ class TaskController(Controller):
             )
         return _json(service.render_task(task, services.signer))
 
-    @get("/tasks/{task_id:str}", summary="Get a task", description="The task object, kept current.")
+    @get(
+        "/tasks/{task_id:str}",
+        summary="Get a task",
+        description="The task object, kept current.",
+        responses=error_responses(401, 404),
+    )
     async def get_task(
         self, task_id: FromPath[str], principal: PrincipalDep, services: ServicesDep
     ) -> Response[TaskObject]:
@@ -77,7 +83,7 @@ class TaskController(Controller):
             task = await service.get_tenant_task(session, principal.tenant_id, task_id)
         return _json(service.render_task(task, services.signer))
 
-    @get("/models", summary="List the models this key may use")
+    @get("/models", summary="List the models this key may use", responses=error_responses(401))
     async def list_models(
         self, principal: PrincipalDep, services: ServicesDep
     ) -> Response[ModelList]:
@@ -95,7 +101,7 @@ class FileController(Controller):
         summary="Download a result image",
         description="Links come from a completed task's `results`; they expire at `expires_at`.",
         media_type="image/png",
-        responses={},
+        responses=error_responses(404, 410),
     )
     async def download(
         self,
