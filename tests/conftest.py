@@ -26,6 +26,7 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.app import create_app
 from gateway.db import create_engine, session_factory, transaction
@@ -93,6 +94,23 @@ def database_url() -> Iterator[str]:
     )
     yield rendered
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ledger_checked_after_the_suite(database_url: str) -> Iterator[None]:
+    """After every test has run, the whole ledger must still add up."""
+    yield
+
+    async def check() -> list[str]:
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                return await ledger.check(conn)
+        finally:
+            await engine.dispose()
+
+    problems = asyncio.run(check())
+    assert not problems, "ledger check failed after the suite:\n" + "\n".join(problems)
 
 
 @pytest.fixture(scope="session")
