@@ -101,6 +101,10 @@ async def submit_generation(
     remains. A retry with the same Idempotency-Key finds the first task; a
     concurrent one waits on the key's row until the first commits.
     """
+    for name, value in fields.items():
+        if _contains_nul(value):
+            # PostgreSQL text cannot hold U+0000; refuse it here rather than fail on insert.
+            raise InvalidRequest(name, "must not contain NUL (\\u0000) characters")
     model_id = fields.pop("model")
     entry = catalog.model(model_id)
     if entry is None:
@@ -142,6 +146,16 @@ async def submit_generation(
     await session.flush()
     await ledger.hold(session, principal.tenant_id, task.id, priced.amount_micros)
     return Submission(task=task, created=True)
+
+
+def _contains_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_contains_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    return False
 
 
 async def _claim_idempotency_key(

@@ -127,6 +127,11 @@ async def test_another_tenants_task_is_not_found(
         ),
         ({"model": "flux-1-dev", "prompt": "x", "nsfw_check": "yes"}, "nsfw_check"),
         ({"model": "krea-1", "prompt": "x", "callback_url": "http://example.com/"}, "callback_url"),
+        ({"model": "krea-1", "prompt": "nul \x00 inside"}, "prompt"),
+        ({"model": "krea-1", "prompt": "x", "styles": [{"name": "\x00"}]}, "styles"),
+        ({"model": "krea-1", "prompt": "x", "seed": 10**30}, "seed"),
+        ({"model": "krea-1", "prompt": "x", "seed": 1.5}, "seed"),
+        ({"model": None, "prompt": "x"}, "model"),
         (
             {"model": "krea-1", "prompt": "x", "callback_url": "https://u:p@example.com/"},
             "callback_url",
