@@ -37,25 +37,31 @@ from pricing.money import MoneyError, credits_from_micros, micros_from_signed_te
 JSON = "application/json"
 
 
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Group = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Label = Annotated[str, msgspec.Meta(max_length=200)]
+Reason = Annotated[str, msgspec.Meta(max_length=500)]
+
+
 class NewTenant(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    user_group: str = "default"
+    name: Name
+    user_group: Group = "default"
 
 
 class NewKey(msgspec.Struct, forbid_unknown_fields=True):
-    name: str = ""
+    name: Label = ""
 
 
 class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
     """A top-up (positive) or an adjustment (signed); amounts in credits, exact decimals."""
 
     amount: Decimal
-    reason: str = ""
-    idempotency_key: str | None = None
+    reason: Reason = ""
+    idempotency_key: Label | None = None
 
 
 class Refund(msgspec.Struct, forbid_unknown_fields=True):
-    reason: str
+    reason: Reason
     amount: Decimal | None = None
 
 

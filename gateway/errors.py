@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from sqlalchemy.exc import DBAPIError
 
 logger = logging.getLogger("tollgate.errors")
 
@@ -173,6 +174,16 @@ def _validation_message(exc: ValidationException) -> str:
     return exc.detail or "Invalid request"
 
 
+def _is_data_exception(exc: Exception) -> bool:
+    """PostgreSQL's class 22 (data exception) errors, through SQLAlchemy and asyncpg."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
+        getattr(exc.orig, "__cause__", None), "sqlstate", None
+    )
+    return isinstance(sqlstate, str) and sqlstate.startswith("22")
+
+
 def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.type, exc.headers)
@@ -196,6 +207,16 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
     if isinstance(exc, HTTPException) and exc.status_code == 503:
         return error_response(
             503, "service_unavailable", ServiceUnavailable.default_message, "api_error"
+        )
+    if _is_data_exception(exc):
+        # A value PostgreSQL cannot store (too long, invalid characters) that a
+        # check upstream missed: the client's input, so a 400, never a 500.
+        logger.warning("data exception on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            400,
+            "invalid_request",
+            "A value in the request cannot be stored (too long or invalid characters)",
+            "invalid_request_error",
         )
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "Internal server error", "api_error")

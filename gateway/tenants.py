@@ -11,6 +11,7 @@ Rules:
 """
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ from gateway.db import utcnow
 from gateway.errors import Conflict, InvalidRequest, NotFound
 
 KEY_PREFIX = "tg_"
+_GROUP = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 DISPLAY_CHARS = 10  # "tg_" plus seven characters: enough to tell keys apart
 
 
@@ -75,8 +77,10 @@ class IssuedKey:
 
 async def create_tenant(session: AsyncSession, *, name: str, user_group: str = "default") -> Tenant:
     name = name.strip()
-    if not name:
-        raise InvalidRequest("name", "must not be empty")
+    if not name or len(name) > 200 or "\x00" in name:
+        raise InvalidRequest("name", "must be 1 to 200 characters, without NUL")
+    if not _GROUP.match(user_group):
+        raise InvalidRequest("user_group", "must be 1 to 100 letters, digits, '_', '.' or '-'")
     existing = await session.exec(select(Tenant).where(Tenant.name == name))
     if existing.first() is not None:
         raise Conflict(f"a tenant named {name!r} already exists")
@@ -108,6 +112,8 @@ async def list_tenants(session: AsyncSession) -> list[Tenant]:
 
 
 async def issue_key(session: AsyncSession, tenant: Tenant, *, name: str = "") -> IssuedKey:
+    if len(name) > 200 or "\x00" in name:
+        raise InvalidRequest("name", "must be at most 200 characters")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=new_id("key"),

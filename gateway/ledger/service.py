@@ -149,6 +149,10 @@ async def credit(
     """Add (or, for an adjustment, subtract) credits. False if the key was used before."""
     if kind not in (EntryKind.TOPUP, EntryKind.ADJUSTMENT, EntryKind.REFUND):
         raise ValueError(f"{kind} is not a balance change")
+    if len(reason) > 500 or "\x00" in reason:
+        raise InvalidRequest("reason", "must be at most 500 characters")
+    if not idempotency_key or len(idempotency_key) > 200:
+        raise InvalidRequest("idempotency_key", "must be 1 to 200 characters")
     if kind != EntryKind.ADJUSTMENT and amount <= 0:
         raise InvalidRequest("amount", "must be greater than zero")
     if kind == EntryKind.ADJUSTMENT and amount == 0:

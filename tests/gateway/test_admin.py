@@ -98,3 +98,19 @@ async def test_admin_lists_tasks_by_tenant(
     assert [t["id"] for t in listed.json()["data"]] == [task_id]
     bad_limit = await client.get("/admin/tasks?limit=0", headers=bearer(settings.admin_token))
     assert bad_limit.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "x" * 201}, "name"),
+        ({"name": "nul\x00name"}, "name"),
+        ({"name": "ok-name", "user_group": "no spaces allowed"}, "user_group"),
+    ],
+)
+async def test_admin_input_that_cannot_be_stored_is_a_400(
+    client: Client, settings: Settings, body: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/admin/tenants", json=body, headers=bearer(settings.admin_token))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith(f"{field}:")
