@@ -57,7 +57,7 @@ class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
 
     amount: Decimal
     reason: Reason = ""
-    idempotency_key: Label | None = None
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=120)] | None = None
 
 
 class Refund(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,7 +94,11 @@ async def change_credits(
     amount = parse_amount(data.amount)
     if kind == EntryKind.ADJUSTMENT and not data.reason.strip():
         raise InvalidRequest("reason", "an adjustment needs a reason")
-    key = data.idempotency_key or f"{kind.value}:{uuid.uuid4()}"
+    # An operator's key is scoped to the tenant and the kind of move, so it can
+    # neither collide with another tenant's nor with the system's hold:/settle: keys.
+    if data.idempotency_key is not None and not 0 < len(data.idempotency_key) <= 120:
+        raise InvalidRequest("idempotency_key", "must be 1 to 120 characters")
+    key = f"op:{tenant_id}:{kind.value}:{data.idempotency_key or uuid.uuid4()}"
     applied = await ledger.credit(
         session, tenant_id, amount, kind=kind, idempotency_key=key, reason=data.reason
     )

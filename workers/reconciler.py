@@ -3,7 +3,7 @@
 Runs on a cron in every worker process (arq runs each tick once across all
 workers). Each tick:
 
-1. fails open tasks past their deadline (a later issue releases their holds);
+1. fails open tasks past their deadline, releasing their holds (the sweeper);
 2. hands tasks whose lease ran out (their worker died or hung) to a new
    attempt and queues that attempt at once, so a killed worker's task runs
    again within ``lease_seconds + reconcile_interval_seconds``;

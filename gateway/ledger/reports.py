@@ -39,7 +39,7 @@ COLUMNS = (
 
 
 def _bounds(since: date | None, until: date | None) -> tuple[datetime, datetime]:
-    end = until or date.today()
+    end = until or datetime.now(UTC).date()
     start = since or end - timedelta(days=30)
     return (
         datetime.combine(start, time.min, tzinfo=UTC),

@@ -173,6 +173,16 @@ async def credit(
         reason=reason,
     )
     if not added:
+        earlier = (
+            await _exec(
+                db,
+                select(ledger.c.tenant_id, ledger.c.kind, ledger.c.amount_micros).where(
+                    ledger.c.idempotency_key == idempotency_key
+                ),
+            )
+        ).one()
+        if tuple(earlier) != (tenant_id, kind.value, amount):
+            raise Conflict("idempotency_key: already used for a different credit change")
         return False
     await _exec(
         db,
