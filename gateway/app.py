@@ -5,17 +5,19 @@ from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings, create_pool
 from litestar import Litestar, get
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import Message, Scope
 
 from gateway.admin import AdminController
 from gateway.auth import KeyCache
 from gateway.db import check_migrated, create_engine, session_factory
-from gateway.deps import Services, provide_services
+from gateway.deps import RATE_HEADERS, Services, provide_services
 from gateway.errors import exception_handler
+from gateway.limits import RateLimiter
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
 from gateway.tasks.routes import FileController, TaskController
@@ -44,6 +46,18 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def add_rate_limit_headers(message: Message, scope: Scope) -> None:
+    """Put the caller's remaining allowance (set by ``provide_principal``) on the response."""
+    if message["type"] != "http.response.start":
+        return
+    extra = scope.get("state", {}).get(RATE_HEADERS)
+    if extra:
+        headers = MutableScopeHeaders.from_message(message)
+        for name, value in extra.items():
+            if name not in headers:
+                headers[name] = value
+
+
 def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
     catalog = load_checked_catalog(settings)
 
@@ -64,6 +78,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 keys=KeyCache(engine, settings.key_cache_ttl_seconds),
                 storage=LocalStorage(settings.storage_dir),
                 signer=UrlSigner(settings.signing_secret, settings.public_base_url),
+                limiter=RateLimiter(redis, settings),
             )
             yield
         finally:
@@ -73,6 +88,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
 
     return Litestar(
         route_handlers=[TaskController, FileController, AdminController, healthz],
+        before_send=[add_rate_limit_headers],
         dependencies={"services": Provide(provide_services)},
         exception_handlers={Exception: exception_handler},
         lifespan=[lifespan],

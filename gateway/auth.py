@@ -19,12 +19,22 @@ from gateway.tenants import KEY_PREFIX, ApiKey, Tenant, hash_key
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: resolved once per key and cached."""
+    """Who is calling, and the limits that apply: resolved once per key and cached."""
 
     tenant_id: str
     tenant_name: str
     key_id: str
     user_group: str
+    # Limits as stored (None: the settings' default; 0: none); see gateway/limits.py.
+    key_rate_per_minute: int | None = None
+    key_rate_burst: int | None = None
+    tenant_rate_per_minute: int | None = None
+    tenant_rate_burst: int | None = None
+    max_in_flight: int | None = None
+    allowed_models: frozenset[str] | None = None
+    budget_total_micros: int | None = None
+    budget_daily_micros: int | None = None
+    budget_monthly_micros: int | None = None
 
 
 def bearer_token(header: str | None) -> str:
@@ -64,7 +74,23 @@ class KeyCache:
     async def _load(self, digest: str) -> Principal | None:
         keys, tenants = ApiKey.__table__.c, Tenant.__table__.c  # type: ignore[attr-defined]
         query = (
-            select(keys.id, keys.revoked_at, tenants.id, tenants.name, tenants.user_group)
+            select(
+                keys.id,
+                keys.revoked_at,
+                tenants.id,
+                tenants.name,
+                tenants.user_group,
+                keys.rate_limit_per_minute,
+                keys.rate_limit_burst,
+                tenants.rate_limit_per_minute,
+                tenants.rate_limit_burst,
+                tenants.max_in_flight,
+                keys.allowed_models,
+                tenants.allowed_models,
+                keys.budget_total_micros,
+                keys.budget_daily_micros,
+                keys.budget_monthly_micros,
+            )
             .join_from(ApiKey.__table__, Tenant.__table__, tenants.id == keys.tenant_id)  # type: ignore[attr-defined]
             .where(keys.key_hash == digest)
         )
@@ -72,7 +98,29 @@ class KeyCache:
             row = (await conn.execute(query)).first()
         if row is None or row[1] is not None:
             return None
-        return Principal(tenant_id=row[2], tenant_name=row[3], key_id=row[0], user_group=row[4])
+        return Principal(
+            tenant_id=row[2],
+            tenant_name=row[3],
+            key_id=row[0],
+            user_group=row[4],
+            key_rate_per_minute=row[5],
+            key_rate_burst=row[6],
+            tenant_rate_per_minute=row[7],
+            tenant_rate_burst=row[8],
+            max_in_flight=row[9],
+            allowed_models=_both(row[10], row[11]),
+            budget_total_micros=row[12],
+            budget_daily_micros=row[13],
+            budget_monthly_micros=row[14],
+        )
+
+
+def _both(key_models: list[str] | None, tenant_models: list[str] | None) -> frozenset[str] | None:
+    """Models allowed by both lists; None when neither restricts."""
+    lists = [frozenset(m) for m in (key_models, tenant_models) if m is not None]
+    if not lists:
+        return None
+    return frozenset.intersection(*lists)
 
 
 def check_admin(header: str | None, admin_token: str) -> None:

@@ -49,5 +49,7 @@ def model_card(entry: ModelEntry) -> ModelCard:
     return card
 
 
-def model_list(catalog: Catalog) -> ModelList:
-    return ModelList(object="list", data=[model_card(entry) for entry in catalog.models])
+def model_list(catalog: Catalog, allowed: frozenset[str] | None = None) -> ModelList:
+    """The models a caller may use (``allowed`` None: all of them)."""
+    entries = [e for e in catalog.models if allowed is None or e.id in allowed]
+    return ModelList(object="list", data=[model_card(entry) for entry in entries])

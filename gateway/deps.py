@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import KeyCache, Principal, check_admin
+from gateway.limits import RateLimiter
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
 from pricing.catalog import Catalog
@@ -35,6 +36,7 @@ class Services:
     keys: KeyCache
     storage: Storage
     signer: UrlSigner
+    limiter: RateLimiter
 
 
 @dataclass
@@ -59,8 +61,17 @@ async def provide_services(state: State) -> Services:
     return services(state)
 
 
+RATE_HEADERS = "rate_limit_headers"
+
+
 async def provide_principal(request: Request[object, object, State]) -> Principal:
-    return await services(request.app.state).keys.authenticate(request.headers.get("authorization"))
+    """Authenticate the key, then count the request against its rate limits."""
+    svc = services(request.app.state)
+    principal = await svc.keys.authenticate(request.headers.get("authorization"))
+    decision = await svc.limiter.check(principal)
+    # Allowed responses tell the client what is left (added by app.add_rate_limit_headers).
+    request.state[RATE_HEADERS] = decision.headers()
+    return principal
 
 
 async def provide_admin(request: Request[object, object, State]) -> None:

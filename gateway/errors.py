@@ -133,6 +133,8 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
         409: "Conflict (an Idempotency-Key reused with another body)",
         410: "The link has expired",
         413: "Request body too large",
+        429: "A rate limit or the cap on tasks in flight was hit; see Retry-After",
+        503: "A dependency (Redis) is unreachable; retry",
     }
     return {
         status: ResponseSpec(

@@ -4,8 +4,8 @@ from sqlmodel import SQLModel
 
 from gateway.ledger.models import LedgerEntry
 from gateway.tasks.models import IdempotencyKey, Task
-from gateway.tenants import ApiKey, Tenant
+from gateway.tenants import ApiKey, KeySpend, Tenant
 
 metadata = SQLModel.metadata
 
-__all__ = ["ApiKey", "IdempotencyKey", "LedgerEntry", "Task", "Tenant", "metadata"]
+__all__ = ["ApiKey", "IdempotencyKey", "KeySpend", "LedgerEntry", "Task", "Tenant", "metadata"]

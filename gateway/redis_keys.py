@@ -11,3 +11,33 @@ GENERATE_JOB = "generate_task"
 def generate_job_id(task_id: str, attempt: int) -> str:
     """One job id per (task, attempt): a re-run after a lost lease gets a new id."""
     return f"gen:{task_id}:{attempt}"
+
+
+def rate_key_for_key(key_id: str) -> str:
+    """GCRA state (theoretical arrival time, ms) of one API key's request rate."""
+    return f"tollgate:rate:key:{key_id}"
+
+
+def rate_key_for_tenant(tenant_id: str) -> str:
+    """GCRA state of one tenant's request rate, shared by all its keys."""
+    return f"tollgate:rate:tenant:{tenant_id}"
+
+
+def upstream_slots_key(upstream: str) -> str:
+    """Holders of an upstream account's concurrency slots, scored by lease expiry (Redis ms)."""
+    return f"tollgate:upstream:{upstream}:slots"
+
+
+def upstream_line_key(upstream: str) -> str:
+    """Jobs waiting for one of its slots, scored by their task's submission time (ms)."""
+    return f"tollgate:upstream:{upstream}:line"
+
+
+def upstream_line_seen_key(upstream: str) -> str:
+    """The same waiters, scored by when they stop counting unless they ask again (Redis ms)."""
+    return f"tollgate:upstream:{upstream}:line:seen"
+
+
+def upstream_backoff_key(upstream: str) -> str:
+    """Present while the account backs off after a 429; its TTL is the Retry-After."""
+    return f"tollgate:upstream:{upstream}:backoff"

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
 
+    # Limits for tenants and keys that set none of their own (0: no limit).
+    default_key_rate_limit_per_minute: int = Field(default=600, ge=0)
+    default_key_rate_limit_burst: int = Field(default=100, ge=1)
+    default_tenant_rate_limit_per_minute: int = Field(default=3000, ge=0)
+    default_tenant_rate_limit_burst: int = Field(default=500, ge=1)
+    default_max_in_flight: int = Field(default=100, ge=0)
+
     upstreams: dict[str, UpstreamAccount] = Field(default_factory=dict)
     queue_name: str = "tollgate:queue"
     worker_max_jobs: int = Field(default=100, ge=1)

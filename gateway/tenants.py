@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -42,6 +43,7 @@ class Tenant(SQLModel, table=True):
         # The ledger's running totals: open holds never exceed the balance.
         sa.CheckConstraint("held_micros >= 0", name="ck_tenants_held_not_negative"),
         sa.CheckConstraint("balance_micros >= held_micros", name="ck_tenants_holds_covered"),
+        sa.CheckConstraint("in_flight >= 0", name="ck_tenants_in_flight_not_negative"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -50,6 +52,13 @@ class Tenant(SQLModel, table=True):
     # Written only by gateway/ledger, in the same transaction as a ledger row.
     balance_micros: int = Field(default=0, sa_type=sa.BigInteger)
     held_micros: int = Field(default=0, sa_type=sa.BigInteger)
+    # Tasks pending or processing; written in the transactions that open and end them.
+    in_flight: int = 0
+    # Limits (None: the settings' default; 0: no limit). See gateway/limits.py.
+    max_in_flight: int | None = None
+    rate_limit_per_minute: int | None = None
+    rate_limit_burst: int | None = None
+    allowed_models: list[str] | None = Field(default=None, sa_type=JSONB)
     created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
 
 
@@ -63,10 +72,28 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(sa_column_kwargs={"unique": True}, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
     revoked_at: datetime | None = Field(default=None, sa_type=_ts())
+    rate_limit_per_minute: int | None = None
+    rate_limit_burst: int | None = None
+    allowed_models: list[str] | None = Field(default=None, sa_type=JSONB)
+    # Spending limits in micro-credits (None: no limit), counted at reservation.
+    budget_total_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    budget_daily_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    budget_monthly_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeySpend(SQLModel, table=True):
+    """What a key has reserved or spent per period: ``total``, ``day:<date>``, ``month:<month>``."""
+
+    __tablename__ = "key_spend"
+    __table_args__ = (sa.CheckConstraint("spent_micros >= 0", name="ck_key_spend_not_negative"),)
+
+    api_key_id: str = Field(foreign_key="api_keys.id", primary_key=True, max_length=40)
+    period: str = Field(primary_key=True, max_length=20)
+    spent_micros: int = Field(default=0, sa_type=sa.BigInteger)
 
 
 @dataclass(frozen=True, slots=True)

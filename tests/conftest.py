@@ -213,6 +213,10 @@ def make_settings(
         "reconcile_interval_seconds": 1,
         "requeue_pending_after_seconds": 5.0,
         "key_cache_ttl_seconds": 1.0,
+        # Limits are off unless a test sets them (tests/gateway/test_limits.py).
+        "default_key_rate_limit_per_minute": 0,
+        "default_tenant_rate_limit_per_minute": 0,
+        "default_max_in_flight": 0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -342,6 +342,14 @@ _CHECKS: tuple[tuple[str, str], ...] = (
         """,
     ),
     (
+        "tasks in flight differ from the open tasks",
+        """
+        SELECT t.id, t.in_flight, COUNT(k.id) FROM tenants t
+        LEFT JOIN tasks k ON k.tenant_id = t.id AND k.status IN ('pending', 'processing')
+        GROUP BY t.id HAVING t.in_flight <> COUNT(k.id)
+        """,
+    ),
+    (
         "a task charged other than its capture",
         """
         SELECT t.id, t.credits_charged_micros, s.kind, s.amount_micros FROM tasks t

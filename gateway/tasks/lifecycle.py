@@ -10,7 +10,8 @@ Rules:
 - Times come from PostgreSQL's ``now()``, one clock for every process.
 - A task's hold is settled in the same transaction as the transition that
   makes the task final: captured on completion (by the quote it was reserved
-  with), released on failure. Either both happen or neither.
+  with), released on failure. Either both happen or neither. The same
+  transaction frees the tenant's in-flight slot and returns unused budget.
 """
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway import limits
 from gateway.ledger import service as ledger
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
 from pricing.quote import settlement
@@ -36,6 +38,16 @@ def _fence(task_id: str, attempt: int) -> ColumnElement[bool]:
 
 def _changed(result: Any) -> bool:
     return bool(result.rowcount == 1)
+
+
+async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
+    """What every end of a task does, in its transaction: settle the hold (capture
+    ``charge``, or release when None), free the in-flight slot, and give the key's
+    budgets back what was reserved but not charged."""
+    await ledger.settle(conn, row.tenant_id, task_id, row.credits_reserved_micros, charge)
+    await limits.free_in_flight_slot(conn, row.tenant_id)
+    unused = row.credits_reserved_micros - (charge or 0)
+    await limits.return_spend(conn, row.api_key_id, row.created_at, unused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +115,13 @@ async def complete(
             results_expire_at=func.now() + timedelta(seconds=ttl_seconds),
             lease_expires_at=None,
         )
-        .returning(c.tenant_id, c.credits_reserved_micros, c.quote)
+        .returning(c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at, c.quote)
     )
     row = (await conn.execute(stmt)).first()
     if row is None:
         return False
-    tenant_id, reserved, quote = row
-    charge, cost = settlement(quote, len(results))
-    await ledger.settle(conn, tenant_id, task_id, reserved, charge)
+    charge, cost = settlement(row.quote, len(results))
+    await _finish(conn, task_id, row, charge)
     await conn.execute(
         update(tasks)
         .where(c.id == task_id)
@@ -133,12 +144,12 @@ async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, mes
             credits_charged_micros=0,
             upstream_cost_micros=0,
         )
-        .returning(c.tenant_id, c.credits_reserved_micros)
+        .returning(c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at)
     )
     row = (await conn.execute(stmt)).first()
     if row is None:
         return False
-    await ledger.settle(conn, row[0], task_id, row[1], None)
+    await _finish(conn, task_id, row, None)
     return True
 
 
@@ -190,12 +201,12 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
             credits_charged_micros=0,
             upstream_cost_micros=0,
         )
-        .returning(c.id, c.tenant_id, c.credits_reserved_micros)
+        .returning(c.id, c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at)
     )
     failed = list(await conn.execute(stmt))
-    for task_id, tenant_id, reserved in failed:
-        await ledger.settle(conn, tenant_id, task_id, reserved, None)
-    return [row[0] for row in failed]
+    for row in failed:
+        await _finish(conn, row.id, row, None)
+    return [row.id for row in failed]
 
 
 async def stale_pending(

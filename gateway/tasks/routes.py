@@ -34,7 +34,7 @@ class TaskController(Controller):
         status_code=200,
         dependencies={"uow": Provide(provide_uow)},
         summary="Create an image generation task",
-        responses=error_responses(400, 401, 402, 403, 409, 413),
+        responses=error_responses(400, 401, 402, 403, 409, 413, 429, 503),
         description="Validates the request against the model catalogue, reserves its price "
         "from the tenant's credits (402 when they are short), records a pending task and "
         "queues it. Poll `GET /v1/tasks/{id}` for the result. With an `Idempotency-Key` "
@@ -52,6 +52,7 @@ class TaskController(Controller):
         submission = await service.submit_generation(
             uow.session,
             catalog=services.catalog,
+            settings=services.settings,
             principal=principal,
             fields=data.provided(),
             webhook_url=webhook_url,
@@ -87,7 +88,7 @@ class TaskController(Controller):
     async def list_models(
         self, principal: PrincipalDep, services: ServicesDep
     ) -> Response[ModelList]:
-        return _json(model_list(services.catalog))
+        return _json(model_list(services.catalog, principal.allowed_models))
 
 
 class FileController(Controller):

@@ -19,11 +19,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from gateway import limits
 from gateway.auth import Principal
 from gateway.callback_urls import validate_callback_url
 from gateway.db import utcnow
-from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.errors import Conflict, InvalidRequest, ModelAccessDenied, NotFound
 from gateway.ledger import service as ledger
+from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import IdempotencyKey, Task, TaskStatus
 from gateway.tasks.schemas import TaskError, TaskInfo, TaskObject, Usage
@@ -90,12 +92,16 @@ async def submit_generation(
     session: AsyncSession,
     *,
     catalog: Catalog,
+    settings: Settings,
     principal: Principal,
     fields: dict[str, Any],
     webhook_url: str | None,
     idempotency_key: str | None,
 ) -> Submission:
     """Validate, price, claim the idempotency key, record the task and hold its credits.
+
+    Also enforces the tenant's cap on tasks in flight, the models the key may
+    use and the key's budgets (``gateway/limits.py``).
 
     All in the caller's one transaction: if the hold fails (402) nothing of it
     remains. A retry with the same Idempotency-Key finds the first task; a
@@ -111,6 +117,8 @@ async def submit_generation(
         raise InvalidRequest(
             "model", f"unknown model {model_id!r}; GET /v1/models lists the models you can use"
         )
+    if not limits.check_model_access(principal, model_id):
+        raise ModelAccessDenied(model_id)
     callback_url = fields.pop("callback_url", None)
     if callback_url is not None:
         validate_callback_url(callback_url)
@@ -142,9 +150,11 @@ async def submit_generation(
         )
         if earlier is not None:
             return Submission(task=earlier, created=False)
+    await limits.take_in_flight_slot(session, settings, principal)
     session.add(task)
     await session.flush()
     await ledger.hold(session, principal.tenant_id, task.id, priced.amount_micros)
+    await limits.count_spend(session, principal, priced.amount_micros, task.created_at)
     return Submission(task=task, created=True)
 
 

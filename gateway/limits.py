@@ -1,0 +1,266 @@
+"""Limits: request rates, tasks in flight, model access and key budgets.
+
+Rules:
+- **Rates** are per key and per tenant: a sustained rate (requests per minute)
+  with a burst allowance, enforced by GCRA in one Lua script over Redis. One
+  round trip checks every limit that applies; a request is counted against all
+  of them or none. Time is Redis's ``TIME``, one clock for every gateway.
+  Redis unreachable: 503, never an unlimited pass.
+- **In flight** (pending + processing) is a counter on the tenant row, raised
+  in the submit transaction and lowered in the transaction that ends the task
+  (``gateway/tasks/lifecycle.py``), so no ending path can leak a slot.
+- **Model access**: a tenant and a key may each carry a list of models; a
+  request may use a model on both lists (no list: every model).
+- **Key budgets** count what a key reserves, per total, UTC day and UTC month
+  (``key_spend``); settlement gives back what was reserved but not charged.
+  A reservation that would cross a budget is refused.
+- Limits live on the tenant and key rows (``None``: the settings' default;
+  0: no limit). Gateways cache them with the key (``key_cache_ttl_seconds``),
+  so a change reaches every process within seconds.
+"""
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import Table, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from gateway.auth import Principal
+from gateway.errors import ApiError, ServiceUnavailable
+from gateway.ledger.service import Db, connection
+from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
+from gateway.settings import Settings
+from gateway.tenants import KeySpend, Tenant
+from pricing.money import credits_from_micros
+
+tenants: Table = Tenant.__table__  # type: ignore[attr-defined]
+key_spend: Table = KeySpend.__table__  # type: ignore[attr-defined]
+
+
+class RateLimited(ApiError):
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+    default_message = "Too many requests, please try again later"
+
+
+class TooManyInFlight(ApiError):
+    status = 429
+    code = "too_many_tasks_in_flight"
+    type = "rate_limit_error"
+
+
+class KeyBudgetExceeded(ApiError):
+    status = 402
+    code = "key_budget_exceeded"
+    type = "insufficient_quota"
+
+
+# GCRA over several limits at once, all or nothing. KEYS: one per limit.
+# ARGV: per limit, the emission interval and the burst tolerance (ms).
+# Returns {allowed, retry_ms, remaining_1, reset_ms_1, remaining_2, ...}.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tats = {}
+local retry = 0
+for i = 1, #KEYS do
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  tats[i] = tat
+  if now < tat - tolerance then
+    retry = math.max(retry, tat - tolerance - now)
+  end
+end
+local out = {retry == 0 and 1 or 0, retry}
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tats[i]
+  if retry == 0 then
+    tat = tat + interval
+    redis.call('SET', KEYS[i], tat, 'PX', tat - now + 1000)
+  end
+  local remaining = math.floor((now + tolerance - tat) / interval) + 1
+  if remaining < 0 or (retry > 0 and now < tat - tolerance) then remaining = 0 end
+  table.insert(out, remaining)
+  table.insert(out, tat - now)
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    name: str  # "key" or "tenant", as the headers name the policy
+    redis_key: str
+    per_minute: int
+    burst: int
+
+    @property
+    def interval_ms(self) -> int:
+        return max(1, 60_000 // self.per_minute)
+
+    @property
+    def tolerance_ms(self) -> int:
+        return self.interval_ms * (self.burst - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    retry_after_ms: int
+    limits: tuple[RateLimit, ...]
+    remaining: tuple[int, ...]
+    reset_ms: tuple[int, ...]
+
+    def headers(self) -> dict[str, str]:
+        """The IETF httpapi RateLimit-Policy and RateLimit fields, one item per limit."""
+        if not self.limits:
+            return {}
+        policy = ", ".join(f'"{lim.name}";q={lim.per_minute};w=60' for lim in self.limits)
+        state = ", ".join(
+            f'"{lim.name}";r={left};t={math.ceil(reset / 1000)}'
+            for lim, left, reset in zip(self.limits, self.remaining, self.reset_ms, strict=True)
+        )
+        headers = {"RateLimit-Policy": policy, "RateLimit": state}
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_ms / 1000)))
+        return headers
+
+
+def _pick(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def rate_limits(settings: Settings, principal: Principal) -> tuple[RateLimit, ...]:
+    found = []
+    key_rate = _pick(principal.key_rate_per_minute, settings.default_key_rate_limit_per_minute)
+    if key_rate > 0:
+        burst = _pick(principal.key_rate_burst, settings.default_key_rate_limit_burst)
+        found.append(RateLimit("key", rate_key_for_key(principal.key_id), key_rate, max(1, burst)))
+    tenant_rate = _pick(
+        principal.tenant_rate_per_minute, settings.default_tenant_rate_limit_per_minute
+    )
+    if tenant_rate > 0:
+        burst = _pick(principal.tenant_rate_burst, settings.default_tenant_rate_limit_burst)
+        found.append(
+            RateLimit(
+                "tenant", rate_key_for_tenant(principal.tenant_id), tenant_rate, max(1, burst)
+            )
+        )
+    return tuple(found)
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._script = redis.register_script(_GCRA)
+        self._settings = settings
+
+    async def check(self, principal: Principal) -> RateDecision:
+        """Count one request against every rate limit that applies, or raise RateLimited."""
+        limits = rate_limits(self._settings, principal)
+        if not limits:
+            return RateDecision(True, 0, (), (), ())
+        args: list[int] = []
+        for lim in limits:
+            args += [lim.interval_ms, lim.tolerance_ms]
+        try:
+            raw: list[Any] = await self._script(keys=[lim.redis_key for lim in limits], args=args)
+        except RedisError:
+            raise ServiceUnavailable(
+                "Rate limits cannot be checked right now; please retry",
+                headers={"Retry-After": "1"},
+            ) from None
+        values = [int(v) for v in raw]
+        decision = RateDecision(
+            allowed=values[0] == 1,
+            retry_after_ms=values[1],
+            limits=limits,
+            remaining=tuple(values[2::2]),
+            reset_ms=tuple(values[3::2]),
+        )
+        if not decision.allowed:
+            hit = [
+                lim.name for lim, left in zip(limits, decision.remaining, strict=True) if left == 0
+            ]
+            raise RateLimited(
+                f"Too many requests for this {' and '.join(hit) or 'key'}: "
+                f"retry after {decision.headers()['Retry-After']} s",
+                headers=decision.headers(),
+            )
+        return decision
+
+
+def check_model_access(principal: Principal, model: str) -> bool:
+    allowed = principal.allowed_models
+    return allowed is None or model in allowed
+
+
+async def take_in_flight_slot(db: Db, settings: Settings, principal: Principal) -> None:
+    """Count a new task against the tenant's cap on tasks in flight, or raise TooManyInFlight."""
+    cap = _pick(principal.max_in_flight, settings.default_max_in_flight)
+    stmt = update(tenants).where(tenants.c.id == principal.tenant_id)
+    if cap > 0:
+        stmt = stmt.where(tenants.c.in_flight < cap)
+    result = await (await connection(db)).execute(stmt.values(in_flight=tenants.c.in_flight + 1))
+    if result.rowcount != 1:
+        raise TooManyInFlight(
+            f"Too many tasks in flight: this tenant may have {cap} pending or processing "
+            "at once; wait for some to finish"
+        )
+
+
+async def free_in_flight_slot(db: Db, tenant_id: str) -> None:
+    await (await connection(db)).execute(
+        update(tenants).where(tenants.c.id == tenant_id).values(in_flight=tenants.c.in_flight - 1)
+    )
+
+
+def spend_periods(moment: datetime) -> tuple[str, str, str]:
+    """The budget periods a reservation made at ``moment`` counts in (UTC)."""
+    moment = moment.astimezone(UTC)
+    return ("total", f"day:{moment:%Y-%m-%d}", f"month:{moment:%Y-%m}")
+
+
+async def count_spend(db: Db, principal: Principal, amount: int, moment: datetime) -> None:
+    """Add a reservation to the key's spend; refuse it if it would cross a budget."""
+    periods = spend_periods(moment)
+    budgets = (
+        principal.budget_total_micros,
+        principal.budget_daily_micros,
+        principal.budget_monthly_micros,
+    )
+    rows = pg_insert(key_spend).values(
+        [{"api_key_id": principal.key_id, "period": p, "spent_micros": amount} for p in periods]
+    )
+    stmt = rows.on_conflict_do_update(
+        index_elements=["api_key_id", "period"],
+        set_={"spent_micros": key_spend.c.spent_micros + rows.excluded.spent_micros},
+    ).returning(key_spend.c.period, key_spend.c.spent_micros)
+    spent: dict[str, int] = {
+        period: total for period, total in await (await connection(db)).execute(stmt)
+    }
+    for label, period, budget in zip(("total", "daily", "monthly"), periods, budgets, strict=True):
+        if budget is not None and spent[period] > budget:
+            raise KeyBudgetExceeded(
+                f"This key's {label} budget of {credits_from_micros(budget)} credits would be "
+                f"exceeded: {credits_from_micros(spent[period] - amount)} already reserved or "
+                f"spent, this request needs {credits_from_micros(amount)}"
+            )
+
+
+async def return_spend(db: Db, key_id: str, moment: datetime, amount: int) -> None:
+    """Give back to the key's budgets what a task reserved but was not charged."""
+    if amount <= 0:
+        return
+    await (await connection(db)).execute(
+        update(key_spend)
+        .where(key_spend.c.api_key_id == key_id, key_spend.c.period.in_(spend_periods(moment)))
+        .values(spent_micros=key_spend.c.spent_micros - amount)
+    )
