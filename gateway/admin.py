@@ -10,15 +10,23 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Response, get, post
+from litestar import Controller, Response, get, patch, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from gateway.deps import AdminDep, UnitOfWorkDep, provide_admin, provide_uow
-from gateway.errors import InvalidRequest
+from gateway.deps import AdminDep, ServicesDep, UnitOfWorkDep, provide_admin, provide_uow
+from gateway.errors import InvalidRequest, NotFound
 from gateway.ledger import reports
 from gateway.ledger import service as ledger
 from gateway.ledger.models import EntryKind
+from gateway.limit_settings import (
+    KeyLimits,
+    TenantLimits,
+    key_limits_json,
+    set_key_limits,
+    set_tenant_limits,
+    tenant_limits_json,
+)
 from gateway.tasks.models import Task
 from gateway.tasks.schemas import encode_json
 from gateway.tasks.service import list_tasks, task_summary
@@ -240,6 +248,55 @@ class AdminController(Controller):
     async def ledger_check(self, admin: AdminDep, uow: UnitOfWorkDep) -> Response[Any]:
         problems = await ledger.check(uow.session)
         return _json({"ok": not problems, "problems": problems})
+
+    @get("/tenants/{tenant_id:str}/limits", summary="A tenant's limits, own or default")
+    async def tenant_limits(
+        self, tenant_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep, services: ServicesDep
+    ) -> Response[Any]:
+        tenant = await get_tenant(uow.session, tenant_id)
+        return _json(tenant_limits_json(tenant, services.settings))
+
+    @patch(
+        "/tenants/{tenant_id:str}/limits",
+        summary="Set a tenant's rate limit, burst, in-flight cap or model list",
+        description="Fields left out stay; `null` returns a field to the default.",
+    )
+    async def set_tenant_limits(
+        self,
+        tenant_id: FromPath[str],
+        data: JSONBody[TenantLimits],
+        admin: AdminDep,
+        uow: UnitOfWorkDep,
+        services: ServicesDep,
+    ) -> Response[Any]:
+        tenant = await set_tenant_limits(uow.session, services.catalog, tenant_id, data)
+        return _json(tenant_limits_json(tenant, services.settings))
+
+    @get("/keys/{key_id:str}/limits", summary="A key's limits, model list and budgets")
+    async def key_limits(
+        self, key_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep, services: ServicesDep
+    ) -> Response[Any]:
+        key = await uow.session.get(ApiKey, key_id)
+        if key is None:
+            raise NotFound(f"no key {key_id}")
+        return _json(await key_limits_json(uow.session, key, services.settings))
+
+    @patch(
+        "/keys/{key_id:str}/limits",
+        summary="Set a key's rate limit, burst, model list or budgets",
+        description="Budgets are credits (total, per UTC day, per UTC month). Fields left out "
+        "stay; `null` returns a field to the default (no budget, every model).",
+    )
+    async def set_key_limits(
+        self,
+        key_id: FromPath[str],
+        data: JSONBody[KeyLimits],
+        admin: AdminDep,
+        uow: UnitOfWorkDep,
+        services: ServicesDep,
+    ) -> Response[Any]:
+        key = await set_key_limits(uow.session, services.catalog, key_id, data)
+        return _json(await key_limits_json(uow.session, key, services.settings))
 
     @get("/tasks", summary="List tasks, newest first")
     async def list_tasks(
