@@ -14,6 +14,13 @@ re-queues a task whose worker went silent). The job is safe to repeat:
 
 Workers raise no HTTP errors: a transient upstream failure is retried here
 with back-off until the task's deadline; a final one fails the task.
+
+Upstream concurrency (``workers/upstream_slots.py``): the job takes a slot on
+the task's upstream account before it claims the task, and gives it back on
+every way out. Refused, it leaves the task pending and has arq run it again
+later (``Retry``), so waiting holds no worker and fails nothing. An upstream
+429 backs the whole account off for its Retry-After; waiting one out is not
+one of a submit's tries (the deadline still bounds it).
 """
 
 import asyncio
@@ -21,19 +28,24 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
+from arq.worker import Retry
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import utcnow
 from gateway.settings import Settings
 from gateway.storage import Storage
 from gateway.tasks import lifecycle
+from gateway.tasks.models import OPEN_STATES
 from pricing.catalog import Catalog
 from pricing.request import ImageRequest
 from workers.images import fetch_image
 from workers.providers.base import JobState, Provider, UpstreamError
+from workers.upstream_slots import UpstreamSlots, backoff_seconds
 
 logger = logging.getLogger("tollgate.generate")
 
@@ -41,6 +53,7 @@ T = TypeVar("T")
 
 SUBMIT_TRIES = 4
 MAX_POLL_FAILURES = 5
+SKIPPED = "skipped: task final or owned by another attempt"
 
 
 @dataclass
@@ -51,6 +64,17 @@ class WorkerDeps:
     storage: Storage
     http: httpx.AsyncClient
     providers: dict[str, Provider]
+    # Upstream concurrency caps; None runs without them (tests that drive the job by hand).
+    slots: UpstreamSlots | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Peeked:
+    provider: str
+    status: str
+    attempt: int
+    upstream_job_id: str | None
+    created_at: datetime
 
 
 class LeaseLost(Exception):
@@ -69,15 +93,65 @@ class GenerationRun:
         self.attempt = attempt
         self.deadline = 0.0  # monotonic; set once the task is claimed
         self._last_beat = 0.0
+        self.holder = f"{task_id}:{attempt}"  # in the upstream's slots
+        self._provider = ""  # set once the task is claimed
+        self._slot: str | None = None  # the upstream whose slot this run holds
 
     async def execute(self) -> str:
+        slots = self.deps.slots
+        shared = False
+        if slots is not None:
+            task = await self._peek()
+            if task is None or task.status not in OPEN_STATES or task.attempt != self.attempt:
+                if task is not None:  # it may have waited in the line
+                    await slots.release(task.provider, self.holder)
+                return SKIPPED
+            account = self.settings.upstreams.get(task.provider)
+            if account is not None:  # without one the run fails the task: no_upstream
+                grant = await slots.acquire(
+                    task.provider,
+                    self.holder,
+                    cap=account.max_concurrency,
+                    ticket_ms=int(task.created_at.timestamp() * 1000),
+                    running=task.upstream_job_id is not None,
+                )
+                if not grant.acquired:
+                    logger.debug(
+                        "task %s waits %.2fs for a %s slot",
+                        self.task_id,
+                        grant.wait_seconds,
+                        task.provider,
+                    )
+                    raise Retry(defer=grant.wait_seconds)
+                self._slot, shared = task.provider, grant.already_held
+        try:
+            return await self._claim_and_run(shared)
+        finally:
+            if self._slot is not None and slots is not None:
+                await slots.release(self._slot, self.holder)
+
+    async def _peek(self) -> Peeked | None:
+        """The task as far as taking a slot needs it; None if there is no such task."""
+        c = lifecycle.tasks.c
+        stmt = select(c.provider, c.status, c.attempt, c.upstream_job_id, c.created_at).where(
+            c.id == self.task_id
+        )
+        async with self.deps.engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        return None if row is None else Peeked(*row)
+
+    async def _claim_and_run(self, shared_slot: bool) -> str:
         settings = self.settings
         async with self.deps.engine.begin() as conn:
             claimed = await lifecycle.claim(
                 conn, self.task_id, self.attempt, settings.lease_seconds
             )
         if claimed is None:
-            return "skipped: task final or owned by another attempt"
+            if shared_slot:
+                # Another delivery of this job holds the task and, with it, the same slot.
+                self._slot = None
+            return SKIPPED
+        self._provider = claimed.provider
         self._last_beat = time.monotonic()
         age = (utcnow() - claimed.created_at).total_seconds()
         self.deadline = time.monotonic() + settings.task_deadline_seconds - age
@@ -152,6 +226,8 @@ class GenerationRun:
             )
         if not alive:
             raise LeaseLost
+        if self._slot is not None and self.deps.slots is not None:
+            await self.deps.slots.renew(self._slot, self.holder)
         self._last_beat = time.monotonic()
 
     async def _maybe_beat(self, progress: int | None) -> None:
@@ -160,17 +236,31 @@ class GenerationRun:
             await self._beat(progress=progress)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(SUBMIT_TRIES):
+        failures = 0
+        while True:
             try:
                 return await call()
             except UpstreamError as exc:
-                if not exc.retryable or attempt == SUBMIT_TRIES - 1:
-                    raise
-                base = self.settings.upstream_retry_base_seconds
-                delay = exc.retry_after if exc.retry_after is not None else base * 2**attempt
+                if exc.rate_limited:
+                    delay = await self._back_off(exc)
+                else:
+                    failures += 1
+                    if not exc.retryable or failures == SUBMIT_TRIES:
+                        raise
+                    base = self.settings.upstream_retry_base_seconds
+                    delay = (
+                        exc.retry_after
+                        if exc.retry_after is not None
+                        else base * 2 ** (failures - 1)
+                    )
                 logger.info("task %s: %s; retrying in %.1fs", self.task_id, exc.message, delay)
                 await self._sleep(delay)
-        raise AssertionError("unreachable")
+
+    async def _back_off(self, exc: UpstreamError) -> float:
+        """The upstream said 429: hold back every worker on this account; returns the wait."""
+        if self.deps.slots is None:
+            return backoff_seconds(exc.retry_after)
+        return await self.deps.slots.back_off(self._provider, exc.retry_after)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, keeping the lease alive, and give up at the deadline."""
@@ -182,11 +272,16 @@ class GenerationRun:
 
     async def _poll(self, provider: Provider, job_id: str) -> JobState:
         failures = 0
+        pause = self.settings.poll_interval_seconds
         while True:
-            await self._sleep(self.settings.poll_interval_seconds)
+            await self._sleep(pause)
+            pause = self.settings.poll_interval_seconds
             try:
                 state = await provider.poll(job_id)
             except UpstreamError as exc:
+                if exc.rate_limited:
+                    pause = max(pause, await self._back_off(exc))
+                    continue
                 failures += 1
                 if not exc.retryable or failures >= MAX_POLL_FAILURES:
                     raise

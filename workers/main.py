@@ -5,6 +5,7 @@ then runs an arq worker with the generation job and the reconciler cron.
 """
 
 import logging
+import math
 import sys
 from typing import Any
 
@@ -22,6 +23,7 @@ from workers.generate import WorkerDeps, generate_task
 from workers.providers import ADAPTERS
 from workers.providers.base import Provider
 from workers.reconciler import reconcile
+from workers.upstream_slots import MIN_WAIT_SECONDS, UpstreamSlots
 
 logger = logging.getLogger("tollgate.worker")
 
@@ -57,6 +59,11 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
             storage=LocalStorage(settings.storage_dir),
             http=http,
             providers=build_providers(settings, http),
+            slots=UpstreamSlots(
+                ctx["redis"],
+                lease_seconds=settings.lease_seconds,
+                poll_seconds=settings.poll_interval_seconds,
+            ),
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -66,8 +73,11 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
             await deps.engine.dispose()
 
     interval = settings.reconcile_interval_seconds
+    # A job refused an upstream slot is run again later (arq's Retry, which counts as a
+    # try); the task's deadline ends such waits, so the count must never end them first.
+    slot_waits = math.ceil(settings.task_deadline_seconds / MIN_WAIT_SECONDS)
     options: dict[str, Any] = {
-        "functions": [_named(generate_task, GENERATE_JOB)],
+        "functions": [_named(generate_task, GENERATE_JOB, max_tries=slot_waits + 1000)],
         "cron_jobs": [
             cron(
                 reconcile,
@@ -95,10 +105,10 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     return Worker(**options)
 
 
-def _named(fn: Any, name: str) -> Any:
+def _named(fn: Any, name: str, **options: Any) -> Any:
     from arq.worker import func
 
-    return func(fn, name=name)
+    return func(fn, name=name, **options)
 
 
 def main() -> None:

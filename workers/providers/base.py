@@ -6,7 +6,9 @@ touches the database, the ledger or storage. It returns what the upstream said
 
     UpstreamError                 base; ``retryable`` says whether to try again
     ├── UpstreamUnavailable       connect error, timeout, 5xx, 429 (retryable;
-    │                             ``retry_after`` when the upstream gave one)
+    │                             ``retry_after`` when the upstream gave one;
+    │                             ``rate_limited`` for a 429: the whole account
+    │                             backs off, not only this call)
     ├── UpstreamProtocolError     a body we cannot read (retryable)
     ├── UpstreamRejected          a 4xx that is the request's fault (final)
     └── UpstreamBadResult         results that are not images we store (final)
@@ -27,10 +29,13 @@ class UpstreamError(Exception):
     retryable = False
     code = "upstream_error"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, rate_limited: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.rate_limited = rate_limited
 
 
 class UpstreamUnavailable(UpstreamError):

@@ -41,7 +41,9 @@ async def call_json(
     status = response.status_code
     if status == 429:
         raise UpstreamUnavailable(
-            f"{provider} is rate limiting requests", retry_after=_retry_after(response)
+            f"{provider} is rate limiting requests",
+            retry_after=_retry_after(response),
+            rate_limited=True,
         )
     if status >= 500:
         raise UpstreamUnavailable(f"{provider} had an internal error (HTTP {status})")
