@@ -6,7 +6,6 @@ per command, so it can be piped into ``jq``. Errors go to stderr with exit 1.
 """
 
 import asyncio
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
@@ -41,8 +40,12 @@ def _settings() -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
+# Credits print as exact JSON numbers, as in the admin API.
+_encoder = msgspec.json.Encoder(decimal_format="number", enc_hook=str)
+
+
 def _emit(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+    click.echo(msgspec.json.format(_encoder.encode(value), indent=2).decode())
 
 
 def _run_in_session(fn: Callable[[AsyncSession], Awaitable[T]]) -> T:

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     default_tenant_rate_limit_per_minute: int = Field(default=3000, ge=0)
     default_tenant_rate_limit_burst: int = Field(default=500, ge=1)
     default_max_in_flight: int = Field(default=100, ge=0)
+    # How long a request waits on Redis (rate limits) before answering 503.
+    redis_timeout_seconds: float = Field(default=1.0, gt=0)
 
     upstreams: dict[str, UpstreamAccount] = Field(default_factory=dict)
     queue_name: str = "tollgate:queue"
