@@ -25,8 +25,10 @@ import asyncpg
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
+from redis.asyncio import Redis
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from gateway.app import create_app
 from gateway.db import create_engine, session_factory, transaction
@@ -265,6 +267,28 @@ async def make_tenant_key(
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test database, for reading what the code under test wrote."""
+    built = create_engine(settings)
+    yield built
+    await built.dispose()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A client of the test Redis; the test's queue is deleted afterwards."""
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    await client.delete(settings.queue_name)
+    await client.aclose()
+
+
+async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).scalar_one()
 
 
 def start_worker(settings: Settings) -> tuple[Any, "asyncio.Task[None]"]:

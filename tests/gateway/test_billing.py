@@ -21,14 +21,13 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from conftest import ROOT, bearer, free_port, make_tenant_key
+from conftest import ROOT, bearer, free_port, make_tenant_key, scalar
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
-from gateway.db import create_engine
 from gateway.ledger import service as ledger
 from gateway.ledger.reports import COLUMNS
 from gateway.settings import Settings
@@ -96,28 +95,8 @@ def burst_client(base_url: str) -> httpx.AsyncClient:
     )
 
 
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    built = create_engine(settings)
-    yield built
-    await built.dispose()
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
-    yield client
-    await client.delete(settings.queue_name)
-    await client.aclose()
-
-
 def admin(settings: Settings) -> dict[str, str]:
     return bearer(settings.admin_token)
-
-
-async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
-    async with engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).scalar_one()
 
 
 async def totals(engine: AsyncEngine, tenant_id: str) -> tuple[int, int]:

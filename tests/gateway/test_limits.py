@@ -31,6 +31,7 @@ from conftest import (
     free_port,
     make_settings,
     make_tenant_key,
+    scalar,
     start_worker,
     stop_worker,
     wait_for_status,
@@ -41,7 +42,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
-from gateway.db import create_engine
 from gateway.ledger import service as ledger
 from gateway.limits import RateLimit
 from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
@@ -70,26 +70,6 @@ class Caller:
     @property
     def auth(self) -> dict[str, str]:
         return bearer(self.key)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    built = create_engine(settings)
-    yield built
-    await built.dispose()
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
-    yield client
-    await client.delete(settings.queue_name)
-    await client.aclose()
-
-
-async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
-    async with engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).scalar_one()
 
 
 async def new_caller(settings: Settings, engine: AsyncEngine) -> Caller:

@@ -52,13 +52,6 @@ def settings(database_url: str, simulator_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    built = create_engine(settings)
-    yield built
-    await built.dispose()
-
-
-@pytest.fixture
 async def deps(settings: Settings, engine: AsyncEngine) -> AsyncIterator[WorkerDeps]:
     async with httpx.AsyncClient(trust_env=False) as http:
         yield WorkerDeps(
