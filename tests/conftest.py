@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -289,6 +290,82 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
     async with engine.connect() as conn:
         return (await conn.execute(text(sql), params)).scalar_one()
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # pytest keeps its own signal handlers.
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_app(settings: Settings) -> AsyncIterator[str]:
+    """The app under uvicorn on a free loopback port, in this event loop: its base URL.
+
+    For tests that need real concurrency (the test client runs one request at a time).
+    """
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",
+        ws="none",
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+    )
+    server = _Server(config)
+    running = asyncio.create_task(server.serve())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, trust_env=False) as probe:
+            for _ in range(200):
+                if running.done():
+                    running.result()
+                    raise RuntimeError("uvicorn stopped before /healthz answered")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await probe.get("/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise TimeoutError("/healthz did not answer")
+        yield url
+    finally:
+        server.should_exit = True
+        await running
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a ``tollgate`` process needs to act on the test's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(
+        TOLLGATE_DATABASE_URL=settings.database_url,
+        TOLLGATE_REDIS_URL=settings.redis_url,
+        TOLLGATE_ADMIN_TOKEN=settings.admin_token,
+        TOLLGATE_SIGNING_SECRET=settings.signing_secret,
+        TOLLGATE_QUEUE_NAME=settings.queue_name,
+        **extra,
+    )
+    return env
+
+
+async def run_cli(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
+    """Run ``tollgate ARGS`` as its own process: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        *args,
+        cwd=ROOT,
+        env=cli_env(settings, **env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def start_worker(settings: Settings) -> tuple[Any, "asyncio.Task[None]"]:

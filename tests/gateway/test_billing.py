@@ -7,27 +7,22 @@ at a time). A task is finished here by playing the worker's part with
 """
 
 import asyncio
-import contextlib
 import csv
 import io
 import json
-import os
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from conftest import ROOT, bearer, free_port, make_tenant_key, scalar
+from conftest import bearer, make_tenant_key, run_cli, scalar, serve_app
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.app import create_app
 from gateway.ledger import service as ledger
 from gateway.ledger.reports import COLUMNS
 from gateway.settings import Settings
@@ -43,46 +38,10 @@ GENERATIONS = "/v1/images/generations"
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # pytest keeps its own signal handlers.
-        yield
-
-
 @pytest.fixture
 async def base_url(settings: Settings) -> AsyncIterator[str]:
-    """The app served by uvicorn on a free loopback port, in this event loop."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        lifespan="on",
-        ws="none",
-        log_config=None,
-        log_level="warning",
-        access_log=False,
-    )
-    server = _Server(config)
-    running = asyncio.create_task(server.serve())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=url, trust_env=False) as probe:
-            for _ in range(200):
-                if running.done():
-                    running.result()
-                    raise RuntimeError("uvicorn stopped before /healthz answered")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await probe.get("/healthz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                raise TimeoutError("/healthz did not answer")
+    async with serve_app(settings) as url:
         yield url
-    finally:
-        server.should_exit = True
-        await running
 
 
 def burst_client(base_url: str) -> httpx.AsyncClient:
@@ -172,34 +131,7 @@ async def fail(engine: AsyncEngine, task_id: str) -> None:
         assert await lifecycle.fail(conn, task_id, 0, "generation_failed", "test failure")
 
 
-def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    env.update(
-        TOLLGATE_DATABASE_URL=settings.database_url,
-        TOLLGATE_REDIS_URL=settings.redis_url,
-        TOLLGATE_ADMIN_TOKEN=settings.admin_token,
-        TOLLGATE_SIGNING_SECRET=settings.signing_secret,
-        TOLLGATE_QUEUE_NAME=settings.queue_name,
-        **extra,
-    )
-    return env
-
-
-async def tollgate(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
-    """Run ``tollgate ARGS`` as its own process: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        *args,
-        cwd=ROOT,
-        env=cli_env(settings, **env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+tollgate = run_cli
 
 
 # ---------------------------------------------------------------- reservations

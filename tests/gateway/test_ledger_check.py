@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import ROOT, SERVER_URL, _plain, bearer, make_settings, make_tenant_key
+from conftest import ROOT, SERVER_URL, _plain, bearer, make_settings, make_tenant_key, run_cli
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -102,27 +102,7 @@ async def problems(engine: AsyncEngine) -> list[str]:
 
 
 async def ledger_check_cli(settings: Settings) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    env.update(
-        TOLLGATE_DATABASE_URL=settings.database_url,
-        TOLLGATE_REDIS_URL=settings.redis_url,
-        TOLLGATE_ADMIN_TOKEN=settings.admin_token,
-        TOLLGATE_SIGNING_SECRET=settings.signing_secret,
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "ledger",
-        "check",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(settings, "ledger", "check")
 
 
 def titled(found: list[str], title: str, subject: str) -> list[str]:

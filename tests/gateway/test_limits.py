@@ -10,11 +10,9 @@ tasks final, so the suite's ledger check (in flight == open tasks) stays clean.
 import asyncio
 import contextlib
 import json
-import os
-import sys
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -23,15 +21,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from conftest import (
-    ROOT,
     Sim,
     bearer,
-    free_port,
     make_settings,
     make_tenant_key,
+    run_cli,
     scalar,
+    serve_app,
     start_worker,
     stop_worker,
     wait_for_status,
@@ -169,50 +166,19 @@ async def fail(engine: AsyncEngine, task_id: str) -> None:
         assert await lifecycle.fail(conn, task_id, 0, "generation_failed", "test failure")
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # pytest keeps its own signal handlers.
-        yield
-
-
 @contextlib.asynccontextmanager
 async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The app under uvicorn on a free port, and a client that opens a connection per request."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        lifespan="on",
-        ws="none",
-        log_config=None,
-        log_level="warning",
-        access_log=False,
-    )
-    server = _Server(config)
-    running = asyncio.create_task(server.serve())
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
+    async with (
+        serve_app(settings) as url,
+        httpx.AsyncClient(
+            base_url=url,
             trust_env=False,
             timeout=60,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-        ) as http:
-            for _ in range(200):
-                if running.done():
-                    running.result()
-                    raise RuntimeError("uvicorn stopped before /healthz answered")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get("/healthz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                raise TimeoutError("/healthz did not answer")
-            yield http
-    finally:
-        server.should_exit = True
-        await running
+        ) as http,
+    ):
+        yield http
 
 
 @contextlib.asynccontextmanager
@@ -804,28 +770,7 @@ async def test_a_task_open_before_key_budgets_existed_can_still_end(
 # ---------------------------------------------------------------- the CLI
 
 
-async def tollgate(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """Run ``tollgate ARGS`` as its own process: (exit code, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    env.update(
-        TOLLGATE_DATABASE_URL=settings.database_url,
-        TOLLGATE_REDIS_URL=settings.redis_url,
-        TOLLGATE_ADMIN_TOKEN=settings.admin_token,
-        TOLLGATE_SIGNING_SECRET=settings.signing_secret,
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+tollgate = run_cli
 
 
 async def test_cli_sets_shows_and_resets_limits(settings: Settings, engine: AsyncEngine) -> None:
