@@ -14,6 +14,8 @@ from litestar import Controller, Response, get, patch, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
+from gateway.callbacks import service as callbacks
+from gateway.callbacks.routes import redeliver
 from gateway.deps import AdminDep, ServicesDep, UnitOfWorkDep, provide_admin, provide_uow
 from gateway.errors import InvalidRequest, NotFound
 from gateway.ledger import reports
@@ -66,6 +68,12 @@ class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
     amount: Decimal
     reason: Reason = ""
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=120)] | None = None
+
+
+class CallbackSchedule(msgspec.Struct, forbid_unknown_fields=True):
+    """``standard``: retries after 1, 2, 4 s. ``extended``: then hourly for a day."""
+
+    schedule: Literal["standard", "extended"]
 
 
 class Refund(msgspec.Struct, forbid_unknown_fields=True):
@@ -297,6 +305,40 @@ class AdminController(Controller):
     ) -> Response[Any]:
         key = await set_key_limits(uow.session, services.catalog, key_id, data)
         return _json(await key_limits_json(uow.session, key, services.settings))
+
+    @get("/tasks/{task_id:str}/deliveries", summary="A task's callback deliveries")
+    async def deliveries(
+        self, task_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep
+    ) -> Response[Any]:
+        task = await uow.session.get(Task, task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        return _json({"data": await callbacks.list_deliveries(uow.session, task_id)})
+
+    @post("/tasks/{task_id:str}/deliveries", status_code=202, summary="Deliver a callback again")
+    async def redeliver(
+        self, task_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep, services: ServicesDep
+    ) -> Response[Any]:
+        task = await uow.session.get(Task, task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        return _json(await redeliver(uow.session, uow, services, task.tenant_id, task_id), 202)
+
+    @patch(
+        "/tenants/{tenant_id:str}/callbacks",
+        summary="Put a tenant on the standard or the extended callback schedule",
+    )
+    async def callback_schedule(
+        self,
+        tenant_id: FromPath[str],
+        data: JSONBody[CallbackSchedule],
+        admin: AdminDep,
+        uow: UnitOfWorkDep,
+    ) -> Response[Any]:
+        tenant = await get_tenant(uow.session, tenant_id)
+        tenant.callback_schedule = data.schedule
+        uow.session.add(tenant)
+        return _json({"tenant_id": tenant.id, "schedule": data.schedule})
 
     @get("/tasks", summary="List tasks, newest first")
     async def list_tasks(

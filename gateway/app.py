@@ -14,6 +14,7 @@ from litestar.types import Message, Scope
 
 from gateway.admin import AdminController
 from gateway.auth import KeyCache
+from gateway.callbacks.routes import WebhookController
 from gateway.db import check_migrated, create_engine, session_factory
 from gateway.deps import RATE_HEADERS, Services, provide_services
 from gateway.errors import exception_handler
@@ -87,7 +88,13 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             await engine.dispose()
 
     return Litestar(
-        route_handlers=[TaskController, FileController, AdminController, healthz],
+        route_handlers=[
+            TaskController,
+            WebhookController,
+            FileController,
+            AdminController,
+            healthz,
+        ],
         before_send=[add_rate_limit_headers],
         dependencies={"services": Provide(provide_services)},
         exception_handlers={Exception: exception_handler},

@@ -2,10 +2,21 @@
 
 from sqlmodel import SQLModel
 
+from gateway.callbacks.models import CallbackAttempt, CallbackDelivery
 from gateway.ledger.models import LedgerEntry
 from gateway.tasks.models import IdempotencyKey, Task
 from gateway.tenants import ApiKey, KeySpend, Tenant
 
 metadata = SQLModel.metadata
 
-__all__ = ["ApiKey", "IdempotencyKey", "KeySpend", "LedgerEntry", "Task", "Tenant", "metadata"]
+__all__ = [
+    "ApiKey",
+    "CallbackAttempt",
+    "CallbackDelivery",
+    "IdempotencyKey",
+    "KeySpend",
+    "LedgerEntry",
+    "Task",
+    "Tenant",
+    "metadata",
+]

@@ -4,7 +4,7 @@ import logging
 
 from arq.connections import ArqRedis
 
-from gateway.redis_keys import GENERATE_JOB, generate_job_id
+from gateway.redis_keys import CALLBACK_JOB, GENERATE_JOB, callback_job_id, generate_job_id
 
 logger = logging.getLogger("tollgate.queue")
 
@@ -17,5 +17,20 @@ async def enqueue_generation(redis: ArqRedis, queue_name: str, task_id: str, att
         attempt,
         _job_id=generate_job_id(task_id, attempt),
         _queue_name=queue_name,
+    )
+    return job is not None
+
+
+async def enqueue_callback(
+    redis: ArqRedis, queue_name: str, delivery_id: str, number: int, delay: float = 0
+) -> bool:
+    """Queue attempt ``number`` of a delivery, ``delay`` seconds from now."""
+    job = await redis.enqueue_job(
+        CALLBACK_JOB,
+        delivery_id,
+        number,
+        _job_id=callback_job_id(delivery_id, number),
+        _queue_name=queue_name,
+        _defer_by=delay or None,
     )
     return job is not None

@@ -6,11 +6,17 @@ and caches. Job ids are deterministic so that enqueueing twice is a no-op.
 """
 
 GENERATE_JOB = "generate_task"
+CALLBACK_JOB = "deliver_callback"
 
 
 def generate_job_id(task_id: str, attempt: int) -> str:
     """One job id per (task, attempt): a re-run after a lost lease gets a new id."""
     return f"gen:{task_id}:{attempt}"
+
+
+def callback_job_id(delivery_id: str, number: int) -> str:
+    """One job id per attempt of a delivery: a duplicate enqueue is a no-op."""
+    return f"cb:{delivery_id}:{number}"
 
 
 def rate_key_for_key(key_id: str) -> str:

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     # How long a request waits on Redis (rate limits) before answering 503.
     redis_timeout_seconds: float = Field(default=1.0, gt=0)
 
+    # Callbacks (docs/callbacks.md).
+    callback_queue_name: str = "tollgate:callbacks"
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    callback_max_jobs: int = Field(default=200, ge=1)
+    # FOR TESTS ONLY: hosts exempt from the internal-address refusal (local receivers).
+    callback_allowed_hosts: list[str] = Field(default_factory=list)
+    # Extra CA certificates trusted for callback TLS (a PEM file).
+    callback_ca_bundle: Path | None = None
+
     upstreams: dict[str, UpstreamAccount] = Field(default_factory=dict)
     queue_name: str = "tollgate:queue"
     worker_max_jobs: int = Field(default=100, ge=1)

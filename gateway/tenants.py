@@ -10,6 +10,7 @@ Rules:
   process within that time.
 """
 
+import base64
 import hashlib
 import re
 import secrets
@@ -31,6 +32,11 @@ DISPLAY_CHARS = 10  # "tg_" plus seven characters: enough to tell keys apart
 
 def _ts() -> sa.DateTime:
     return sa.DateTime(timezone=True)
+
+
+def new_webhook_secret() -> str:
+    """``whsec_`` and 32 random bytes in base64, the Standard Webhooks secret format."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def new_id(prefix: str) -> str:
@@ -59,6 +65,10 @@ class Tenant(SQLModel, table=True):
     rate_limit_per_minute: int | None = None
     rate_limit_burst: int | None = None
     allowed_models: list[str] | None = Field(default=None, sa_type=JSONB)
+    # Signs callbacks (Standard Webhooks); the tenant reads and rotates it through the API.
+    webhook_secret: str = Field(default_factory=lambda: new_webhook_secret(), max_length=100)
+    # "standard": retries after 1, 2, 4 s; "extended" (an operator's opt-in): then hourly for a day.
+    callback_schedule: str = Field(default="standard", max_length=20)
     created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
 
 

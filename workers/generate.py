@@ -43,6 +43,7 @@ from gateway.tasks import lifecycle
 from gateway.tasks.models import OPEN_STATES
 from pricing.catalog import Catalog
 from pricing.request import ImageRequest
+from workers.callbacks import enqueue_for_task
 from workers.images import fetch_image
 from workers.providers.base import JobState, Provider, UpstreamError
 from workers.upstream_slots import UpstreamSlots, backoff_seconds
@@ -95,6 +96,7 @@ class GenerationRun:
         self._last_beat = 0.0
         self.holder = f"{task_id}:{attempt}"  # in the upstream's slots
         self._provider = ""  # set once the task is claimed
+        self.callback_url: str | None = None  # likewise
         self._slot: str | None = None  # the upstream whose slot this run holds
 
     async def execute(self) -> str:
@@ -152,6 +154,7 @@ class GenerationRun:
                 self._slot = None
             return SKIPPED
         self._provider = claimed.provider
+        self.callback_url = claimed.callback_url
         self._last_beat = time.monotonic()
         age = (utcnow() - claimed.created_at).total_seconds()
         self.deadline = time.monotonic() + settings.task_deadline_seconds - age
@@ -312,6 +315,11 @@ class GenerationRun:
 async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
     """arq job: run one attempt of one task (see the module docstring)."""
     deps: WorkerDeps = ctx["deps"]
-    outcome = await GenerationRun(deps, task_id, attempt).execute()
+    run = GenerationRun(deps, task_id, attempt)
+    outcome = await run.execute()
     logger.info("task %s attempt %d: %s", task_id, attempt, outcome)
+    if run.callback_url and outcome.startswith(("completed", "failed")):
+        # The delivery row was committed with the task's end; queue its first attempt now
+        # (the callback reconciler would otherwise find it, later).
+        await enqueue_for_task(ctx["redis"], deps.settings, deps.engine, task_id)
     return outcome

@@ -14,11 +14,12 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import Worker
 
-from gateway.db import DatabaseNotReady, check_migrated, create_engine
-from gateway.redis_keys import GENERATE_JOB
+from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_factory
+from gateway.redis_keys import CALLBACK_JOB, GENERATE_JOB
 from gateway.settings import Settings, SettingsError, load_settings
-from gateway.storage import LocalStorage
+from gateway.storage import LocalStorage, UrlSigner
 from pricing.catalog import CatalogError, load_catalog
+from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
 from workers.generate import WorkerDeps, generate_task
 from workers.providers import ADAPTERS
 from workers.providers.base import Provider
@@ -105,6 +106,52 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     return Worker(**options)
 
 
+def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
+    """A worker for the callback queue: deliveries and their reconciler."""
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        engine = create_engine(settings)
+        await check_migrated(engine)
+        ctx["callback_deps"] = CallbackDeps(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            signer=UrlSigner(settings.signing_secret, settings.public_base_url),
+        )
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        deps: CallbackDeps | None = ctx.get("callback_deps")
+        if deps is not None:
+            await deps.engine.dispose()
+
+    options: dict[str, Any] = {
+        "functions": [_named(deliver_callback, CALLBACK_JOB)],
+        "cron_jobs": [
+            cron(
+                reconcile_callbacks,
+                name="reconcile_callbacks",
+                second=set(range(0, 60, settings.reconcile_interval_seconds)),
+                run_at_startup=True,
+                unique=True,
+                timeout=60,
+            )
+        ],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": settings.callback_queue_name,
+        "max_jobs": settings.callback_max_jobs,
+        # An attempt takes at most the callback timeout; one job is one attempt.
+        "job_timeout": settings.callback_timeout_seconds + 30,
+        "keep_result": 0,
+        "max_tries": 3,
+        "poll_delay": 0.05,
+        "handle_signals": True,
+    }
+    options.update(overrides)
+    return Worker(**options)
+
+
 def _named(fn: Any, name: str, **options: Any) -> Any:
     from arq.worker import func
 
@@ -112,9 +159,11 @@ def _named(fn: Any, name: str, **options: Any) -> Any:
 
 
 def main() -> None:
+    """``tollgate-worker`` runs generation; ``tollgate-worker --callbacks`` runs deliveries."""
+    callbacks = "--callbacks" in sys.argv[1:]
     try:
         settings = load_settings()
-        worker = create_worker(settings)
+        worker = create_callback_worker(settings) if callbacks else create_worker(settings)
     except (SettingsError, CatalogError) as exc:
         sys.exit(f"tollgate-worker: {exc}")
     logging.basicConfig(

@@ -19,6 +19,7 @@ from arq.connections import ArqRedis
 
 from gateway.queue import enqueue_generation
 from gateway.tasks import lifecycle
+from workers.callbacks import enqueue_for_task
 from workers.generate import WorkerDeps
 
 logger = logging.getLogger("tollgate.reconciler")
@@ -34,6 +35,8 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
         overdue = await lifecycle.fail_overdue(conn, settings.task_deadline_seconds, BATCH)
         reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
         pending = await lifecycle.stale_pending(conn, settings.requeue_pending_after_seconds, BATCH)
+    for task_id in overdue:
+        await enqueue_for_task(redis, settings, deps.engine, task_id)
     requeued = 0
     for task_id, attempt in [*reclaimed, *pending]:
         if await enqueue_generation(redis, settings.queue_name, task_id, attempt):

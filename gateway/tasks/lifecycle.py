@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import limits
+from gateway.callbacks import service as callbacks
 from gateway.ledger import service as ledger
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
 from pricing.quote import settlement
@@ -42,12 +43,16 @@ def _changed(result: Any) -> bool:
 
 async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
     """What every end of a task does, in its transaction: settle the hold (capture
-    ``charge``, or release when None), free the in-flight slot, and give the key's
-    budgets back what was reserved but not charged."""
+    ``charge``, or release when None), free the in-flight slot, give the key's
+    budgets back what was reserved but not charged, and record the callback."""
     await ledger.settle(conn, row.tenant_id, task_id, row.credits_reserved_micros, charge)
     await limits.free_in_flight_slot(conn, row.tenant_id)
     unused = row.credits_reserved_micros - (charge or 0)
     await limits.return_spend(conn, row.api_key_id, row.created_at, unused)
+    if row.callback_url:
+        # After the settlement above, in the same transaction: the callback can
+        # neither be lost nor report a charge that did not happen.
+        await callbacks.create_delivery(conn, task_id, row.tenant_id, row.callback_url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,7 @@ class Claimed:
     request: dict[str, Any]
     upstream_job_id: str | None
     created_at: datetime
+    callback_url: str | None
 
 
 async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float) -> Claimed | None:
@@ -72,7 +78,7 @@ async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float)
             lease_expires_at=func.now() + timedelta(seconds=lease),
             progress=func.greatest(c.progress, 5),
         )
-        .returning(c.model, c.provider, c.request, c.upstream_job_id, c.created_at)
+        .returning(c.model, c.provider, c.request, c.upstream_job_id, c.created_at, c.callback_url)
     )
     row = (await conn.execute(stmt)).first()
     if row is None:
@@ -115,7 +121,14 @@ async def complete(
             results_expire_at=func.now() + timedelta(seconds=ttl_seconds),
             lease_expires_at=None,
         )
-        .returning(c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at, c.quote)
+        .returning(
+            c.tenant_id,
+            c.credits_reserved_micros,
+            c.api_key_id,
+            c.created_at,
+            c.callback_url,
+            c.quote,
+        )
     )
     row = (await conn.execute(stmt)).first()
     if row is None:
@@ -144,7 +157,9 @@ async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, mes
             credits_charged_micros=0,
             upstream_cost_micros=0,
         )
-        .returning(c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at)
+        .returning(
+            c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at, c.callback_url
+        )
     )
     row = (await conn.execute(stmt)).first()
     if row is None:
@@ -201,7 +216,14 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
             credits_charged_micros=0,
             upstream_cost_micros=0,
         )
-        .returning(c.id, c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at)
+        .returning(
+            c.id,
+            c.tenant_id,
+            c.credits_reserved_micros,
+            c.api_key_id,
+            c.created_at,
+            c.callback_url,
+        )
     )
     failed = list(await conn.execute(stmt))
     for row in failed:

@@ -120,10 +120,11 @@ async def submit_generation(
     if not limits.check_model_access(principal, model_id):
         raise ModelAccessDenied(model_id)
     callback_url = fields.pop("callback_url", None)
+    allowed = frozenset(settings.callback_allowed_hosts)
     if callback_url is not None:
-        validate_callback_url(callback_url)
+        validate_callback_url(callback_url, allowed_hosts=allowed)
     elif webhook_url is not None:
-        callback_url = validate_callback_url(webhook_url, "X-Webhook-URL")
+        callback_url = validate_callback_url(webhook_url, "X-Webhook-URL", allowed_hosts=allowed)
     try:
         request = resolve_request(entry, fields)
     except InvalidField as exc:

@@ -1,0 +1,137 @@
+"""The callback worker: one attempt per job, retries by deferred jobs.
+
+Runs on its own queue (``TOLLGATE_CALLBACK_QUEUE_NAME``), so a slow receiver
+never delays generation. ``deliver_callback(delivery, number)`` claims attempt
+``number`` (``gateway/callbacks/service.py``), POSTs the task's current object
+through the SSRF guard (``gateway/netguard.py``: HTTPS, resolved once, never an
+internal address, TLS verified against the hostname, no redirects, no proxy),
+records the outcome and, on failure, queues attempt ``number + 1`` after the
+schedule's gap. A due retry lives in Redis as a deferred job, so it survives a
+worker restart; if Redis loses it, ``reconcile_callbacks`` queues it again from
+PostgreSQL.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway import netguard
+from gateway.callbacks import service as callbacks
+from gateway.db import utcnow
+from gateway.queue import enqueue_callback
+from gateway.settings import Settings
+from gateway.storage import UrlSigner
+from gateway.tasks.models import Task
+from gateway.tasks.schemas import encode_json
+from gateway.tasks.service import render_task
+from gateway.tenants import Tenant
+
+logger = logging.getLogger("tollgate.callbacks")
+
+BATCH = 500
+
+
+@dataclass
+class CallbackDeps:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    signer: UrlSigner
+    resolver: netguard.Resolver | None = None  # tests inject one; None: the system's
+
+
+async def enqueue_for_task(
+    redis: ArqRedis, settings: Settings, engine: AsyncEngine, task_id: str
+) -> None:
+    """Queue the first attempt of the deliveries a task's end created."""
+    async with engine.connect() as conn:
+        pending = await callbacks.pending_for_task(conn, task_id)
+    for delivery_id in pending:
+        await enqueue_callback(redis, settings.callback_queue_name, delivery_id, 1)
+
+
+async def deliver_callback(ctx: dict[str, Any], delivery_id: str, number: int) -> str:
+    deps: CallbackDeps = ctx["callback_deps"]
+    settings = deps.settings
+    async with deps.engine.begin() as conn:
+        claimed = await callbacks.claim_attempt(
+            conn, delivery_id, number, settings.callback_timeout_seconds
+        )
+    if claimed is None:
+        return "skipped: not due"
+    async with deps.sessions() as session:
+        task = await session.get(Task, claimed.task_id)
+        tenant = await session.get(Tenant, claimed.tenant_id)
+    assert task is not None
+    assert tenant is not None
+    secret = tenant.webhook_secret
+    body = encode_json(render_task(task, deps.signer))
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Tollgate-Webhooks/1",
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": callbacks.sign(secret, delivery_id, timestamp, body),
+    }
+    started_at = utcnow()
+    began = time.monotonic()
+    status_code: int | None = None
+    error: str | None = None
+    try:
+        response = await netguard.guarded_post(
+            claimed.url,
+            content=body,
+            headers=headers,
+            timeout=settings.callback_timeout_seconds,
+            resolver=deps.resolver,
+            allowed_hosts=frozenset(settings.callback_allowed_hosts),
+            ca_bundle=settings.callback_ca_bundle,
+        )
+        status_code = response.status_code
+        if not 200 <= status_code < 300:
+            error = f"HTTP {status_code}"
+    except netguard.ForbiddenAddress as exc:
+        error = f"refused: {exc}"
+    except Exception as exc:  # timeouts, connection and TLS errors: all retried
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    duration_ms = int((time.monotonic() - began) * 1000)
+    async with deps.engine.begin() as conn:
+        state = await callbacks.record_attempt(
+            conn,
+            delivery_id,
+            claimed,
+            started_at=started_at,
+            duration_ms=duration_ms,
+            status_code=status_code,
+            error=error,
+        )
+    if state == "pending":
+        await enqueue_callback(
+            ctx["redis"],
+            settings.callback_queue_name,
+            delivery_id,
+            number + 1,
+            delay=claimed.gap_seconds,
+        )
+    logger.info("callback %s attempt %d: %s (%s)", delivery_id, number, state, error or status_code)
+    return state
+
+
+async def reconcile_callbacks(ctx: dict[str, Any]) -> int:
+    """Queue every pending delivery whose next attempt is overdue (lost job, lost Redis)."""
+    deps: CallbackDeps = ctx["callback_deps"]
+    async with deps.engine.begin() as conn:
+        due = await callbacks.due_deliveries(conn, BATCH)
+    queued = 0
+    for delivery_id, number in due:
+        if await enqueue_callback(
+            ctx["redis"], deps.settings.callback_queue_name, delivery_id, number
+        ):
+            queued += 1
+    return queued
