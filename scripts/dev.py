@@ -806,6 +806,7 @@ def cmd_run(args: list[str]) -> int:
             env,
         ),
         _spawn("worker", [str(bin_dir / "tollgate-worker")], env),
+        _spawn("callbacks", [str(bin_dir / "tollgate-worker"), "--callbacks"], env),
         _spawn(
             "gateway",
             [str(bin_dir / "tollgate"), "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -847,7 +848,7 @@ Try:
     -d '{body}'
 then poll: curl -s {base}/v1/tasks/<id> -H "Authorization: Bearer {key}"
 Admin token: {admin_token}  ({where})
-Logs: .tollgate/logs/gateway.log, worker.log, simulator.log
+Logs: .tollgate/logs/gateway.log, worker.log, callbacks.log, simulator.log
 Press Ctrl-C to stop.
 """,
         flush=True,

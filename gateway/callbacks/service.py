@@ -50,9 +50,10 @@ async def create_delivery(db: Db, task_id: str, tenant_id: str, url: str) -> str
             "INSERT INTO callback_deliveries "
             "(id, task_id, tenant_id, url, status, schedule, attempts, next_attempt_at, "
             "created_at) SELECT :id, :task, :tenant, :url, 'pending', callback_schedule, 0, "
-            "now(), now() FROM tenants WHERE id = :tenant"
+            "now(), now() FROM tenants WHERE id = :owner"
         ),
-        {"id": delivery_id, "task": task_id, "tenant": tenant_id, "url": url},
+        # Two names for one value: asyncpg types each parameter from a single use.
+        {"id": delivery_id, "task": task_id, "tenant": tenant_id, "owner": tenant_id, "url": url},
     )
     return delivery_id
 
