@@ -368,6 +368,31 @@ async def run_cli(settings: Settings, *args: str, **env: str) -> tuple[int, str,
     return proc.returncode, out.decode(), err.decode()
 
 
+async def rows_of(
+    engine: AsyncEngine, tenant_id: str, tables: tuple[str, ...] = ("tasks",)
+) -> dict[str, int]:
+    """A tenant's ledger rows by kind, and its rows in each of ``tables``."""
+    async with engine.connect() as conn:
+        found = dict(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT kind, COUNT(*) FROM ledger_entries WHERE tenant_id = :t "
+                        "GROUP BY kind"
+                    ),
+                    {"t": tenant_id},
+                )
+            ).all()
+        )
+        for table in tables:
+            found[table] = (
+                await conn.execute(
+                    text(f"SELECT COUNT(*) FROM {table} WHERE tenant_id = :t"), {"t": tenant_id}
+                )
+            ).scalar_one()
+    return {k: int(v) for k, v in found.items()}
+
+
 def start_worker(settings: Settings) -> tuple[Any, "asyncio.Task[None]"]:
     """An arq worker running in this event loop with the given settings."""
     from workers.main import create_worker

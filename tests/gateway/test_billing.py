@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import bearer, make_tenant_key, run_cli, scalar, serve_app
+from conftest import rows_of as count_rows
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -70,29 +71,6 @@ async def totals(engine: AsyncEngine, tenant_id: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-async def rows_of(engine: AsyncEngine, tenant_id: str) -> dict[str, int]:
-    """How many task, ledger and idempotency rows a tenant has, by kind."""
-    async with engine.connect() as conn:
-        kinds = dict(
-            (
-                await conn.execute(
-                    text(
-                        "SELECT kind, COUNT(*) FROM ledger_entries WHERE tenant_id = :t "
-                        "GROUP BY kind"
-                    ),
-                    {"t": tenant_id},
-                )
-            ).all()
-        )
-        for table in ("tasks", "idempotency_keys"):
-            kinds[table] = (
-                await conn.execute(
-                    text(f"SELECT COUNT(*) FROM {table} WHERE tenant_id = :t"), {"t": tenant_id}
-                )
-            ).scalar_one()
-    return {k: int(v) for k, v in kinds.items()}
-
-
 async def ledger_problems(engine: AsyncEngine) -> list[str]:
     async with engine.connect() as conn:
         return await ledger.check(conn)
@@ -132,6 +110,10 @@ async def fail(engine: AsyncEngine, task_id: str) -> None:
 
 
 tollgate = run_cli
+
+
+async def rows_of(engine: AsyncEngine, tenant_id: str) -> dict[str, int]:
+    return await count_rows(engine, tenant_id, tables=("tasks", "idempotency_keys"))
 
 
 # ---------------------------------------------------------------- reservations

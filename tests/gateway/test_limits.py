@@ -26,6 +26,7 @@ from conftest import (
     bearer,
     make_settings,
     make_tenant_key,
+    rows_of,
     run_cli,
     scalar,
     serve_app,
@@ -130,28 +131,6 @@ def rate_state(response: Any) -> dict[str, dict[str, int]]:
 
 async def in_flight(engine: AsyncEngine, tenant_id: str) -> int:
     return int(await scalar(engine, "SELECT in_flight FROM tenants WHERE id = :t", t=tenant_id))
-
-
-async def rows_of(engine: AsyncEngine, tenant_id: str) -> dict[str, int]:
-    """How many tasks and ledger rows (by kind) a tenant has."""
-    async with engine.connect() as conn:
-        found = dict(
-            (
-                await conn.execute(
-                    text(
-                        "SELECT kind, COUNT(*) FROM ledger_entries WHERE tenant_id = :t "
-                        "GROUP BY kind"
-                    ),
-                    {"t": tenant_id},
-                )
-            ).all()
-        )
-        found["tasks"] = (
-            await conn.execute(
-                text("SELECT COUNT(*) FROM tasks WHERE tenant_id = :t"), {"t": tenant_id}
-            )
-        ).scalar_one()
-    return {k: int(v) for k, v in found.items()}
 
 
 async def submitted(client: Any, caller: Caller, body: dict[str, Any] = CHEAP) -> str:
