@@ -70,7 +70,10 @@ class Settings(BaseSettings):
     requeue_pending_after_seconds: float = Field(default=30.0, ge=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Per-phase limits on one upstream call: a submit (for a synchronous upstream, the whole
+    # generation), and each poll or cancel. The task's own deadline bounds them all.
     upstream_timeout_seconds: float = Field(default=30.0, gt=0)
+    upstream_poll_timeout_seconds: float = Field(default=10.0, gt=0)
     # Back-off between submit retries: base, 2 × base, 4 × base (or the upstream's Retry-After).
     upstream_retry_base_seconds: float = Field(default=1.0, ge=0)
     max_image_bytes: int = Field(default=52_428_800, ge=1024)

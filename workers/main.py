@@ -22,7 +22,7 @@ from pricing.catalog import CatalogError, load_catalog
 from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
 from workers.generate import WorkerDeps, generate_task
 from workers.providers import ADAPTERS
-from workers.providers.base import Provider
+from workers.providers.base import Endpoint, Provider
 from workers.reconciler import reconcile
 from workers.upstream_slots import MIN_WAIT_SECONDS, UpstreamSlots
 
@@ -37,7 +37,15 @@ def build_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, 
             raise SettingsError(
                 f"TOLLGATE_UPSTREAMS: unknown provider {name!r} (known: {', '.join(ADAPTERS)})"
             )
-        providers[name] = adapter(client, account)
+        providers[name] = adapter(
+            client,
+            Endpoint(
+                base_url=str(account.base_url),
+                api_key=account.api_key,
+                submit_timeout=settings.upstream_timeout_seconds,
+                poll_timeout=settings.upstream_poll_timeout_seconds,
+            ),
+        )
     return providers
 
 

@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.settings import UpstreamAccount
 from pricing.catalog import ModelEntry, load_catalog
 from pricing.request import ImageRequest, resolve_request
 from workers.providers import ADAPTERS
 from workers.providers.base import (
+    Endpoint,
     JobState,
     Provider,
     UpstreamError,
@@ -42,8 +42,7 @@ def entry(model_id: str) -> ModelEntry:
 
 
 def provider(name: str, http: httpx.AsyncClient, *, base: str = SIM_BASE) -> Provider:
-    account = UpstreamAccount.model_validate({"base_url": base, "api_key": API_KEY})
-    return ADAPTERS[name](http, account)
+    return ADAPTERS[name](http, Endpoint(base_url=base, api_key=API_KEY))
 
 
 def request_for(model_id: str, **fields: Any) -> ImageRequest:
@@ -194,7 +193,7 @@ async def test_simulated_submit_faults_raise_retryable_errors(
 async def test_wrong_api_key_is_unavailable_not_the_requests_fault(
     sim_http: httpx.AsyncClient, name: str
 ) -> None:
-    account = UpstreamAccount.model_validate({"base_url": SIM_BASE, "api_key": "sk-wrong"})
+    account = Endpoint(base_url=SIM_BASE, api_key="sk-wrong")
     with pytest.raises(UpstreamUnavailable, match="credentials"):
         await default_call(name)(ADAPTERS[name](sim_http, account))
 

@@ -4,12 +4,11 @@ from collections.abc import Callable
 
 import httpx
 
-from gateway.settings import UpstreamAccount
-from workers.providers.base import Provider
+from workers.providers.base import Endpoint, Provider
 from workers.providers.krea import KreaProvider
 from workers.providers.siliconflow import SiliconFlowProvider
 
-ADAPTERS: dict[str, Callable[[httpx.AsyncClient, UpstreamAccount], Provider]] = {
+ADAPTERS: dict[str, Callable[[httpx.AsyncClient, Endpoint], Provider]] = {
     "krea": KreaProvider,
     "siliconflow": SiliconFlowProvider,
 }

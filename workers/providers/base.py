@@ -19,6 +19,7 @@ they reach the tenant as the task's error.
 
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
 from pricing.request import ImageRequest
 
@@ -57,6 +58,26 @@ class UpstreamBadResult(UpstreamError):
 
 
 @dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where an adapter calls and with what: one channel's account, and its time limits.
+
+    ``submit_timeout`` bounds a submit (for a synchronous upstream, the whole
+    generation); ``poll_timeout`` each poll or cancel. Connecting has its own
+    limit, set on the shared HTTP client.
+    """
+
+    base_url: str
+    api_key: str = field(repr=False)
+    submit_timeout: float = 30.0
+    poll_timeout: float = 10.0
+
+    @property
+    def host(self) -> str:
+        """The host of ``base_url``, lower case (result links there skip the address guard)."""
+        return (urlsplit(self.base_url).hostname or "").lower()
+
+
+@dataclass(frozen=True, slots=True)
 class JobState:
     status: JobStatus
     progress: int | None = None
@@ -73,7 +94,15 @@ class Submitted:
 
 
 class Provider(Protocol):
+    """One upstream protocol. Built per channel as ``Adapter(http_client, endpoint)``.
+
+    ``supports_cancel`` says whether ``cancel`` reaches the upstream; a
+    synchronous adapter has no job to poll or cancel (``submit`` returns the
+    final state, and ``poll``/``cancel`` raise ``UpstreamRejected``).
+    """
+
     name: str
+    supports_cancel: bool
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted: ...
 

@@ -4,8 +4,8 @@ from typing import Any
 
 import httpx
 
-from gateway.settings import UpstreamAccount
 from workers.providers.base import (
+    Endpoint,
     UpstreamProtocolError,
     UpstreamRejected,
     UpstreamUnavailable,
@@ -28,11 +28,21 @@ async def call_json(
     api_key: str,
     provider: str,
     json: dict[str, Any] | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - httpx's own per-request limit
+    auth_header: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One upstream call returning its JSON object, or an Upstream* error in our words."""
+    """One upstream call returning its JSON object, or an Upstream* error in our words.
+
+    The key goes in ``Authorization: Bearer`` unless ``auth_header`` names
+    another header and value (BFL's ``x-key``, say).
+    """
+    header = auth_header or ("Authorization", f"Bearer {api_key}")
+    extra: dict[str, Any] = {}
+    if timeout is not None:
+        extra["timeout"] = httpx.Timeout(timeout, connect=_connect_limit(client, timeout))
     try:
         response = await client.request(
-            method, url, json=json, headers={"Authorization": f"Bearer {api_key}"}
+            method, url, json=json, headers={header[0]: header[1]}, **extra
         )
     except httpx.TimeoutException:
         raise UpstreamUnavailable(f"{provider} did not answer in time") from None
@@ -61,23 +71,51 @@ async def call_json(
     return body
 
 
-class AccountClient:
-    """One upstream account: its base URL and key, and the words errors use for it."""
+def _connect_limit(client: httpx.AsyncClient, timeout: float) -> float | None:
+    """The client's connect limit, never longer than the call's whole limit."""
+    connect = client.timeout.connect
+    return timeout if connect is None else min(connect, timeout)
 
-    def __init__(self, client: httpx.AsyncClient, account: UpstreamAccount, label: str) -> None:
+
+class AccountClient:
+    """One channel's account: its base URL, key and time limits, and the words errors use.
+
+    ``submit`` calls get the endpoint's submit limit, everything else its poll
+    limit. ``auth_header`` builds the header carrying the key (default Bearer).
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        endpoint: Endpoint,
+        label: str,
+        *,
+        auth_header: tuple[str, str] | None = None,
+    ) -> None:
         self._client = client
-        self._base = str(account.base_url).rstrip("/")
-        self._key = account.api_key
+        self._endpoint = endpoint
+        self._base = endpoint.base_url.rstrip("/")
+        self._auth = auth_header
         self.label = label
 
     async def call(
-        self, method: str, path: str, json: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None = None,
+        *,
+        submit: bool = False,
     ) -> dict[str, Any]:
+        """Call ``path`` (or an absolute URL on the upstream, e.g. a polling URL)."""
+        url = path if path.startswith(("http://", "https://")) else f"{self._base}{path}"
+        endpoint = self._endpoint
         return await call_json(
             self._client,
             method,
-            f"{self._base}{path}",
-            api_key=self._key,
+            url,
+            api_key=endpoint.api_key,
             provider=self.label,
             json=json,
+            timeout=endpoint.submit_timeout if submit else endpoint.poll_timeout,
+            auth_header=self._auth,
         )

@@ -8,9 +8,8 @@ from typing import Any
 
 import httpx
 
-from gateway.settings import UpstreamAccount
 from pricing.request import ImageRequest
-from workers.providers.base import JobState, JobStatus, Submitted, UpstreamProtocolError
+from workers.providers.base import Endpoint, JobState, JobStatus, Submitted, UpstreamProtocolError
 from workers.providers.http import AccountClient
 
 # Request parameters Krea takes under the same name as the unified API.
@@ -49,13 +48,14 @@ def krea_body(request: ImageRequest) -> dict[str, Any]:
 
 class KreaProvider:
     name = "krea"
+    supports_cancel = True
 
-    def __init__(self, client: httpx.AsyncClient, account: UpstreamAccount) -> None:
-        self._account = AccountClient(client, account, "the Krea upstream")
+    def __init__(self, client: httpx.AsyncClient, endpoint: Endpoint) -> None:
+        self._account = AccountClient(client, endpoint, "the Krea upstream")
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
         body = await self._account.call(
-            "POST", f"/generate/image/{upstream_model}", krea_body(request)
+            "POST", f"/generate/image/{upstream_model}", krea_body(request), submit=True
         )
         job_id = body.get("job_id")
         if not isinstance(job_id, str) or not job_id:

@@ -9,9 +9,14 @@ from typing import Any
 
 import httpx
 
-from gateway.settings import UpstreamAccount
 from pricing.request import ImageRequest
-from workers.providers.base import JobState, Submitted, UpstreamProtocolError, UpstreamRejected
+from workers.providers.base import (
+    Endpoint,
+    JobState,
+    Submitted,
+    UpstreamProtocolError,
+    UpstreamRejected,
+)
 from workers.providers.http import AccountClient
 
 
@@ -35,13 +40,14 @@ def siliconflow_body(upstream_model: str, request: ImageRequest) -> dict[str, An
 
 class SiliconFlowProvider:
     name = "siliconflow"
+    supports_cancel = False
 
-    def __init__(self, client: httpx.AsyncClient, account: UpstreamAccount) -> None:
-        self._account = AccountClient(client, account, "the SiliconFlow upstream")
+    def __init__(self, client: httpx.AsyncClient, endpoint: Endpoint) -> None:
+        self._account = AccountClient(client, endpoint, "the SiliconFlow upstream")
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
         body = await self._account.call(
-            "POST", "/v1/images/generations", siliconflow_body(upstream_model, request)
+            "POST", "/v1/images/generations", siliconflow_body(upstream_model, request), submit=True
         )
         images = body.get("images")
         if not isinstance(images, list) or not images:
