@@ -3,6 +3,7 @@
 from sqlmodel import SQLModel
 
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery
+from gateway.channels.models import Channel
 from gateway.ledger.models import LedgerEntry
 from gateway.tasks.models import IdempotencyKey, Task
 from gateway.tenants import ApiKey, KeySpend, Tenant
@@ -13,6 +14,7 @@ __all__ = [
     "ApiKey",
     "CallbackAttempt",
     "CallbackDelivery",
+    "Channel",
     "IdempotencyKey",
     "KeySpend",
     "LedgerEntry",

@@ -84,10 +84,16 @@ class Task(SQLModel, table=True):
     estimated_seconds: int = 0
     can_cancel: bool = False
     callback_url: str | None = Field(default=None, max_length=2048)
+    # Which front door the task came through: "unified" (seeds/002) or "krea" (seeds/001);
+    # it decides the shape of the task in GET answers and in its callback.
+    api: str = Field(default="unified", max_length=20)
 
     attempt: int = 0
     lease_expires_at: datetime | None = Field(default=None, sa_type=_ts())
-    upstream_job_id: str | None = Field(default=None, max_length=200)
+    # The channel running the task's upstream job and the job's id there, recorded
+    # together so a resumed attempt polls the same job on the same channel.
+    channel_id: str | None = Field(default=None, max_length=40)
+    upstream_job_id: str | None = Field(default=None, max_length=2048)
     results: list[str] | None = Field(default=None, sa_type=JSONB)
     results_expire_at: datetime | None = Field(default=None, sa_type=_ts())
     error_code: str | None = Field(default=None, max_length=50)

@@ -1,0 +1,1 @@
+"""Channels: the upstream accounts a model can be served by (docs/channels.md)."""

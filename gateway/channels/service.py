@@ -1,0 +1,181 @@
+"""Managing channels: create, read, change, remove; and the view that never shows a key.
+
+Used by the admin API and the CLI alike, so both validate the same way and
+name the field at fault. Workers read the table themselves
+(``workers/routing.py``) and see a change within their directory's TTL.
+"""
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.channels.models import ADAPTER_NAMES, MAX_WEIGHT, Channel
+from gateway.db import utcnow
+from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.tenants import new_id
+from pricing.catalog import Catalog
+
+EDITABLE = (
+    "name",
+    "adapter",
+    "base_url",
+    "api_key",
+    "models",
+    "priority",
+    "weight",
+    "max_concurrency",
+    "enabled",
+)
+REQUIRED = ("name", "adapter", "base_url", "api_key", "models")
+
+
+def _check_text(name: str, value: object, max_length: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(name, "must be a non-empty string")
+    if len(value) > max_length:
+        raise InvalidRequest(name, f"must be at most {max_length} characters")
+    if "\x00" in value:
+        raise InvalidRequest(name, "must not contain NUL (\\u0000) characters")
+    return value
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(name, "must be an integer")
+    if not low <= value <= high:
+        raise InvalidRequest(name, f"must be between {low} and {high}")
+    return value
+
+
+def _check_base_url(value: object) -> str:
+    url = _check_text("base_url", value, 2048).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest("base_url", "must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise InvalidRequest("base_url", "must not carry a query, fragment or credentials")
+    return url
+
+
+def _check_models(value: object, catalog: Catalog) -> dict[str, str | None]:
+    if not isinstance(value, dict) or not value:
+        raise InvalidRequest(
+            "models",
+            "must be a non-empty object mapping catalogue model ids to the upstream's model id "
+            "(null: the catalogue's)",
+        )
+    checked: dict[str, str | None] = {}
+    for model_id, upstream in value.items():
+        if catalog.model(model_id) is None:
+            raise InvalidRequest(f"models.{model_id}", "is not a model of the catalogue")
+        if upstream is not None:
+            upstream = _check_text(f"models.{model_id}", upstream, 200)
+        checked[model_id] = upstream
+    return checked
+
+
+def validate_fields(fields: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
+    """The editable fields of ``fields``, each checked; unknown ones are refused."""
+    checked: dict[str, Any] = {}
+    for name, value in fields.items():
+        match name:
+            case "name":
+                checked[name] = _check_text(name, value, 100)
+            case "adapter":
+                if value not in ADAPTER_NAMES:
+                    raise InvalidRequest(name, f"must be one of {', '.join(ADAPTER_NAMES)}")
+                checked[name] = value
+            case "base_url":
+                checked[name] = _check_base_url(value)
+            case "api_key":
+                checked[name] = _check_text(name, value, 4096)
+            case "models":
+                checked[name] = _check_models(value, catalog)
+            case "priority":
+                checked[name] = _check_int(name, value, -1000, 1000)
+            case "weight":
+                checked[name] = _check_int(name, value, 1, MAX_WEIGHT)
+            case "max_concurrency":
+                checked[name] = _check_int(name, value, 1, 100_000)
+            case "enabled":
+                if not isinstance(value, bool):
+                    raise InvalidRequest(name, "must be true or false")
+                checked[name] = value
+            case _:
+                raise InvalidRequest(name, f"unknown field; fields are {', '.join(EDITABLE)}")
+    return checked
+
+
+async def create_channel(
+    session: AsyncSession, fields: dict[str, Any], catalog: Catalog
+) -> Channel:
+    checked = validate_fields(fields, catalog)
+    for name in REQUIRED:
+        if name not in checked:
+            raise InvalidRequest(name, "is required")
+    channel = Channel(id=new_id("ch"), **checked)
+    session.add(channel)
+    await _flush(session, channel.name)
+    return channel
+
+
+async def get_channel(session: AsyncSession, ref: str) -> Channel:
+    """A channel by id or by name."""
+    query = select(Channel).where((col(Channel.id) == ref) | (col(Channel.name) == ref))
+    channel = (await session.exec(query)).first()
+    if channel is None:
+        raise NotFound(f"No channel {ref!r}")
+    return channel
+
+
+async def list_channels(session: AsyncSession) -> list[Channel]:
+    query = select(Channel).order_by(col(Channel.priority).desc(), col(Channel.name))
+    return list((await session.exec(query)).all())
+
+
+async def update_channel(
+    session: AsyncSession, ref: str, fields: dict[str, Any], catalog: Catalog
+) -> Channel:
+    checked = validate_fields(fields, catalog)
+    channel = await get_channel(session, ref)
+    for name, value in checked.items():
+        setattr(channel, name, value)
+    channel.updated_at = utcnow()
+    session.add(channel)
+    await _flush(session, channel.name)
+    return channel
+
+
+async def delete_channel(session: AsyncSession, ref: str) -> None:
+    """Remove a channel. Tasks whose upstream job ran there fail over to another channel."""
+    channel = await get_channel(session, ref)
+    await session.delete(channel)
+    await session.flush()
+
+
+async def _flush(session: AsyncSession, name: str) -> None:
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise Conflict(f"A channel named {name!r} exists already") from None
+
+
+def channel_view(channel: Channel) -> dict[str, Any]:
+    """What the API and CLI show of a channel: everything but the key."""
+    return {
+        "id": channel.id,
+        "name": channel.name,
+        "adapter": channel.adapter,
+        "base_url": channel.base_url,
+        "api_key_set": bool(channel.api_key),
+        "models": channel.models,
+        "priority": channel.priority,
+        "weight": channel.weight,
+        "max_concurrency": channel.max_concurrency,
+        "enabled": channel.enabled,
+        "created_at": channel.created_at.isoformat(),
+        "updated_at": channel.updated_at.isoformat(),
+    }
