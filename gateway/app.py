@@ -1,23 +1,42 @@
 """``create_app(settings)``: the one place that wires routes, DI, errors and lifespan."""
 
+import asyncio
+import functools
+import hmac
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from arq.connections import RedisSettings, create_pool
-from litestar import Litestar, get
+from litestar import Litestar, Request, Response, get
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
+from litestar.enums import ScopeType
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.types import Message, Scope
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway import logs, metrics
 from gateway.admin import AdminController
-from gateway.auth import KeyCache
+from gateway.auth import KeyCache, bearer_token
 from gateway.callbacks.routes import WebhookController
-from gateway.db import check_migrated, create_engine, session_factory
-from gateway.deps import RATE_HEADERS, Services, provide_services
-from gateway.errors import exception_handler
+from gateway.db import (
+    check_migrated,
+    create_engine,
+    known_revisions,
+    migration_head,
+    session_factory,
+)
+from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
+from gateway.errors import Unauthorized, exception_handler
+from gateway.krea_api import KreaController
 from gateway.limits import RateLimiter
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
@@ -59,6 +78,135 @@ async def add_rate_limit_headers(message: Message, scope: Scope) -> None:
                 headers[name] = value
 
 
+# --- Probes, metrics, and what every request gets -----------------------------------
+
+logger = logging.getLogger("tollgate.app")
+access_logger = logging.getLogger("tollgate.access")
+
+READY_TIMEOUT_SECONDS = 1.0
+_REQUEST_ID = logs.REQUEST_ID_HEADER.lower().encode()
+
+
+@functools.cache
+def _head() -> str | None:
+    return migration_head()
+
+
+@functools.cache
+def _known() -> frozenset[str]:
+    return known_revisions()
+
+
+async def _database_ready(engine: AsyncEngine) -> dict[str, str]:
+    head = _head()
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS), engine.connect() as conn:
+            try:
+                query = text("SELECT version_num FROM alembic_version")
+                current = (await conn.execute(query)).scalar()
+            except ProgrammingError:  # no alembic_version table: never migrated
+                current = None
+    except TimeoutError:
+        return {"postgresql": "timeout"}
+    except Exception as exc:
+        logger.warning("readyz: PostgreSQL unreachable: %s", exc)
+        return {"postgresql": "unreachable"}
+    if current == head or (current is not None and current not in _known()):
+        # A revision this code does not know is newer: a rolling upgrade (gateway/db.py).
+        return {"postgresql": "ok", "migrations": "ok"}
+    return {"postgresql": "ok", "migrations": f"at {current or 'no revision'}, needs {head}"}
+
+
+async def _redis_ready(redis: Redis) -> dict[str, str]:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            await redis.ping()
+    except TimeoutError:
+        return {"redis": "timeout"}
+    except Exception as exc:
+        logger.warning("readyz: Redis unreachable: %s", exc)
+        return {"redis": "unreachable"}
+    return {"redis": "ok"}
+
+
+@get("/readyz", include_in_schema=False)
+async def readyz(services: ServicesDep) -> Response[dict[str, Any]]:
+    """Ready for traffic: PostgreSQL and Redis answer, and the schema is at the code's head."""
+    database, redis = await asyncio.gather(
+        _database_ready(services.engine), _redis_ready(services.redis)
+    )
+    checks = {**database, **redis}
+    if all(state == "ok" for state in checks.values()):
+        return Response({"status": "ready"})
+    return Response({"status": "not ready", "checks": checks}, status_code=503)
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics_endpoint(
+    request: Request[Any, Any, State], services: ServicesDep
+) -> Response[bytes]:
+    """Prometheus exposition. Unauthenticated unless TOLLGATE_METRICS_TOKEN is set: keep it
+    off the public listener (docs/observability.md)."""
+    token = services.settings.metrics_token
+    if token is not None:
+        given = bearer_token(request.headers.get("authorization"))
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized("Invalid metrics token")
+    state = await metrics.read_state(
+        redis=services.redis,
+        engine=services.engine,
+        settings=services.settings,
+        models=[entry.id for entry in services.catalog.models],
+    )
+    body, content_type = metrics.exposition(state)
+    return Response(content=body, media_type=content_type)
+
+
+def observe_requests(handler: ASGIApp, *, access_log: bool) -> ASGIApp:
+    """Wrap the app's ASGI handler (routing included, so 404s are seen): a request id for
+    the logs and the ``X-Request-ID`` header, and the request counted and timed."""
+
+    async def observed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await handler(scope, receive, send)
+            return
+        method: str = scope["method"]
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = (
+            logs.sane_request_id(given.decode("latin-1") if given else None)
+            or logs.new_request_id()
+        )
+        echoed = request_id.encode("latin-1")
+        status = 500  # unless a response starts
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (_REQUEST_ID, echoed)]
+            await send(message)
+
+        started = time.perf_counter()
+        token = logs.start_request(request_id)
+        try:
+            await handler(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            route: str | None = scope.get("path_template")
+            metrics.observe_http(route, method, status, seconds)
+            if access_log:
+                access_logger.info(
+                    "%s %s %d",
+                    method,
+                    route or metrics.UNMATCHED,
+                    status,
+                    extra={"status": status, "duration_ms": round(seconds * 1000, 3)},
+                )
+            logs.end_request(token)
+
+    return observed
+
+
 def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
     catalog = load_checked_catalog(settings)
 
@@ -70,6 +218,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             if check_schema:
                 await check_migrated(engine)
             redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+            metrics.configure(settings)
             app.state.services = Services(
                 settings=settings,
                 catalog=catalog,
@@ -87,13 +236,16 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 await redis.aclose()
             await engine.dispose()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             TaskController,
             WebhookController,
             FileController,
+            KreaController,
             AdminController,
             healthz,
+            readyz,
+            metrics_endpoint,
         ],
         before_send=[add_rate_limit_headers],
         dependencies={"services": Provide(provide_services)},
@@ -101,6 +253,8 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         lifespan=[lifespan],
         state=State(),
         request_max_body_size=settings.max_body_bytes,
+        # Logging is configured once per process (gateway/logs.py), never by the framework.
+        logging_config=None,
         openapi_config=OpenAPIConfig(
             title="Tollgate",
             version="0.1.0",
@@ -117,8 +271,12 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             ),
         ),
     )
+    app.asgi_handler = observe_requests(app.asgi_handler, access_log=settings.access_log)
+    return app
 
 
 def app_from_env() -> Litestar:
-    """Factory for ``uvicorn --factory gateway.app:app_from_env``."""
-    return create_app(load_settings())
+    """Factory for ``uvicorn --factory gateway.app:app_from_env`` (one per gateway process)."""
+    settings = load_settings()
+    logs.configure_logging(settings)
+    return create_app(settings)

@@ -36,6 +36,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_pre_ping=False,
+        # Errors never quote statement parameters: they can hold keys, prompts, URLs.
+        hide_parameters=True,
     )
 
 
@@ -64,8 +66,19 @@ def migration_head() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def known_revisions() -> frozenset[str]:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return frozenset(rev.revision for rev in scripts.walk_revisions())
+
+
 async def check_migrated(engine: AsyncEngine) -> None:
-    """Raise DatabaseNotReady unless the schema is at the migrations' head."""
+    """Raise DatabaseNotReady unless the schema is at the migrations' head, or newer.
+
+    Newer means a revision this code does not know: a rolling upgrade has run
+    the next release's migrations while this process still serves. Migrations
+    only add (docs/operations.md), so the old code keeps working on the new
+    schema, and refusing it would take every old process out at once.
+    """
     head = migration_head()
     try:
         async with engine.connect() as conn:
@@ -74,7 +87,7 @@ async def check_migrated(engine: AsyncEngine) -> None:
         current = None
     except (OSError, DBAPIError) as exc:
         raise DatabaseNotReady(f"cannot reach PostgreSQL: {exc}") from None
-    if current != head:
+    if current != head and (current is None or current in known_revisions()):
         state = f"at revision {current}" if current else "not migrated"
         raise DatabaseNotReady(
             f"the database is {state}, the code needs revision {head}: "

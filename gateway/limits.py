@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import Table, func, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from gateway import metrics
 from gateway.auth import Principal
 from gateway.errors import ApiError, ServiceUnavailable
 from gateway.ledger.service import Db, connection
@@ -197,6 +198,8 @@ class RateLimiter:
             hit = [
                 lim.name for lim, left in zip(limits, decision.remaining, strict=True) if left == 0
             ]
+            # One refusal, one count: the key's limit when both are exhausted.
+            metrics.rate_limit_refused(hit[0] if hit else "key")
             raise RateLimited(
                 f"Too many requests for this {' and '.join(hit) or 'key'}: "
                 f"retry after {decision.headers()['Retry-After']} s",
@@ -218,6 +221,7 @@ async def take_in_flight_slot(db: Db, settings: Settings, principal: Principal) 
         stmt = stmt.where(tenants.c.in_flight < cap)
     result = await (await connection(db)).execute(stmt.values(in_flight=tenants.c.in_flight + 1))
     if result.rowcount != 1:
+        metrics.rate_limit_refused("in_flight")
         raise TooManyInFlight(
             f"Too many tasks in flight: this tenant may have {cap} pending or processing "
             "at once; wait for some to finish"
@@ -256,6 +260,7 @@ async def count_spend(db: Db, principal: Principal, amount: int, moment: datetim
     }
     for label, period, budget in zip(("total", "daily", "monthly"), periods, budgets, strict=True):
         if budget is not None and spent[period] > budget:
+            metrics.rate_limit_refused("key_budget")
             raise KeyBudgetExceeded(
                 f"This key's {label} budget of {credits_from_micros(budget)} credits would be "
                 f"exceeded: {credits_from_micros(spent[period] - amount)} already reserved or "

@@ -518,7 +518,35 @@ async def guarded_post(
     network_backend: httpcore.AsyncNetworkBackend | None = None,
     max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> httpx.Response:
-    """POST ``content`` to ``url`` under every rule of this module.
+    """POST ``content`` to ``url`` under every rule of this module (``guarded_request``)."""
+    return await guarded_request(
+        "POST",
+        url,
+        content=content,
+        headers=headers,
+        timeout=timeout,
+        resolver=resolver,
+        allowed_hosts=allowed_hosts,
+        ca_bundle=ca_bundle,
+        network_backend=network_backend,
+        max_response_bytes=max_response_bytes,
+    )
+
+
+async def guarded_request(
+    method: str,
+    url: str,
+    *,
+    content: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float,  # noqa: ASYNC109 - one budget for lookup and exchange, applied below
+    resolver: Resolver | None = None,
+    allowed_hosts: frozenset[str] = frozenset(),
+    ca_bundle: Path | None = None,
+    network_backend: httpcore.AsyncNetworkBackend | None = None,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
+) -> httpx.Response:
+    """Send one request to ``url`` under every rule of this module.
 
     Checks the form, resolves once, connects to the first checked address that
     accepts (the next on a connection failure), verifies TLS against the
@@ -553,11 +581,11 @@ async def guarded_post(
                     transport=transport, trust_env=False, follow_redirects=False, timeout=timeout
                 ) as client,
                 client.stream(
-                    "POST",
+                    method,
                     target,
                     content=content,
                     # Compressed answers could expand without bound before the cut.
-                    headers={"accept-encoding": "identity", **headers},
+                    headers={"accept-encoding": "identity", **(headers or {})},
                 ) as response,
             ):
                 body = bytearray()

@@ -47,3 +47,16 @@ def upstream_line_seen_key(upstream: str) -> str:
 def upstream_backoff_key(upstream: str) -> str:
     """Present while the account backs off after a 429; its TTL is the Retry-After."""
     return f"tollgate:upstream:{upstream}:backoff"
+
+
+def circuit_key(namespace: str, channel: str, part: str) -> str:
+    """One part of a channel's circuit breaker (failures, open, tripped, probe)."""
+    return f"tollgate:circuit:{namespace}:{channel}:{part}"
+
+
+CANCEL_JOB = "cancel_upstream"
+
+
+def cancel_job_id(task_id: str) -> str:
+    """One upstream cancel per task: a second enqueue is a no-op."""
+    return f"cancel:{task_id}"

@@ -22,6 +22,9 @@ class UpstreamAccount(BaseModel):
     api_key: str = Field(min_length=1, repr=False)
     # Upstream jobs running at once on this account (issue 4 enforces it).
     max_concurrency: int = Field(default=16, ge=1)
+    # Routing among the channels of a model (docs/channels.md).
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    weight: int = Field(default=1, ge=1, le=1000)
 
 
 class Settings(BaseSettings):
@@ -64,6 +67,9 @@ class Settings(BaseSettings):
     upstreams: dict[str, UpstreamAccount] = Field(default_factory=dict)
     queue_name: str = "tollgate:queue"
     worker_max_jobs: int = Field(default=100, ge=1)
+    # On SIGTERM a worker takes no new jobs and waits this long for running ones before
+    # handing them back (keep it below the orchestrator's kill timeout).
+    worker_shutdown_grace_seconds: int = Field(default=20, ge=0)
     task_deadline_seconds: int = Field(default=600, ge=5)
     lease_seconds: float = Field(default=30.0, gt=0)
     reconcile_interval_seconds: int = Field(default=10, ge=1, le=60)
@@ -77,8 +83,22 @@ class Settings(BaseSettings):
     # Back-off between submit retries: base, 2 × base, 4 × base (or the upstream's Retry-After).
     upstream_retry_base_seconds: float = Field(default=1.0, ge=0)
     max_image_bytes: int = Field(default=52_428_800, ge=1024)
+    # Channels (docs/channels.md): how soon workers see a changed channel, and the circuit
+    # breaker: this many failures within the window open a channel for the cool-down.
+    channel_cache_ttl_seconds: float = Field(default=5.0, ge=0)
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_window_seconds: float = Field(default=60.0, gt=0)
+    circuit_cooldown_seconds: float = Field(default=30.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Observability (docs/observability.md). Prompts are never logged unless this says so.
+    log_prompts: bool = False
+    access_log: bool = False
+    metrics_port: int = Field(default=9100, ge=0, le=65535)  # workers' /metrics; 0: off
+    metrics_token: str | None = Field(default=None, min_length=16, repr=False)
+    metrics_tenant_labels: bool = False
+    ledger_check_interval_seconds: int = Field(default=3600, ge=60)
+    shutdown_grace_seconds: int = Field(default=30, ge=0)
 
     @field_validator("database_url")
     @classmethod

@@ -10,9 +10,12 @@ Rules the loader enforces:
 - a model has either a table of named ``sizes`` (size × quality → pixels) or
   ``dimensions`` bounds for ``WxH`` sizes, never both;
 - ``per_megapixel_step`` pricing needs a ``num_inference_steps`` parameter;
+- ``upstream_size = "aspect_ratio"`` needs named ``sizes`` whose names are
+  ratios ``W:H`` of whole numbers;
 - prices are decimal strings (never TOML floats, which are binary fractions).
 """
 
+import re
 import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
@@ -28,6 +31,8 @@ DEFAULT_CATALOG_PATH = Path(__file__).with_name("catalog.toml")
 # Fields of the unified request that every model takes; everything else a
 # request may carry is a per-model parameter declared in the catalogue.
 COMMON_FIELDS = ("model", "prompt", "size", "quality", "callback_url")
+
+_ASPECT_RATIO = re.compile(r"[1-9][0-9]*:[1-9][0-9]*")
 
 
 class CatalogError(ValueError):
@@ -155,6 +160,9 @@ class ModelEntry(_Frozen):
     default_size: str | None = None
     default_quality: str | None = None
     dimensions: Dimensions | None = None
+    # How the size reaches an upstream that takes either form (Black Forest Labs): `pixels`
+    # as width and height, `aspect_ratio` as the size's name. Adapters with one form ignore it.
+    upstream_size: Literal["pixels", "aspect_ratio"] | None = None
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     price: Price
     # What the upstream charges Tollgate; the same figures as `price` when absent.
@@ -175,6 +183,15 @@ class ModelEntry(_Frozen):
             for size, by_quality in self.sizes.items():
                 if set(by_quality) != set(qualities):
                     raise ValueError(f"size {size!r} does not list every quality {qualities}")
+        if self.upstream_size == "aspect_ratio":
+            if self.sizes is None:
+                raise ValueError('`upstream_size = "aspect_ratio"` needs named `sizes`')
+            for size in self.sizes:
+                if not _ASPECT_RATIO.fullmatch(size):
+                    raise ValueError(
+                        f"size {size!r} is not an aspect ratio W:H, as `upstream_size = "
+                        '"aspect_ratio"` needs'
+                    )
         for common in COMMON_FIELDS:
             if common in self.params:
                 raise ValueError(f"`params.{common}` is a common field, not a parameter")

@@ -36,6 +36,8 @@ class ImageRequest:
     images: int
     steps: int | None
     params: Mapping[str, Any] = field(default_factory=dict)
+    # The catalogue's `upstream_size`: how an upstream taking either form gets the size.
+    upstream_size: str | None = None
 
     @property
     def has_style_references(self) -> bool:
@@ -56,6 +58,7 @@ class ImageRequest:
             "images": self.images,
             "steps": self.steps,
             "params": dict(self.params),
+            "upstream_size": self.upstream_size,
         }
 
     @classmethod
@@ -70,6 +73,8 @@ class ImageRequest:
             images=data["images"],
             steps=data["steps"],
             params=dict(data["params"]),
+            # Absent from requests stored before the field existed.
+            upstream_size=data.get("upstream_size"),
         )
 
 
@@ -184,4 +189,5 @@ def resolve_request(entry: ModelEntry, fields: Mapping[str, Any]) -> ImageReques
         images=images,
         steps=steps,
         params=params,
+        upstream_size=entry.upstream_size,
     )

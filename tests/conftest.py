@@ -116,9 +116,9 @@ def ledger_checked_after_the_suite(database_url: str) -> Iterator[None]:
     assert not problems, "ledger check failed after the suite:\n" + "\n".join(problems)
 
 
-@pytest.fixture(scope="session")
-def simulator_url() -> Iterator[str]:
-    """The upstream simulator as its own process, speaking the Krea protocol over HTTP."""
+@contextlib.contextmanager
+def simulator_process(*extra: str) -> Iterator[str]:
+    """An upstream simulator as its own process, speaking every protocol over HTTP: its URL."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -133,6 +133,7 @@ def simulator_url() -> Iterator[str]:
             SIM_KEY,
             "--latency",
             "0.2",
+            *extra,
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -145,6 +146,12 @@ def simulator_url() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def simulator_url() -> Iterator[str]:
+    with simulator_process() as url:
+        yield url
 
 
 @pytest.fixture
@@ -210,7 +217,13 @@ def make_settings(
         "public_base_url": "http://testserver.local",
         "storage_dir": storage,
         "queue_name": f"tollgate:test:{uuid.uuid4().hex}",
-        "upstreams": {"krea": account, "siliconflow": account},
+        "upstreams": {
+            "krea": account,
+            "siliconflow": account,
+            # The simulator serves these protocols under their own path prefixes.
+            "openai": UpstreamAccount(base_url=f"{simulator_url}/openai", api_key=SIM_KEY),  # type: ignore[arg-type]
+            "bfl": UpstreamAccount(base_url=f"{simulator_url}/bfl", api_key=SIM_KEY),  # type: ignore[arg-type]
+        },
         "poll_interval_seconds": 0.1,
         "lease_seconds": 3.0,
         "reconcile_interval_seconds": 1,

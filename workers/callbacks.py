@@ -20,15 +20,13 @@ from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway import netguard
+from gateway import logs, metrics, netguard
 from gateway.callbacks import service as callbacks
 from gateway.db import utcnow
 from gateway.queue import enqueue_callback
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import Task
-from gateway.tasks.schemas import encode_json
-from gateway.tasks.service import render_task
 from gateway.tenants import Tenant
 
 logger = logging.getLogger("tollgate.callbacks")
@@ -56,6 +54,11 @@ async def enqueue_for_task(
 
 
 async def deliver_callback(ctx: dict[str, Any], delivery_id: str, number: int) -> str:
+    with logs.scope():
+        return await _deliver(ctx, delivery_id, number)
+
+
+async def _deliver(ctx: dict[str, Any], delivery_id: str, number: int) -> str:
     deps: CallbackDeps = ctx["callback_deps"]
     settings = deps.settings
     async with deps.engine.begin() as conn:
@@ -69,8 +72,10 @@ async def deliver_callback(ctx: dict[str, Any], delivery_id: str, number: int) -
         tenant = await session.get(Tenant, claimed.tenant_id)
     assert task is not None
     assert tenant is not None
+    # The lines below name the task and the request that submitted it.
+    logs.bind(task_id=task.id, request_id=task.request_id)
     secret = tenant.webhook_secret
-    body = encode_json(render_task(task, deps.signer))
+    body = callbacks.callback_body(task, deps.signer)
     timestamp = int(time.time())
     headers = {
         "content-type": "application/json",
@@ -111,6 +116,7 @@ async def deliver_callback(ctx: dict[str, Any], delivery_id: str, number: int) -
             status_code=status_code,
             error=error,
         )
+    metrics.callback_attempted(delivered=state == "delivered", gave_up=state == "failed")
     if state == "pending":
         await enqueue_callback(
             ctx["redis"],
@@ -119,7 +125,14 @@ async def deliver_callback(ctx: dict[str, Any], delivery_id: str, number: int) -
             number + 1,
             delay=claimed.gap_seconds,
         )
-    logger.info("callback %s attempt %d: %s (%s)", delivery_id, number, state, error or status_code)
+    logger.info(
+        "callback %s attempt %d: %s (%s)",
+        delivery_id,
+        number,
+        state,
+        error or status_code,
+        extra={"delivery_id": delivery_id, "attempt": number, "outcome": state},
+    )
     return state
 
 

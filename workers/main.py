@@ -14,43 +14,37 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import Worker
 
+from gateway import metrics
 from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_factory
-from gateway.redis_keys import CALLBACK_JOB, GENERATE_JOB
+from gateway.logs import configure_logging
+from gateway.redis_keys import CALLBACK_JOB, CANCEL_JOB, GENERATE_JOB
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.storage import LocalStorage, UrlSigner
 from pricing.catalog import CatalogError, load_catalog
 from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
-from workers.generate import WorkerDeps, generate_task
+from workers.circuits import Circuits
+from workers.generate import WorkerDeps, cancel_upstream, generate_task
+from workers.ledger_audit import ledger_check_cron
 from workers.providers import ADAPTERS
-from workers.providers.base import Endpoint, Provider
 from workers.reconciler import reconcile
+from workers.routing import Directory
 from workers.upstream_slots import MIN_WAIT_SECONDS, UpstreamSlots
 
 logger = logging.getLogger("tollgate.worker")
 
 
-def build_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, Provider]:
-    providers: dict[str, Provider] = {}
-    for name, account in settings.upstreams.items():
-        adapter = ADAPTERS.get(name)
-        if adapter is None:
+def check_upstreams(settings: Settings) -> None:
+    """Refuse at start-up a TOLLGATE_UPSTREAMS entry naming no known adapter."""
+    for name in settings.upstreams:
+        if name not in ADAPTERS:
             raise SettingsError(
-                f"TOLLGATE_UPSTREAMS: unknown provider {name!r} (known: {', '.join(ADAPTERS)})"
+                f"TOLLGATE_UPSTREAMS: unknown adapter {name!r} (known: {', '.join(ADAPTERS)})"
             )
-        providers[name] = adapter(
-            client,
-            Endpoint(
-                base_url=str(account.base_url),
-                api_key=account.api_key,
-                submit_timeout=settings.upstream_timeout_seconds,
-                poll_timeout=settings.upstream_poll_timeout_seconds,
-            ),
-        )
-    return providers
 
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
     catalog = load_catalog(settings.catalog_path)
+    check_upstreams(settings)
 
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
@@ -67,12 +61,20 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
             engine=engine,
             storage=LocalStorage(settings.storage_dir),
             http=http,
-            providers=build_providers(settings, http),
+            directory=Directory(settings, catalog, engine, http),
             slots=UpstreamSlots(
                 ctx["redis"],
                 lease_seconds=settings.lease_seconds,
                 poll_seconds=settings.poll_interval_seconds,
             ),
+            circuits=Circuits(
+                ctx["redis"],
+                namespace=settings.queue_name,
+                threshold=settings.circuit_failure_threshold,
+                window_seconds=settings.circuit_window_seconds,
+                cooldown_seconds=settings.circuit_cooldown_seconds,
+            ),
+            image_allowed_hosts=frozenset(settings.callback_allowed_hosts),
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -86,7 +88,10 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     # try); the task's deadline ends such waits, so the count must never end them first.
     slot_waits = math.ceil(settings.task_deadline_seconds / MIN_WAIT_SECONDS)
     options: dict[str, Any] = {
-        "functions": [_named(generate_task, GENERATE_JOB, max_tries=slot_waits + 1000)],
+        "functions": [
+            _named(generate_task, GENERATE_JOB, max_tries=slot_waits + 1000),
+            _named(cancel_upstream, CANCEL_JOB, max_tries=3),
+        ],
         "cron_jobs": [
             cron(
                 reconcile,
@@ -95,7 +100,8 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
                 run_at_startup=True,
                 unique=True,
                 timeout=60,
-            )
+            ),
+            ledger_check_cron(settings),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
@@ -109,6 +115,8 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         "max_tries": 1000,
         "poll_delay": 0.05,
         "handle_signals": True,
+        # SIGTERM: stop taking jobs, let running ones finish, then cancel (hand back) the rest.
+        "job_completion_wait": settings.worker_shutdown_grace_seconds,
     }
     options.update(overrides)
     return Worker(**options)
@@ -155,6 +163,8 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
         "max_tries": 3,
         "poll_delay": 0.05,
         "handle_signals": True,
+        # SIGTERM: stop taking jobs, let running ones finish, then cancel (hand back) the rest.
+        "job_completion_wait": settings.worker_shutdown_grace_seconds,
     }
     options.update(overrides)
     return Worker(**options)
@@ -174,13 +184,16 @@ def main() -> None:
         worker = create_callback_worker(settings) if callbacks else create_worker(settings)
     except (SettingsError, CatalogError) as exc:
         sys.exit(f"tollgate-worker: {exc}")
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings)
+    metrics.configure(settings)
+    stop_metrics = metrics.serve_worker_metrics(settings.metrics_port)
     try:
         worker.run()
     except DatabaseNotReady as exc:
         sys.exit(f"tollgate-worker: {exc}")
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ An attempt is claimed before it is made (``claim_attempt``: a conditional
 UPDATE), so two deliveries of the same job cannot both send it; the claim also
 moves ``next_attempt_at`` past the attempt's timeout and its retry gap, so if
 the worker dies mid-attempt the reconciler still queues the next one.
+
+A callback's body (``callback_body``) is the task as the front door it came
+through shows it: the unified task object, or the Krea job object.
 """
 
 import base64
@@ -18,7 +21,13 @@ from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery, DeliveryStatus
+from gateway.krea_api import API as KREA_API
+from gateway.krea_api import render_krea_job
 from gateway.ledger.service import Db, connection
+from gateway.storage import UrlSigner
+from gateway.tasks.models import Task
+from gateway.tasks.schemas import encode_json
+from gateway.tasks.service import render_task
 
 deliveries: Table = CallbackDelivery.__table__  # type: ignore[attr-defined]
 attempts: Table = CallbackAttempt.__table__  # type: ignore[attr-defined]
@@ -28,6 +37,13 @@ SCHEDULES: dict[str, tuple[int, ...]] = {
     "standard": (1, 2, 4),
     "extended": (1, 2, 4, *([3600] * 24)),  # then hourly for a day
 }
+
+
+def callback_body(task: Task, signer: UrlSigner) -> bytes:
+    """A Krea-door task as ``GET /jobs/{id}`` shows it; any other as ``GET /v1/tasks/{id}``."""
+    if task.api == KREA_API:
+        return encode_json(render_krea_job(task, signer))
+    return encode_json(render_task(task, signer))
 
 
 def new_delivery_id() -> str:

@@ -5,6 +5,7 @@ name the field at fault. Workers read the table themselves
 (``workers/routing.py``) and see a change within their directory's TTL.
 """
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +32,15 @@ EDITABLE = (
 )
 REQUIRED = ("name", "adapter", "base_url", "api_key", "models")
 
+# A name is used as a reference in URLs and on the command line: no spaces, no
+# slashes, and no colon, so it can never be taken for an ``env:<adapter>``
+# channel of TOLLGATE_UPSTREAMS.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# What ``new_id("ch")`` makes; a name of that shape would make a reference ambiguous.
+_CHANNEL_ID = re.compile(r"ch_[0-9a-f]{16}")
+# A key goes into an HTTP header: printable ASCII without spaces.
+_KEY = re.compile(r"[\x21-\x7e]+")
+
 
 def _check_text(name: str, value: object, max_length: int) -> str:
     if not isinstance(value, str) or not value.strip():
@@ -39,7 +49,35 @@ def _check_text(name: str, value: object, max_length: int) -> str:
         raise InvalidRequest(name, f"must be at most {max_length} characters")
     if "\x00" in value:
         raise InvalidRequest(name, "must not contain NUL (\\u0000) characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # Lone surrogates (an undecodable environment variable, say): PostgreSQL
+        # cannot store them, and the driver's error would quote the statement.
+        raise InvalidRequest(name, "must be valid Unicode text") from None
     return value
+
+
+def _check_name(value: object) -> str:
+    name = _check_text("name", value, 100)
+    if not _NAME.fullmatch(name):
+        raise InvalidRequest(
+            "name",
+            "may hold only letters, digits, '.', '_' and '-', starting with a letter or digit",
+        )
+    if _CHANNEL_ID.fullmatch(name):
+        raise InvalidRequest("name", "must not look like a channel id (ch_ and 16 hex digits)")
+    return name
+
+
+def _check_api_key(value: object) -> str:
+    # The messages here never quote the value.
+    key = _check_text("api_key", value, 4096)
+    if not _KEY.fullmatch(key):
+        raise InvalidRequest(
+            "api_key", "must be printable ASCII without spaces, tabs or line breaks"
+        )
+    return key
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -52,7 +90,13 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
 
 def _check_base_url(value: object) -> str:
     url = _check_text("base_url", value, 2048).rstrip("/")
-    parts = urlsplit(url)
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise InvalidRequest("base_url", "must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a port out of range
+    except ValueError:
+        raise InvalidRequest("base_url", "is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest("base_url", "must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -83,7 +127,7 @@ def validate_fields(fields: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
     for name, value in fields.items():
         match name:
             case "name":
-                checked[name] = _check_text(name, value, 100)
+                checked[name] = _check_name(value)
             case "adapter":
                 if value not in ADAPTER_NAMES:
                     raise InvalidRequest(name, f"must be one of {', '.join(ADAPTER_NAMES)}")
@@ -91,7 +135,7 @@ def validate_fields(fields: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
             case "base_url":
                 checked[name] = _check_base_url(value)
             case "api_key":
-                checked[name] = _check_text(name, value, 4096)
+                checked[name] = _check_api_key(value)
             case "models":
                 checked[name] = _check_models(value, catalog)
             case "priority":
@@ -124,6 +168,9 @@ async def create_channel(
 
 async def get_channel(session: AsyncSession, ref: str) -> Channel:
     """A channel by id or by name."""
+    if "\x00" in ref:
+        # PostgreSQL refuses NUL in text; no channel could match it anyway.
+        raise NotFound(f"No channel {ref!r}")
     query = select(Channel).where((col(Channel.id) == ref) | (col(Channel.name) == ref))
     channel = (await session.exec(query)).first()
     if channel is None:

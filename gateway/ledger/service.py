@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from gateway import metrics
 from gateway.errors import ApiError, Conflict, InvalidRequest, NotFound
 from gateway.ledger.models import EntryKind, LedgerEntry
 from gateway.tasks.models import FINAL_STATES, Task
@@ -87,6 +88,7 @@ async def hold(db: Db, tenant_id: str, task_id: str, amount: int) -> None:
             idempotency_key=hold_key(task_id),
         ),
     )
+    metrics.credits_reserved(await connection(db), tenant_id, amount)
 
 
 async def settle(
@@ -119,6 +121,7 @@ async def settle(
             balance_micros=tenants.c.balance_micros - charge,
         ),
     )
+    metrics.credits_settled(await connection(db), tenant_id, charge, hold_micros - charge)
     return True
 
 

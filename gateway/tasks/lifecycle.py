@@ -14,6 +14,7 @@ Rules:
   transaction frees the tenant's in-flight slot and returns unused budget.
 """
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway import limits
+from gateway import limits, metrics
 from gateway.callbacks import service as callbacks
 from gateway.ledger import service as ledger
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
@@ -31,6 +32,9 @@ tasks: Table = Task.__table__  # type: ignore[attr-defined]
 c = tasks.c
 _open = c.status.in_(OPEN_STATES)
 _processing = c.status == TaskStatus.PROCESSING.value
+
+logger = logging.getLogger("tollgate.tasks")
+_END_FIELDS = frozenset({"model", "status", "request_id"})
 
 
 def _fence(task_id: str, attempt: int) -> ColumnElement[bool]:
@@ -53,6 +57,37 @@ async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | N
         # After the settlement above, in the same transaction: the callback can
         # neither be lost nor report a charge that did not happen.
         await callbacks.create_delivery(conn, task_id, row.tenant_id, row.callback_url)
+    await _record_end(conn, task_id, row, charge)
+
+
+async def _record_end(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
+    """Count the end and log it, once (and only if) its transaction commits.
+
+    An UPDATE that returns ``model``, ``status`` and ``request_id`` with the row saves
+    the query here.
+    """
+    ended = row._mapping
+    if not _END_FIELDS.issubset(ended.keys()):
+        query = select(c.model, c.status, c.request_id).where(c.id == task_id)
+        ended = (await conn.execute(query)).one()._mapping
+    model, status, request_id = ended["model"], ended["status"], ended["request_id"]
+
+    def record() -> None:
+        metrics.task_finished(model, status)
+        logger.info(
+            "task %s %s",
+            task_id,
+            status,
+            extra={
+                "task_id": task_id,
+                "request_id": request_id,
+                "model": model,
+                "status": status,
+                "charged_micros": charge or 0,
+            },
+        )
+
+    metrics.after_commit(conn, record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +96,7 @@ class Claimed:
     provider: str
     request: dict[str, Any]
     upstream_job_id: str | None
+    channel_id: str | None
     created_at: datetime
     callback_url: str | None
 
@@ -78,7 +114,15 @@ async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float)
             lease_expires_at=func.now() + timedelta(seconds=lease),
             progress=func.greatest(c.progress, 5),
         )
-        .returning(c.model, c.provider, c.request, c.upstream_job_id, c.created_at, c.callback_url)
+        .returning(
+            c.model,
+            c.provider,
+            c.request,
+            c.upstream_job_id,
+            c.channel_id,
+            c.created_at,
+            c.callback_url,
+        )
     )
     row = (await conn.execute(stmt)).first()
     if row is None:
@@ -103,6 +147,91 @@ async def heartbeat(
         values["upstream_job_id"] = upstream_job_id
     stmt = update(tasks).where(_fence(task_id, attempt), _processing).values(**values)
     return _changed(await conn.execute(stmt))
+
+
+async def record_route(
+    conn: AsyncConnection,
+    task_id: str,
+    attempt: int,
+    lease: float,
+    *,
+    channel_id: str,
+    upstream_job_id: str | None,
+    can_cancel: bool,
+) -> bool:
+    """Record the channel the task runs on and its upstream job there (None: not yet,
+    or given up after a failover), renewing the lease; False once this attempt lost it."""
+    stmt = (
+        update(tasks)
+        .where(_fence(task_id, attempt), _processing)
+        .values(
+            channel_id=channel_id,
+            upstream_job_id=upstream_job_id,
+            can_cancel=can_cancel,
+            lease_expires_at=func.now() + timedelta(seconds=lease),
+        )
+    )
+    return _changed(await conn.execute(stmt))
+
+
+async def hand_back(conn: AsyncConnection, task_id: str, attempt: int) -> bool:
+    """A worker shutting down gives its task back: the lease ends now, so the same job,
+    run again by another worker, claims it at once and resumes its upstream job."""
+    stmt = (
+        update(tasks)
+        .where(_fence(task_id, attempt), _processing)
+        .values(lease_expires_at=func.now())
+    )
+    return _changed(await conn.execute(stmt))
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """A task cancelled by its tenant, and the upstream job to cancel, if one runs."""
+
+    channel_id: str | None
+    upstream_job_id: str | None
+    callback_url: str | None
+
+
+async def cancel(conn: AsyncConnection, task_id: str, tenant_id: str) -> Cancelled | None:
+    """Cancel the tenant's task while it may be cancelled; release its whole hold.
+
+    A pending task may always be cancelled; a processing one while
+    ``can_cancel`` (its upstream can cancel the job). Bumping ``attempt``
+    fences out the worker on it: its next write matches nothing and it stops.
+    None if the task is not the tenant's, is final, or cannot be cancelled now.
+    """
+    cancellable = (c.status == TaskStatus.PENDING.value) | (_processing & c.can_cancel)
+    stmt = (
+        update(tasks)
+        .where(c.id == task_id, c.tenant_id == tenant_id, cancellable)
+        .values(
+            status=TaskStatus.CANCELLED.value,
+            attempt=c.attempt + 1,
+            error_code="cancelled",
+            error_message="The task was cancelled at the tenant's request",
+            finished_at=func.now(),
+            lease_expires_at=None,
+            credits_charged_micros=0,
+            upstream_cost_micros=0,
+            can_cancel=False,
+        )
+        .returning(
+            c.tenant_id,
+            c.credits_reserved_micros,
+            c.api_key_id,
+            c.created_at,
+            c.callback_url,
+            c.channel_id,
+            c.upstream_job_id,
+        )
+    )
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return None
+    await _finish(conn, task_id, row, None)
+    return Cancelled(row.channel_id, row.upstream_job_id, row.callback_url)
 
 
 async def complete(

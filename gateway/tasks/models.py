@@ -98,6 +98,8 @@ class Task(SQLModel, table=True):
     results_expire_at: datetime | None = Field(default=None, sa_type=_ts())
     error_code: str | None = Field(default=None, max_length=50)
     error_message: str | None = Field(default=None, max_length=1000)
+    # The id of the HTTP request that submitted the task (X-Request-ID), for the logs.
+    request_id: str | None = Field(default=None, max_length=100)
 
     created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
     started_at: datetime | None = Field(default=None, sa_type=_ts())

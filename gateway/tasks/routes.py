@@ -13,7 +13,7 @@ from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_princ
 from gateway.errors import NotFound, error_responses
 from gateway.queue import enqueue_generation
 from gateway.storage import CONTENT_TYPES, check_key
-from gateway.tasks import service
+from gateway.tasks import cancel, service
 from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject, encode_json
 
 JSON = "application/json"
@@ -82,6 +82,27 @@ class TaskController(Controller):
     ) -> Response[TaskObject]:
         async with services.sessions() as session:
             task = await service.get_tenant_task(session, principal.tenant_id, task_id)
+        return _json(service.render_task(task, services.signer))
+
+    @post(
+        "/tasks/{task_id:str}/cancel",
+        status_code=200,
+        dependencies={"uow": Provide(provide_uow)},
+        summary="Cancel a task",
+        description="Cancels the task while its `task_info.can_cancel` is true: a pending "
+        "task, or one whose upstream can stop the running generation. The task becomes "
+        "`cancelled` and its reserved credits are released; nothing is charged. A task that "
+        "is final, or running where it cannot be stopped, answers 409.",
+        responses=error_responses(401, 404, 409),
+    )
+    async def cancel_task(
+        self,
+        task_id: FromPath[str],
+        principal: PrincipalDep,
+        services: ServicesDep,
+        uow: UnitOfWorkDep,
+    ) -> Response[TaskObject]:
+        task = await cancel.cancel_task(uow, services, principal.tenant_id, task_id)
         return _json(service.render_task(task, services.signer))
 
     @get("/models", summary="List the models this key may use", responses=error_responses(401))

@@ -7,19 +7,22 @@ answered exactly like an id that does not exist.
 
 import hashlib
 import json
+import logging
 import secrets
 import string
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway import limits
+from gateway import limits, logs, metrics
 from gateway.auth import Principal
 from gateway.callback_urls import validate_callback_url
 from gateway.db import utcnow
@@ -33,6 +36,8 @@ from pricing.catalog import Catalog, ModelEntry
 from pricing.money import credits_from_micros
 from pricing.quote import Quote, quote
 from pricing.request import ImageRequest, InvalidField, resolve_request
+
+logger = logging.getLogger("tollgate.tasks")
 
 idempotency_keys: Table = IdempotencyKey.__table__  # type: ignore[attr-defined]
 MAX_IDEMPOTENCY_KEY = 255
@@ -55,6 +60,8 @@ def build_task(
     request: ImageRequest,
     quote: Quote,
     callback_url: str | None,
+    api: str = "unified",
+    request_id: str | None = None,
 ) -> Task:
     now = utcnow()
     return Task(
@@ -73,6 +80,8 @@ def build_task(
         estimated_seconds=entry.estimated_seconds,
         can_cancel=entry.can_cancel,
         callback_url=callback_url,
+        api=api,
+        request_id=request_id,
         created_at=now,
     )
 
@@ -97,6 +106,7 @@ async def submit_generation(
     fields: dict[str, Any],
     webhook_url: str | None,
     idempotency_key: str | None,
+    api: str = "unified",
 ) -> Submission:
     """Validate, price, claim the idempotency key, record the task and hold its credits.
 
@@ -106,6 +116,10 @@ async def submit_generation(
     All in the caller's one transaction: if the hold fails (402) nothing of it
     remains. A retry with the same Idempotency-Key finds the first task; a
     concurrent one waits on the key's row until the first commits.
+
+    ``api`` is the front door the request came through ("unified", or "krea" from
+    ``gateway/krea_api.py``); it is recorded on the task and decides the shape of its
+    callback. One key sent to both doors is a different request (409).
     """
     for name, value in fields.items():
         if _contains_nul(value):
@@ -140,13 +154,17 @@ async def submit_generation(
         request=request,
         quote=priced,
         callback_url=callback_url,
+        api=api,
+        request_id=logs.current_request_id(),
     )
     if idempotency_key is not None:
+        # "api" joins the fingerprint only off the unified door, so stored unified ones still match.
+        door = {} if api == "unified" else {"api": api}
         earlier = await _claim_idempotency_key(
             session,
             principal.tenant_id,
             idempotency_key,
-            request_fingerprint({"model": model_id, **fields}, callback_url),
+            request_fingerprint({"model": model_id, **fields, **door}, callback_url),
             task.id,
         )
         if earlier is not None:
@@ -156,7 +174,22 @@ async def submit_generation(
     await session.flush()
     await ledger.hold(session, principal.tenant_id, task.id, priced.amount_micros)
     await limits.count_spend(session, principal, priced.amount_micros, task.created_at)
+    _record_submit(await session.connection(), task, fields.get("prompt"), settings)
     return Submission(task=task, created=True)
+
+
+def _record_submit(conn: AsyncConnection, task: Task, prompt: object, settings: Settings) -> None:
+    """Count the new task and log it once the submit commits (the request's lines name it)."""
+    logs.bind(task_id=task.id)
+    metrics.task_submitted(conn, task.model)
+    extra: dict[str, Any] = {
+        "task_id": task.id,
+        "model": task.model,
+        "credits_reserved_micros": task.credits_reserved_micros,
+    }
+    if settings.log_prompts:
+        extra["prompt"] = prompt
+    metrics.after_commit(conn, partial(logger.info, "task %s submitted", task.id, extra=extra))
 
 
 def _contains_nul(value: object) -> bool:
@@ -231,8 +264,11 @@ async def list_tasks(
 
 def render_task(task: Task, signer: UrlSigner) -> TaskObject:
     status = task.status
-    # Cancelling arrives with the cancel route (issue 6); until then no task claims it.
-    can_cancel = False
+    # Pending: always. Processing: while its upstream can cancel the job (the worker
+    # records that with the channel it runs on). Final: never.
+    can_cancel = status == TaskStatus.PENDING.value or (
+        status == TaskStatus.PROCESSING.value and task.can_cancel
+    )
     usage = Usage(
         billing_rule=task.billing_rule,
         credits_reserved=credits_from_micros(task.credits_reserved_micros),

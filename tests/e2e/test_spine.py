@@ -170,3 +170,60 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_task_completes(
     assert done["status"] == "completed", done
     # The new attempt resumed the upstream job rather than paying for a second one.
     assert simulator.stats_now()["submits"] == 1
+
+
+def submit_and_wait_for_the_upstream(stack: Stack, simulator: Sim, prompt: str) -> tuple[str, str]:
+    base = start_gateway(stack)
+    key = tenant_key(stack)
+    response = httpx.post(
+        f"{base}/v1/images/generations",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "krea-2-large", "prompt": prompt},
+    )
+    task_id: str = response.json()["id"]
+    deadline = time.monotonic() + 10
+    while simulator.stats_now()["submits"] < 1:
+        assert time.monotonic() < deadline, "the worker never reached the upstream"
+        time.sleep(0.05)
+    poll(base, key, task_id, {"processing"})
+    return base, key + " " + task_id
+
+
+def test_sigterm_lets_a_running_task_finish_within_the_grace_period(
+    stack: Stack, simulator: Sim
+) -> None:
+    simulator.configure_now(latency=2.0)
+    stack.env["TOLLGATE_WORKER_SHUTDOWN_GRACE_SECONDS"] = "20"
+    worker = stack.start("worker", "-m", "workers")
+    base, ids = submit_and_wait_for_the_upstream(stack, simulator, "finish before leaving")
+    key, task_id = ids.split(" ")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    # It left only after the task was done: nothing is left for another worker.
+    done = poll(base, key, task_id, {"completed", "failed"}, wait=1)
+    assert done["status"] == "completed", done
+    assert simulator.stats_now()["submits"] == 1
+
+
+def test_sigterm_past_the_grace_period_hands_the_task_back_to_another_worker(
+    stack: Stack, simulator: Sim
+) -> None:
+    simulator.configure_now(latency=6.0)
+    stack.env["TOLLGATE_WORKER_SHUTDOWN_GRACE_SECONDS"] = "1"
+    # A long lease: without the hand-back the task would sit for half a minute.
+    stack.env["TOLLGATE_LEASE_SECONDS"] = "30"
+    worker = stack.start("worker", "-m", "workers")
+    base, ids = submit_and_wait_for_the_upstream(stack, simulator, "hand me back")
+    key, task_id = ids.split(" ")
+    stopped_at = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0
+    assert time.monotonic() - stopped_at < 10
+    running = poll(base, key, task_id, {"processing", "completed", "failed"}, wait=1)
+    assert running["status"] == "processing", running
+    stack.start("worker-2", "-m", "workers")
+    done = poll(base, key, task_id, {"completed", "failed"}, wait=20)
+    assert done["status"] == "completed", done
+    # Resumed, not run twice, and well before the old lease would have run out.
+    assert simulator.stats_now()["submits"] == 1
+    assert time.monotonic() - stopped_at < 25

@@ -57,7 +57,8 @@ async def test_submit_returns_the_contract_task_object(
     assert task["status"] == "pending"
     assert task["progress"] == 0
     assert task["model"] == "krea-2-turbo"
-    assert task["task_info"] == {"can_cancel": False, "estimated_time": 4}
+    # Pending: it can be cancelled until a worker takes it.
+    assert task["task_info"] == {"can_cancel": True, "estimated_time": 4}
     assert set(task["usage"]) == {"billing_rule", "credits_reserved", "user_group"}
     assert task["usage"]["billing_rule"] == "per_call"
     assert task["usage"]["user_group"] == "default"

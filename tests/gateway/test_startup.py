@@ -103,3 +103,37 @@ async def test_an_unmigrated_database_is_refused_with_the_command_to_run(
 async def test_health_answers_without_credentials(client: AsyncTestClient[Any]) -> None:
     response = await client.get("/healthz")
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("revision", "ready"),
+    [("0004", False), ("9999_from_a_newer_release", True)],
+    ids=["older: refused", "newer: accepted during a rolling upgrade"],
+)
+async def test_an_older_schema_is_refused_and_a_newer_one_accepted(
+    settings: Settings, revision: str, ready: bool
+) -> None:
+    name = f"tollgate_rev_{os.getpid()}"
+    server = _plain(SERVER_URL)
+    conn = await asyncpg.connect(server)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = make_url(SERVER_URL).set(drivername="postgresql+asyncpg", database=name)
+    other = settings.model_copy(update={"database_url": url.render_as_string(False)})
+    conn = await asyncpg.connect(_plain(other.database_url))
+    await conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+    await conn.execute("INSERT INTO alembic_version VALUES ($1)", revision)
+    await conn.close()
+    engine = create_engine(other)
+    try:
+        if ready:
+            await check_migrated(engine)
+        else:
+            with pytest.raises(DatabaseNotReady, match="at revision 0004"):
+                await check_migrated(engine)
+    finally:
+        await engine.dispose()
+        conn = await asyncpg.connect(server)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()

@@ -29,6 +29,9 @@ SHIPPED_IDS = {
     "stable-diffusion-3-5-large",
     "stable-diffusion-3-5-large-turbo",
     "stable-diffusion-xl-base-1.0",
+    "chatgpt-image",
+    "flux-1-1-pro",
+    "flux-1-1-pro-ultra",
 }
 
 # seeds/004 names the SiliconFlow upstream ids; seeds/001 the Krea 2 endpoints.
@@ -41,6 +44,10 @@ UPSTREAM_IDS = {
     "stable-diffusion-xl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
     "krea-2-medium": "krea/krea-2/medium",
     "krea-2-large": "krea/krea-2/large",
+    # The brief's upstream ids: OpenAI's model, Black Forest Labs' endpoint names.
+    "chatgpt-image": "gpt-image-1",
+    "flux-1-1-pro": "flux-pro-1.1",
+    "flux-1-1-pro-ultra": "flux-pro-1.1-ultra",
 }
 
 # seeds/002: krea-2-turbo output pixels, size by quality, copied from the seed's table.
@@ -165,10 +172,62 @@ def test_shipped_models_keep_the_seeds_upstream_ids(model_id: str, upstream: str
     assert shipped_model(model_id).upstream_model == upstream
 
 
-def test_siliconflow_models_are_served_by_siliconflow_and_krea_models_by_krea() -> None:
+PROVIDERS = {
+    "krea-2-turbo": "krea",
+    "krea-2-medium": "krea",
+    "krea-2-large": "krea",
+    "krea-1": "krea",
+    "chatgpt-image": "openai",
+    "flux-1-1-pro": "bfl",
+    "flux-1-1-pro-ultra": "bfl",
+}
+
+
+def test_every_model_is_served_by_its_upstream() -> None:
     for entry in load_catalog().models:
-        expected = "krea" if entry.id.startswith("krea-") else "siliconflow"
-        assert entry.provider == expected, entry.id
+        assert entry.provider == PROVIDERS.get(entry.id, "siliconflow"), entry.id
+
+
+def test_chatgpt_image_is_the_seeds_model_at_openai_sizes() -> None:
+    entry = shipped_model("chatgpt-image")
+    assert entry.sizes == {
+        "1:1": {q: (1024, 1024) for q in ("low", "medium", "high")},
+        "3:2": {q: (1536, 1024) for q in ("low", "medium", "high")},
+        "2:3": {q: (1024, 1536) for q in ("low", "medium", "high")},
+    }
+    assert entry.qualities == ("low", "medium", "high")
+    # seeds/000: two images, 183 compute units and about 60 s per generation.
+    assert (entry.images_per_generation, entry.max_images()) == (2, 2)
+    assert entry.estimated_seconds == 60
+    assert (entry.price.rule, entry.price.amount) == ("per_call", Decimal(183))
+
+
+@pytest.mark.parametrize(
+    ("model_id", "units", "seconds", "form"),
+    [("flux-1-1-pro", 114, 10, "pixels"), ("flux-1-1-pro-ultra", 171, 30, "aspect_ratio")],
+)
+def test_bfl_models_make_one_image_at_half_a_krea_generation(
+    model_id: str, units: int, seconds: int, form: str
+) -> None:
+    entry = shipped_model(model_id)
+    assert (entry.images_per_generation, entry.max_images()) == (1, 1)
+    assert "one image per request" in entry.description
+    assert entry.estimated_seconds == seconds
+    # seeds/000's compute units buy two images; one Black Forest Labs request makes one.
+    assert (entry.price.rule, entry.price.amount) == ("per_image", Decimal(units) / 2)
+    assert entry.upstream_size == form
+
+
+def test_flux_1_1_pro_ultra_goes_up_to_2048() -> None:
+    entry = shipped_model("flux-1-1-pro-ultra")
+    assert entry.sizes is not None
+    assert max(max(pixels) for q in entry.sizes.values() for pixels in q.values()) == 2048
+    assert entry.sizes["1:1"]["2K"] == (2048, 2048)
+
+
+def test_only_bfl_models_say_how_the_size_goes_upstream() -> None:
+    for entry in load_catalog().models:
+        assert (entry.upstream_size is not None) == (entry.provider == "bfl"), entry.id
 
 
 def test_krea_2_turbo_size_quality_table_equals_the_seed_cell_by_cell() -> None:
@@ -219,12 +278,11 @@ def test_turbo_models_have_steps_fixed_at_four(model_id: str) -> None:
 
 
 def test_siliconflow_models_batch_at_most_four_images() -> None:
-    for model_id in UPSTREAM_IDS:
-        if model_id.startswith("krea-"):
+    for entry in load_catalog().models:
+        if entry.provider != "siliconflow":
             continue
-        entry = shipped_model(model_id)
-        assert entry.images_per_generation == 1, model_id
-        assert entry.max_images() == 4, model_id
+        assert entry.images_per_generation == 1, entry.id
+        assert entry.max_images() == 4, entry.id
 
 
 @pytest.mark.parametrize(
@@ -274,6 +332,43 @@ def test_minimal_catalogue_gets_a_default_group() -> None:
     assert isinstance(catalog, Catalog)
     assert set(catalog.groups) == {"default"}
     assert catalog.groups["default"].multiplier == 1
+
+
+def test_upstream_size_aspect_ratio_is_accepted_for_named_ratio_sizes() -> None:
+    catalog = parse_catalog(catalog_of(named_size_model(upstream_size="aspect_ratio")))
+    assert catalog.models[0].upstream_size == "aspect_ratio"
+    assert parse_catalog(catalog_of(wxh_model(upstream_size="pixels"))).models[0].upstream_size
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (wxh_model("wxh-ratio", upstream_size="aspect_ratio"), "needs named `sizes`"),
+        (
+            named_size_model(
+                "decimal-ratio",
+                upstream_size="aspect_ratio",
+                sizes={"2.35:1": {"1K": [1568, 672]}},
+                default_size="2.35:1",
+            ),
+            "size '2.35:1' is not an aspect ratio W:H",
+        ),
+        (
+            named_size_model(
+                "named",
+                upstream_size="aspect_ratio",
+                sizes={"square": {"1K": [1024, 1024]}},
+                default_size="square",
+            ),
+            "size 'square' is not an aspect ratio W:H",
+        ),
+        (named_size_model("odd-form", upstream_size="inches"), "upstream_size"),
+    ],
+)
+def test_upstream_size_that_cannot_be_sent_is_refused(model: dict[str, Any], expected: str) -> None:
+    message = refusal(catalog_of(model))
+    assert f"models[0] ({model['id']})" in message
+    assert expected in message
 
 
 def test_duplicate_model_id_is_refused_naming_the_id() -> None:

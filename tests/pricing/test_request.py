@@ -371,6 +371,8 @@ def test_prompt_is_checked_before_the_other_fields() -> None:
         {"model_id": "krea-2-medium", "moodboards": ["m"], "image_style_references": ["a"]},
         {"model_id": "flux-1-dev", "size": "1024x512", "n": 2, "num_inference_steps": 30},
         {"model_id": "stable-diffusion-3-5-large-turbo", "negative_prompt": "boats"},
+        {"model_id": "flux-1-1-pro-ultra", "size": "9:21", "seed": 3},
+        {"model_id": "chatgpt-image", "size": "3:2", "quality": "high"},
     ],
 )
 def test_image_request_round_trips_through_json(fields: dict[str, Any]) -> None:
@@ -398,7 +400,20 @@ def test_image_request_json_carries_everything_pricing_counts() -> None:
             "num_inference_steps": 4,
             "prompt_enhancement": False,
         },
+        "upstream_size": None,
     }
+
+
+def test_image_request_carries_upstream_size_and_reads_rows_stored_without_it() -> None:
+    ultra = resolve("flux-1-1-pro-ultra", size="21:9")
+    assert (ultra.size, ultra.width, ultra.height) == ("21:9", 2048, 864)
+    assert ultra.upstream_size == "aspect_ratio"
+    assert resolve("flux-1-1-pro").upstream_size == "pixels"
+    assert resolve("krea-1").upstream_size is None
+    stored = ultra.to_json()
+    assert ImageRequest.from_json(stored) == ultra
+    del stored["upstream_size"]  # a task stored before the field existed
+    assert ImageRequest.from_json(stored).upstream_size is None
 
 
 def test_image_request_json_is_a_copy_of_the_params() -> None:

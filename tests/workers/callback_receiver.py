@@ -57,6 +57,7 @@ class Answer:
     status: int = 200
     delay: float = 0.0  # seconds before answering
     location: str | None = None
+    body: bytes = b"ok"
 
 
 OK = Answer()
@@ -159,7 +160,8 @@ class Receiver:
                 reason = _REASONS.get(answer.status, "Status")
                 writer.write(
                     f"HTTP/1.1 {answer.status} {reason}\r\n{location}"
-                    "Content-Length: 2\r\nConnection: close\r\n\r\nok".encode()
+                    f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n".encode()
+                    + answer.body
                 )
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError, TimeoutError, asyncio.LimitOverrunError):

@@ -19,7 +19,7 @@ from gateway.tasks import lifecycle
 from pricing.catalog import load_catalog
 from pricing.request import ImageRequest
 from workers.generate import WorkerDeps, generate_task
-from workers.main import build_providers
+from workers.routing import Directory
 from workers.simulator.png import png_size
 
 Client = AsyncTestClient[Any]
@@ -43,13 +43,14 @@ class Deps:
     def __init__(self, settings: Settings) -> None:
         self.http = httpx.AsyncClient(trust_env=False)
         self.engine = create_engine(settings)
+        catalog = load_catalog()
         self.value = WorkerDeps(
             settings=settings,
-            catalog=load_catalog(),
+            catalog=catalog,
             engine=self.engine,
             storage=LocalStorage(settings.storage_dir),
             http=self.http,
-            providers=build_providers(settings, self.http),
+            directory=Directory(settings, catalog, self.engine, self.http),
         )
 
     async def close(self) -> None:
@@ -214,12 +215,20 @@ async def test_a_silent_workers_task_resumes_its_upstream_job(
             async with built.engine.begin() as conn:
                 claimed = await lifecycle.claim(conn, task_id, 0, settings.lease_seconds)
             assert claimed is not None
-            provider = built.value.providers["krea"]
+            route = await built.value.directory.get("env:krea")
+            assert route is not None
             request = ImageRequest.from_json(claimed.request)
-            submitted = await provider.submit("krea/krea-2/medium", request)
+            submitted = await route.provider.submit("krea/krea-2/medium", request)
+            assert submitted.job_id is not None
             async with built.engine.begin() as conn:
-                assert await lifecycle.heartbeat(
-                    conn, task_id, 0, settings.lease_seconds, upstream_job_id=submitted.job_id
+                assert await lifecycle.record_route(
+                    conn,
+                    task_id,
+                    0,
+                    settings.lease_seconds,
+                    channel_id=route.id,
+                    upstream_job_id=submitted.job_id,
+                    can_cancel=True,
                 )
         finally:
             await built.close()

@@ -28,7 +28,7 @@ from gateway.storage import LocalStorage
 from gateway.tasks import lifecycle
 from pricing.catalog import load_catalog
 from workers.generate import WorkerDeps, generate_task
-from workers.main import build_providers
+from workers.routing import Directory
 
 Client = AsyncTestClient[Any]
 
@@ -53,14 +53,15 @@ def settings(database_url: str, simulator_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def deps(settings: Settings, engine: AsyncEngine) -> AsyncIterator[WorkerDeps]:
+    catalog = load_catalog()
     async with httpx.AsyncClient(trust_env=False) as http:
         yield WorkerDeps(
             settings=settings,
-            catalog=load_catalog(),
+            catalog=catalog,
             engine=engine,
             storage=LocalStorage(settings.storage_dir),
             http=http,
-            providers=build_providers(settings, http),
+            directory=Directory(settings, catalog, engine, http),
         )
 
 

@@ -202,6 +202,11 @@ def capped(database_url: str, simulator_url: str, storage: Path, cap: int) -> Se
     )
 
 
+def krea_slots(settings: Settings) -> str:
+    """The slots of the env:krea channel in this test's namespace."""
+    return f"{settings.queue_name}|env:krea"
+
+
 async def submit(client: Client, key: str, prompt: str) -> str:
     response = await client.post(
         "/v1/images/generations",
@@ -274,7 +279,7 @@ async def test_an_upstream_429_holds_new_submits_back_and_tasks_wait_rather_than
         ) as c:
             first = await submit(c, key, "rate limited")
             deadline = time.monotonic() + 5
-            while not await redis.exists(upstream_backoff_key("krea")):
+            while not await redis.exists(upstream_backoff_key(krea_slots(settings))):
                 assert time.monotonic() < deadline, "the 429 set no back-off"
                 await asyncio.sleep(0.02)
             backed_off_at = time.monotonic()
@@ -302,7 +307,7 @@ async def test_a_slot_left_by_a_killed_worker_frees_itself_after_a_lease(
         redis, lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_interval_seconds
     )
     # A worker takes the only slot and dies: nobody releases or renews it.
-    assert (await slots.acquire("krea", "killed:0", cap=1, ticket_ms=0)).acquired
+    assert (await slots.acquire(krea_slots(settings), "killed:0", cap=1, ticket_ms=0)).acquired
     killed_at = time.monotonic()
     _, key = await make_tenant_key(settings)
     worker, running = start_worker(settings)
@@ -317,7 +322,7 @@ async def test_a_slot_left_by_a_killed_worker_frees_itself_after_a_lease(
             assert (await simulator.stats())["submits"] == 0
             done = await wait_for_status(c, key, task_id, {"completed", "failed"}, wait=15)
     finally:
-        await slots.release("krea", "killed:0")
+        await slots.release(krea_slots(settings), "killed:0")
         await stop_worker(worker, running)
     assert done["status"] == "completed", done
     assert time.monotonic() - killed_at >= settings.lease_seconds

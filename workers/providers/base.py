@@ -11,7 +11,11 @@ touches the database, the ledger or storage. It returns what the upstream said
     │                             backs off, not only this call)
     ├── UpstreamProtocolError     a body we cannot read (retryable)
     ├── UpstreamRejected          a 4xx that is the request's fault (final)
-    └── UpstreamBadResult         results that are not images we store (final)
+    ├── UpstreamBadResult         results that are not images we store
+    └── UpstreamJobFailed         the upstream reported the job failed
+
+The last two are final on their channel (``try_elsewhere``): another channel
+is tried, this one is not asked again for the task.
 
 Messages are Tollgate's own words: no upstream URL, key or raw body, because
 they reach the tenant as the task's error.
@@ -28,25 +32,46 @@ JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
 
 class UpstreamError(Exception):
     retryable = False
+    # Final for this channel, but another channel may well succeed (a failed job,
+    # a result that is not an image): routing moves on without retrying this one.
+    try_elsewhere = False
     code = "upstream_error"
+    # The ``outcome`` label of tollgate_upstream_requests_total for this error.
+    kind = "rejected"
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, rate_limited: bool = False
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        rate_limited: bool = False,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
         self.rate_limited = rate_limited
+        self.timed_out = timed_out
+
+    @property
+    def outcome(self) -> str:
+        if self.rate_limited:
+            return "rate_limited"
+        if self.timed_out:
+            return "timeout"
+        return self.kind
 
 
 class UpstreamUnavailable(UpstreamError):
     retryable = True
     code = "upstream_unavailable"
+    kind = "unavailable"
 
 
 class UpstreamProtocolError(UpstreamError):
     retryable = True
     code = "upstream_bad_response"
+    kind = "bad_response"
 
 
 class UpstreamRejected(UpstreamError):
@@ -54,7 +79,24 @@ class UpstreamRejected(UpstreamError):
 
 
 class UpstreamBadResult(UpstreamError):
+    try_elsewhere = True
     code = "upstream_bad_result"
+    kind = "bad_response"
+
+
+class UpstreamCancelled(UpstreamError):
+    """The upstream cancelled the job on its own (final)."""
+
+    code = "upstream_cancelled"
+    kind = "job_failed"
+
+
+class UpstreamJobFailed(UpstreamError):
+    """The upstream took the job and reported it failed."""
+
+    try_elsewhere = True
+    code = "generation_failed"
+    kind = "job_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +125,8 @@ class JobState:
     progress: int | None = None
     urls: tuple[str, ...] = ()
     error: str | None = None
+    # Result images the upstream sent inline (e.g. OpenAI's b64_json), already decoded.
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,9 @@ from workers.providers.base import (
     UpstreamUnavailable,
 )
 
+# Answers that blame the request itself: another channel would refuse it too.
+REQUEST_FAULTS = frozenset({400, 409, 413, 415, 422})
+
 
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
@@ -45,7 +48,7 @@ async def call_json(
             method, url, json=json, headers={header[0]: header[1]}, **extra
         )
     except httpx.TimeoutException:
-        raise UpstreamUnavailable(f"{provider} did not answer in time") from None
+        raise UpstreamUnavailable(f"{provider} did not answer in time", timed_out=True) from None
     except httpx.TransportError:
         raise UpstreamUnavailable(f"{provider} could not be reached") from None
     status = response.status_code
@@ -60,8 +63,12 @@ async def call_json(
     if status in (401, 403):
         # Our credentials, not the tenant's request: retryable on another account.
         raise UpstreamUnavailable(f"{provider} refused Tollgate's credentials (HTTP {status})")
+    if status in REQUEST_FAULTS:
+        raise UpstreamRejected(f"{provider} rejected the request as invalid (HTTP {status})")
     if status >= 400:
-        raise UpstreamRejected(f"{provider} rejected the request (HTTP {status})")
+        # 404, 405, 410…: a channel pointing at the wrong place (or a job the upstream
+        # lost), not the tenant's request; another channel may well serve it.
+        raise UpstreamUnavailable(f"{provider} could not serve the request (HTTP {status})")
     try:
         body = response.json()
     except ValueError:

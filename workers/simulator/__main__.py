@@ -35,8 +35,9 @@ class _AnnouncingServer(uvicorn.Server):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m workers.simulator",
-        description="A simulated image upstream: Krea 2 async jobs and SiliconFlow-style "
-        "synchronous generation, in memory.",
+        description="A simulated image upstream, in memory: Krea 2 async jobs, SiliconFlow-style "
+        "synchronous generation, and under /unified, /openai and /bfl the unified API, OpenAI "
+        "Images and Black Forest Labs.",
     )
 
     def option(
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     option("--host", str, "127.0.0.1", "interface to bind")
     option("--port", int, "8100", "port to bind, 0 for any free port")
-    option("--api-key", str, "sim-key", "the bearer token clients must send")
+    option("--api-key", str, "sim-key", "the key clients must send (Bearer, or BFL's x-key)")
     option("--latency", float, "0.5", "seconds from submit to a final job status")
     option("--failure-rate", float, "0.0", "chance, 0..1, that a job ends failed")
     option("--error-kind", str, "none", "fault to inject", choices=ERROR_KINDS)

@@ -21,14 +21,27 @@ Rules:
   upstream runs FLUX.1-schnell and SD 3.5 large turbo at a fixed 4 steps whatever is sent, so
   the simulator only checks the range.
 
-This module is the wire format only; ``workers.simulator.app`` serves it with the shared job
-store, knobs and counters.
+``router`` serves it with the shared core (``workers.simulator.core``): job store, knobs,
+counters.
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+from litestar import Request, Response, Router, post
+from litestar.exceptions import HTTPException
+
+from workers.simulator.core import (
+    Generation,
+    Simulator,
+    base_url,
+    check_bearer,
+    injected_fault,
+    json_body,
+    until_final,
+)
 
 ROUTE: Final = "/v1/images/generations"
 GENERATION_FAILED: Final = 50603
@@ -108,3 +121,41 @@ def _integer(name: str, value: object, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidBody(f"{name} must be between {low} and {high}")
     return value
+
+
+def router(sim: Simulator) -> Router:
+    @post(ROUTE, status_code=200)
+    async def generate(request: Request[Any, Any, Any]) -> Response[Any]:
+        check_bearer(request, sim.config.api_key)
+        sim.submits += 1
+        if await injected_fault(sim):
+            return Response(MALFORMED_BODY, media_type="application/json")
+        try:
+            wanted = parse_images_request(await json_body(request))
+        except InvalidBody as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        generation = Generation(
+            wanted.prompt, wanted.width, wanted.height, wanted.seed, wanted.batch_size
+        )
+        job = sim.submit(wanted.model, generation)
+        await until_final(job)
+        if job.fails:
+            return _error(500, "generation failed", code=GENERATION_FAILED)
+        urls = job.image_urls(base_url(request))
+        return Response(images_body(urls, seconds=job.latency, seed=job.seed))
+
+    return Router(path="/", route_handlers=[generate], exception_handlers={HTTPException: _render})
+
+
+def _render(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return _error(exc.status_code, exc.detail, headers=exc.headers)
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    code: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response[Any]:
+    return Response(error_body(status, message, code=code), status_code=status, headers=headers)

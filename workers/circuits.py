@@ -1,0 +1,131 @@
+"""Circuit breakers, one per channel, shared by every worker through Redis.
+
+States, per channel:
+
+- **closed**: tasks are routed to it. Each retryable failure (connect error,
+  timeout, 5xx, a body we cannot read) counts; failures older than the window
+  are forgotten, and a success forgets them all.
+- **open**: ``threshold`` failures within ``window`` seconds open it for
+  ``cooldown`` seconds; routing skips it while another channel can serve.
+- **half-open**: after the cool-down one task at a time may try it (a probe
+  held for one cool-down). A success closes the circuit; a failure opens it
+  again at once, without waiting for ``threshold`` more.
+
+A 429 is not a failure here: it backs the channel off (``upstream_slots``) for
+the upstream's Retry-After, which says when to come back. A 4xx that is the
+request's fault says nothing about the channel either.
+
+Redis errors never stop a task: a circuit that cannot be read counts as closed.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway import metrics
+from gateway.redis_keys import circuit_key
+
+logger = logging.getLogger("tollgate.circuits")
+
+# KEYS: failures, open, tripped. ARGV: threshold, window ms, cooldown ms.
+# Returns 1 when this failure opened the circuit, else 0.
+_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if n >= tonumber(ARGV[1]) or redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+  redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[3]) * 10 + tonumber(ARGV[2]))
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitState:
+    open: bool
+    # Seconds until an open circuit lets a probe through (0 when not open).
+    retry_in: float = 0.0
+
+
+class Circuits:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        namespace: str,
+        threshold: int,
+        window_seconds: float,
+        cooldown_seconds: float,
+    ) -> None:
+        self._redis = redis
+        self._failure = redis.register_script(_FAILURE)
+        self._namespace = namespace
+        self._threshold = threshold
+        self._window_ms = max(1, round(window_seconds * 1000))
+        self._cooldown_ms = max(1, round(cooldown_seconds * 1000))
+
+    def _key(self, channel: str, part: str) -> str:
+        return circuit_key(self._namespace, channel, part)
+
+    async def state(self, channel: str, holder: str) -> CircuitState:
+        """Whether ``holder`` (a task's attempt) may use the channel now.
+
+        Half-open, only one holder at a time gets through; asking again as the
+        same holder keeps the probe.
+        """
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.pttl(self._key(channel, "open"))
+                pipe.exists(self._key(channel, "tripped"))
+                open_ms, tripped = await pipe.execute()
+            if open_ms is not None and int(open_ms) > 0:
+                return CircuitState(open=True, retry_in=int(open_ms) / 1000)
+            if not tripped:
+                return CircuitState(open=False)
+            probe = self._key(channel, "probe")
+            taken = await self._redis.set(probe, holder, nx=True, px=self._cooldown_ms)
+            if taken or await self._redis.get(probe) == holder.encode():
+                return CircuitState(open=False)
+            left = await self._redis.pttl(probe)
+            return CircuitState(open=True, retry_in=max(int(left), 1) / 1000)
+        except RedisError as exc:
+            logger.warning("could not read the circuit of channel %s: %s", channel, exc)
+            return CircuitState(open=False)
+
+    async def failure(self, channel: str) -> bool:
+        """Count a retryable failure; True when it opened the circuit."""
+        try:
+            opened = await self._failure(
+                keys=[
+                    self._key(channel, "failures"),
+                    self._key(channel, "open"),
+                    self._key(channel, "tripped"),
+                ],
+                args=[self._threshold, self._window_ms, self._cooldown_ms],
+            )
+            await self._redis.delete(self._key(channel, "probe"))
+        except RedisError as exc:
+            logger.warning("could not count a failure of channel %s: %s", channel, exc)
+            return False
+        if opened:
+            logger.warning(
+                "channel %s: circuit opened for %.1fs", channel, self._cooldown_ms / 1000
+            )
+            metrics.circuit_opened(channel)
+        return bool(opened)
+
+    async def success(self, channel: str) -> None:
+        """The channel answered well: close its circuit and forget its failures."""
+        try:
+            await self._redis.delete(
+                self._key(channel, "failures"),
+                self._key(channel, "tripped"),
+                self._key(channel, "probe"),
+            )
+        except RedisError as exc:
+            logger.warning("could not reset the circuit of channel %s: %s", channel, exc)
