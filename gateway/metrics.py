@@ -276,9 +276,14 @@ def callback_attempted(*, delivered: bool, gave_up: bool) -> None:
         CALLBACK_GIVE_UPS.inc()
 
 
+def callback_given_up(conn: AsyncConnection) -> None:
+    """A delivery abandoned without a recorded last attempt (its worker died during it)."""
+    after_commit(conn, CALLBACK_GIVE_UPS.inc)
+
+
 def observe_upstream(provider: str, channel: str, phase: str, outcome: str, seconds: float) -> None:
     """One upstream call. ``phase``: submit, poll, cancel or download; ``outcome``: ok,
-    timeout, unavailable, rate_limited, rejected or bad_response."""
+    timeout, unavailable, rate_limited, rejected, bad_response or job_failed."""
     UPSTREAM_REQUESTS.labels(provider, channel, phase, outcome).inc()
     UPSTREAM_DURATION.labels(provider, channel, phase).observe(seconds)
 

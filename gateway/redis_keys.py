@@ -60,3 +60,9 @@ CANCEL_JOB = "cancel_upstream"
 def cancel_job_id(task_id: str) -> str:
     """One upstream cancel per task: a second enqueue is a no-op."""
     return f"cancel:{task_id}"
+
+
+def ledger_check_key(queue_name: str) -> str:
+    """Present while the last periodic ledger check is fresh (its TTL is the interval);
+    one per deployment, which is one generation queue."""
+    return f"{queue_name}:ledger-check"

@@ -662,6 +662,12 @@ class Child:
     log: Path
 
 
+def _callback_metrics_port(env: dict[str, str]) -> int:
+    """The port after the generation worker's metrics port (0 keeps metrics off)."""
+    port = int(env.get("TOLLGATE_METRICS_PORT") or 9100)
+    return port + 1 if port else 0
+
+
 def _spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{name}.log"
@@ -770,7 +776,18 @@ def cmd_run(args: list[str]) -> int:
     storage = STATE / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     sim_url = f"http://127.0.0.1:{sim_port}"
-    upstream = {"base_url": sim_url, "api_key": found["TOLLGATE_DEV_SIM_KEY"]}
+    sim_key = found["TOLLGATE_DEV_SIM_KEY"]
+    # One simulator speaks every protocol: Krea and SiliconFlow at its root, the others
+    # under a path of their own (workers/simulator).
+    upstreams = {
+        adapter: {"base_url": sim_url + prefix, "api_key": sim_key}
+        for adapter, prefix in (
+            ("krea", ""),
+            ("siliconflow", ""),
+            ("openai", "/openai"),
+            ("bfl", "/bfl"),
+        )
+    }
     settings = {
         "TOLLGATE_DATABASE_URL": services.database_url,
         "TOLLGATE_REDIS_URL": services.redis_url,
@@ -778,8 +795,7 @@ def cmd_run(args: list[str]) -> int:
         "TOLLGATE_SIGNING_SECRET": found["TOLLGATE_SIGNING_SECRET"],
         "TOLLGATE_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "TOLLGATE_STORAGE_DIR": str(storage),
-        "TOLLGATE_UPSTREAMS": os.environ.get("TOLLGATE_UPSTREAMS")
-        or json.dumps({"krea": upstream, "siliconflow": upstream}),
+        "TOLLGATE_UPSTREAMS": os.environ.get("TOLLGATE_UPSTREAMS") or json.dumps(upstreams),
         "TOLLGATE_POLL_INTERVAL_SECONDS": os.environ.get("TOLLGATE_POLL_INTERVAL_SECONDS", "0.5"),
     }
     env = {**os.environ, **settings, "PYTHONUNBUFFERED": "1"}
@@ -805,8 +821,13 @@ def cmd_run(args: list[str]) -> int:
             ],
             env,
         ),
+        # Each worker process serves /metrics on a port of its own.
         _spawn("worker", [str(bin_dir / "tollgate-worker")], env),
-        _spawn("callbacks", [str(bin_dir / "tollgate-worker"), "--callbacks"], env),
+        _spawn(
+            "callbacks",
+            [str(bin_dir / "tollgate-worker"), "--callbacks"],
+            {**env, "TOLLGATE_METRICS_PORT": str(_callback_metrics_port(env))},
+        ),
         _spawn(
             "gateway",
             [str(bin_dir / "tollgate"), "serve", "--host", "127.0.0.1", "--port", str(port)],

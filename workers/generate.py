@@ -52,7 +52,7 @@ from arq.worker import Retry
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.db import utcnow
 from gateway.settings import Settings
 from gateway.storage import Storage
@@ -232,6 +232,7 @@ class GenerationRun:
                 self._slot = None
             return SKIPPED
         self.callback_url = claimed.callback_url
+        logs.bind(request_id=claimed.request_id)
         self._ticket_ms = int(claimed.created_at.timestamp() * 1000)
         self._last_beat = time.monotonic()
         age = (utcnow() - claimed.created_at).total_seconds()
@@ -532,14 +533,17 @@ class GenerationRun:
 async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
     """arq job: run one attempt of one task (see the module docstring)."""
     deps: WorkerDeps = ctx["deps"]
-    run = GenerationRun(deps, task_id, attempt)
-    outcome = await run.execute()
-    logger.info("task %s attempt %d: %s", task_id, attempt, outcome)
-    if run.callback_url and outcome.startswith(("completed", "failed")):
-        # The delivery row was committed with the task's end; queue its first attempt now
-        # (the callback reconciler would otherwise find it, later).
-        await enqueue_for_task(ctx["redis"], deps.settings, deps.engine, task_id)
-    return outcome
+    with logs.scope():
+        # Every line of this job names the task, and the request that submitted it.
+        logs.bind(task_id=task_id)
+        run = GenerationRun(deps, task_id, attempt)
+        outcome = await run.execute()
+        logger.info("task %s attempt %d: %s", task_id, attempt, outcome)
+        if run.callback_url and outcome.startswith(("completed", "failed")):
+            # The delivery row was committed with the task's end; queue its first attempt
+            # now (the callback reconciler would otherwise find it, later).
+            await enqueue_for_task(ctx["redis"], deps.settings, deps.engine, task_id)
+        return outcome
 
 
 async def cancel_upstream(

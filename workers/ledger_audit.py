@@ -23,16 +23,11 @@ from arq.connections import ArqRedis
 
 from gateway import metrics
 from gateway.ledger import service as ledger
+from gateway.redis_keys import ledger_check_key
 from gateway.settings import Settings
 from workers.generate import WorkerDeps
 
 logger = logging.getLogger("tollgate.ledger_check")
-
-
-def last_check_key(queue_name: str) -> str:
-    """Present while the last check is fresh (its TTL is the interval); one per deployment,
-    which is one generation queue. (It belongs in gateway/redis_keys.py with the others.)"""
-    return f"{queue_name}:ledger-check"
 
 
 async def check_ledger(ctx: dict[str, Any]) -> int | None:
@@ -40,7 +35,7 @@ async def check_ledger(ctx: dict[str, Any]) -> int | None:
     or None when it did not run (the gauges then take the last run's result)."""
     deps: WorkerDeps = ctx["deps"]
     redis: ArqRedis = ctx["redis"]
-    key = last_check_key(deps.settings.queue_name)
+    key = ledger_check_key(deps.settings.queue_name)
     claimed = await redis.set(
         key, json.dumps({}), nx=True, ex=deps.settings.ledger_check_interval_seconds
     )

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway import metrics
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery, DeliveryStatus
 from gateway.krea_api import API as KREA_API
 from gateway.krea_api import render_krea_job
@@ -198,11 +199,13 @@ async def due_deliveries(conn: AsyncConnection, limit: int) -> list[tuple[str, i
 
 async def give_up_exhausted(conn: AsyncConnection, delivery_id: str) -> None:
     """A delivery whose last attempt was claimed but never recorded (its worker died)."""
-    await conn.execute(
+    result = await conn.execute(
         update(deliveries)
         .where(deliveries.c.id == delivery_id, deliveries.c.status == DeliveryStatus.PENDING.value)
         .values(status=DeliveryStatus.FAILED.value, finished_at=func.now(), next_attempt_at=None)
     )
+    if result.rowcount == 1:
+        metrics.callback_given_up(conn)
 
 
 async def list_deliveries(db: Db, task_id: str) -> list[dict[str, Any]]:

@@ -34,7 +34,6 @@ _open = c.status.in_(OPEN_STATES)
 _processing = c.status == TaskStatus.PROCESSING.value
 
 logger = logging.getLogger("tollgate.tasks")
-_END_FIELDS = frozenset({"model", "status", "request_id"})
 
 
 def _fence(task_id: str, attempt: int) -> ColumnElement[bool]:
@@ -60,17 +59,16 @@ async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | N
     await _record_end(conn, task_id, row, charge)
 
 
+# Returned by every ending UPDATE, for _record_end (the metric and the log line).
+_END = (c.model, c.status, c.request_id)
+
+
 async def _record_end(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
     """Count the end and log it, once (and only if) its transaction commits.
 
-    An UPDATE that returns ``model``, ``status`` and ``request_id`` with the row saves
-    the query here.
+    Every ending UPDATE returns ``_END`` with its row.
     """
-    ended = row._mapping
-    if not _END_FIELDS.issubset(ended.keys()):
-        query = select(c.model, c.status, c.request_id).where(c.id == task_id)
-        ended = (await conn.execute(query)).one()._mapping
-    model, status, request_id = ended["model"], ended["status"], ended["request_id"]
+    model, status, request_id = row.model, row.status, row.request_id
 
     def record() -> None:
         metrics.task_finished(model, status)
@@ -99,6 +97,7 @@ class Claimed:
     channel_id: str | None
     created_at: datetime
     callback_url: str | None
+    request_id: str | None
 
 
 async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float) -> Claimed | None:
@@ -122,6 +121,7 @@ async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float)
             c.channel_id,
             c.created_at,
             c.callback_url,
+            c.request_id,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -225,6 +225,7 @@ async def cancel(conn: AsyncConnection, task_id: str, tenant_id: str) -> Cancell
             c.callback_url,
             c.channel_id,
             c.upstream_job_id,
+            *_END,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -257,6 +258,7 @@ async def complete(
             c.created_at,
             c.callback_url,
             c.quote,
+            *_END,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -287,7 +289,12 @@ async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, mes
             upstream_cost_micros=0,
         )
         .returning(
-            c.tenant_id, c.credits_reserved_micros, c.api_key_id, c.created_at, c.callback_url
+            c.tenant_id,
+            c.credits_reserved_micros,
+            c.api_key_id,
+            c.created_at,
+            c.callback_url,
+            *_END,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -352,6 +359,7 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
             c.api_key_id,
             c.created_at,
             c.callback_url,
+            *_END,
         )
     )
     failed = list(await conn.execute(stmt))

@@ -199,3 +199,44 @@ async def test_a_429_moves_the_task_on_and_the_primary_is_left_alone_for_its_ret
     # Only the first task met the 429; the back-off kept the others from the primary.
     assert (await primary.stats())["submits"] == 1
     assert time.monotonic() - started < 20
+
+
+async def test_a_request_the_upstream_refuses_as_invalid_fails_at_once_without_failover(
+    settings: Settings, engine: AsyncEngine, primary: Sim, simulator: Sim, primary_channel: str
+) -> None:
+    await primary.configure(error_kind="submit_400")
+    done = await run_tasks(settings, 1, "refused")
+    assert done[0]["status"] == "failed"
+    assert done[0]["error"]["code"] == "upstream_rejected"
+    assert "rejected the request as invalid" in done[0]["error"]["message"]
+    assert "127.0.0.1" not in done[0]["error"]["message"]
+    # The request's fault: no other channel was tried, and the primary only once.
+    assert (await primary.stats())["submits"] == 1
+    assert (await simulator.stats())["submits"] == 0
+    # Nothing was charged.
+    assert done[0]["usage"]["credits_charged"] == 0
+
+
+async def test_a_channel_speaking_the_unified_api_serves_a_catalogue_model(
+    settings: Settings, engine: AsyncEngine, simulator: Sim, simulator_url: str
+) -> None:
+    """Tollgate in front of another gateway of the same shape: a unified-async channel."""
+    name = f"unified-{uuid.uuid4().hex[:8]}"
+    fields = {
+        "name": name,
+        "adapter": "unified",
+        "base_url": f"{simulator_url}/unified",
+        "api_key": SIM_KEY,
+        "models": {MODEL: "krea-2-medium-upstream"},
+        "priority": 20,
+    }
+    async with transaction(session_factory(engine)) as session:
+        channel = await channels.create_channel(session, fields, load_catalog())
+    try:
+        done = await run_tasks(settings, 1, "through another gateway")
+    finally:
+        async with transaction(session_factory(engine)) as session:
+            await channels.delete_channel(session, name)
+    assert done[0]["status"] == "completed", done
+    assert len(done[0]["results"]) == 1
+    assert await channel_of(engine, done[0]["id"]) == channel.id

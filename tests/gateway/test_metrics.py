@@ -43,9 +43,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import metrics
 from gateway.app import create_app
+from gateway.redis_keys import ledger_check_key
 from gateway.settings import Settings
 from gateway.tenants import hash_key
-from workers.ledger_audit import check_ledger, last_check_key
+from workers.ledger_audit import check_ledger
 from workers.main import create_worker
 
 Client = AsyncTestClient[Any]
@@ -422,10 +423,10 @@ async def test_the_ledger_check_sets_its_gauges_once_per_interval(
         again = Scrape(metrics.exposition()[0].decode())
         assert again.get("tollgate_ledger_check_problems") == 0
         assert again.get("tollgate_ledger_check_last_run_timestamp_seconds") == ran_at
-        ttl = await redis.ttl(last_check_key(settings.queue_name))
+        ttl = await redis.ttl(ledger_check_key(settings.queue_name))
         assert 0 < ttl <= settings.ledger_check_interval_seconds
     finally:
-        await redis.delete(last_check_key(settings.queue_name))
+        await redis.delete(ledger_check_key(settings.queue_name))
         await redis.aclose()
     crons = {job.name for job in create_worker(settings).cron_jobs}
     assert "ledger_check" in crons

@@ -408,6 +408,14 @@ async def test_submit_500(client: httpx.AsyncClient) -> None:
     assert "error" in response.json()
 
 
+async def test_submit_400_refuses_the_request_and_makes_no_job(client: httpx.AsyncClient) -> None:
+    await configure(client, error_kind="submit_400")
+    response = await submit(client)
+    assert response.status_code == 400
+    assert "error" in response.json()
+    assert (await client.get("/_sim/stats")).json()["jobs_active"] == 0
+
+
 async def test_submit_429_sends_retry_after(client: httpx.AsyncClient) -> None:
     await configure(client, error_kind="submit_429", retry_after=7)
     response = await submit(client)

@@ -11,7 +11,7 @@ wire format over this core. Rules every protocol follows:
   ``random.Random(rng_seed)``, so the same requests against the same config replay the same.
 - Faults are applied after auth and before the body is read (``injected_fault``):
   ``fail_first_n`` (the next N submits answer 500), then ``error_kind``. A submit answering
-  500, 429 or a malformed body creates no job; ``hang`` sleeps ``hang_seconds`` and then
+  500, 429, 400 or a malformed body creates no job; ``hang`` sleeps ``hang_seconds`` and then
   answers normally. ``job_failed`` and ``failure_rate`` fail jobs; ``bad_image`` serves bytes
   that are not an image, by link or inline.
 - A synchronous generation is a job like any other, submitted when its request passes, and
@@ -44,7 +44,14 @@ from litestar.exceptions import HTTPException
 from workers.simulator.png import render_png
 
 ErrorKind = Literal[
-    "none", "submit_500", "submit_429", "job_failed", "hang", "malformed", "bad_image"
+    "none",
+    "submit_500",
+    "submit_429",
+    "submit_400",
+    "job_failed",
+    "hang",
+    "malformed",
+    "bad_image",
 ]
 ERROR_KINDS: Final[tuple[ErrorKind, ...]] = get_args(ErrorKind)
 JobStatus = Literal["queued", "processing", "completed", "failed", "cancelled"]
@@ -213,7 +220,11 @@ class Simulator:
             self.config.fail_first_n -= 1
             return "submit_500"
         kind = self.config.error_kind
-        return kind if kind in ("submit_500", "submit_429", "hang", "malformed") else None
+        return (
+            kind
+            if kind in ("submit_500", "submit_429", "submit_400", "hang", "malformed")
+            else None
+        )
 
     def submit(self, model_path: str, generation: Generation) -> Job:
         config = self.config
@@ -287,6 +298,9 @@ async def injected_fault(sim: Simulator) -> bool:
         case "submit_429":
             headers = {"Retry-After": str(sim.config.retry_after)}
             raise HTTPException(status_code=429, detail="rate limited", headers=headers)
+        case "submit_400":
+            # The upstream refuses the request itself as invalid (say, a moderation rule).
+            raise HTTPException(status_code=400, detail="simulated invalid request")
         case "malformed":
             return True
         case "hang":
