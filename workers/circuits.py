@@ -45,11 +45,21 @@ return 0
 """
 
 
+# KEYS: probe. ARGV: holder. Deletes the probe only if this holder has it.
+_RELEASE_PROBE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class CircuitState:
     open: bool
     # Seconds until an open circuit lets a probe through (0 when not open).
     retry_in: float = 0.0
+    # Half-open, and this holder has the probe: it must end in success, failure or
+    # release_probe, or nobody else may try the channel for a cool-down.
+    probing: bool = False
 
 
 class Circuits:
@@ -64,6 +74,7 @@ class Circuits:
     ) -> None:
         self._redis = redis
         self._failure = redis.register_script(_FAILURE)
+        self._release_probe = redis.register_script(_RELEASE_PROBE)
         self._namespace = namespace
         self._threshold = threshold
         self._window_ms = max(1, round(window_seconds * 1000))
@@ -90,15 +101,25 @@ class Circuits:
             probe = self._key(channel, "probe")
             taken = await self._redis.set(probe, holder, nx=True, px=self._cooldown_ms)
             if taken or await self._redis.get(probe) == holder.encode():
-                return CircuitState(open=False)
+                return CircuitState(open=False, probing=True)
             left = await self._redis.pttl(probe)
             return CircuitState(open=True, retry_in=max(int(left), 1) / 1000)
         except RedisError as exc:
             logger.warning("could not read the circuit of channel %s: %s", channel, exc)
             return CircuitState(open=False)
 
-    async def failure(self, channel: str) -> bool:
-        """Count a retryable failure; True when it opened the circuit."""
+    async def release_probe(self, channel: str, holder: str) -> None:
+        """Give up the half-open probe without an outcome (the run did not use the channel)."""
+        try:
+            await self._release_probe(keys=[self._key(channel, "probe")], args=[holder])
+        except RedisError as exc:
+            logger.warning("could not release the probe of channel %s: %s", channel, exc)
+
+    async def failure(self, channel: str, name: str | None = None) -> bool:
+        """Count a retryable failure; True when it opened the circuit.
+
+        ``name`` labels the metric (the channel's name, as upstream metrics use).
+        """
         try:
             opened = await self._failure(
                 keys=[
@@ -116,7 +137,7 @@ class Circuits:
             logger.warning(
                 "channel %s: circuit opened for %.1fs", channel, self._cooldown_ms / 1000
             )
-            metrics.circuit_opened(channel)
+            metrics.circuit_opened(name or channel)
         return bool(opened)
 
     async def success(self, channel: str) -> None:

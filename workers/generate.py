@@ -28,7 +28,10 @@ Shutdown: a worker stopped with SIGTERM stops taking jobs and lets running
 ones finish for ``worker_shutdown_grace_seconds``; a job still running then is
 cancelled and hands its task back (its lease ends at once), and arq queues the
 job again, so another worker resumes the same upstream job without waiting
-for the lease to run out. Nothing is lost, and nothing is generated twice.
+for the lease to run out. Nothing is lost. An asynchronous upstream job is
+resumed, never generated twice; a synchronous generation cut off mid-call has
+no job to resume and is submitted again, so keep the grace period at least
+``upstream_timeout_seconds`` where synchronous channels serve.
 
 Upstream concurrency (``workers/upstream_slots.py``): the job takes a slot on
 its channel before it claims the task, and gives it back on every way out.
@@ -39,6 +42,7 @@ task's lease.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -133,6 +137,8 @@ class GenerationRun:
         self.callback_url: str | None = None  # set once the task is claimed
         self._slot: str | None = None  # the slot this run holds, if any
         self._ticket_ms = 0  # its place in a channel's line: the task's submission (ms)
+        self._lines: set[str] = set()  # slot lines this run may wait in
+        self._probes: set[str] = set()  # channels whose half-open probe this run holds
 
     # --- Before the claim: a channel and a slot -------------------------------
 
@@ -150,6 +156,7 @@ class GenerationRun:
             return await self._claim_and_run(shared)
         finally:
             await self._release_slot()
+            await self._leave_all()
 
     async def _peek(self) -> Peeked | None:
         """The task as far as routing needs it; None if there is no such task."""
@@ -184,17 +191,19 @@ class GenerationRun:
                 if state is not None:
                     waits.append(state)
                     continue
+            name = slot_name(self.settings, route)
             grant = await slots.acquire(
-                slot_name(self.settings, route),
+                name,
                 self.holder,
                 cap=route.max_concurrency,
                 ticket_ms=int(task.created_at.timestamp() * 1000),
                 running=resuming,
             )
             if grant.acquired:
+                self._slot = name
                 await self._leave_lines(tried)
-                self._slot = slot_name(self.settings, route)
                 return route, grant.already_held
+            await self._unprobe(route)
             tried.append(route)
             waits.append(grant.wait_seconds)
         wait = max(min(waits), MIN_WAIT_SECONDS)
@@ -206,12 +215,40 @@ class GenerationRun:
         if self.deps.circuits is None:
             return None
         state = await self.deps.circuits.state(route.id, self.holder)
+        if state.probing:
+            self._probes.add(route.id)
         return state.retry_in if state.open else None
+
+    async def _unprobe(self, route: Route) -> None:
+        """This run will not use the channel now: let another task probe it."""
+        if route.id in self._probes and self.deps.circuits is not None:
+            self._probes.discard(route.id)
+            await self.deps.circuits.release_probe(route.id, self.holder)
+
+    async def _circuit_outcome(self, route: Route, *, failed: bool) -> None:
+        if self.deps.circuits is None:
+            return
+        self._probes.discard(route.id)
+        if failed:
+            await self.deps.circuits.failure(route.id, route.name)
+        else:
+            await self.deps.circuits.success(route.id)
 
     async def _leave_lines(self, routes: list[Route]) -> None:
         if self.deps.slots is not None:
             for route in routes:
                 await self.deps.slots.release(slot_name(self.settings, route), self.holder)
+
+    async def _leave_all(self) -> None:
+        """Leave every line this run joined and give up probes it did not use."""
+        if self.deps.slots is not None:
+            for name in self._lines - {self._slot}:
+                await self.deps.slots.release(name, self.holder)
+        self._lines.clear()
+        if self.deps.circuits is not None:
+            for channel in self._probes:
+                await self.deps.circuits.release_probe(channel, self.holder)
+        self._probes.clear()
 
     async def _release_slot(self) -> None:
         if self._slot is not None and self.deps.slots is not None:
@@ -238,18 +275,21 @@ class GenerationRun:
         age = (utcnow() - claimed.created_at).total_seconds()
         self.deadline = time.monotonic() + settings.task_deadline_seconds - age
         try:
-            return await self._run(claimed)
+            return await self._run_to_an_end(claimed)
         except asyncio.CancelledError:
             # The worker is shutting down past its grace period (arq re-queues the job).
             await asyncio.shield(self._hand_back())
             raise
         except LeaseLost:
             return "stopped: lease lost to another attempt"
+
+    async def _run_to_an_end(self, claimed: lifecycle.Claimed) -> str:
+        """Run the task; a deadline or an upstream error that ends it fails it."""
+        try:
+            return await self._run(claimed)
         except DeadlineExceeded:
-            await self._fail(
-                "timeout",
-                f"The generation did not finish within {settings.task_deadline_seconds} seconds",
-            )
+            deadline = self.settings.task_deadline_seconds
+            await self._fail("timeout", f"The generation did not finish within {deadline} seconds")
             return "failed: deadline"
         except UpstreamError as exc:
             await self._fail(exc.code, exc.message)
@@ -275,8 +315,9 @@ class GenerationRun:
                     raise
                 if exc.rate_limited:
                     await self._back_off(route, exc)
-                elif self.deps.circuits is not None:
-                    await self.deps.circuits.failure(route.id)
+                    await self._unprobe(route)
+                else:
+                    await self._circuit_outcome(route, failed=True)
                 logger.info(
                     "task %s: channel %s failed (%s); trying another",
                     self.task_id,
@@ -286,6 +327,9 @@ class GenerationRun:
                 (spent if exc.try_elsewhere else tried).append(route.id)
                 job_id = None
                 await self._release_slot()
+                # Nothing runs upstream for the task now: a resumed attempt must not poll
+                # the abandoned job, and the tenant may cancel while it waits.
+                await self._record(route, None, can_cancel=True)
                 next_route = await self._next_route(entry, [*tried, *spent])
                 if next_route is None:
                     if not exc.retryable:
@@ -300,8 +344,7 @@ class GenerationRun:
                     if next_route is None:
                         raise
                 route = self.route = next_route
-        if self.deps.circuits is not None:
-            await self.deps.circuits.success(route.id)
+        await self._circuit_outcome(route, failed=False)
         async with self.deps.engine.begin() as conn:
             done = await lifecycle.complete(
                 conn, self.task_id, self.attempt, keys, self.settings.result_url_ttl_seconds
@@ -334,7 +377,10 @@ class GenerationRun:
                 wait = await self._circuit(route)
                 if wait is None:
                     wait = await self._try_slot(route)
+                    if wait is not None:
+                        await self._unprobe(route)
                 if wait is None:
+                    await self._leave_all_but(route)
                     return route
                 waits.append(wait)
             await self._sleep(max(min(waits), MIN_WAIT_SECONDS))
@@ -349,9 +395,18 @@ class GenerationRun:
             name, self.holder, cap=route.max_concurrency, ticket_ms=self._ticket_ms
         )
         if not grant.acquired:
+            self._lines.add(name)
             return grant.wait_seconds
         self._slot = name
         return None
+
+    async def _leave_all_but(self, route: Route) -> None:
+        """Granted on ``route``: leave the lines of the others."""
+        keep = slot_name(self.settings, route)
+        if self.deps.slots is not None:
+            for name in self._lines - {keep}:
+                await self.deps.slots.release(name, self.holder)
+        self._lines.clear()
 
     async def _generate_on(
         self, route: Route, entry: ModelEntry, request: ImageRequest, job_id: str | None
@@ -370,6 +425,7 @@ class GenerationRun:
         provider = route.provider
         can_cancel = entry.can_cancel and provider.supports_cancel
         if job_id is None:
+            self._check_deadline()  # never pay for a generation the task cannot wait for
             await self._record(route, None, can_cancel)
             submitted = await self._call(
                 route, "submit", lambda: provider.submit(route.upstream_model(entry), request)
@@ -406,6 +462,8 @@ class GenerationRun:
                 )
         if not alive:
             raise LeaseLost
+        if self._slot is not None and self.deps.slots is not None:
+            await self.deps.slots.renew(self._slot, self.holder)
         self._last_beat = time.monotonic()
 
     async def _cancel_quietly(self, route: Route, job_id: str) -> None:
@@ -418,15 +476,29 @@ class GenerationRun:
         """One upstream call, timed and counted by channel, phase and outcome."""
         started = time.monotonic()
         outcome = "ok"
+        # A call may outlast a lease (a synchronous generation): renew it meanwhile.
+        keep_alive = asyncio.create_task(self._keep_alive())
         try:
             return await call()
         except UpstreamError as exc:
             outcome = exc.outcome
             raise
         finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                await keep_alive
             metrics.observe_upstream(
                 route.adapter, route.name, phase, outcome, time.monotonic() - started
             )
+
+    async def _keep_alive(self) -> None:
+        """Renew the lease and slot every third of a lease until cancelled.
+
+        A lost lease ends the renewing; the run's next write finds it lost.
+        """
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            await self._maybe_beat(None)
 
     def _check_deadline(self) -> float:
         remaining = self.deadline - time.monotonic()
@@ -527,7 +599,11 @@ class GenerationRun:
 
     async def _fail(self, code: str, message: str) -> None:
         async with self.deps.engine.begin() as conn:
-            await lifecycle.fail(conn, self.task_id, self.attempt, code, message)
+            failed = await lifecycle.fail(conn, self.task_id, self.attempt, code, message)
+        if not failed:
+            # Cancelled, or another attempt owns it: nothing of this run is recorded.
+            self.callback_url = None
+            raise LeaseLost
 
 
 async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:

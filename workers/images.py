@@ -6,6 +6,7 @@ and refused without being read whole. A link anywhere but the channel's own
 host goes through the same address guard as callbacks (``ImageSource``).
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +15,8 @@ import httpx
 
 from gateway.netguard import ForbiddenAddress, Resolver, guarded_request
 from workers.providers.base import UpstreamBadResult, UpstreamUnavailable
+
+logger = logging.getLogger("tollgate.images")
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -112,7 +115,11 @@ async def _fetch_guarded(source: ImageSource, url: str) -> tuple[bytes, int]:
             max_response_bytes=source.max_bytes + 1,
         )
     except ForbiddenAddress as exc:
-        raise UpstreamBadResult(f"a result image link was refused: it {exc.reason}") from None
+        # The reason names the host; it goes to the operator's log, not the tenant's task.
+        logger.warning("result image link refused: it %s", exc.reason)
+        raise UpstreamBadResult(
+            "a result image link was refused: it points at an address Tollgate does not fetch"
+        ) from None
     except httpx.TimeoutException:
         raise UpstreamUnavailable("the result image download timed out", timed_out=True) from None
     except httpx.HTTPError:

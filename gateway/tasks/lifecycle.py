@@ -371,13 +371,12 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
 async def stale_pending(
     conn: AsyncConnection, older_than: float, limit: int
 ) -> list[tuple[str, int]]:
-    """Pending tasks old enough that their job may have been lost with Redis."""
+    """Tasks old enough that their job may have been lost with Redis: pending ones, and
+    processing ones handed to a new attempt (lease cleared) whose enqueue never happened."""
+    waiting = (c.status == TaskStatus.PENDING.value) | (_processing & c.lease_expires_at.is_(None))
     stmt = (
         select(c.id, c.attempt)
-        .where(
-            c.status == TaskStatus.PENDING.value,
-            c.created_at < func.now() - timedelta(seconds=older_than),
-        )
+        .where(waiting, c.created_at < func.now() - timedelta(seconds=older_than))
         .order_by(c.created_at)
         .limit(limit)
     )

@@ -198,6 +198,40 @@ async def test_reconciler_requeues_a_task_whose_job_redis_lost(
         assert done["status"] == "completed"
 
 
+async def test_a_reclaimed_task_whose_enqueue_was_lost_is_queued_again(
+    fast_settings: Settings, simulator: Sim, tenant_key: tuple[str, str]
+) -> None:
+    """The reconciler handed the task to attempt 1, then died before queueing it."""
+    from gateway.app import create_app
+
+    settings = fast_settings
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        _, key = tenant_key
+        task_id = await create_task(c, key, {"model": "krea-2-medium", "prompt": "reclaimed"})
+        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        engine = create_engine(settings)
+        try:
+            await redis.delete(settings.queue_name)
+            await redis.delete(f"arq:job:gen:{task_id}:0")
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "UPDATE tasks SET status = 'processing', attempt = 1, "
+                        "lease_expires_at = NULL WHERE id = :id"
+                    ),
+                    {"id": task_id},
+                )
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+        worker, running = start_worker(settings)
+        try:
+            done = await wait_for_status(c, key, task_id, {"completed", "failed"})
+        finally:
+            await stop_worker(worker, running)
+        assert done["status"] == "completed", done
+
+
 async def test_a_silent_workers_task_resumes_its_upstream_job(
     fast_settings: Settings, simulator: Sim, tenant_key: tuple[str, str]
 ) -> None:

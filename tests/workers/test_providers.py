@@ -961,14 +961,16 @@ async def test_bfl_polling_url_off_the_channel_host_is_refused_and_never_called(
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
         adapter = provider("bfl", http, base=SECRET_BASE)
-        with pytest.raises(UpstreamRejected) as at_submit:
+        with pytest.raises(UpstreamBadResult) as at_submit:
             await adapter.submit("flux-pro-1.1", request_for("flux-1-1-pro"))
-        with pytest.raises(UpstreamRejected) as at_poll:
+        with pytest.raises(UpstreamBadResult) as at_poll:
             await adapter.poll(polling_url)
     # Only the submit went out: the key never travels to another host.
     assert [request.url.path for request in seen] == ["/api/v1/flux-pro-1.1"]
     for raised in (at_submit, at_poll):
+        # Not the request's fault: routing tries another channel, never this one again.
         assert not raised.value.retryable
+        assert raised.value.try_elsewhere
         assert_in_our_words(raised.value)
         assert "evil" not in raised.value.message
 

@@ -30,6 +30,7 @@ from workers.providers.base import (
     Endpoint,
     JobState,
     Submitted,
+    UpstreamBadResult,
     UpstreamProtocolError,
     UpstreamRejected,
     UpstreamUnavailable,
@@ -125,9 +126,10 @@ class BflProvider:
         raise UpstreamRejected("the Black Forest Labs upstream cannot cancel a job")
 
     def _checked(self, polling_url: str) -> str:
-        """The polling URL, if it is on the channel's own host; refused (for good) otherwise."""
+        """The polling URL, if it is on the channel's own host; refused otherwise (another
+        channel may serve the task: the key is never sent off the configured host)."""
         if self._origin is None or _origin(polling_url) != self._origin:
-            raise UpstreamRejected(
+            raise UpstreamBadResult(
                 "the Black Forest Labs upstream gave a polling link off its configured host"
             )
         return polling_url
