@@ -34,7 +34,7 @@ from gateway.limit_settings import (
     tenant_limits_json,
 )
 from gateway.tasks.models import Task
-from gateway.tasks.schemas import encode_json
+from gateway.tasks.schemas import json_response
 from gateway.tasks.service import list_tasks, task_summary
 from gateway.tenants import (
     ApiKey,
@@ -47,9 +47,6 @@ from gateway.tenants import (
     revoke_key,
 )
 from pricing.money import MoneyError, credits_from_micros, micros_from_signed_text
-
-JSON = "application/json"
-
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Group = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -251,10 +248,6 @@ def key_json(key: ApiKey) -> dict[str, Any]:
     }
 
 
-def _json(value: object, status: int = 200) -> Response[Any]:
-    return Response(content=encode_json(value), media_type=JSON, status_code=status)
-
-
 class AdminController(Controller):
     path = "/admin"
     tags = ["admin"]
@@ -266,11 +259,11 @@ class AdminController(Controller):
         self, data: JSONBody[NewTenant], admin: AdminDep, uow: UnitOfWorkDep
     ) -> Response[Any]:
         tenant = await create_tenant(uow.session, name=data.name, user_group=data.user_group)
-        return _json(tenant_json(tenant), 201)
+        return json_response(tenant_json(tenant), 201)
 
     @get("/tenants", summary="List tenants")
     async def list_tenants(self, admin: AdminDep, uow: UnitOfWorkDep) -> Response[Any]:
-        return _json({"data": [tenant_json(t) for t in await list_tenants(uow.session)]})
+        return json_response({"data": [tenant_json(t) for t in await list_tenants(uow.session)]})
 
     @post("/tenants/{tenant_id:str}/keys", summary="Issue an API key (its secret is shown once)")
     async def issue_key(
@@ -282,20 +275,22 @@ class AdminController(Controller):
     ) -> Response[Any]:
         tenant = await get_tenant(uow.session, tenant_id)
         issued = await issue_key(uow.session, tenant, name=data.name if data else "")
-        return _json({**key_json(issued.key), "key": issued.secret}, 201)
+        return json_response({**key_json(issued.key), "key": issued.secret}, 201)
 
     @get("/tenants/{tenant_id:str}/keys", summary="List a tenant's keys")
     async def list_keys(
         self, tenant_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep
     ) -> Response[Any]:
         await get_tenant(uow.session, tenant_id)
-        return _json({"data": [key_json(k) for k in await list_keys(uow.session, tenant_id)]})
+        return json_response(
+            {"data": [key_json(k) for k in await list_keys(uow.session, tenant_id)]}
+        )
 
     @post("/keys/{key_id:str}/revoke", status_code=200, summary="Revoke an API key")
     async def revoke_key(
         self, key_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep
     ) -> Response[Any]:
-        return _json(key_json(await revoke_key(uow.session, key_id)))
+        return json_response(key_json(await revoke_key(uow.session, key_id)))
 
     @post("/tenants/{tenant_id:str}/topup", status_code=200, summary="Add credits")
     async def topup(
@@ -305,7 +300,7 @@ class AdminController(Controller):
         admin: AdminDep,
         uow: UnitOfWorkDep,
     ) -> Response[Any]:
-        return _json(await change_credits(uow.session, tenant_id, data, EntryKind.TOPUP))
+        return json_response(await change_credits(uow.session, tenant_id, data, EntryKind.TOPUP))
 
     @post(
         "/tenants/{tenant_id:str}/adjust",
@@ -319,14 +314,16 @@ class AdminController(Controller):
         admin: AdminDep,
         uow: UnitOfWorkDep,
     ) -> Response[Any]:
-        return _json(await change_credits(uow.session, tenant_id, data, EntryKind.ADJUSTMENT))
+        return json_response(
+            await change_credits(uow.session, tenant_id, data, EntryKind.ADJUSTMENT)
+        )
 
     @get("/tenants/{tenant_id:str}/balance", summary="Balance, held credits and open holds")
     async def balance(
         self, tenant_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep
     ) -> Response[Any]:
         await get_tenant(uow.session, tenant_id)
-        return _json(balance_json(tenant_id, await ledger.balance(uow.session, tenant_id)))
+        return json_response(balance_json(tenant_id, await ledger.balance(uow.session, tenant_id)))
 
     @get(
         "/tenants/{tenant_id:str}/usage",
@@ -346,7 +343,7 @@ class AdminController(Controller):
         report = await reports.usage(uow.session, tenant_id, since, until)
         if format == "csv":
             return Response(content=reports.usage_csv(report), media_type="text/csv")
-        return _json({"tenant_id": tenant_id, "data": report})
+        return json_response({"tenant_id": tenant_id, "data": report})
 
     @post("/tasks/{task_id:str}/refund", status_code=200, summary="Refund a task's charge")
     async def refund(
@@ -356,19 +353,19 @@ class AdminController(Controller):
             raise InvalidRequest("reason", "a refund needs a reason")
         amount = None if data.amount is None else parse_amount(data.amount)
         refunded = await ledger.refund(uow.session, task_id, amount, data.reason)
-        return _json({"task_id": task_id, "refunded": credits_from_micros(refunded)})
+        return json_response({"task_id": task_id, "refunded": credits_from_micros(refunded)})
 
     @get("/ledger/check", summary="Check every balance against the ledger")
     async def ledger_check(self, admin: AdminDep, uow: UnitOfWorkDep) -> Response[Any]:
         problems = await ledger.check(uow.session)
-        return _json({"ok": not problems, "problems": problems})
+        return json_response({"ok": not problems, "problems": problems})
 
     @get("/tenants/{tenant_id:str}/limits", summary="A tenant's limits, own or default")
     async def tenant_limits(
         self, tenant_id: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep, services: ServicesDep
     ) -> Response[Any]:
         tenant = await get_tenant(uow.session, tenant_id)
-        return _json(tenant_limits_json(tenant, services.settings))
+        return json_response(tenant_limits_json(tenant, services.settings))
 
     @patch(
         "/tenants/{tenant_id:str}/limits",
@@ -384,7 +381,7 @@ class AdminController(Controller):
         services: ServicesDep,
     ) -> Response[Any]:
         tenant = await set_tenant_limits(uow.session, services.catalog, tenant_id, data)
-        return _json(tenant_limits_json(tenant, services.settings))
+        return json_response(tenant_limits_json(tenant, services.settings))
 
     @get("/keys/{key_id:str}/limits", summary="A key's limits, model list and budgets")
     async def key_limits(
@@ -393,7 +390,7 @@ class AdminController(Controller):
         key = await uow.session.get(ApiKey, key_id)
         if key is None:
             raise NotFound(f"no key {key_id}")
-        return _json(await key_limits_json(uow.session, key, services.settings))
+        return json_response(await key_limits_json(uow.session, key, services.settings))
 
     @patch(
         "/keys/{key_id:str}/limits",
@@ -410,7 +407,7 @@ class AdminController(Controller):
         services: ServicesDep,
     ) -> Response[Any]:
         key = await set_key_limits(uow.session, services.catalog, key_id, data)
-        return _json(await key_limits_json(uow.session, key, services.settings))
+        return json_response(await key_limits_json(uow.session, key, services.settings))
 
     @get("/tasks/{task_id:str}/deliveries", summary="A task's callback deliveries")
     async def deliveries(
@@ -419,7 +416,7 @@ class AdminController(Controller):
         task = await uow.session.get(Task, task_id)
         if task is None:
             raise NotFound(f"no task {task_id}")
-        return _json({"data": await callbacks.list_deliveries(uow.session, task_id)})
+        return json_response({"data": await callbacks.list_deliveries(uow.session, task_id)})
 
     @post("/tasks/{task_id:str}/deliveries", status_code=202, summary="Deliver a callback again")
     async def redeliver(
@@ -428,7 +425,9 @@ class AdminController(Controller):
         task = await uow.session.get(Task, task_id)
         if task is None:
             raise NotFound(f"no task {task_id}")
-        return _json(await redeliver(uow.session, uow, services, task.tenant_id, task_id), 202)
+        return json_response(
+            await redeliver(uow.session, uow, services, task.tenant_id, task_id), 202
+        )
 
     @patch(
         "/tenants/{tenant_id:str}/callbacks",
@@ -444,7 +443,7 @@ class AdminController(Controller):
         tenant = await get_tenant(uow.session, tenant_id)
         tenant.callback_schedule = data.schedule
         uow.session.add(tenant)
-        return _json({"tenant_id": tenant.id, "schedule": data.schedule})
+        return json_response({"tenant_id": tenant.id, "schedule": data.schedule})
 
     @get("/tasks", summary="List tasks, newest first")
     async def list_tasks(
@@ -458,7 +457,7 @@ class AdminController(Controller):
         tasks: list[Task] = await list_tasks(
             uow.session, tenant_id=tenant_id, status=status, limit=limit
         )
-        return _json({"data": [task_summary(t) for t in tasks]})
+        return json_response({"data": [task_summary(t) for t in tasks]})
 
     @post(
         "/channels",
@@ -476,12 +475,12 @@ class AdminController(Controller):
         services: ServicesDep,
     ) -> Response[ChannelView]:
         channel = await channels.create_channel(uow.session, given_fields(data), services.catalog)
-        return _json(channels.channel_view(channel), 201)
+        return json_response(channels.channel_view(channel), 201)
 
     @get("/channels", summary="List channels, highest priority first")
     async def list_channels(self, admin: AdminDep, uow: UnitOfWorkDep) -> Response[ChannelList]:
         found = await channels.list_channels(uow.session)
-        return _json({"data": [channels.channel_view(c) for c in found]})
+        return json_response({"data": [channels.channel_view(c) for c in found]})
 
     @get(
         "/channels/{ref:str}",
@@ -491,7 +490,7 @@ class AdminController(Controller):
     async def get_channel(
         self, ref: FromPath[str], admin: AdminDep, uow: UnitOfWorkDep
     ) -> Response[ChannelView]:
-        return _json(channels.channel_view(await channels.get_channel(uow.session, ref)))
+        return json_response(channels.channel_view(await channels.get_channel(uow.session, ref)))
 
     @patch(
         "/channels/{ref:str}",
@@ -510,7 +509,7 @@ class AdminController(Controller):
         channel = await channels.update_channel(
             uow.session, ref, given_fields(data), services.catalog
         )
-        return _json(channels.channel_view(channel))
+        return json_response(channels.channel_view(channel))
 
     @delete(
         "/channels/{ref:str}",

@@ -49,7 +49,7 @@ from gateway.queue import enqueue_generation
 from gateway.storage import UrlSigner
 from gateway.tasks import cancel, service
 from gateway.tasks.models import Task, TaskStatus
-from gateway.tasks.schemas import encode_json
+from gateway.tasks.schemas import JSON, json_response
 
 API: Final = "krea"  # Task.api of the tasks this door creates
 
@@ -68,8 +68,6 @@ STATUSES: Final[dict[str, str]] = {
     TaskStatus.FAILED.value: "failed",
     TaskStatus.CANCELLED.value: "cancelled",
 }
-
-JSON = "application/json"
 
 
 class KreaGeneration(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -177,10 +175,6 @@ def krea_error_responses(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
-def _json(value: object) -> Response[Any]:
-    return Response(content=encode_json(value), media_type=JSON)
-
-
 class KreaController(Controller):
     path = "/"
     tags = ["krea-2"]
@@ -241,7 +235,7 @@ class KreaController(Controller):
                 )
             )
         # An Idempotency-Key retry answers with the first job as it stands now.
-        return _json(
+        return json_response(
             KreaJobCreated(
                 job_id=task.id, status=STATUSES[task.status], created_at=iso(task.created_at)
             )
@@ -262,7 +256,7 @@ class KreaController(Controller):
                 task = await service.get_tenant_task(session, principal.tenant_id, job_id)
             except NotFound:
                 raise NotFound(f"Job not found: {job_id}") from None
-        return _json(render_krea_job(task, services.signer))
+        return json_response(render_krea_job(task, services.signer))
 
     @delete(
         "/jobs/{job_id:str}",
@@ -285,4 +279,4 @@ class KreaController(Controller):
             task = await cancel.cancel_task(uow, services, principal.tenant_id, job_id)
         except NotFound:
             raise NotFound(f"Job not found: {job_id}") from None
-        return _json(render_krea_job(task, services.signer))
+        return json_response(render_krea_job(task, services.signer))

@@ -59,8 +59,18 @@ async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | N
     await _record_end(conn, task_id, row, charge)
 
 
-# Returned by every ending UPDATE, for _record_end (the metric and the log line).
-_END = (c.model, c.status, c.request_id)
+# Returned by every ending UPDATE: what _finish settles with, and what _record_end
+# counts and logs.
+_ENDING = (
+    c.tenant_id,
+    c.credits_reserved_micros,
+    c.api_key_id,
+    c.created_at,
+    c.callback_url,
+    c.model,
+    c.status,
+    c.request_id,
+)
 
 
 async def _record_end(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
@@ -218,14 +228,9 @@ async def cancel(conn: AsyncConnection, task_id: str, tenant_id: str) -> Cancell
             can_cancel=False,
         )
         .returning(
-            c.tenant_id,
-            c.credits_reserved_micros,
-            c.api_key_id,
-            c.created_at,
-            c.callback_url,
+            *_ENDING,
             c.channel_id,
             c.upstream_job_id,
-            *_END,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -252,13 +257,8 @@ async def complete(
             lease_expires_at=None,
         )
         .returning(
-            c.tenant_id,
-            c.credits_reserved_micros,
-            c.api_key_id,
-            c.created_at,
-            c.callback_url,
+            *_ENDING,
             c.quote,
-            *_END,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -289,12 +289,7 @@ async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, mes
             upstream_cost_micros=0,
         )
         .returning(
-            c.tenant_id,
-            c.credits_reserved_micros,
-            c.api_key_id,
-            c.created_at,
-            c.callback_url,
-            *_END,
+            *_ENDING,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -354,12 +349,7 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
         )
         .returning(
             c.id,
-            c.tenant_id,
-            c.credits_reserved_micros,
-            c.api_key_id,
-            c.created_at,
-            c.callback_url,
-            *_END,
+            *_ENDING,
         )
     )
     failed = list(await conn.execute(stmt))

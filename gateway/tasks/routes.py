@@ -2,7 +2,7 @@
 
 import time
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
@@ -14,13 +14,12 @@ from gateway.errors import NotFound, error_responses
 from gateway.queue import enqueue_generation
 from gateway.storage import CONTENT_TYPES, check_key
 from gateway.tasks import cancel, service
-from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject, encode_json
-
-JSON = "application/json"
-
-
-def _json(value: object) -> Response[Any]:
-    return Response(content=encode_json(value), media_type=JSON)
+from gateway.tasks.schemas import (
+    GenerationRequest,
+    ModelList,
+    TaskObject,
+    json_response,
+)
 
 
 class TaskController(Controller):
@@ -69,7 +68,7 @@ class TaskController(Controller):
                     task.attempt,
                 )
             )
-        return _json(service.render_task(task, services.signer))
+        return json_response(service.render_task(task, services.signer))
 
     @get(
         "/tasks/{task_id:str}",
@@ -82,7 +81,7 @@ class TaskController(Controller):
     ) -> Response[TaskObject]:
         async with services.sessions() as session:
             task = await service.get_tenant_task(session, principal.tenant_id, task_id)
-        return _json(service.render_task(task, services.signer))
+        return json_response(service.render_task(task, services.signer))
 
     @post(
         "/tasks/{task_id:str}/cancel",
@@ -103,13 +102,13 @@ class TaskController(Controller):
         uow: UnitOfWorkDep,
     ) -> Response[TaskObject]:
         task = await cancel.cancel_task(uow, services, principal.tenant_id, task_id)
-        return _json(service.render_task(task, services.signer))
+        return json_response(service.render_task(task, services.signer))
 
     @get("/models", summary="List the models this key may use", responses=error_responses(401))
     async def list_models(
         self, principal: PrincipalDep, services: ServicesDep
     ) -> Response[ModelList]:
-        return _json(model_list(services.catalog, principal.allowed_models))
+        return json_response(model_list(services.catalog, principal.allowed_models))
 
 
 class FileController(Controller):
