@@ -1,8 +1,9 @@
 """Every Redis key and queue name Tollgate uses, in one place.
 
 Redis holds only what can be lost without losing money: the job queue (every
-job can be rebuilt from task rows by the reconciler) and, later, limit counters
-and caches. Job ids are deterministic so that enqueueing twice is a no-op.
+job can be rebuilt from task rows by the reconciler), rate-limit state, upstream
+slots and circuits, and markers such as the ledger check's. Job ids are
+deterministic so that enqueueing twice is a no-op.
 """
 
 GENERATE_JOB = "generate_task"
@@ -27,6 +28,12 @@ def rate_key_for_key(key_id: str) -> str:
 def rate_key_for_tenant(tenant_id: str) -> str:
     """GCRA state of one tenant's request rate, shared by all its keys."""
     return f"tollgate:rate:tenant:{tenant_id}"
+
+
+def slot_name(queue_name: str, channel_id: str) -> str:
+    """The name a channel's slots go by (the ``upstream`` of the four keys below),
+    apart from other deployments sharing that Redis."""
+    return f"{queue_name}|{channel_id}"
 
 
 def upstream_slots_key(upstream: str) -> str:

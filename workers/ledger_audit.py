@@ -25,7 +25,7 @@ from gateway import metrics
 from gateway.ledger import service as ledger
 from gateway.redis_keys import ledger_check_key
 from gateway.settings import Settings
-from workers.generate import WorkerDeps
+from workers.deps import WorkerDeps
 
 logger = logging.getLogger("tollgate.ledger_check")
 

@@ -23,7 +23,8 @@ from gateway.storage import LocalStorage, UrlSigner
 from pricing.catalog import CatalogError, load_catalog
 from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
 from workers.circuits import Circuits
-from workers.generate import WorkerDeps, cancel_upstream, generate_task
+from workers.deps import WorkerDeps
+from workers.generate import cancel_upstream, generate_task
 from workers.ledger_audit import ledger_check_cron
 from workers.providers import ADAPTERS
 from workers.reconciler import reconcile

@@ -20,7 +20,7 @@ from arq.connections import ArqRedis
 from gateway.queue import enqueue_generation
 from gateway.tasks import lifecycle
 from workers.callbacks import enqueue_for_task
-from workers.generate import WorkerDeps
+from workers.deps import WorkerDeps
 
 logger = logging.getLogger("tollgate.reconciler")
 

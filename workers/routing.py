@@ -12,7 +12,9 @@ Order (``Directory.candidates``): enabled channels serving the model, highest
 ``priority`` first; among equal priorities a weighted random order (each
 channel's chance of coming first is its share of the weights), drawn anew for
 every task so load spreads by weight. Circuits and slots are the caller's
-business (``workers/generate.py``): this module only says who could serve.
+business (``workers/admission.py``), and so is moving a task to the next
+channel when one fails (``workers/failover.py``): this module only says who
+could serve.
 """
 
 import logging

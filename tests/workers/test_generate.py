@@ -18,7 +18,8 @@ from gateway.storage import LocalStorage
 from gateway.tasks import lifecycle
 from pricing.catalog import load_catalog
 from pricing.request import ImageRequest
-from workers.generate import WorkerDeps, generate_task
+from workers.deps import WorkerDeps
+from workers.generate import generate_task
 from workers.routing import Directory
 from workers.simulator.png import png_size
 

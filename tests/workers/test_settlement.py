@@ -27,7 +27,8 @@ from gateway.settings import Settings
 from gateway.storage import LocalStorage
 from gateway.tasks import lifecycle
 from pricing.catalog import load_catalog
-from workers.generate import WorkerDeps, generate_task
+from workers.deps import WorkerDeps
+from workers.generate import generate_task
 from workers.routing import Directory
 
 Client = AsyncTestClient[Any]

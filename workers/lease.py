@@ -1,0 +1,152 @@
+"""The task lease: a claimed task stays this run's while it beats, until its deadline.
+
+- **Claim.** ``lifecycle.claim`` gives the run a lease of ``lease_seconds`` for
+  its ``attempt``; every write the run makes names that attempt
+  (``gateway/tasks/lifecycle.py``).
+- **Beats.** The run renews the lease when it records its channel, on
+  progress, while it sleeps, and beside an upstream call that may outlast a
+  lease (``kept_alive``): at most every third of a lease, for few writes and
+  two chances before it runs out. Each renewal renews the run's upstream slot
+  too (``Admission.renew_slot``), so a killed worker's slot frees itself within
+  a lease.
+- **Lost.** A write that finds the lease gone raises ``LeaseLost``: another
+  attempt owns the task now (or it was cancelled), and the run stops without
+  writing anything more.
+- **Deadline.** ``task_deadline_seconds`` counted from the task's submission,
+  not its claim. ``check_deadline`` raises ``DeadlineExceeded`` past it, and
+  every wait (``sleep``) ends by it.
+- **Hand-back.** A run cancelled at shutdown ends its lease at once
+  (``hand_back``) so another worker need not wait it out.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from gateway.db import utcnow
+from gateway.tasks import lifecycle
+from workers.admission import Admission
+from workers.deps import WorkerDeps
+
+logger = logging.getLogger("tollgate.generate")
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the task now; this run stops without writing."""
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class Lease:
+    """One run's lease on its claimed task, and the task's deadline."""
+
+    def __init__(self, deps: WorkerDeps, task_id: str, attempt: int, admission: Admission) -> None:
+        self._engine = deps.engine
+        self._settings = deps.settings
+        self.task_id = task_id
+        self.attempt = attempt
+        self._admission = admission
+        self.deadline = 0.0  # monotonic; set once the task is claimed
+        self._last_beat = 0.0
+
+    def start(self, created_at: datetime) -> None:
+        """The task was just claimed (submitted at ``created_at``): the lease is fresh."""
+        self._last_beat = time.monotonic()
+        age = (utcnow() - created_at).total_seconds()
+        self.deadline = time.monotonic() + self._settings.task_deadline_seconds - age
+
+    def check_deadline(self) -> float:
+        """Seconds left before the deadline; ``DeadlineExceeded`` when none are."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded
+        return remaining
+
+    async def record_route(
+        self, channel_id: str, job_id: str | None, *, can_cancel: bool, progress: int | None = None
+    ) -> None:
+        """Record the channel and upstream job the task runs on (None: none), renewing."""
+        lease_seconds = self._settings.lease_seconds
+        async with self._engine.begin() as conn:
+            alive = await lifecycle.record_route(
+                conn,
+                self.task_id,
+                self.attempt,
+                lease_seconds,
+                channel_id=channel_id,
+                upstream_job_id=job_id,
+                can_cancel=can_cancel,
+            )
+            if alive and progress is not None:
+                await lifecycle.heartbeat(
+                    conn, self.task_id, self.attempt, lease_seconds, progress=progress
+                )
+        await self._renewed(alive)
+
+    async def beat(self, *, progress: int | None = None) -> None:
+        """Renew the lease (and the slot), recording ``progress`` if given."""
+        async with self._engine.begin() as conn:
+            alive = await lifecycle.heartbeat(
+                conn,
+                self.task_id,
+                self.attempt,
+                self._settings.lease_seconds,
+                progress=progress,
+            )
+        await self._renewed(alive)
+
+    async def _renewed(self, alive: bool) -> None:
+        if not alive:
+            raise LeaseLost
+        await self._admission.renew_slot()
+        self._last_beat = time.monotonic()
+
+    async def maybe_beat(self, progress: int | None) -> None:
+        """Beat if a third of a lease has passed since the last renewal."""
+        # Few writes, and two chances before the lease runs out.
+        if time.monotonic() - self._last_beat >= self._settings.lease_seconds / 3:
+            await self.beat(progress=progress)
+
+    @contextlib.asynccontextmanager
+    async def kept_alive(self) -> AsyncIterator[None]:
+        """Renew the lease in the background while the block runs (a long upstream call).
+
+        A lost lease ends the renewing; the run's next write finds it lost.
+        """
+        keep_alive = asyncio.create_task(self._keep_alive())
+        try:
+            yield
+        finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                await keep_alive
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.lease_seconds / 3)
+            await self.maybe_beat(None)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, keeping the lease alive, and give up at the deadline."""
+        end = time.monotonic() + min(seconds, self.check_deadline())
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self._settings.lease_seconds / 3))
+            await self.maybe_beat(None)
+        self.check_deadline()
+
+    async def hand_back(self) -> None:
+        """End the lease now (shutdown): another worker may take the task at once."""
+        try:
+            async with self._engine.begin() as conn:
+                handed = await lifecycle.hand_back(conn, self.task_id, self.attempt)
+        except Exception:
+            # The lease runs out on its own; the reconciler then hands the task on.
+            logger.exception("task %s: could not hand the task back", self.task_id)
+            return
+        if handed:
+            logger.info("task %s: handed back at shutdown", self.task_id)
