@@ -3,16 +3,22 @@
 Built by ``create_app(settings)`` and by the worker's start-up, never at import
 time, so tests pass their own. ``load_settings`` turns validation errors into one
 readable message naming each variable, for the process to print and exit.
-The README's configuration table lists every field here.
+The README's configuration table lists every field here. A renamed setting keeps
+its old variable name working as an alias (``_renamed``); the new name wins.
 """
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, HttpUrl, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, Field, HttpUrl, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TOLLGATE_"
+
+
+def _renamed(name: str, old: str) -> AliasChoices:
+    """Read ``TOLLGATE_<NAME>``, or the old ``TOLLGATE_<OLD>`` when only that is set."""
+    return AliasChoices(ENV_PREFIX + name.upper(), ENV_PREFIX + old.upper())
 
 
 class UpstreamAccount(BaseModel):
@@ -28,7 +34,9 @@ class UpstreamAccount(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+    )
 
     database_url: str = Field(
         description="PostgreSQL URL, e.g. postgresql+asyncpg://user@host:5432/tollgate"
@@ -59,10 +67,16 @@ class Settings(BaseSettings):
     callback_queue_name: str = "tollgate:callbacks"
     callback_timeout_seconds: float = Field(default=10.0, gt=0)
     callback_max_jobs: int = Field(default=200, ge=1)
+    # Outbound HTTP to URLs others name: callbacks and result-image links (gateway/outbound/).
     # FOR TESTS ONLY: hosts exempt from the internal-address refusal (local receivers).
-    callback_allowed_hosts: list[str] = Field(default_factory=list)
-    # Extra CA certificates trusted for callback TLS (a PEM file).
-    callback_ca_bundle: Path | None = None
+    outbound_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        validation_alias=_renamed("outbound_allowed_hosts", "callback_allowed_hosts"),
+    )
+    # Extra CA certificates trusted for outbound TLS (a PEM file).
+    outbound_ca_bundle: Path | None = Field(
+        default=None, validation_alias=_renamed("outbound_ca_bundle", "callback_ca_bundle")
+    )
 
     upstreams: dict[str, UpstreamAccount] = Field(default_factory=dict)
     queue_name: str = "tollgate:queue"
@@ -137,9 +151,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
+            field = str(err["loc"][0]).upper() if err["loc"] else "?"
             rest = ".".join(str(p) for p in err["loc"][1:])
-            name = ENV_PREFIX + field.upper() + (f" ({rest})" if rest else "")
+            # A field read through an alias is located by the alias: the variable's full name.
+            name = field if field.startswith(ENV_PREFIX) else ENV_PREFIX + field
+            name += f" ({rest})" if rest else ""
             message = "is required" if err["type"] == "missing" else err["msg"]
             lines.append(f"  {name}: {message}")
         raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None

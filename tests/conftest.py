@@ -25,6 +25,7 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+from https_receiver import Cert, Receiver, make_cert
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -146,6 +147,21 @@ def simulator_process(*extra: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    """A self-signed certificate for receiver.test only."""
+    return make_cert(tmp_path_factory.mktemp("receiver-cert"))
+
+
+@pytest.fixture
+async def receiver(cert: Cert) -> AsyncIterator[Receiver]:
+    """The real HTTPS receiver on loopback (``https_receiver.py``), serving receiver.test."""
+    server = Receiver(cert)
+    await server.start()
+    yield server
+    await server.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 Runs on its own queue (``TOLLGATE_CALLBACK_QUEUE_NAME``), so a slow receiver
 never delays generation. ``deliver_callback(delivery, number)`` claims attempt
 ``number`` (``gateway/callbacks/service.py``), POSTs the task's current object
-through the SSRF guard (``gateway/netguard.py``: HTTPS, resolved once, never an
+through the SSRF guard (``gateway/outbound/``: HTTPS, resolved once, never an
 internal address, TLS verified against the hostname, no redirects, no proxy),
 records the outcome and, on failure, queues attempt ``number + 1`` after the
 schedule's gap. A due retry lives in Redis as a deferred job, so it survives a
@@ -20,7 +20,7 @@ from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway import logs, metrics, netguard
+from gateway import logs, metrics, outbound
 from gateway.callbacks import service as callbacks
 from gateway.db import utcnow
 from gateway.queue import enqueue_callback
@@ -40,7 +40,7 @@ class CallbackDeps:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     signer: UrlSigner
-    resolver: netguard.Resolver | None = None  # tests inject one; None: the system's
+    resolver: outbound.Resolver | None = None  # tests inject one; None: the system's
 
 
 async def enqueue_for_task(
@@ -89,19 +89,19 @@ async def _deliver(ctx: dict[str, Any], delivery_id: str, number: int) -> str:
     status_code: int | None = None
     error: str | None = None
     try:
-        response = await netguard.guarded_post(
+        response = await outbound.guarded_post(
             claimed.url,
             content=body,
             headers=headers,
             timeout=settings.callback_timeout_seconds,
             resolver=deps.resolver,
-            allowed_hosts=frozenset(settings.callback_allowed_hosts),
-            ca_bundle=settings.callback_ca_bundle,
+            allowed_hosts=frozenset(settings.outbound_allowed_hosts),
+            ca_bundle=settings.outbound_ca_bundle,
         )
         status_code = response.status_code
         if not 200 <= status_code < 300:
             error = f"HTTP {status_code}"
-    except netguard.ForbiddenAddress as exc:
+    except outbound.ForbiddenAddress as exc:
         error = f"refused: {exc}"
     except Exception as exc:  # timeouts, connection and TLS errors: all retried
         error = f"{type(exc).__name__}: {exc}"[:500]

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.netguard import ForbiddenAddress, Resolver, guarded_request
+from gateway.outbound import ForbiddenAddress, Resolver, guarded_request
 from workers.providers.base import UpstreamBadResult, UpstreamUnavailable
 
 logger = logging.getLogger("tollgate.images")
@@ -40,7 +40,7 @@ class ImageSource:
 
     Links on the channel's own configured host (``trusted_host``) are fetched
     as the adapter talks to it; any other link is untrusted and goes through
-    the address guard of ``gateway/netguard.py`` (https only, public
+    the address guard of ``gateway/outbound/`` (https only, public
     addresses only, checked once and pinned). Redirects are never followed.
     """
 

@@ -75,7 +75,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
                 window_seconds=settings.circuit_window_seconds,
                 cooldown_seconds=settings.circuit_cooldown_seconds,
             ),
-            image_allowed_hosts=frozenset(settings.callback_allowed_hosts),
+            image_allowed_hosts=frozenset(settings.outbound_allowed_hosts),
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:

@@ -137,7 +137,7 @@ class UpstreamCalls:
             max_bytes=settings.max_image_bytes,
             timeout=settings.upstream_timeout_seconds,
             allowed_hosts=self.deps.image_allowed_hosts,
-            ca_bundle=settings.callback_ca_bundle,
+            ca_bundle=settings.outbound_ca_bundle,
         )
         keys = []
         images: list[bytes | str] = [*state.images, *state.urls]

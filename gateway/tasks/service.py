@@ -134,7 +134,7 @@ async def submit_generation(
     if not limits.check_model_access(principal, model_id):
         raise ModelAccessDenied(model_id)
     callback_url = fields.pop("callback_url", None)
-    allowed = frozenset(settings.callback_allowed_hosts)
+    allowed = frozenset(settings.outbound_allowed_hosts)
     if callback_url is not None:
         validate_callback_url(callback_url, allowed_hosts=allowed)
     elif webhook_url is not None:

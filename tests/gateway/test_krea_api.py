@@ -14,7 +14,6 @@ callback of a Krea-door task.
 
 import asyncio
 import contextlib
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +33,13 @@ from conftest import (
     start_worker,
     stop_worker,
 )
+from https_receiver import (
+    HOST,
+    LOOPBACK,
+    Cert,
+    FakeResolver,
+    Receiver,
+)
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -45,21 +51,7 @@ from gateway.db import create_engine, session_factory
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import Task
-
-# The loopback HTTPS receiver lives beside the callback tests; this module may run alone.
-_WORKERS_TESTS = str(Path(__file__).resolve().parent.parent / "workers")
-if _WORKERS_TESTS not in sys.path:
-    sys.path.append(_WORKERS_TESTS)
-from callback_receiver import (  # noqa: E402
-    HOST,
-    LOOPBACK,
-    Cert,
-    FakeResolver,
-    Receiver,
-    make_cert,
-)
-
-from workers.main import create_callback_worker  # noqa: E402
+from workers.main import create_callback_worker
 
 Client = AsyncTestClient[Any]
 
@@ -556,19 +548,6 @@ async def test_the_callback_body_of_a_krea_task_is_its_job_object(
     assert callback_body(unified_task, signer) == task.content
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
-    return make_cert(tmp_path_factory.mktemp("krea-receiver-cert"))
-
-
-@pytest.fixture
-async def receiver(cert: Cert) -> AsyncIterator[Receiver]:
-    server = Receiver(cert)
-    await server.start()
-    yield server
-    await server.close()
-
-
 def start_callback_worker(settings: Settings) -> tuple[Any, "asyncio.Task[None]"]:
     """The callback worker, finding ``receiver.test`` on loopback through a test resolver."""
     worker = create_callback_worker(settings, handle_signals=False)
@@ -597,8 +576,8 @@ async def test_x_webhook_url_receives_the_signed_job_object(
         simulator_url,
         tmp_path / "storage",
         callback_queue_name=f"tollgate:test-cb:{uuid.uuid4().hex}",
-        callback_allowed_hosts=[HOST],
-        callback_ca_bundle=cert.cert,
+        outbound_allowed_hosts=[HOST],
+        outbound_ca_bundle=cert.cert,
     )
     _, key = await make_tenant_key(settings)
     workers = [start_worker(settings), start_callback_worker(settings)]

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from gateway.settings import Settings
 from workers.main import create_callback_worker
 
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from callback_receiver import HOST, Cert, FakeResolver, Receiver, make_cert
+from https_receiver import HOST, Cert, FakeResolver, Receiver
 
 Client = AsyncTestClient[Any]
 Lines = Callable[[], list[dict[str, Any]]]
@@ -79,19 +79,6 @@ def capture(settings: Settings) -> Iterator[Callable[[Settings], Lines]]:
     logging.getLogger("httpx").setLevel(httpx_level)
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
-    return make_cert(tmp_path_factory.mktemp("receiver-cert"))
-
-
-@pytest.fixture
-async def receiver(cert: Cert) -> AsyncIterator[Receiver]:
-    server = Receiver(cert)
-    await server.start()
-    yield server
-    await server.close()
-
-
 def start_callbacks(settings: Settings, resolver: FakeResolver) -> tuple[Any, "asyncio.Task[None]"]:
     worker = create_callback_worker(settings, handle_signals=False)
     startup = worker.on_startup
@@ -119,8 +106,8 @@ async def test_one_request_id_follows_a_task_to_its_callback_and_nothing_secret_
         simulator_url,
         tmp_path / "storage",
         callback_queue_name=f"tollgate:test-cb:{uuid.uuid4().hex}",
-        callback_allowed_hosts=[HOST],
-        callback_ca_bundle=cert.cert,
+        outbound_allowed_hosts=[HOST],
+        outbound_ca_bundle=cert.cert,
         access_log=True,
     )
     lines = capture(settings)

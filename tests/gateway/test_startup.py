@@ -50,6 +50,53 @@ def test_invalid_values_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "TOLLGATE_UPSTREAMS (krea.api_key): is required" in message
 
 
+def required_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the required settings in the environment, none of the outbound ones."""
+    for name in list(os.environ):
+        if name.startswith("TOLLGATE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TOLLGATE_DATABASE_URL", "postgresql://db/tollgate")
+    monkeypatch.setenv("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("TOLLGATE_ADMIN_TOKEN", "0123456789abcdef")
+    monkeypatch.setenv("TOLLGATE_SIGNING_SECRET", "0123456789abcdef")
+
+
+def test_the_old_callback_names_of_the_outbound_settings_still_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    required_env(monkeypatch)
+    monkeypatch.setenv("TOLLGATE_CALLBACK_ALLOWED_HOSTS", '["receiver.test"]')
+    monkeypatch.setenv("TOLLGATE_CALLBACK_CA_BUNDLE", "/etc/old-ca.pem")
+    settings = load_settings()
+    assert settings.outbound_allowed_hosts == ["receiver.test"]
+    assert settings.outbound_ca_bundle == Path("/etc/old-ca.pem")
+
+
+def test_the_new_outbound_names_win_over_the_old_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    required_env(monkeypatch)
+    monkeypatch.setenv("TOLLGATE_CALLBACK_ALLOWED_HOSTS", '["old.test"]')
+    monkeypatch.setenv("TOLLGATE_CALLBACK_CA_BUNDLE", "/etc/old-ca.pem")
+    monkeypatch.setenv("TOLLGATE_OUTBOUND_ALLOWED_HOSTS", '["new.test"]')
+    monkeypatch.setenv("TOLLGATE_OUTBOUND_CA_BUNDLE", "/etc/new-ca.pem")
+    settings = load_settings()
+    assert settings.outbound_allowed_hosts == ["new.test"]
+    assert settings.outbound_ca_bundle == Path("/etc/new-ca.pem")
+    # Unset, they are empty; a name without the prefix is not read.
+    for name in ("CALLBACK_ALLOWED_HOSTS", "CALLBACK_CA_BUNDLE", "OUTBOUND_ALLOWED_HOSTS"):
+        monkeypatch.delenv("TOLLGATE_" + name)
+    monkeypatch.delenv("TOLLGATE_OUTBOUND_CA_BUNDLE")
+    monkeypatch.setenv("OUTBOUND_ALLOWED_HOSTS", '["unprefixed.test"]')
+    settings = load_settings()
+    assert (settings.outbound_allowed_hosts, settings.outbound_ca_bundle) == ([], None)
+
+
+def test_a_bad_outbound_value_is_named_by_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    required_env(monkeypatch)
+    monkeypatch.setenv("TOLLGATE_CALLBACK_ALLOWED_HOSTS", '[{"not": "a host"}]')
+    with pytest.raises(SettingsError, match=r"  TOLLGATE_OUTBOUND_ALLOWED_HOSTS \(0\): "):
+        load_settings()
+
+
 def test_a_malformed_catalogue_stops_the_app_naming_entry_and_field(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -3,10 +3,10 @@
 Each test runs the whole path in this event loop: the app (test client), a
 generation worker against the simulator, a callback worker on its own queue,
 and a receiver on 127.0.0.1 with a self-signed certificate for
-``receiver.test`` (``callback_receiver.py``), trusted through
-``callback_ca_bundle``. The callback worker finds hosts through a test
+``receiver.test`` (``tests/https_receiver.py``), trusted through
+``outbound_ca_bundle``. The callback worker finds hosts through a test
 resolver that never asks the system; ``receiver.test`` is let through the
-internal-address refusal by ``callback_allowed_hosts``, and the refusal tests
+internal-address refusal by ``outbound_allowed_hosts``, and the refusal tests
 run with that list empty. Nothing connects anywhere but loopback.
 
 The full retry schedule (1, 2 and 4 s) is slow, so its two scenarios run once,
@@ -29,7 +29,15 @@ import pytest
 import standardwebhooks
 from arq.constants import job_key_prefix
 from arq.worker import Worker
-from callback_receiver import (
+from conftest import (
+    Sim,
+    bearer,
+    make_settings,
+    make_tenant_key,
+    start_worker,
+    stop_worker,
+)
+from https_receiver import (
     HOST,
     LOOPBACK,
     OK,
@@ -40,22 +48,13 @@ from callback_receiver import (
     LoopbackOnlyBackend,
     Receiver,
     failing,
-    make_cert,
-)
-from conftest import (
-    Sim,
-    bearer,
-    make_settings,
-    make_tenant_key,
-    start_worker,
-    stop_worker,
 )
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway import netguard
+from gateway import outbound
 from gateway.app import create_app
 from gateway.callbacks.service import deliveries as deliveries_table
 from gateway.db import create_engine
@@ -79,8 +78,8 @@ def callback_settings(
 ) -> Settings:
     values: dict[str, Any] = {
         "callback_queue_name": f"tollgate:test-cb:{uuid.uuid4().hex}",
-        "callback_allowed_hosts": [HOST],
-        "callback_ca_bundle": cert.cert,
+        "outbound_allowed_hosts": [HOST],
+        "outbound_ca_bundle": cert.cert,
     }
     values.update(overrides)
     return make_settings(database_url, simulator_url, folder / "storage", **values)
@@ -233,19 +232,6 @@ async def running(settings: Settings, resolver: FakeResolver) -> AsyncIterator[S
 
 
 StartStack = Callable[..., contextlib.AbstractAsyncContextManager[Stack]]
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
-    return make_cert(tmp_path_factory.mktemp("receiver-cert"))
-
-
-@pytest.fixture
-async def receiver(cert: Cert) -> AsyncIterator[Receiver]:
-    server = Receiver(cert)
-    await server.start()
-    yield server
-    await server.close()
 
 
 @pytest.fixture
@@ -494,7 +480,7 @@ async def test_a_name_that_resolves_to_loopback_is_refused_at_delivery_without_a
 ) -> None:
     # The receiver stands for the internal service: 127.0.0.1, at the URL's port.
     resolver = FakeResolver({"evil.test": [[LOOPBACK]]})
-    async with start_stack(resolver, callback_allowed_hosts=[]) as stack:
+    async with start_stack(resolver, outbound_allowed_hosts=[]) as stack:
         task_id = await stack.submit(receiver.url("/hook", host="evil.test"))
         delivery = await stack.wait_attempts(task_id, 1)
         lookups = list(resolver.lookups)
@@ -514,10 +500,10 @@ async def test_a_rebinding_name_is_looked_up_once_per_attempt_and_never_reaches_
     # First answer public, second loopback. The public address is only recorded:
     # the backend the guard connects through opens sockets to loopback alone.
     backend = LoopbackOnlyBackend()
-    guarded = functools.partial(netguard.guarded_post, network_backend=backend)
-    monkeypatch.setattr(netguard, "guarded_post", guarded)
+    guarded = functools.partial(outbound.guarded_post, network_backend=backend)
+    monkeypatch.setattr(outbound, "guarded_post", guarded)
     resolver = FakeResolver({"rebind.test": [[PUBLIC], [LOOPBACK]]})
-    async with start_stack(resolver, callback_allowed_hosts=[]) as stack:
+    async with start_stack(resolver, outbound_allowed_hosts=[]) as stack:
         task_id = await stack.submit(receiver.url("/hook", host="rebind.test"))
         await stack.wait_attempts(task_id, 1)
         lookups_in_first = list(resolver.lookups)

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from callback_receiver import HOST, LOOPBACK, Answer, FakeResolver, Receiver, make_cert
 from conftest import SIM_KEY
+from https_receiver import HOST, LOOPBACK, Answer, FakeResolver, Receiver
 
 from workers.images import ImageSource, fetch_image, image_of, sniff_image
 from workers.providers.base import UpstreamBadResult, UpstreamUnavailable
@@ -28,14 +28,6 @@ def test_images_are_recognised_by_their_bytes() -> None:
         image_of(b"<html>502</html>", 1024)
     with pytest.raises(UpstreamBadResult, match="larger than the 100-byte limit"):
         image_of(PNG, 100)
-
-
-@pytest.fixture(scope="module")
-async def receiver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Receiver]:
-    served = Receiver(make_cert(tmp_path_factory.mktemp("cert")))
-    await served.start()
-    yield served
-    await served.close()
 
 
 @pytest.fixture

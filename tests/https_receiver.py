@@ -1,12 +1,15 @@
-"""A real HTTPS callback receiver on loopback, and the test resolver that points at it.
+"""The one real HTTPS receiver on loopback, and the test resolver that points at it.
 
-The receiver listens on 127.0.0.1 with a self-signed certificate for
-``receiver.test`` (made with the openssl CLI); the callback worker is trusted
-with it through ``callback_ca_bundle`` and finds the host through
-``FakeResolver``, which answers from its table and never asks the system, so
-no lookup or connection leaves the machine. Each path answers from its own
-script (fail the first K requests, redirect, answer slowly), so concurrent
-deliveries can share one receiver; every request is recorded as it arrived.
+Callbacks, result-image downloads and the outbound guard's own tests all send
+to it. The receiver listens on 127.0.0.1 with a self-signed certificate for
+``receiver.test`` (made with the openssl CLI); Tollgate is trusted with it
+through ``outbound_ca_bundle`` and finds the host through ``FakeResolver``,
+which answers from its table and never asks the system, so no lookup or
+connection leaves the machine. Each path answers from its own script (fail the
+first K requests, redirect, answer slowly, a large body), so concurrent senders
+can share one receiver; every request is recorded as it arrived, with the TLS
+server name the client sent. The ``cert`` and ``receiver`` fixtures
+(``tests/conftest.py``) build them.
 """
 
 import asyncio
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import httpcore
 
-from gateway.netguard import IPAddress
+from gateway.outbound import IPAddress
 
 LOOPBACK = "127.0.0.1"
 HOST = "receiver.test"
@@ -71,6 +74,8 @@ def failing(times: int, status: int = 500) -> list[Answer]:
 @dataclass
 class Arrival:
     at: float  # time.monotonic() once the whole request was read
+    method: str
+    target: str  # the request target as sent: path and query
     path: str
     headers: dict[str, str]  # names in lower case
     body: bytes
@@ -82,12 +87,14 @@ class Receiver:
     ``script(path, answers)``: the n-th request to ``path`` gets ``answers[n]``
     (the last one again after that); an unscripted path answers 200.
     ``on_arrival`` runs for each request before it is answered. ``connections``
-    counts TCP connections before TLS, so a refused handshake still counts.
+    counts TCP connections before TLS, so a refused handshake still counts;
+    ``server_names`` lists the TLS server name (SNI) of each handshake.
     """
 
     def __init__(self, cert: Cert) -> None:
         self.cert = cert
         self.connections = 0
+        self.server_names: list[str | None] = []
         self.arrivals: list[Arrival] = []
         self.on_arrival: Callable[[Arrival], Awaitable[None]] | None = None
         self.port = 0
@@ -98,6 +105,7 @@ class Receiver:
     async def start(self) -> None:
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(self.cert.cert, self.cert.key)
+        self._context.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
         self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -139,7 +147,7 @@ class Receiver:
                 await writer.start_tls(self._context)
                 head = await reader.readuntil(b"\r\n\r\n")
                 request_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
-                _, target, _ = request_line.split(" ")
+                method, target, _ = request_line.split(" ")
                 headers = {}
                 for line in lines:
                     name, _, value = line.partition(":")
@@ -147,7 +155,7 @@ class Receiver:
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 path = target.split("?", 1)[0]
                 number = len(self.at(path))
-                arrival = Arrival(time.monotonic(), path, headers, body)
+                arrival = Arrival(time.monotonic(), method, target, path, headers, body)
                 self.arrivals.append(arrival)
                 async with self._arrived:
                     self._arrived.notify_all()
@@ -198,10 +206,14 @@ class FakeResolver:
 
 
 class LoopbackOnlyBackend(httpcore.AsyncNetworkBackend):
-    """Opens real connections to loopback only; any other address is recorded, not contacted."""
+    """Opens real connections to loopback only; any other address is recorded, not contacted.
+
+    ``connects`` lists every connection asked for; ``elsewhere`` those not to loopback.
+    """
 
     def __init__(self) -> None:
         self._inner = httpcore.AnyIOBackend()
+        self.connects: list[tuple[str, int]] = []
         self.elsewhere: list[tuple[str, int]] = []
 
     async def connect_tcp(
@@ -212,6 +224,7 @@ class LoopbackOnlyBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        self.connects.append((host, port))
         if not ipaddress.ip_address(host).is_loopback:
             self.elsewhere.append((host, port))
             raise httpcore.ConnectError(f"{host} recorded, not contacted (tests stay on loopback)")

@@ -1,0 +1,299 @@
+"""Sending to what was checked: the pinned transport and the guarded request.
+
+- ``PinnedTransport`` connects only to the addresses that were checked for
+  that host; there is no second lookup, so DNS rebinding cannot slip through.
+  TLS is still verified against the hostname (SNI and certificate). No proxy
+  from the environment, no redirects.
+- ``guarded_request`` (and ``guarded_post``) apply every rule of the package
+  to one request: the URL's form, one lookup, the pinned connection, one time
+  budget, a response body cut at ``max_response_bytes``.
+
+Refusals raise ``ForbiddenAddress``; network failures are httpx errors, as
+from any httpx client.
+"""
+
+import asyncio
+import contextlib
+import functools
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import httpcore
+import httpx
+
+from gateway.outbound.addresses import (
+    ForbiddenAddress,
+    IPAddress,
+    Resolver,
+    host_key,
+    resolve_public,
+)
+from gateway.outbound.urls import check_url
+
+# A receiver's answer is only looked at for its status; the body is cut here.
+MAX_RESPONSE_BYTES = 65_536
+
+# httpcore's errors as httpx raises them; the first match in an error's MRO wins.
+_HTTPX_ERRORS: dict[type[Exception], type[httpx.TransportError]] = {
+    httpcore.ConnectTimeout: httpx.ConnectTimeout,
+    httpcore.ReadTimeout: httpx.ReadTimeout,
+    httpcore.WriteTimeout: httpx.WriteTimeout,
+    httpcore.PoolTimeout: httpx.PoolTimeout,
+    httpcore.TimeoutException: httpx.TimeoutException,
+    httpcore.ConnectError: httpx.ConnectError,
+    httpcore.ReadError: httpx.ReadError,
+    httpcore.WriteError: httpx.WriteError,
+    httpcore.NetworkError: httpx.NetworkError,
+    httpcore.RemoteProtocolError: httpx.RemoteProtocolError,
+    httpcore.LocalProtocolError: httpx.LocalProtocolError,
+    httpcore.ProtocolError: httpx.ProtocolError,
+    httpcore.UnsupportedProtocol: httpx.UnsupportedProtocol,
+    httpcore.ProxyError: httpx.ProxyError,
+}
+
+
+@contextlib.contextmanager
+def _as_httpx_errors() -> Iterator[None]:
+    try:
+        yield
+    except tuple(_HTTPX_ERRORS) as exc:
+        ours = next(_HTTPX_ERRORS[kind] for kind in type(exc).__mro__ if kind in _HTTPX_ERRORS)
+        raise ours(str(exc)) from exc
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Opens TCP connections to a host's checked addresses, trying them in order."""
+
+    def __init__(
+        self, pins: Mapping[str, Sequence[IPAddress]], inner: httpcore.AsyncNetworkBackend
+    ) -> None:
+        self._pins = {host_key(host): tuple(addresses) for host, addresses in pins.items()}
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = self._pins.get(host_key(host))
+        if not addresses:
+            raise ForbiddenAddress(f"must not point at a host that was not checked: {host}")
+        failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in addresses:
+            try:
+                # An address, not a name: the inner backend has nothing left to look up.
+                return await self._inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise ForbiddenAddress("must not point at a Unix socket")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, stream: AsyncIterable[bytes]) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _as_httpx_errors():
+            async for chunk in self._stream:
+                yield chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            with _as_httpx_errors():
+                await aclose()
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    # Built once per bundle: loading the certifi store costs milliseconds per delivery.
+    context = httpx.create_ssl_context(trust_env=False)
+    if ca_bundle is not None:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
+class PinnedTransport(httpx.AsyncBaseTransport):
+    """Sends each request to the addresses checked for its host, and nowhere else.
+
+    ``pins`` maps a host to its checked addresses (``resolve_public``); a request
+    to any other host raises ``ForbiddenAddress`` before a socket is opened. The
+    TCP connection goes to a pinned address while TLS sends the URL's hostname
+    for SNI and verifies the certificate against it, as for any request. The
+    system CA store (certifi) is trusted, plus ``ca_bundle`` when given.
+    ``network_backend`` opens the sockets (default: httpcore's anyio backend);
+    tests pass one that records connections instead of making them. There is
+    no proxy here whatever the environment says; redirects are the client's,
+    and ``guarded_post`` follows none.
+    """
+
+    def __init__(
+        self,
+        pins: Mapping[str, Sequence[IPAddress]],
+        *,
+        ca_bundle: Path | None = None,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=_ssl_context(ca_bundle),
+            network_backend=_PinnedBackend(pins, network_backend or httpcore.AnyIOBackend()),
+            http1=True,
+            http2=False,
+            retries=0,
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        # sni_hostname would verify the certificate against another name than the URL's.
+        extensions = {k: v for k, v in request.extensions.items() if k != "sni_hostname"}
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=extensions,
+        )
+        with _as_httpx_errors():
+            response = await self._pool.handle_async_request(core_request)
+        assert isinstance(response.stream, AsyncIterable)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+# Describe the body as sent; the body handed back is decoded and may be cut.
+_BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+async def guarded_post(
+    url: str,
+    *,
+    content: bytes,
+    headers: Mapping[str, str],
+    timeout: float,  # noqa: ASYNC109 - one budget for lookup and exchange, applied below
+    resolver: Resolver | None = None,
+    allowed_hosts: frozenset[str] = frozenset(),
+    ca_bundle: Path | None = None,
+    network_backend: httpcore.AsyncNetworkBackend | None = None,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
+) -> httpx.Response:
+    """POST ``content`` to ``url`` under every rule of this module (``guarded_request``)."""
+    return await guarded_request(
+        "POST",
+        url,
+        content=content,
+        headers=headers,
+        timeout=timeout,
+        resolver=resolver,
+        allowed_hosts=allowed_hosts,
+        ca_bundle=ca_bundle,
+        network_backend=network_backend,
+        max_response_bytes=max_response_bytes,
+    )
+
+
+async def guarded_request(
+    method: str,
+    url: str,
+    *,
+    content: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float,  # noqa: ASYNC109 - one budget for lookup and exchange, applied below
+    resolver: Resolver | None = None,
+    allowed_hosts: frozenset[str] = frozenset(),
+    ca_bundle: Path | None = None,
+    network_backend: httpcore.AsyncNetworkBackend | None = None,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
+) -> httpx.Response:
+    """Send one request to ``url`` under every rule of this module.
+
+    Checks the form, resolves once, connects to the first checked address that
+    accepts (the next on a connection failure), verifies TLS against the
+    hostname, follows no redirect. The whole exchange, lookup included, has
+    ``timeout`` seconds. The response comes back read, its body cut at
+    ``max_response_bytes``. Raises ``ForbiddenAddress`` or an ``httpx.HTTPError``.
+    """
+    host = check_url(url, allowed_hosts=allowed_hosts)
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise ForbiddenAddress("is not a valid URL") from None
+    # The host httpx will connect to must be the one checked: two URL parsers
+    # that read a URL differently are a classic way around a guard.
+    connect_host = target.raw_host.decode("ascii")
+    if host_key(connect_host) != host_key(host):
+        raise ForbiddenAddress("is not a valid URL")
+    port = target.port or 443
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                addresses = await resolve_public(
+                    connect_host, port, resolver=resolver, allowed_hosts=allowed_hosts
+                )
+            except OSError as exc:
+                raise httpx.ConnectError(f"could not resolve {connect_host}: {exc}") from exc
+            transport = PinnedTransport(
+                {connect_host: addresses}, ca_bundle=ca_bundle, network_backend=network_backend
+            )
+            async with (
+                httpx.AsyncClient(
+                    transport=transport, trust_env=False, follow_redirects=False, timeout=timeout
+                ) as client,
+                client.stream(
+                    method,
+                    target,
+                    content=content,
+                    # Compressed answers could expand without bound before the cut.
+                    headers={"accept-encoding": "identity", **(headers or {})},
+                ) as response,
+            ):
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) >= max_response_bytes:
+                        break
+    except TimeoutError:
+        raise httpx.TimeoutException(f"no answer within {timeout} s") from None
+    return httpx.Response(
+        status_code=response.status_code,
+        headers=[
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name not in _BODY_FRAMING
+        ],
+        content=bytes(body[:max_response_bytes]),
+        request=response.request,
+    )

@@ -1,0 +1,225 @@
+"""Sending to what was checked (``gateway/outbound/transport.py``): one lookup, pinned
+connections, TLS by name, no proxy, no redirect, a time budget and a cut body.
+
+Every network test talks to listeners on 127.0.0.1 (the real HTTPS receiver of
+``tests/https_receiver.py``). Public addresses are only classified, never contacted:
+where a test needs the guard to "connect" to one, a recording network backend takes
+the connection and opens nothing."""
+
+import asyncio
+import ipaddress
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from guard_cases import LOOPBACK, REFUSED, ScriptedResolver
+from https_receiver import Answer, Cert, LoopbackOnlyBackend, Receiver
+
+from gateway import outbound
+from gateway.outbound import ForbiddenAddress
+
+
+@pytest.mark.parametrize(("url", "words"), REFUSED)
+async def test_guarded_post_refuses_before_looking_up_or_connecting(url: str, words: str) -> None:
+    backend = LoopbackOnlyBackend()
+    with pytest.raises(ForbiddenAddress, match=re.escape(words)):
+        await outbound.guarded_post(
+            url,
+            content=b"{}",
+            headers={},
+            timeout=5,
+            resolver=ScriptedResolver(),
+            network_backend=backend,
+        )
+    assert backend.connects == []
+
+
+# --- A real HTTPS receiver on loopback -------------------------------------
+
+
+@dataclass
+class Listener:
+    """A plain TCP listener on 127.0.0.1 that only counts connections."""
+
+    connections: int = 0
+    port: int = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._count, LOOPBACK, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _count(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.close()
+
+    async def close(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    server = Listener()
+    await server.start()
+    yield server
+    await server.close()
+
+
+RECEIVER = frozenset({"receiver.test"})
+
+
+async def post_to_receiver(
+    receiver: Receiver,
+    cert: Cert,
+    *,
+    host: str = "receiver.test",
+    answers: list[list[str]] | None = None,
+    trust_cert: bool = True,
+    seconds: float = 5,
+) -> httpx.Response:
+    return await outbound.guarded_post(
+        f"https://{host}:{receiver.port}/hook?n=1",
+        content=b'{"id": "task_1"}',
+        headers={"content-type": "application/json", "webhook-id": "d_1"},
+        timeout=seconds,
+        resolver=ScriptedResolver(answers or [[LOOPBACK]]),
+        allowed_hosts=frozenset({host}),
+        ca_bundle=cert.cert if trust_cert else None,
+    )
+
+
+async def test_delivery_connects_to_the_checked_address_and_verifies_tls_by_name(
+    receiver: Receiver, cert: Cert
+) -> None:
+    response = await post_to_receiver(receiver, cert)
+
+    assert response.status_code == 200
+    assert response.content == b"ok"
+    assert receiver.server_names == ["receiver.test"]  # SNI: the name, not the address
+    [request] = receiver.arrivals
+    assert (request.method, request.target) == ("POST", "/hook?n=1")
+    assert request.headers["host"] == f"receiver.test:{receiver.port}"
+    assert request.headers["webhook-id"] == "d_1"
+    assert request.headers["accept-encoding"] == "identity"
+    assert request.body == b'{"id": "task_1"}'
+
+
+async def test_tls_fails_for_a_name_the_certificate_does_not_cover(
+    receiver: Receiver, cert: Cert
+) -> None:
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        await post_to_receiver(receiver, cert, host="other.test")
+    assert receiver.connections == 1
+    assert receiver.arrivals == []
+
+
+async def test_tls_fails_without_the_ca_bundle(receiver: Receiver, cert: Cert) -> None:
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        await post_to_receiver(receiver, cert, trust_cert=False)
+    assert receiver.arrivals == []
+
+
+async def test_rebinding_cannot_redirect_the_connection(listener: Listener) -> None:
+    # First lookup public, a second would say loopback: the guard looks up once
+    # and aims only at what it checked. The public address is not contacted: the
+    # recording backend takes the connection.
+    resolver = ScriptedResolver([["93.184.216.34"], [LOOPBACK]])
+    backend = LoopbackOnlyBackend()
+    with pytest.raises(httpx.ConnectError, match="recorded, not contacted"):
+        await outbound.guarded_post(
+            f"https://rebind.test:{listener.port}/hook",
+            content=b"{}",
+            headers={},
+            timeout=5,
+            resolver=resolver,
+            network_backend=backend,
+        )
+    assert resolver.lookups == ["rebind.test"]
+    assert backend.connects == [("93.184.216.34", listener.port)]
+    assert listener.connections == 0
+
+
+async def test_rebinding_to_loopback_on_the_first_lookup_is_refused(listener: Listener) -> None:
+    resolver = ScriptedResolver([[LOOPBACK], ["93.184.216.34"]])
+    refusal = re.escape("rebind.test resolves to a loopback address")
+    with pytest.raises(ForbiddenAddress, match=refusal):
+        await outbound.guarded_post(
+            f"https://rebind.test:{listener.port}/hook",
+            content=b"{}",
+            headers={},
+            timeout=5,
+            resolver=resolver,
+        )
+    assert resolver.lookups == ["rebind.test"]
+    assert listener.connections == 0
+
+
+async def test_an_allowed_host_connects_to_the_first_answer_not_a_later_one(
+    receiver: Receiver, cert: Cert
+) -> None:
+    # 127.0.0.2 has no listener: reaching the receiver proves the first answer was used.
+    response = await post_to_receiver(receiver, cert, answers=[[LOOPBACK], ["127.0.0.2"]])
+    assert response.status_code == 200
+    assert len(receiver.arrivals) == 1
+
+
+async def test_the_next_checked_address_is_tried_when_one_refuses(
+    receiver: Receiver, cert: Cert
+) -> None:
+    response = await post_to_receiver(receiver, cert, answers=[["127.0.0.2", LOOPBACK]])
+    assert response.status_code == 200
+    assert len(receiver.arrivals) == 1
+
+
+async def test_redirects_are_not_followed(receiver: Receiver, cert: Cert) -> None:
+    receiver.script("/hook", [Answer(302, location="https://receiver.test/elsewhere", body=b"")])
+    response = await post_to_receiver(receiver, cert)
+    assert response.status_code == 302
+    assert len(receiver.arrivals) == 1
+
+
+async def test_proxy_variables_are_ignored(
+    receiver: Receiver, cert: Cert, listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = f"http://{LOOPBACK}:{listener.port}"
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    response = await post_to_receiver(receiver, cert)
+
+    assert response.status_code == 200
+    assert listener.connections == 0
+    assert len(receiver.arrivals) == 1
+
+
+async def test_a_large_answer_is_cut(receiver: Receiver, cert: Cert) -> None:
+    size = outbound.MAX_RESPONSE_BYTES * 3
+    receiver.script("/hook", [Answer(body=b"x" * size)])
+    response = await post_to_receiver(receiver, cert)
+    assert response.status_code == 200
+    assert response.content == b"x" * outbound.MAX_RESPONSE_BYTES
+
+
+async def test_a_receiver_that_never_answers_times_out(receiver: Receiver, cert: Cert) -> None:
+    receiver.script("/hook", [Answer(delay=60)])  # until the receiver closes
+    with pytest.raises(httpx.TimeoutException):
+        await post_to_receiver(receiver, cert, seconds=0.5)
+    assert len(receiver.arrivals) == 1
+
+
+async def test_the_pinned_transport_refuses_a_host_it_has_no_addresses_for(
+    receiver: Receiver, cert: Cert
+) -> None:
+    transport = outbound.PinnedTransport(
+        {"receiver.test": [ipaddress.ip_address(LOOPBACK)]}, ca_bundle=cert.cert
+    )
+    async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+        ok = await client.get(f"https://receiver.test:{receiver.port}/")
+        assert ok.status_code == 200
+        with pytest.raises(ForbiddenAddress, match=re.escape("not checked: other.test")):
+            await client.get(f"https://other.test:{receiver.port}/")
+    assert receiver.connections == 1
