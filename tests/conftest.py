@@ -38,6 +38,7 @@ from gateway.ledger import service as ledger
 from gateway.ledger.models import EntryKind
 from gateway.settings import Settings, UpstreamAccount
 from gateway.tenants import create_tenant, issue_key
+from workers.simulator.app import SimulatorConfig, create_simulator_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_URL = os.environ.get(
@@ -162,6 +163,29 @@ async def receiver(cert: Cert) -> AsyncIterator[Receiver]:
     await server.start()
     yield server
     await server.close()
+
+
+# An in-process simulator (no port, no process) for tests of its protocols and of the adapters.
+INPROCESS_SIM_KEY = "sk-adapter-test-5f0c1e9a"
+INPROCESS_SIM_BASE = "http://sim.test"
+
+
+@pytest.fixture
+async def sim_client() -> AsyncIterator[httpx.AsyncClient]:
+    """A client of an in-process simulator; it serves one request at a time."""
+    app = create_simulator_app(SimulatorConfig(api_key=INPROCESS_SIM_KEY, latency=0.0))
+    async with AsyncTestClient(app, base_url=INPROCESS_SIM_BASE) as http:
+        yield http
+
+
+@pytest.fixture
+async def sim_http() -> AsyncIterator[httpx.AsyncClient]:
+    """Like ``sim_client``, but requests run concurrently; every request, image downloads
+    included, goes to the one in-process simulator."""
+    app = create_simulator_app(SimulatorConfig(api_key=INPROCESS_SIM_KEY, latency=0.0))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=INPROCESS_SIM_BASE) as http:
+        yield http
 
 
 @pytest.fixture(scope="session")
