@@ -21,7 +21,7 @@ from gateway.callbacks.routes import redeliver
 from gateway.channels import service as channels
 from gateway.channels.models import ADAPTER_NAMES, Channel
 from gateway.deps import AdminDep, ServicesDep, UnitOfWorkDep, provide_admin, provide_uow
-from gateway.errors import ErrorResponse, InvalidRequest, NotFound, error_responses
+from gateway.errors import ErrorResponse, InvalidRequest, NotFound
 from gateway.ledger import reports
 from gateway.ledger import service as ledger
 from gateway.ledger.models import EntryKind
@@ -33,8 +33,8 @@ from gateway.limit_settings import (
     set_tenant_limits,
     tenant_limits_json,
 )
+from gateway.responses import error_responses, json_response
 from gateway.tasks.models import Task
-from gateway.tasks.schemas import json_response
 from gateway.tasks.service import list_tasks, task_summary
 from gateway.tenants import (
     ApiKey,

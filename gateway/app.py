@@ -35,9 +35,10 @@ from gateway.db import (
     session_factory,
 )
 from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
-from gateway.errors import Unauthorized, exception_handler
-from gateway.krea_api import KreaController
+from gateway.errors import Unauthorized
+from gateway.krea.routes import KreaController
 from gateway.limits import RateLimiter
+from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
 from gateway.tasks.routes import FileController, TaskController

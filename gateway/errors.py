@@ -1,28 +1,15 @@
-"""Errors a client can see, and the one translator that renders all of them.
+"""Errors a client can see: one ``ApiError`` base, and the envelope they leave in.
 
 Every error leaves Tollgate as the envelope of the unified API contract
 (seeds/002): ``{"error": {"code", "message", "type"}}``. Domain errors subclass
-``ApiError`` beside their domain; the framework's own exceptions (validation,
-unknown route, method, body too large) and anything unexpected go through
-``exception_handler`` too. An unexpected exception is logged with its trace and
-answered 500 ``internal_error`` with a fixed message: no trace reaches a client.
+``ApiError`` beside their domain. This module is plain Python, importable by
+workers: the translator that renders errors as HTTP responses, the framework's
+own included, is ``gateway/responses.py``.
 """
 
-import logging
-import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import msgspec
-from litestar import Request, Response
-from litestar.exceptions import HTTPException, SerializationException, ValidationException
-from litestar.openapi.datastructures import ResponseSpec
-from sqlalchemy.exc import DBAPIError
-
-logger = logging.getLogger("tollgate.errors")
-
-_encoder = msgspec.json.Encoder()
-
-JSON = "application/json"
 
 
 class ApiError(Exception):
@@ -96,20 +83,6 @@ class ServiceUnavailable(ApiError):
     default_message = "Service temporarily unavailable, please retry"
 
 
-# Framework statuses that have no ApiError of their own.
-_FRAMEWORK_CODES: dict[int, tuple[str, str]] = {
-    400: ("invalid_request", "invalid_request_error"),
-    401: ("unauthorized", "authentication_error"),
-    403: ("forbidden", "permission_error"),
-    404: ("not_found", "invalid_request_error"),
-    405: ("method_not_allowed", "invalid_request_error"),
-    413: ("request_too_large", "invalid_request_error"),
-    415: ("unsupported_media_type", "invalid_request_error"),
-    429: ("rate_limit_exceeded", "rate_limit_error"),
-    503: ("service_unavailable", "api_error"),
-}
-
-
 class ErrorDetail(msgspec.Struct):
     code: str
     message: str
@@ -120,105 +93,3 @@ class ErrorResponse(msgspec.Struct):
     """The error envelope, for the OpenAPI document."""
 
     error: ErrorDetail
-
-
-def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the error statuses a route can answer."""
-    described = {
-        400: "Invalid request: the message names the field",
-        401: "Missing, unknown or revoked key",
-        402: "Insufficient quota: top up the account",
-        403: "The key may not use this model",
-        404: "Not found",
-        409: "Conflict (an Idempotency-Key reused with another body)",
-        410: "The link has expired",
-        413: "Request body too large",
-        429: "A rate limit or the cap on tasks in flight was hit; see Retry-After",
-        503: "A dependency (Redis) is unreachable; retry",
-    }
-    return {
-        status: ResponseSpec(
-            data_container=ErrorResponse, description=described[status], generate_examples=False
-        )
-        for status in statuses
-    }
-
-
-def envelope(code: str, message: str, type_: str) -> bytes:
-    return _encoder.encode({"error": {"code": code, "message": message, "type": type_}})
-
-
-def error_response(
-    status: int, code: str, message: str, type_: str, headers: dict[str, str] | None = None
-) -> Response[bytes]:
-    return Response(
-        content=envelope(code, message, type_), status_code=status, media_type=JSON, headers=headers
-    )
-
-
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
-_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
-
-
-def _validation_message(exc: ValidationException) -> str:
-    """Name the field from litestar's validation detail ("seed: Expected `int`...")."""
-    extra: Any = exc.extra
-    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        key = str(extra[0].get("key") or "")
-        message = str(extra[0].get("message") or "is invalid")
-        if found := _UNKNOWN_FIELD.search(message):
-            return f"{found[1]}: unknown field"
-        if found := _MISSING_FIELD.search(message):
-            return f"{found[1]}: is required"
-        if key and key != "data":
-            return f"{key}: {message}"
-        return f"body: {message}"
-    return exc.detail or "Invalid request"
-
-
-def _is_data_exception(exc: Exception) -> bool:
-    """PostgreSQL's class 22 (data exception) errors, through SQLAlchemy and asyncpg."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
-        getattr(exc.orig, "__cause__", None), "sqlstate", None
-    )
-    return isinstance(sqlstate, str) and sqlstate.startswith("22")
-
-
-def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.type, exc.headers)
-    if isinstance(exc, ValidationException):
-        return error_response(
-            400, "invalid_request", _validation_message(exc), "invalid_request_error"
-        )
-    if isinstance(exc, HTTPException) and isinstance(exc.__cause__, SerializationException):
-        return error_response(
-            400, "invalid_request", f"body: malformed JSON ({exc.detail})", "invalid_request_error"
-        )
-    if isinstance(exc, HTTPException) and exc.status_code < 500:
-        code, type_ = _FRAMEWORK_CODES.get(
-            exc.status_code, ("invalid_request", "invalid_request_error")
-        )
-        message = exc.detail or code.replace("_", " ")
-        if exc.status_code == 413:
-            message = "Request body is too large"
-        headers = dict(exc.headers or {})
-        return error_response(exc.status_code, code, message, type_, headers or None)
-    if isinstance(exc, HTTPException) and exc.status_code == 503:
-        return error_response(
-            503, "service_unavailable", ServiceUnavailable.default_message, "api_error"
-        )
-    if _is_data_exception(exc):
-        # A value PostgreSQL cannot store (too long, invalid characters) that a
-        # check upstream missed: the client's input, so a 400, never a 500.
-        logger.warning("data exception on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(
-            400,
-            "invalid_request",
-            "A value in the request cannot be stored (too long or invalid characters)",
-            "invalid_request_error",
-        )
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "Internal server error", "api_error")

@@ -11,7 +11,8 @@ Rules:
 - Each HTTP request has an id: the client's ``X-Request-ID`` when it is sane
   (``sane_request_id``), else a new one; the response echoes it. A task keeps
   the id of the request that submitted it (``tasks.request_id``), and the
-  worker's and the callback's lines name it through ``bind_task``.
+  worker's and the callback's lines name it: each job runs in ``scope()`` and
+  calls ``bind(task_id=..., request_id=...)`` once it has read the task.
 - Never in a log: API keys, webhook secrets, the admin token, the signing
   secret, upstream keys, Authorization headers, SQL parameters, and prompts
   (unless ``TOLLGATE_LOG_PROMPTS=true``). Code does not pass them; ``Redactor``
@@ -91,19 +92,6 @@ def bind(**fields: str | None) -> None:
 def scope() -> Iterator[None]:
     """A fresh logging context for one job: what ``bind`` adds inside ends with the block."""
     token = _context.set({})
-    try:
-        yield
-    finally:
-        _context.reset(token)
-
-
-@contextmanager
-def bind_task(task_id: str, request_id: str | None) -> Iterator[None]:
-    """Name the task (and the request that submitted it) on every line inside the block."""
-    fields = {"task_id": task_id}
-    if request_id:
-        fields["request_id"] = request_id
-    token = _context.set(fields)
     try:
         yield
     finally:

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -41,16 +40,6 @@ class CallbackDeps:
     sessions: async_sessionmaker[AsyncSession]
     signer: UrlSigner
     resolver: outbound.Resolver | None = None  # tests inject one; None: the system's
-
-
-async def enqueue_for_task(
-    redis: ArqRedis, settings: Settings, engine: AsyncEngine, task_id: str
-) -> None:
-    """Queue the first attempt of the deliveries a task's end created."""
-    async with engine.connect() as conn:
-        pending = await callbacks.pending_for_task(conn, task_id)
-    for delivery_id in pending:
-        await enqueue_callback(redis, settings.callback_queue_name, delivery_id, 1)
 
 
 async def deliver_callback(ctx: dict[str, Any], delivery_id: str, number: int) -> str:

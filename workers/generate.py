@@ -38,11 +38,11 @@ from typing import Any
 from sqlalchemy import select
 
 from gateway import logs
+from gateway.callbacks import service as callbacks
 from gateway.tasks import lifecycle
 from gateway.tasks.models import OPEN_STATES
 from pricing.request import ImageRequest
 from workers.admission import Admission
-from workers.callbacks import enqueue_for_task
 from workers.deps import WorkerDeps
 from workers.failover import Failover
 from workers.lease import DeadlineExceeded, Lease, LeaseLost
@@ -188,7 +188,9 @@ async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
         if run.callback_url and outcome.startswith(("completed", "failed")):
             # The delivery row was committed with the task's end; queue its first attempt
             # now (the callback reconciler would otherwise find it, later).
-            await enqueue_for_task(ctx["redis"], deps.settings, deps.engine, task_id)
+            await callbacks.queue_first_attempts(
+                ctx["redis"], deps.settings.callback_queue_name, deps.engine, task_id
+            )
         return outcome
 
 

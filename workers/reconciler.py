@@ -17,9 +17,9 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
+from gateway.callbacks import service as callbacks
 from gateway.queue import enqueue_generation
 from gateway.tasks import lifecycle
-from workers.callbacks import enqueue_for_task
 from workers.deps import WorkerDeps
 
 logger = logging.getLogger("tollgate.reconciler")
@@ -36,7 +36,9 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
         reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
         pending = await lifecycle.stale_pending(conn, settings.requeue_pending_after_seconds, BATCH)
     for task_id in overdue:
-        await enqueue_for_task(redis, settings, deps.engine, task_id)
+        await callbacks.queue_first_attempts(
+            redis, settings.callback_queue_name, deps.engine, task_id
+        )
     requeued = 0
     for task_id, attempt in [*reclaimed, *pending]:
         if await enqueue_generation(redis, settings.queue_name, task_id, attempt):

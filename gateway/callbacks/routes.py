@@ -18,16 +18,12 @@ from gateway.deps import (
     provide_principal,
     provide_uow,
 )
-from gateway.errors import Conflict, error_responses
+from gateway.errors import Conflict
 from gateway.queue import enqueue_callback
+from gateway.responses import error_responses, json_response
 from gateway.tasks.models import FINAL_STATES
-from gateway.tasks.schemas import encode_json
 from gateway.tasks.service import get_tenant_task
 from gateway.tenants import Tenant, new_webhook_secret
-
-
-def _json(value: object, status: int = 200) -> Response[Any]:
-    return Response(content=encode_json(value), media_type="application/json", status_code=status)
 
 
 async def redeliver(
@@ -62,7 +58,7 @@ class WebhookController(Controller):
     async def secret(self, principal: PrincipalDep, uow: UnitOfWorkDep) -> Response[Any]:
         tenant = await uow.session.get(Tenant, principal.tenant_id)
         assert tenant is not None
-        return _json({"secret": tenant.webhook_secret})
+        return json_response({"secret": tenant.webhook_secret})
 
     @post(
         "/webhooks/secret/rotate",
@@ -75,7 +71,7 @@ class WebhookController(Controller):
         assert tenant is not None
         tenant.webhook_secret = new_webhook_secret()
         uow.session.add(tenant)
-        return _json({"secret": tenant.webhook_secret})
+        return json_response({"secret": tenant.webhook_secret})
 
     @get(
         "/tasks/{task_id:str}/deliveries",
@@ -86,7 +82,7 @@ class WebhookController(Controller):
         self, task_id: FromPath[str], principal: PrincipalDep, uow: UnitOfWorkDep
     ) -> Response[Any]:
         await get_tenant_task(uow.session, principal.tenant_id, task_id)
-        return _json({"data": await callbacks.list_deliveries(uow.session, task_id)})
+        return json_response({"data": await callbacks.list_deliveries(uow.session, task_id)})
 
     @post(
         "/tasks/{task_id:str}/deliveries",
@@ -102,4 +98,4 @@ class WebhookController(Controller):
         services: ServicesDep,
     ) -> Response[Any]:
         made = await redeliver(uow.session, uow, services, principal.tenant_id, task_id)
-        return _json(made, 202)
+        return json_response(made, 202)

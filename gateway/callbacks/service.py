@@ -7,6 +7,10 @@ the worker dies mid-attempt the reconciler still queues the next one.
 
 A callback's body (``callback_body``) is the task as the front door it came
 through shows it: the unified task object, or the Krea job object.
+
+``queue_first_attempts`` is the one way a task's end reaches the callback queue:
+the worker after completing or failing a task, the reconciler after failing
+overdue ones, and the gateway after a cancel, each once the end has committed.
 """
 
 import base64
@@ -17,14 +21,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from arq.connections import ArqRedis
 from sqlalchemy import Table, func, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway import metrics
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery, DeliveryStatus
-from gateway.krea_api import API as KREA_API
-from gateway.krea_api import render_krea_job
+from gateway.krea.schemas import API as KREA_API
+from gateway.krea.schemas import render_krea_job
 from gateway.ledger.service import Db, connection
+from gateway.queue import enqueue_callback
 from gateway.storage import UrlSigner
 from gateway.tasks.models import Task
 from gateway.tasks.schemas import encode_json
@@ -85,6 +91,16 @@ async def pending_for_task(conn: AsyncConnection, task_id: str) -> list[str]:
         )
     )
     return [row[0] for row in rows]
+
+
+async def queue_first_attempts(
+    redis: ArqRedis, queue_name: str, engine: AsyncEngine, task_id: str
+) -> None:
+    """Queue the first attempt of the deliveries a task's end created, once it committed."""
+    async with engine.connect() as conn:
+        pending = await pending_for_task(conn, task_id)
+    for delivery_id in pending:
+        await enqueue_callback(redis, queue_name, delivery_id, 1)
 
 
 @dataclass(frozen=True, slots=True)

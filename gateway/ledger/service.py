@@ -91,10 +91,23 @@ async def hold(db: Db, tenant_id: str, task_id: str, amount: int) -> None:
     metrics.credits_reserved(await connection(db), tenant_id, amount)
 
 
+async def capture(
+    db: Db, tenant_id: str, task_id: str, hold_micros: int, charge_micros: int
+) -> bool:
+    """Close a completed task's hold by charging ``charge_micros`` (at most the hold); the
+    rest of the hold is freed. False when the hold was already settled."""
+    return await settle(db, tenant_id, task_id, hold_micros, charge_micros)
+
+
+async def release(db: Db, tenant_id: str, task_id: str, hold_micros: int) -> bool:
+    """Close a failed or cancelled task's hold, charging nothing. False when already settled."""
+    return await settle(db, tenant_id, task_id, hold_micros, None)
+
+
 async def settle(
     db: Db, tenant_id: str, task_id: str, hold_micros: int, charge_micros: int | None
 ) -> bool:
-    """Close a task's hold: capture ``charge_micros`` (the rest is freed) or, if None, release it.
+    """What ``capture`` (``charge_micros`` given) and ``release`` (None) both do.
 
     Returns False when the hold was already settled: the shared idempotency key
     makes a second settlement, of either kind, a no-op.

@@ -48,7 +48,10 @@ async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | N
     """What every end of a task does, in its transaction: settle the hold (capture
     ``charge``, or release when None), free the in-flight slot, give the key's
     budgets back what was reserved but not charged, and record the callback."""
-    await ledger.settle(conn, row.tenant_id, task_id, row.credits_reserved_micros, charge)
+    if charge is None:
+        await ledger.release(conn, row.tenant_id, task_id, row.credits_reserved_micros)
+    else:
+        await ledger.capture(conn, row.tenant_id, task_id, row.credits_reserved_micros, charge)
     await limits.free_in_flight_slot(conn, row.tenant_id)
     unused = row.credits_reserved_micros - (charge or 0)
     await limits.return_spend(conn, row.api_key_id, row.created_at, unused)
@@ -76,7 +79,7 @@ _ENDING = (
 async def _record_end(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
     """Count the end and log it, once (and only if) its transaction commits.
 
-    Every ending UPDATE returns ``_END`` with its row.
+    Every ending UPDATE returns ``_ENDING`` with its row.
     """
     model, status, request_id = row.model, row.status, row.request_id
 

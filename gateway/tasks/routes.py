@@ -1,25 +1,100 @@
-"""The unified endpoint: submit a generation, read a task, list models, fetch results."""
+"""The unified endpoint: submit a generation, read a task, list models, fetch results.
+
+``submit_and_queue`` and ``cancel_and_queue`` are what every front door (this one,
+``gateway/krea/routes.py``) does to submit or cancel: the change in the request's
+transaction, the jobs it calls for queued only once that transaction commits.
+"""
 
 import time
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 
+from gateway.auth import Principal
+from gateway.callbacks import service as callbacks
 from gateway.catalog_view import model_list
-from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_principal, provide_uow
-from gateway.errors import NotFound, error_responses
-from gateway.queue import enqueue_generation
+from gateway.deps import (
+    PrincipalDep,
+    Services,
+    ServicesDep,
+    UnitOfWork,
+    UnitOfWorkDep,
+    provide_principal,
+    provide_uow,
+)
+from gateway.errors import NotFound
+from gateway.queue import enqueue_generation, enqueue_upstream_cancel
+from gateway.responses import error_responses, json_response
 from gateway.storage import CONTENT_TYPES, check_key
 from gateway.tasks import cancel, service
-from gateway.tasks.schemas import (
-    GenerationRequest,
-    ModelList,
-    TaskObject,
-    json_response,
-)
+from gateway.tasks.models import Task
+from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject
+
+
+async def submit_and_queue(
+    uow: UnitOfWork,
+    services: Services,
+    principal: Principal,
+    *,
+    fields: dict[str, Any],
+    webhook_url: str | None,
+    idempotency_key: str | None,
+    api: str = "unified",
+) -> Task:
+    """Submit a generation in the request's transaction; queue its job after the commit.
+
+    An Idempotency-Key retry answers with the first task and queues nothing.
+    """
+    settings = services.settings
+    submission = await service.submit_generation(
+        uow.session,
+        catalog=services.catalog,
+        settings=settings,
+        principal=principal,
+        fields=fields,
+        webhook_url=webhook_url,
+        idempotency_key=idempotency_key,
+        api=api,
+    )
+    task = submission.task
+    if submission.created:
+        uow.after_commit.append(
+            partial(enqueue_generation, services.redis, settings.queue_name, task.id, task.attempt)
+        )
+    return task
+
+
+async def cancel_and_queue(
+    uow: UnitOfWork, services: Services, tenant_id: str, task_id: str
+) -> Task:
+    """Cancel the tenant's task; after the commit, queue its callback and the upstream cancel."""
+    cancellation = await cancel.cancel_task(uow.session, tenant_id, task_id)
+    ended, settings = cancellation.ended, services.settings
+    if ended.callback_url:
+        uow.after_commit.append(
+            partial(
+                callbacks.queue_first_attempts,
+                services.redis,
+                settings.callback_queue_name,
+                services.engine,
+                task_id,
+            )
+        )
+    if ended.channel_id and ended.upstream_job_id:
+        uow.after_commit.append(
+            partial(
+                enqueue_upstream_cancel,
+                services.redis,
+                settings.queue_name,
+                task_id,
+                ended.channel_id,
+                ended.upstream_job_id,
+            )
+        )
+    return cancellation.task
 
 
 class TaskController(Controller):
@@ -48,26 +123,14 @@ class TaskController(Controller):
         webhook_url: Annotated[str | None, HeaderParameter(name="X-Webhook-URL")] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key")] = None,
     ) -> Response[TaskObject]:
-        submission = await service.submit_generation(
-            uow.session,
-            catalog=services.catalog,
-            settings=services.settings,
-            principal=principal,
+        task = await submit_and_queue(
+            uow,
+            services,
+            principal,
             fields=data.provided(),
             webhook_url=webhook_url,
             idempotency_key=idempotency_key,
         )
-        task = submission.task
-        if submission.created:
-            uow.after_commit.append(
-                partial(
-                    enqueue_generation,
-                    services.redis,
-                    services.settings.queue_name,
-                    task.id,
-                    task.attempt,
-                )
-            )
         return json_response(service.render_task(task, services.signer))
 
     @get(
@@ -101,7 +164,7 @@ class TaskController(Controller):
         services: ServicesDep,
         uow: UnitOfWorkDep,
     ) -> Response[TaskObject]:
-        task = await cancel.cancel_task(uow, services, principal.tenant_id, task_id)
+        task = await cancel_and_queue(uow, services, principal.tenant_id, task_id)
         return json_response(service.render_task(task, services.signer))
 
     @get("/models", summary="List the models this key may use", responses=error_responses(401))

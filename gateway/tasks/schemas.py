@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
-from litestar import Response
 
 
 class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -111,11 +110,3 @@ _encoder = msgspec.json.Encoder(decimal_format="number")
 
 def encode_json(value: object) -> bytes:
     return _encoder.encode(value)
-
-
-JSON = "application/json"
-
-
-def json_response(value: object, status: int = 200) -> Response[Any]:
-    """``value`` as a JSON response, encoded by ``encode_json`` (exact decimals)."""
-    return Response(content=encode_json(value), media_type=JSON, status_code=status)
