@@ -24,7 +24,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import logs, metrics
-from gateway.admin import AdminController
+from gateway.admin import admin_router
 from gateway.auth import KeyCache, bearer_token
 from gateway.callbacks.routes import WebhookController
 from gateway.db import (
@@ -37,7 +37,7 @@ from gateway.db import (
 from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized
 from gateway.krea.routes import KreaController
-from gateway.limits import RateLimiter
+from gateway.limits.service import RateLimiter
 from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
@@ -243,7 +243,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             WebhookController,
             FileController,
             KreaController,
-            AdminController,
+            admin_router(),
             healthz,
             readyz,
             metrics_endpoint,

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.errors import Unauthorized
-from gateway.tenants import KEY_PREFIX, ApiKey, Tenant, hash_key
+from gateway.tenants.models import KEY_PREFIX, ApiKey, Tenant, hash_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +25,7 @@ class Principal:
     tenant_name: str
     key_id: str
     user_group: str
-    # Limits as stored (None: the settings' default; 0: none); see gateway/limits.py.
+    # Limits as stored (None: the settings' default; 0: none); see gateway/limits/service.py.
     key_rate_per_minute: int | None = None
     key_rate_burst: int | None = None
     tenant_rate_per_minute: int | None = None

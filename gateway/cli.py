@@ -19,7 +19,6 @@ import click
 import msgspec
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.admin import key_json, tenant_json
 from gateway.channels.models import ADAPTER_NAMES
 from gateway.db import (
     DatabaseNotReady,
@@ -32,7 +31,15 @@ from gateway.db import (
 from gateway.errors import ApiError, InvalidRequest
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.tasks.service import list_tasks, task_summary
-from gateway.tenants import create_tenant, find_tenant, issue_key, list_keys, revoke_key
+from gateway.tenants.service import (
+    create_tenant,
+    find_tenant,
+    issue_key,
+    key_json,
+    list_keys,
+    revoke_key,
+    tenant_json,
+)
 from pricing.catalog import Catalog, load_catalog
 
 T = TypeVar("T")
@@ -156,7 +163,7 @@ def tenants_create(name: str, user_group: str) -> None:
 
 @tenants.command("list")
 def tenants_list() -> None:
-    from gateway.tenants import list_tenants
+    from gateway.tenants.service import list_tenants
 
     async def run(session: AsyncSession) -> list[dict[str, Any]]:
         return [tenant_json(t) for t in await list_tenants(session)]
@@ -231,7 +238,8 @@ def credits() -> None:
 
 
 def _credit_command(tenant: str, amount: str, reason: str, key: str | None, kind: Any) -> None:
-    from gateway.admin import CreditChange, change_credits
+    from gateway.ledger.schemas import CreditChange
+    from gateway.ledger.service import change_credits
 
     try:
         value = Decimal(amount)
@@ -276,12 +284,11 @@ def credits_adjust(tenant: str, amount: str, reason: str, idempotency_key: str |
 @click.argument("tenant")
 def credits_show(tenant: str) -> None:
     """TENANT's balance, held credits, available credits and open holds."""
-    from gateway.admin import balance_json
     from gateway.ledger import service as ledger
 
     async def run(session: AsyncSession) -> dict[str, Any]:
         found = await find_tenant(session, tenant)
-        return balance_json(found.id, await ledger.balance(session, found.id))
+        return ledger.balance_json(found.id, await ledger.balance(session, found.id))
 
     _emit(_run_in_session(run))
 
@@ -292,10 +299,9 @@ def credits_show(tenant: str) -> None:
 @click.option("--reason", required=True)
 def credits_refund(task_id: str, amount: str | None, reason: str) -> None:
     """Refund part or all of what TASK_ID was charged."""
-    from gateway.admin import parse_amount
     from gateway.ledger import service as ledger
 
-    micros = None if amount is None else parse_amount(Decimal(amount))
+    micros = None if amount is None else ledger.parse_amount(Decimal(amount))
 
     async def run(session: AsyncSession) -> dict[str, Any]:
         return {
@@ -373,7 +379,7 @@ def limits_tenant(
     tenant: str, rpm: str | None, burst: str | None, max_in_flight: str | None, models: str | None
 ) -> None:
     """Show or set TENANT's limits (0 means no limit)."""
-    from gateway.limit_settings import TenantLimits, set_tenant_limits, tenant_limits_json
+    from gateway.limits.overrides import TenantLimits, set_tenant_limits, tenant_limits_json
 
     settings = _settings()
     changes = _limit_changes(
@@ -413,7 +419,7 @@ def limits_key(
     budget_monthly: str | None,
 ) -> None:
     """Show or set KEY_ID's rate limit, model list and budgets."""
-    from gateway.limit_settings import KeyLimits, key_limits_json, set_key_limits
+    from gateway.limits.overrides import KeyLimits, key_limits_json, set_key_limits
 
     settings = _settings()
     changes = _limit_changes(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -17,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from gateway.errors import NotFound
 from gateway.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -28,6 +30,18 @@ class DatabaseNotReady(RuntimeError):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+Row = TypeVar("Row")
+
+
+async def get_or_404(session: AsyncSession, model: type[Row], key: str, missing: str) -> Row:
+    """The ``model`` row whose primary key is ``key``; NotFound with ``missing`` if none."""
+    row: Any = await session.get(model, key)
+    if row is None:
+        raise NotFound(missing)
+    found: Row = row
+    return found
 
 
 def create_engine(settings: Settings) -> AsyncEngine:

@@ -17,8 +17,8 @@ from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.auth import KeyCache, Principal, check_admin
-from gateway.limits import RateLimiter
+from gateway.auth import KeyCache, Principal
+from gateway.limits.service import RateLimiter
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
 from pricing.catalog import Catalog
@@ -49,7 +49,6 @@ class UnitOfWork:
 ServicesDep = NamedDependency[Services]
 PrincipalDep = NamedDependency[Principal]
 UnitOfWorkDep = NamedDependency[UnitOfWork]
-AdminDep = NamedDependency[None]
 
 
 def services(state: State) -> Services:
@@ -72,12 +71,6 @@ async def provide_principal(request: Request[object, object, State]) -> Principa
     # Allowed responses tell the client what is left (added by app.add_rate_limit_headers).
     request.state[RATE_HEADERS] = decision.headers()
     return principal
-
-
-async def provide_admin(request: Request[object, object, State]) -> None:
-    check_admin(
-        request.headers.get("authorization"), services(request.app.state).settings.admin_token
-    )
 
 
 async def provide_uow(state: State) -> AsyncIterator[UnitOfWork]:

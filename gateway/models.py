@@ -6,7 +6,7 @@ from gateway.callbacks.models import CallbackAttempt, CallbackDelivery
 from gateway.channels.models import Channel
 from gateway.ledger.models import LedgerEntry
 from gateway.tasks.models import IdempotencyKey, Task
-from gateway.tenants import ApiKey, KeySpend, Tenant
+from gateway.tenants.models import ApiKey, KeySpend, Tenant
 
 metadata = SQLModel.metadata
 

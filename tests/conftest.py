@@ -37,7 +37,7 @@ from gateway.db import create_engine, session_factory, transaction
 from gateway.ledger import service as ledger
 from gateway.ledger.models import EntryKind
 from gateway.settings import Settings, UpstreamAccount
-from gateway.tenants import create_tenant, issue_key
+from gateway.tenants.service import create_tenant, issue_key
 from workers.simulator.app import SimulatorConfig, create_simulator_app
 
 ROOT = Path(__file__).resolve().parent.parent

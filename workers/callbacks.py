@@ -26,7 +26,7 @@ from gateway.queue import enqueue_callback
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import Task
-from gateway.tenants import Tenant
+from gateway.tenants.models import Tenant
 
 logger = logging.getLogger("tollgate.callbacks")
 

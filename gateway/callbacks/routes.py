@@ -1,12 +1,15 @@
-"""Tenant routes: the webhook secret, a task's deliveries, redelivery."""
+"""Callback routes: the tenant's (webhook secret, a task's deliveries, redelivery) under
+``/v1``, and the operator's (any task's deliveries, redelivery, a tenant's schedule) under
+``/admin``, behind its guard (``gateway/admin.py``). A new delivery is queued after commit.
+"""
 
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
-from litestar import Controller, Response, get, post
+import msgspec
+from litestar import Controller, Response, get, patch, post
 from litestar.di import Provide
-from litestar.params import FromPath
-from sqlmodel.ext.asyncio.session import AsyncSession
+from litestar.params import FromPath, JSONBody
 
 from gateway.callbacks import service as callbacks
 from gateway.deps import (
@@ -18,30 +21,26 @@ from gateway.deps import (
     provide_principal,
     provide_uow,
 )
-from gateway.errors import Conflict
 from gateway.queue import enqueue_callback
 from gateway.responses import error_responses, json_response
-from gateway.tasks.models import FINAL_STATES
-from gateway.tasks.service import get_tenant_task
-from gateway.tenants import Tenant, new_webhook_secret
+from gateway.tasks.service import get_task, get_tenant_task
+from gateway.tenants.models import Tenant, new_webhook_secret
 
 
-async def redeliver(
-    session: AsyncSession, uow: UnitOfWork, services: Services, tenant_id: str, task_id: str
-) -> dict[str, Any]:
+class CallbackSchedule(msgspec.Struct, forbid_unknown_fields=True):
+    """``standard``: retries after 1, 2, 4 s. ``extended``: then hourly for a day."""
+
+    schedule: Literal["standard", "extended"]
+
+
+async def redeliver_and_queue(
+    uow: UnitOfWork, services: Services, tenant_id: str, task_id: str
+) -> Response[Any]:
     """A new delivery of a finished task's callback, queued after commit (tenant and admin)."""
-    task = await get_tenant_task(session, tenant_id, task_id)
-    if task.callback_url is None:
-        raise Conflict("This task has no callback_url to deliver to")
-    if task.status not in FINAL_STATES:
-        raise Conflict("This task has not finished; its callback is sent when it does")
-    delivery_id = await callbacks.create_delivery(session, task.id, tenant_id, task.callback_url)
-    uow.after_commit.append(
-        partial(
-            enqueue_callback, services.redis, services.settings.callback_queue_name, delivery_id, 1
-        )
-    )
-    return {"id": delivery_id, "status": "pending"}
+    delivery_id = await callbacks.redeliver(uow.session, tenant_id, task_id)
+    queue = services.settings.callback_queue_name
+    uow.after_commit.append(partial(enqueue_callback, services.redis, queue, delivery_id, 1))
+    return json_response({"id": delivery_id, "status": "pending"}, 202)
 
 
 class WebhookController(Controller):
@@ -97,5 +96,30 @@ class WebhookController(Controller):
         uow: UnitOfWorkDep,
         services: ServicesDep,
     ) -> Response[Any]:
-        made = await redeliver(uow.session, uow, services, principal.tenant_id, task_id)
-        return json_response(made, 202)
+        return await redeliver_and_queue(uow, services, principal.tenant_id, task_id)
+
+
+class CallbackAdminController(Controller):
+    path = "/"
+
+    @get("/tasks/{task_id:str}/deliveries", summary="A task's callback deliveries")
+    async def deliveries(self, task_id: FromPath[str], uow: UnitOfWorkDep) -> Response[Any]:
+        await get_task(uow.session, task_id)
+        return json_response({"data": await callbacks.list_deliveries(uow.session, task_id)})
+
+    @post("/tasks/{task_id:str}/deliveries", status_code=202, summary="Deliver a callback again")
+    async def redeliver(
+        self, task_id: FromPath[str], uow: UnitOfWorkDep, services: ServicesDep
+    ) -> Response[Any]:
+        task = await get_task(uow.session, task_id)
+        return await redeliver_and_queue(uow, services, task.tenant_id, task_id)
+
+    @patch(
+        "/tenants/{tenant_id:str}/callbacks",
+        summary="Put a tenant on the standard or the extended callback schedule",
+    )
+    async def callback_schedule(
+        self, tenant_id: FromPath[str], data: JSONBody[CallbackSchedule], uow: UnitOfWorkDep
+    ) -> Response[Any]:
+        await callbacks.set_schedule(uow.session, tenant_id, data.schedule)
+        return json_response({"tenant_id": tenant_id, "schedule": data.schedule})

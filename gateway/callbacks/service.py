@@ -24,17 +24,20 @@ from typing import Any
 from arq.connections import ArqRedis
 from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway import metrics
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery, DeliveryStatus
+from gateway.errors import Conflict
 from gateway.krea.schemas import API as KREA_API
 from gateway.krea.schemas import render_krea_job
 from gateway.ledger.service import Db, connection
 from gateway.queue import enqueue_callback
 from gateway.storage import UrlSigner
-from gateway.tasks.models import Task
+from gateway.tasks.models import FINAL_STATES, Task
 from gateway.tasks.schemas import encode_json
-from gateway.tasks.service import render_task
+from gateway.tasks.service import get_tenant_task, render_task
+from gateway.tenants.service import get_tenant
 
 deliveries: Table = CallbackDelivery.__table__  # type: ignore[attr-defined]
 attempts: Table = CallbackAttempt.__table__  # type: ignore[attr-defined]
@@ -79,6 +82,23 @@ async def create_delivery(db: Db, task_id: str, tenant_id: str, url: str) -> str
         {"id": delivery_id, "task": task_id, "tenant": tenant_id, "owner": tenant_id, "url": url},
     )
     return delivery_id
+
+
+async def redeliver(session: AsyncSession, tenant_id: str, task_id: str) -> str:
+    """A new delivery of the tenant's finished task's callback; queue it after the commit."""
+    task = await get_tenant_task(session, tenant_id, task_id)
+    if task.callback_url is None:
+        raise Conflict("This task has no callback_url to deliver to")
+    if task.status not in FINAL_STATES:
+        raise Conflict("This task has not finished; its callback is sent when it does")
+    return await create_delivery(session, task.id, tenant_id, task.callback_url)
+
+
+async def set_schedule(session: AsyncSession, tenant_id: str, schedule: str) -> None:
+    """Put the tenant's future deliveries on ``schedule`` (a key of ``SCHEDULES``)."""
+    tenant = await get_tenant(session, tenant_id)
+    tenant.callback_schedule = schedule
+    session.add(tenant)
 
 
 async def pending_for_task(conn: AsyncConnection, task_id: str) -> list[str]:

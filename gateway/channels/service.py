@@ -16,7 +16,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.channels.models import ADAPTER_NAMES, MAX_WEIGHT, Channel
 from gateway.db import utcnow
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.tenants import new_id
+from gateway.tenants.models import new_id
 from pricing.catalog import Catalog
 
 EDITABLE = (

@@ -5,10 +5,12 @@ Callers own the transaction; the functions take an ``AsyncSession`` or an
 package docstring for the rules.
 """
 
+import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -16,8 +18,11 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway import metrics
 from gateway.errors import ApiError, Conflict, InvalidRequest, NotFound
 from gateway.ledger.models import EntryKind, LedgerEntry
+from gateway.ledger.schemas import CreditChange
 from gateway.tasks.models import FINAL_STATES, Task
-from gateway.tenants import Tenant
+from gateway.tenants.models import Tenant
+from gateway.tenants.service import get_tenant
+from pricing.money import MoneyError, credits_from_micros, micros_from_signed_text
 
 Db = AsyncSession | AsyncConnection
 
@@ -209,6 +214,35 @@ async def credit(
     return True
 
 
+def parse_amount(value: Decimal, field: str = "amount") -> int:
+    """Credits as given by a person → micro-credits, exactly, or a 400 naming the field."""
+    try:
+        return micros_from_signed_text(str(value))
+    except MoneyError as exc:
+        raise InvalidRequest(field, str(exc)) from None
+
+
+async def change_credits(
+    session: AsyncSession, tenant_id: str, data: CreditChange, kind: EntryKind
+) -> dict[str, Any]:
+    """An operator's top-up or adjustment, then the balance after it (admin API and CLI)."""
+    await get_tenant(session, tenant_id)
+    amount = parse_amount(data.amount)
+    if kind == EntryKind.ADJUSTMENT and not data.reason.strip():
+        raise InvalidRequest("reason", "an adjustment needs a reason")
+    # An operator's key is scoped to the tenant and the kind of move, so it can
+    # neither collide with another tenant's nor with the system's hold:/settle: keys.
+    if data.idempotency_key is not None and not 0 < len(data.idempotency_key) <= 120:
+        raise InvalidRequest("idempotency_key", "must be 1 to 120 characters")
+    key = f"op:{tenant_id}:{kind.value}:{data.idempotency_key or uuid.uuid4()}"
+    applied = await credit(
+        session, tenant_id, amount, kind=kind, idempotency_key=key, reason=data.reason
+    )
+    result = balance_json(tenant_id, await balance(session, tenant_id))
+    result["applied"] = applied
+    return result
+
+
 async def refund(db: Db, task_id: str, amount: int | None, reason: str) -> int:
     """Give back part or all of what a task was charged; returns the micro-credits refunded."""
     row = (
@@ -295,6 +329,20 @@ async def balance(db: Db, tenant_id: str) -> Balance:
     return Balance(balance_micros=row[0], held_micros=row[1], open_holds=open_holds)
 
 
+def balance_json(tenant_id: str, held: Balance) -> dict[str, Any]:
+    """A tenant's balance as the admin API and the CLI show it: credits and micro-credits."""
+    return {
+        "tenant_id": tenant_id,
+        "balance": credits_from_micros(held.balance_micros),
+        "held": credits_from_micros(held.held_micros),
+        "available": credits_from_micros(held.available_micros),
+        "balance_micros": held.balance_micros,
+        "held_micros": held.held_micros,
+        "available_micros": held.available_micros,
+        "open_holds": held.open_holds,
+    }
+
+
 _CHECKS: tuple[tuple[str, str], ...] = (
     (
         "balance differs from its ledger",
@@ -379,8 +427,6 @@ _CHECKS: tuple[tuple[str, str], ...] = (
 
 async def check(db: Db) -> list[str]:
     """Every way the ledger and the running totals disagree; empty when all is well."""
-    from sqlalchemy import text
-
     problems: list[str] = []
     for title, sql in _CHECKS:
         for row in await _exec(db, text(sql)):

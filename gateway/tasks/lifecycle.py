@@ -22,9 +22,10 @@ from typing import Any
 from sqlalchemy import ColumnElement, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway import limits, metrics
+from gateway import metrics
 from gateway.callbacks import service as callbacks
 from gateway.ledger import service as ledger
+from gateway.limits import service as limits
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
 from pricing.quote import settlement
 

@@ -1,4 +1,5 @@
-"""The unified endpoint: submit a generation, read a task, list models, fetch results.
+"""The unified endpoint: submit a generation, read a task, list models, fetch results; and
+the operator's list of tasks under ``/admin``, behind its guard (``gateway/admin.py``).
 
 ``submit_and_queue`` and ``cancel_and_queue`` are what every front door (this one,
 ``gateway/krea/routes.py``) does to submit or cancel: the change in the request's
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
-from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
 from gateway.auth import Principal
 from gateway.callbacks import service as callbacks
@@ -210,3 +211,20 @@ class FileController(Controller):
             media_type=content_type,
             headers={"Cache-Control": "private, max-age=3600"},
         )
+
+
+class TaskAdminController(Controller):
+    path = "/"
+
+    @get("/tasks", summary="List tasks, newest first")
+    async def list_tasks(
+        self,
+        uow: UnitOfWorkDep,
+        tenant_id: FromQuery[str | None] = None,
+        status: FromQuery[str | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+    ) -> Response[Any]:
+        found = await service.list_tasks(
+            uow.session, tenant_id=tenant_id, status=status, limit=limit
+        )
+        return json_response({"data": [service.task_summary(t) for t in found]})

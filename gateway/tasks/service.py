@@ -22,12 +22,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway import limits, logs, metrics
+from gateway import logs, metrics
 from gateway.auth import Principal
 from gateway.callback_urls import validate_callback_url
-from gateway.db import utcnow
+from gateway.db import get_or_404, utcnow
 from gateway.errors import Conflict, InvalidRequest, ModelAccessDenied, NotFound
 from gateway.ledger import service as ledger
+from gateway.limits import service as limits
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import IdempotencyKey, Task, TaskStatus
@@ -111,7 +112,7 @@ async def submit_generation(
     """Validate, price, claim the idempotency key, record the task and hold its credits.
 
     Also enforces the tenant's cap on tasks in flight, the models the key may
-    use and the key's budgets (``gateway/limits.py``).
+    use and the key's budgets (``gateway/limits/service.py``).
 
     All in the caller's one transaction: if the hold fails (402) nothing of it
     remains. A retry with the same Idempotency-Key finds the first task; a
@@ -245,6 +246,11 @@ async def get_tenant_task(session: AsyncSession, tenant_id: str, task_id: str) -
     if task is None or task.tenant_id != tenant_id:
         raise NotFound(f"Task not found: {task_id}")
     return task
+
+
+async def get_task(session: AsyncSession, task_id: str) -> Task:
+    """Any tenant's task, for an operator."""
+    return await get_or_404(session, Task, task_id, f"no task {task_id}")
 
 
 async def list_tasks(

@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from gateway.db import create_engine
 from gateway.settings import Settings
-from gateway.tenants import hash_key
+from gateway.tenants.models import hash_key
 
 Client = AsyncTestClient[Any]
 

@@ -41,11 +41,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
 from gateway.ledger import service as ledger
-from gateway.limits import RateLimit
+from gateway.limits.service import RateLimit
 from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
 from gateway.settings import Settings
 from gateway.tasks import lifecycle
-from gateway.tenants import hash_key
+from gateway.tenants.models import hash_key
 from pricing.catalog import load_catalog
 
 Client = AsyncTestClient[Any]

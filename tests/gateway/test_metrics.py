@@ -45,7 +45,7 @@ from gateway import metrics
 from gateway.app import create_app
 from gateway.redis_keys import ledger_check_key
 from gateway.settings import Settings
-from gateway.tenants import hash_key
+from gateway.tenants.models import hash_key
 from workers.ledger_audit import check_ledger
 from workers.main import create_worker
 

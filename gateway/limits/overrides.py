@@ -14,9 +14,9 @@ from sqlalchemy import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.limits import key_spend, spend_periods
+from gateway.limits.service import key_spend, spend_periods
 from gateway.settings import Settings
-from gateway.tenants import ApiKey, Tenant
+from gateway.tenants.models import ApiKey, Tenant
 from pricing.catalog import Catalog
 from pricing.money import MoneyError, credits_from_micros, micros_from_text
 

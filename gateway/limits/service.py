@@ -38,7 +38,7 @@ from gateway.errors import ApiError, ServiceUnavailable
 from gateway.ledger.service import Db, connection
 from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
 from gateway.settings import Settings
-from gateway.tenants import KeySpend, Tenant
+from gateway.tenants.models import KeySpend, Tenant
 from pricing.money import credits_from_micros
 
 tenants: Table = Tenant.__table__  # type: ignore[attr-defined]
