@@ -119,7 +119,7 @@ async def submit_generation(
     concurrent one waits on the key's row until the first commits.
 
     ``api`` is the front door the request came through ("unified", or "krea" from
-    ``gateway/krea_api.py``); it is recorded on the task and decides the shape of its
+    ``gateway/krea/``); it is recorded on the task and decides the shape of its
     callback. One key sent to both doors is a different request (409).
     """
     for name, value in fields.items():
