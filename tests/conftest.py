@@ -340,6 +340,31 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+async def totals(engine: AsyncEngine, tenant_id: str) -> tuple[int, int]:
+    """(balance_micros, held_micros) as the database has them."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT balance_micros, held_micros FROM tenants WHERE id = :id"),
+                {"id": tenant_id},
+            )
+        ).one()
+    return int(row[0]), int(row[1])
+
+
+def assert_error(response: Any, status: int, code: str, mentions: str = "") -> dict[str, str]:
+    """The response is the error envelope with this status and code, and no traceback;
+    its message mentions ``mentions``. Returns the ``error`` object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "type"}
+    assert body["error"]["code"] == code
+    assert mentions in body["error"]["message"]
+    assert "Traceback" not in response.text
+    return dict(body["error"])
+
+
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
     async with engine.connect() as conn:
         return (await conn.execute(text(sql), params)).scalar_one()

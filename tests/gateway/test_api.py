@@ -4,7 +4,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from conftest import bearer, make_tenant_key
+from conftest import assert_error, bearer, make_tenant_key
 from litestar.testing import AsyncTestClient
 
 from gateway.settings import Settings
@@ -28,17 +28,6 @@ async def submit(client: Client, key: str, body: dict[str, Any], **headers: str)
     return await client.post(
         "/v1/images/generations", json=body, headers={**bearer(key), **headers}
     )
-
-
-def assert_error(response: Any, status: int, code: str, mentions: str = "") -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "type"}
-    assert body["error"]["code"] == code
-    assert mentions in body["error"]["message"]
-    assert "Traceback" not in response.text
-    return dict(body["error"])
 
 
 async def test_submit_returns_the_contract_task_object(

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import bearer, make_tenant_key, run_cli, scalar, serve_app
+from conftest import assert_error, bearer, make_tenant_key, run_cli, scalar, serve_app, totals
 from conftest import rows_of as count_rows
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
@@ -59,31 +59,9 @@ def admin(settings: Settings) -> dict[str, str]:
     return bearer(settings.admin_token)
 
 
-async def totals(engine: AsyncEngine, tenant_id: str) -> tuple[int, int]:
-    """(balance_micros, held_micros) as the database has them."""
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                text("SELECT balance_micros, held_micros FROM tenants WHERE id = :id"),
-                {"id": tenant_id},
-            )
-        ).one()
-    return int(row[0]), int(row[1])
-
-
 async def ledger_problems(engine: AsyncEngine) -> list[str]:
     async with engine.connect() as conn:
         return await ledger.check(conn)
-
-
-def assert_error(response: Any, status: int, code: str, mentions: str = "") -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "type"}
-    assert body["error"]["code"] == code
-    assert mentions in body["error"]["message"]
-    return str(body["error"]["message"])
 
 
 async def submit(client: Client, key: str, body: dict[str, Any], **headers: str) -> Any:

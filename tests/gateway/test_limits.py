@@ -23,6 +23,7 @@ import httpx
 import pytest
 from conftest import (
     Sim,
+    assert_error,
     bearer,
     make_settings,
     make_tenant_key,
@@ -108,16 +109,6 @@ async def patch_tenant(client: Client, settings: Settings, tenant_id: str, **fie
     )
     assert response.status_code == 200, response.text
     return decimals(response)
-
-
-def assert_error(response: Any, status: int, code: str, mentions: str = "") -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "type"}
-    assert body["error"]["code"] == code
-    assert mentions in body["error"]["message"]
-    return str(body["error"]["message"])
 
 
 def rate_state(response: Any) -> dict[str, dict[str, int]]:
@@ -275,7 +266,7 @@ async def test_a_key_passes_its_burst_then_gets_429_until_one_interval_has_passe
     assert left == [4, 3, 2, 1, 0]
 
     refused = await client.get(MODELS, headers=caller.auth)
-    message = assert_error(refused, 429, "rate_limit_exceeded", "key")
+    message = assert_error(refused, 429, "rate_limit_exceeded", "key")["message"]
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert "retry after 1 s" in message
     assert refused.headers["Retry-After"] == "1"
@@ -324,7 +315,7 @@ async def test_a_request_the_tenant_limit_refuses_costs_the_key_nothing(
         assert (await client.get(MODELS, headers=other.auth)).status_code == 200
     for _ in range(4):
         refused = await client.get(MODELS, headers=limited.auth)
-        message = assert_error(refused, 429, "rate_limit_exceeded", "tenant")
+        message = assert_error(refused, 429, "rate_limit_exceeded", "tenant")["message"]
         assert "key" not in message
         assert refused.headers["RateLimit-Policy"] == '"key";q=60;w=60, "tenant";q=60;w=60'
         state = rate_state(refused)
@@ -409,7 +400,7 @@ async def test_the_task_past_the_in_flight_cap_gets_429_and_a_failed_task_frees_
 
     tasks = [await submitted(client, caller) for _ in range(3)]
     refused = await client.post(GENERATIONS, json=CHEAP, headers=caller.auth)
-    message = assert_error(refused, 429, "too_many_tasks_in_flight", "in flight")
+    message = assert_error(refused, 429, "too_many_tasks_in_flight", "in flight")["message"]
     assert "3 pending or processing" in message
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert await in_flight(engine, caller.tenant_id) == 3
@@ -591,7 +582,7 @@ async def test_an_unknown_model_in_an_access_list_is_refused_naming_the_field(
         response = await client.patch(
             path, json={"allowed_models": ["flux-1-pro", "nope"]}, headers=admin(settings)
         )
-        message = assert_error(response, 400, "invalid_request", "allowed_models")
+        message = assert_error(response, 400, "invalid_request", "allowed_models")["message"]
         assert "nope" in message
     key = (await client.get(f"/admin/keys/{caller.key_id}/limits", headers=admin(settings))).json()
     assert key["allowed_models"] is None
@@ -611,7 +602,8 @@ async def test_a_daily_budget_refuses_the_reservation_that_would_cross_it(
     second = await submitted(client, caller, flux)
 
     refused = await client.post(GENERATIONS, json=flux, headers=caller.auth)
-    message = assert_error(refused, 402, "key_budget_exceeded", "daily budget of 0.74 credits")
+    error = assert_error(refused, 402, "key_budget_exceeded", "daily budget of 0.74 credits")
+    message = error["message"]
     assert refused.json()["error"]["type"] == "insufficient_quota"
     assert "0.74 already reserved" in message
     assert await rows_of(engine, caller.tenant_id) == {"topup": 1, "hold": 2, "tasks": 2}

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Sim, bearer, make_settings, make_tenant_key, start_worker, stop_worker
+from conftest import Sim, bearer, make_settings, make_tenant_key, start_worker, stop_worker, totals
 from conftest import wait_for_status as wait_for
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
@@ -71,17 +71,6 @@ async def submit(client: Client, key: str, body: dict[str, Any]) -> dict[str, An
     assert response.status_code == 200, response.text
     task: dict[str, Any] = response.json()
     return task
-
-
-async def totals(engine: AsyncEngine, tenant_id: str) -> tuple[int, int]:
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                text("SELECT balance_micros, held_micros FROM tenants WHERE id = :id"),
-                {"id": tenant_id},
-            )
-        ).one()
-    return int(row[0]), int(row[1])
 
 
 async def entries(engine: AsyncEngine, task_id: str) -> list[tuple[str, int, int | None]]:
