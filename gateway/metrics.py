@@ -17,6 +17,10 @@ Rules:
 - State (tasks open, queue depth, the oldest waiting job) is read from
   PostgreSQL and Redis when the gateway is scraped (``read_state``), so every
   gateway reports the same values: aggregate them with ``max``, never ``sum``.
+
+Over 450 lines because it is the one registry of the contract above: every
+metric, its labels and the code that records or reads it stay together, so a
+name is changed in one file with the dashboard and the rules.
 """
 
 import asyncio

@@ -126,6 +126,36 @@ def test_the_graph_sees_imports_inside_functions() -> None:
     assert "gateway.db" in _imported_names(tree, "gateway.x", False)
 
 
+# The route layer: what loads litestar and speaks HTTP (docs/architecture.md).
+ROUTE_LAYER = frozenset({"gateway.app", "gateway.deps", "gateway.responses", "gateway.admin"})
+
+
+def _is_route_layer(module: str) -> bool:
+    return module in ROUTE_LAYER or module.endswith(".routes") or module.startswith("gateway.cli")
+
+
+def reached_from(graph: dict[str, set[str]], start: list[str]) -> set[str]:
+    reached: set[str] = set()
+    stack = list(start)
+    while stack:
+        for target in graph[stack.pop()]:
+            if target not in reached:
+                reached.add(target)
+                stack.append(target)
+    return reached
+
+
+def test_no_worker_module_reaches_the_route_layer() -> None:
+    graph = import_graph()
+    # The simulator is an upstream's stand-in, an HTTP server of its own.
+    workers = [
+        m for m in graph if m.startswith("workers") and not m.startswith("workers.simulator")
+    ]
+    assert sorted(filter(_is_route_layer, reached_from(graph, workers))) == []
+    # The check sees the route layer where it is.
+    assert "gateway.deps" in reached_from(graph, ["gateway.app"])
+
+
 def test_importing_the_task_lifecycle_loads_no_http_framework() -> None:
     # Workers import the lifecycle; the route layer (litestar) must stay out of them.
     probe = (
