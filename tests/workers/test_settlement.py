@@ -284,10 +284,13 @@ async def test_settling_a_settled_hold_again_changes_nothing(
         assert await lifecycle.complete(conn, task_id, 0, [f"{task_id}/0.png"], 3600)
     after_first = await totals(engine, tenant_id)
     assert after_first == (START - KREA_MEDIUM, 0)
-    for charge in (KREA_MEDIUM, None, 0):
+    for charge in (KREA_MEDIUM, 0):
         async with engine.begin() as conn:
-            assert await ledger.settle(conn, tenant_id, task_id, KREA_MEDIUM, charge) is False
+            assert await ledger.capture(conn, tenant_id, task_id, KREA_MEDIUM, charge) is False
         assert await totals(engine, tenant_id) == after_first
+    async with engine.begin() as conn:
+        assert await ledger.release(conn, tenant_id, task_id, KREA_MEDIUM) is False
+    assert await totals(engine, tenant_id) == after_first
     async with engine.begin() as conn:
         assert await lifecycle.fail(conn, task_id, 0, "late", "too late") is False
     assert len(await entries(engine, task_id)) == 2
