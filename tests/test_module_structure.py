@@ -1,4 +1,5 @@
-"""The code's shape, checked from its own source: no import cycles, no HTTP in the core.
+"""The code's shape, checked from its own source: no import cycles, no HTTP in the core, no
+oversized modules.
 
 The import graph is read with ``ast`` from every module of ``gateway/``, ``workers/`` and
 ``pricing/`` (imports inside functions included: a cycle hidden in a function is still a
@@ -13,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gateway", "workers", "pricing")
+MAX_LINES = 450
 
 
 def _modules() -> dict[str, Path]:
@@ -124,6 +126,20 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_graph_sees_imports_inside_functions() -> None:
     tree = ast.parse("def f():\n    from gateway import db\n")
     assert "gateway.db" in _imported_names(tree, "gateway.x", False)
+
+
+def test_no_module_is_over_450_lines_unless_its_docstring_says_why() -> None:
+    # A docstring that says why names the limit: "over 450 lines because ...".
+    too_long = []
+    for name, path in _modules().items():
+        source = path.read_text()
+        lines = source.count("\n")
+        docstring = ast.get_docstring(ast.parse(source)) or ""
+        if lines > MAX_LINES and f"over {MAX_LINES} lines" not in docstring.lower():
+            too_long.append(f"{name} ({lines} lines)")
+    assert not too_long, "modules over 450 lines with no reason in their docstring: " + ", ".join(
+        too_long
+    )
 
 
 # The route layer: what loads litestar and speaks HTTP (docs/architecture.md).
