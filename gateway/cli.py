@@ -99,8 +99,7 @@ def serve(host: str, port: int, workers: int) -> None:
     """
     import signal
 
-    import uvicorn
-
+    from gateway import server
     from gateway.logs import configure_logging
 
     settings = _settings()
@@ -120,16 +119,13 @@ def serve(host: str, port: int, workers: int) -> None:
     # uvicorn raises the SIGTERM it shut down on again once it is done, to die by it;
     # the shutdown was graceful by then, so end with status 0 instead.
     signal.signal(signal.SIGTERM, _exit_quietly)
-    uvicorn.run(
+    server.run(
         "gateway.app:app_from_env",
-        factory=True,
         host=host,
         port=port,
         workers=workers,
         log_level=settings.log_level.lower(),
-        log_config=None,  # uvicorn's lines go through our JSON handler
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
     )
 
 

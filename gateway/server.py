@@ -1,0 +1,31 @@
+"""How an HTTP app of ours is served: one function, so the gateway and the benchmark's bare
+endpoint (``benchmarks/bare.py``) run on exactly the same server, loop and HTTP parser.
+
+``workers`` > 1 forks that many processes sharing the listening socket; each builds its
+own app from the factory (its own pools), so nothing is shared between them but the port.
+"""
+
+import uvicorn
+
+
+def run(
+    factory: str,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    shutdown_grace_seconds: int,
+) -> None:
+    """Serve ``factory`` (``module:function`` returning an ASGI app) until stopped."""
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        log_config=None,  # uvicorn's lines go through our JSON handler
+        access_log=False,
+        timeout_graceful_shutdown=shutdown_grace_seconds,
+    )
