@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,33 @@ def wrk(
     )
 
 
+@contextlib.contextmanager
+def profiled(args: argparse.Namespace, proc: Proc | None, name: str) -> Iterator[None]:
+    """With ``--profile DIR``: py-spy samples ``proc`` (and its children) meanwhile."""
+    if args.profile is None or proc is None:
+        yield
+        return
+    args.profile.mkdir(parents=True, exist_ok=True)
+    out = args.profile / f"{name}.txt"
+    spy_bin = (
+        BIN / "py-spy" if (BIN / "py-spy").exists() else Path(shutil.which("py-spy") or "py-spy")
+    )
+    argv = [
+        str(spy_bin), "record", "--format", "raw", "--rate", "250", "--subprocesses", "--nonblocking",
+        "--pid", str(proc.popen.pid), "--output", str(out),
+    ]  # fmt: skip
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
 # --- the stack --------------------------------------------------------------------------
 
 
@@ -406,7 +434,8 @@ def http_phase(
     ]
     for name, url, script in plan:
         say(f"wrk: {name}")
-        paths[name] = wrk(stack.run, url, script, **load)
+        with profiled(args, stack.gateway if name != "bare" else None, name):
+            paths[name] = wrk(stack.run, url, script, **load)
         if name != "bare":
             served_before += paths[name].requests
     rss_after = rss_kib(stack.gateway.popen.pid)
@@ -648,6 +677,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--latency-rate", type=float, default=20, help="paced submits per second")
     parser.add_argument("--smoke", action="store_true", help="about a second per step")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record each gateway path with py-spy (pip install py-spy) into this folder; "
+        "summarise one with python -m benchmarks.profile FILE",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.duration, args.tasks, args.latency_samples = 1, 20, 5

@@ -27,9 +27,11 @@ from gateway import logs, metrics
 from gateway.admin import AdminController
 from gateway.auth import KeyCache, bearer_token
 from gateway.callbacks.routes import WebhookController
+from gateway.catalog_view import ModelLists
 from gateway.db import (
     check_migrated,
     create_engine,
+    create_hot_pool,
     known_revisions,
     migration_head,
     session_factory,
@@ -42,6 +44,7 @@ from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
+from gateway.tasks.service import FinishedTasks
 from pricing.catalog import COMMON_FIELDS, Catalog, CatalogError, load_catalog
 
 
@@ -213,11 +216,12 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        redis = None
+        redis = pg = None
         try:
             if check_schema:
                 await check_migrated(engine)
             redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+            pg = await create_hot_pool(settings)
             metrics.configure(settings)
             app.state.services = Services(
                 settings=settings,
@@ -229,9 +233,14 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 storage=LocalStorage(settings.storage_dir),
                 signer=UrlSigner(settings.signing_secret, settings.public_base_url),
                 limiter=RateLimiter(redis, settings),
+                pg=pg,
+                model_lists=ModelLists(catalog),
+                finished=FinishedTasks(),
             )
             yield
         finally:
+            if pg is not None:
+                await pg.close()
             if redis is not None:
                 await redis.aclose()
             await engine.dispose()

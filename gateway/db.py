@@ -5,14 +5,17 @@ session as their first argument and never commit. The app refuses to start on
 a database whose schema is not at the migrations' head.
 """
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -38,6 +41,24 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_pre_ping=False,
         # Errors never quote statement parameters: they can hold keys, prompts, URLs.
         hide_parameters=True,
+    )
+
+
+async def _init_hot_connection(conn: asyncpg.Connection) -> None:
+    # JSONB in and out as Python values, as SQLAlchemy's JSONB type does.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_hot_pool(settings: Settings) -> asyncpg.Pool:
+    """asyncpg's own pool for the hot paths (submit, task read): no ORM, no session, and
+    every statement prepared once per connection. Up to ``db_pool_size`` connections,
+    beside the engine's."""
+    url = make_url(settings.database_url).set(drivername="postgresql")
+    return await asyncpg.create_pool(
+        url.render_as_string(hide_password=False),
+        min_size=1,
+        max_size=settings.db_pool_size,
+        init=_init_hot_connection,
     )
 
 

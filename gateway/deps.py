@@ -9,6 +9,7 @@ enqueueing a job) only once the commit has succeeded.
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from arq.connections import ArqRedis
 from litestar import Request
@@ -18,9 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import KeyCache, Principal, check_admin
+from gateway.catalog_view import ModelLists
 from gateway.limits import RateLimiter
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
+from gateway.tasks.service import FinishedTasks
 from pricing.catalog import Catalog
 
 logger = logging.getLogger("tollgate.deps")
@@ -37,6 +40,9 @@ class Services:
     storage: Storage
     signer: UrlSigner
     limiter: RateLimiter
+    pg: Any  # asyncpg.Pool (untyped): the hot paths' pool, gateway/db.create_hot_pool
+    model_lists: ModelLists
+    finished: FinishedTasks
 
 
 @dataclass

@@ -34,7 +34,6 @@ Rules:
 
 import dataclasses
 from datetime import datetime
-from functools import partial
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -45,7 +44,6 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 
 from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_principal, provide_uow
 from gateway.errors import InvalidRequest, NotFound, error_responses, exception_handler
-from gateway.queue import enqueue_generation
 from gateway.storage import UrlSigner
 from gateway.tasks import cancel, service
 from gateway.tasks.models import Task, TaskStatus
@@ -185,7 +183,6 @@ class KreaController(Controller):
     @post(
         "/generate/image/krea/krea-2/{variant:str}",
         status_code=200,
-        dependencies={"uow": Provide(provide_uow)},
         summary="Create a Krea 2 job (Krea 2 API)",
         responses=krea_error_responses(400, 401, 402, 403, 404, 409, 413, 429, 503),
         description="`variant` is `medium` or `large` (models `krea-2-medium`, "
@@ -200,7 +197,6 @@ class KreaController(Controller):
         data: JSONBody[KreaGeneration],
         principal: PrincipalDep,
         services: ServicesDep,
-        uow: UnitOfWorkDep,
         webhook_url: Annotated[str | None, HeaderParameter(name="X-Webhook-URL")] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key")] = None,
     ) -> Response[KreaJobCreated]:
@@ -209,7 +205,7 @@ class KreaController(Controller):
             raise NotFound(f"Unknown Krea 2 variant {variant!r}; use one of {', '.join(MODELS)}")
         try:
             submission = await service.submit_generation(
-                uow.session,
+                services.pg,
                 catalog=services.catalog,
                 settings=services.settings,
                 principal=principal,
@@ -225,15 +221,7 @@ class KreaController(Controller):
             raise InvalidRequest(FROM_UNIFIED[exc.field], message) from None
         task = submission.task
         if submission.created:
-            uow.after_commit.append(
-                partial(
-                    enqueue_generation,
-                    services.redis,
-                    services.settings.queue_name,
-                    task.id,
-                    task.attempt,
-                )
-            )
+            await service.queue_new_task(services.redis, services.settings.queue_name, task)
         # An Idempotency-Key retry answers with the first job as it stands now.
         return json_response(
             KreaJobCreated(

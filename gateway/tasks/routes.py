@@ -1,23 +1,22 @@
 """The unified endpoint: submit a generation, read a task, list models, fetch results."""
 
 import time
-from functools import partial
 from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 
-from gateway.catalog_view import model_list
 from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_principal, provide_uow
 from gateway.errors import NotFound, error_responses
-from gateway.queue import enqueue_generation
 from gateway.storage import CONTENT_TYPES, check_key
 from gateway.tasks import cancel, service
 from gateway.tasks.schemas import (
     GenerationRequest,
     ModelList,
     TaskObject,
+    encode_json,
+    encoded_response,
     json_response,
 )
 
@@ -31,7 +30,6 @@ class TaskController(Controller):
     @post(
         "/images/generations",
         status_code=200,
-        dependencies={"uow": Provide(provide_uow)},
         summary="Create an image generation task",
         responses=error_responses(400, 401, 402, 403, 409, 413, 429, 503),
         description="Validates the request against the model catalogue, reserves its price "
@@ -44,12 +42,11 @@ class TaskController(Controller):
         data: JSONBody[GenerationRequest],
         principal: PrincipalDep,
         services: ServicesDep,
-        uow: UnitOfWorkDep,
         webhook_url: Annotated[str | None, HeaderParameter(name="X-Webhook-URL")] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key")] = None,
     ) -> Response[TaskObject]:
         submission = await service.submit_generation(
-            uow.session,
+            services.pg,
             catalog=services.catalog,
             settings=services.settings,
             principal=principal,
@@ -59,15 +56,7 @@ class TaskController(Controller):
         )
         task = submission.task
         if submission.created:
-            uow.after_commit.append(
-                partial(
-                    enqueue_generation,
-                    services.redis,
-                    services.settings.queue_name,
-                    task.id,
-                    task.attempt,
-                )
-            )
+            await service.queue_new_task(services.redis, services.settings.queue_name, task)
         return json_response(service.render_task(task, services.signer))
 
     @get(
@@ -79,9 +68,12 @@ class TaskController(Controller):
     async def get_task(
         self, task_id: FromPath[str], principal: PrincipalDep, services: ServicesDep
     ) -> Response[TaskObject]:
-        async with services.sessions() as session:
-            task = await service.get_tenant_task(session, principal.tenant_id, task_id)
-        return json_response(service.render_task(task, services.signer))
+        body = services.finished.get(principal.tenant_id, task_id)
+        if body is None:
+            task = await service.read_task(services.pg, principal.tenant_id, task_id)
+            body = encode_json(service.render_task(task, services.signer))
+            services.finished.keep(task, body)
+        return encoded_response(body)
 
     @post(
         "/tasks/{task_id:str}/cancel",
@@ -108,7 +100,8 @@ class TaskController(Controller):
     async def list_models(
         self, principal: PrincipalDep, services: ServicesDep
     ) -> Response[ModelList]:
-        return json_response(model_list(services.catalog, principal.allowed_models))
+        body = services.model_lists.body(principal.allowed_models)
+        return encoded_response(body)
 
 
 class FileController(Controller):

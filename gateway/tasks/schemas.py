@@ -119,3 +119,8 @@ JSON = "application/json"
 def json_response(value: object, status: int = 200) -> Response[Any]:
     """``value`` as a JSON response, encoded by ``encode_json`` (exact decimals)."""
     return Response(content=encode_json(value), media_type=JSON, status_code=status)
+
+
+def encoded_response(body: bytes) -> Response[Any]:
+    """A 200 JSON response of a body ``encode_json`` made earlier (a cached one)."""
+    return Response(content=body, media_type=JSON)
