@@ -247,8 +247,8 @@ def profiled(args: argparse.Namespace, proc: Proc | None, name: str) -> Iterator
         BIN / "py-spy" if (BIN / "py-spy").exists() else Path(shutil.which("py-spy") or "py-spy")
     )
     argv = [
-        str(spy_bin), "record", "--format", "raw", "--rate", "250", "--subprocesses", "--nonblocking",
-        "--pid", str(proc.popen.pid), "--output", str(out),
+        str(spy_bin), "record", "--format", "raw", "--rate", "250", "--subprocesses",
+        "--nonblocking", "--pid", str(proc.popen.pid), "--output", str(out),
     ]  # fmt: skip
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -40,6 +40,7 @@ from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized, exception_handler
 from gateway.krea_api import KreaController
 from gateway.limits import RateLimiter
+from gateway.redis_client import request_path_redis
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
 from gateway.tasks.routes import FileController, TaskController
@@ -217,6 +218,8 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
         redis = pg = None
+        # The request path's own Redis client (rate limits, queueing submits).
+        quick = request_path_redis(settings.redis_url)
         try:
             if check_schema:
                 await check_migrated(engine)
@@ -232,7 +235,8 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 keys=KeyCache(engine, settings.key_cache_ttl_seconds),
                 storage=LocalStorage(settings.storage_dir),
                 signer=UrlSigner(settings.signing_secret, settings.public_base_url),
-                limiter=RateLimiter(redis, settings),
+                limiter=RateLimiter(quick, settings),
+                quick_redis=quick,
                 pg=pg,
                 model_lists=ModelLists(catalog),
                 finished=FinishedTasks(),
@@ -243,6 +247,8 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 await pg.close()
             if redis is not None:
                 await redis.aclose()
+            await quick.aclose()
+            await quick.connection_pool.disconnect()
             await engine.dispose()
 
     app = Litestar(

@@ -221,7 +221,7 @@ class KreaController(Controller):
             raise InvalidRequest(FROM_UNIFIED[exc.field], message) from None
         task = submission.task
         if submission.created:
-            await service.queue_new_task(services.redis, services.settings.queue_name, task)
+            await service.queue_new_task(services.quick_redis, services.settings.queue_name, task)
         # An Idempotency-Key retry answers with the first job as it stands now.
         return json_response(
             KreaJobCreated(

@@ -56,7 +56,7 @@ class TaskController(Controller):
         )
         task = submission.task
         if submission.created:
-            await service.queue_new_task(services.redis, services.settings.queue_name, task)
+            await service.queue_new_task(services.quick_redis, services.settings.queue_name, task)
         return json_response(service.render_task(task, services.signer))
 
     @get(

@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 from sqlalchemy import Table
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -250,7 +250,7 @@ async def _reserve(
     return outcome
 
 
-async def queue_new_task(redis: ArqRedis, queue_name: str, task: "TaskView") -> None:
+async def queue_new_task(redis: Redis, queue_name: str, task: "TaskView") -> None:
     """Queue a just-submitted task's job. The task is committed: if Redis fails now, the
     reconciler queues it from its row (``requeue_pending_after_seconds``)."""
     try:
