@@ -49,6 +49,12 @@ async def _init_hot_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Nothing to reset: the hot paths never change session state (no SET, LISTEN, cursor
+    or advisory lock). asyncpg's default reset would cost a round trip per release; it
+    still rolls back a transaction left open before calling this."""
+
+
 async def create_hot_pool(settings: Settings) -> asyncpg.Pool:
     """asyncpg's own pool for the hot paths (submit, task read): no ORM, no session, and
     every statement prepared once per connection. Up to ``db_pool_size`` connections,
@@ -59,6 +65,7 @@ async def create_hot_pool(settings: Settings) -> asyncpg.Pool:
         min_size=1,
         max_size=settings.db_pool_size,
         init=_init_hot_connection,
+        reset=_no_session_reset,
     )
 
 

@@ -55,12 +55,18 @@ idempotency_keys: Table = IdempotencyKey.__table__  # type: ignore[attr-defined]
 MAX_IDEMPOTENCY_KEY = 255
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_SPACE = 36**12
 
 
 def new_task_id(now: datetime) -> str:
     """``task-unified-<unix seconds>-<12 random chars>``, the contract's id shape."""
-    suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
-    return f"task-unified-{int(now.timestamp())}-{suffix}"
+    # One draw from the OS's generator, written in base 36 (12 digits: 62 bits).
+    value = secrets.randbelow(_ID_SPACE)
+    suffix = []
+    for _ in range(12):
+        value, digit = divmod(value, 36)
+        suffix.append(_ID_ALPHABET[digit])
+    return f"task-unified-{int(now.timestamp())}-{''.join(suffix)}"
 
 
 def build_task(
