@@ -12,7 +12,9 @@ does and installs wrk) runs ``python -m benchmarks.run --database-url … --redi
    ``GET /v1/tasks/{id}`` of a pending and of a completed task. Limits are on (rates so high
    that they never refuse), so their cost is counted. Before each path the bare endpoint
    is measured again, and the path's ratio is to that run: on a shared machine the load
-   moves within a minute.
+   moves within a minute. The CPU time the server's processes spent per request is
+   measured too (``/proc``): its ratio to the bare endpoint's is what the throughput
+   ratio would be if each had a CPU to itself, which a loaded machine never gives.
 3. A worker: ``--tasks`` tasks (with a callback URL) submitted while no worker runs, then one
    ``tollgate-worker`` against the simulator at latency 0: tasks/s from the first job's start
    to the last task completed with its image stored. Then, with the worker idle, tasks
@@ -202,6 +204,24 @@ class Load:
     p99_ms: float
     non_2xx: int
     socket_errors: int
+    cpu_ms_per_request: float | None = None  # of the server's processes, when given
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants so far, seconds."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+    return total / _TICK
 
 
 def wrk(
@@ -212,14 +232,18 @@ def wrk(
     seconds: float,
     connections: int,
     threads: int,
+    pid: int | None = None,
 ) -> Load:
+    """Drive ``base_url`` with ``script``; with ``pid``, also the CPU that server spent."""
     path = run.workdir / f"wrk-{secrets.token_hex(4)}.lua"
     path.write_text(script)
     argv = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
         "--timeout", "10s", "-s", str(path), base_url,
     ]  # fmt: skip
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = cpu_seconds(pid) - cpu_before if pid is not None else None
     run.check_alive()
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if done.returncode != 0 or line is None:
@@ -234,6 +258,9 @@ def wrk(
         p99_ms=round(raw["p99_us"] / 1000, 2),
         non_2xx=raw["non_2xx"],
         socket_errors=raw["socket_errors"],
+        cpu_ms_per_request=(
+            round(cpu * 1000 / raw["requests"], 3) if cpu is not None and raw["requests"] else None
+        ),
     )
 
 
@@ -405,7 +432,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def http_phase(
-    args: argparse.Namespace, stack: Stack, bare_url: str, keys: list[str]
+    args: argparse.Namespace, stack: Stack, bare: Proc, bare_url: str, keys: list[str]
 ) -> dict[str, Any]:
     assert stack.gateway is not None
     load = {"seconds": args.duration, "connections": args.connections, "threads": args.threads}
@@ -434,16 +461,17 @@ def http_phase(
             wrk_script("GET", f"/v1/tasks/{pending}", keys[:1]),
         ),
     ]
-    bare_next_to: dict[str, float] = {}
+    bare_next_to: dict[str, Load] = {}
     for name, url, script in plan:
         if name != "bare":
             # The machine's load moves from minute to minute: each path's ratio is to a
             # bare run made just before it.
             say(f"wrk: bare, before {name}")
-            bare_next_to[name] = wrk(stack.run, bare_url, plan[0][2], **load).rps
+            bare_next_to[name] = wrk(stack.run, bare_url, plan[0][2], **load, pid=bare.popen.pid)
         say(f"wrk: {name}")
+        server = bare if name == "bare" else stack.gateway
         with profiled(args, stack.gateway if name != "bare" else None, name):
-            paths[name] = wrk(stack.run, url, script, **load)
+            paths[name] = wrk(stack.run, url, script, **load, pid=server.popen.pid)
         if name != "bare":
             served_before += paths[name].requests
     rss_after = rss_kib(stack.gateway.popen.pid)
@@ -577,7 +605,7 @@ def figures(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     paths: dict[str, Load] = {**http["paths"], "task_read_completed": completed_read}
-    bare = {"bare": paths["bare"].rps, **http["bare_next_to"]}
+    bare: dict[str, Load] = {"bare": paths["bare"], **http["bare_next_to"]}
     return {
         "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg())},
         "settings": {
@@ -590,8 +618,12 @@ def figures(
         "http": {
             name: {
                 **load.__dict__,
-                "bare_rps": bare[name],
-                "ratio_to_bare": round(load.rps / bare[name], 3) if bare[name] else None,
+                "bare_rps": bare[name].rps,
+                "ratio_to_bare": round(load.rps / bare[name].rps, 3) if bare[name].rps else None,
+                "bare_cpu_ms_per_request": bare[name].cpu_ms_per_request,
+                # CPU per request of the bare server over this path's: the ratio the
+                # throughputs would have if each server had a CPU of its own.
+                "cpu_ratio_to_bare": _cpu_ratio(bare[name], load),
             }
             for name, load in paths.items()
         },
@@ -603,6 +635,12 @@ def figures(
             "callback_worker": _mib(callbacks["rss"], "deliveries_between"),
         },
     }
+
+
+def _cpu_ratio(bare: Load, path: Load) -> float | None:
+    if not bare.cpu_ms_per_request or not path.cpu_ms_per_request:
+        return None
+    return round(bare.cpu_ms_per_request / path.cpu_ms_per_request, 3)
 
 
 def _mib(rss: dict[str, int], between: str) -> dict[str, Any]:
@@ -617,13 +655,15 @@ def _mib(rss: dict[str, int], between: str) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     rows = [
-        "| path | req/s | p50 ms | p99 ms | bare req/s just before | ratio to bare | non-2xx |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| path | req/s | p50 ms | p99 ms | bare req/s just before | ratio to bare "
+        "| server CPU ms/request | CPU ratio to bare | non-2xx |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, load in result["http"].items():
         rows.append(
             f"| {name} | {load['rps']:,.0f} | {load['p50_ms']} | {load['p99_ms']} | "
             f"{load['bare_rps']:,.0f} | {load['ratio_to_bare']:.3f} | "
+            f"{load['cpu_ms_per_request']} | {load['cpu_ratio_to_bare']} | "
             f"{load['non_2xx'] + load['socket_errors']} |"
         )
     worker, callbacks, rss = result["worker"], result["callbacks"], result["rss_mib"]
@@ -734,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--api-key", SIM_KEY, "--latency", "0",
             ])  # fmt: skip
             bare_port = free_port()
-            run.start("bare", [
+            bare = run.start("bare", [
                 sys.executable, "-m", "benchmarks.bare", "--port", str(bare_port),
                 "--workers", str(args.gateway_workers),
             ])  # fmt: skip
@@ -758,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
             # of their own, so the worker's figure starts from an empty queue.
             start_gateway(stack, args.gateway_workers, queues[0])
             keys = seed_tenants(stack, TENANTS)
-            http = http_phase(args, stack, bare_url, keys)
+            http = http_phase(args, stack, bare, bare_url, keys)
             assert stack.gateway is not None
             run.stop(stack.gateway)
             start_gateway(stack, args.gateway_workers, queues[1])
@@ -771,15 +811,17 @@ def main(argv: list[str] | None = None) -> int:
             }
             say("wrk: bare, before task_read_completed")
             ping = wrk_script("GET", "/ping", [""])
-            http["bare_next_to"]["task_read_completed"] = wrk(run, bare_url, ping, **load).rps
+            http["bare_next_to"]["task_read_completed"] = wrk(
+                run, bare_url, ping, **load, pid=bare.popen.pid
+            )
             say("wrk: task_read_completed")
+            assert stack.gateway is not None
             completed_read = wrk(
                 run,
                 stack.gateway_url,
                 wrk_script("GET", f"/v1/tasks/{worker['completed_task']}", keys[1:2]),
-                seconds=args.duration,
-                connections=args.connections,
-                threads=args.threads,
+                **load,
+                pid=stack.gateway.popen.pid,
             )
             callbacks = callback_phase(args, stack, receiver, len(worker["all_tasks"]))
             result = figures(http, completed_read, worker, callbacks, args)

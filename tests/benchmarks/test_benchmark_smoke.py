@@ -50,8 +50,10 @@ def test_smoke_run_prints_every_figure() -> None:
     for name, load in result["http"].items():
         assert load["requests"] > 0, name
         assert load["non_2xx"] == 0, name
-        for figure in ("rps", "p50_ms", "p99_ms", "ratio_to_bare"):
+        for figure in ("rps", "p50_ms", "p99_ms", "ratio_to_bare", "bare_rps"):
             assert isinstance(load[figure], float | int), (name, figure)
+        assert load["cpu_ms_per_request"] is not None, name
+        assert "cpu_ratio_to_bare" in load, name
         assert f"| {name} |" in table
     worker = result["worker"]
     assert worker["completed"] == worker["tasks"] == 20
