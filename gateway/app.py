@@ -30,6 +30,7 @@ from gateway.callbacks.routes import WebhookController
 from gateway.catalog_view import ModelLists
 from gateway.db import (
     check_migrated,
+    close_hot_pool,
     create_engine,
     create_hot_pool,
     known_revisions,
@@ -244,7 +245,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             yield
         finally:
             if pg is not None:
-                await pg.close()
+                await close_hot_pool(pg)
             if redis is not None:
                 await redis.aclose()
             await quick.aclose()
