@@ -5,10 +5,14 @@ The runtime is uvloop's event loop and httptools' HTTP/1.1 parser: on the same a
 serve about twice the requests per CPU second of the plain asyncio loop and h11
 (docs/performance.md). ``workers`` > 1 forks that many processes sharing the listening
 socket; each builds its own app from the factory (its own pools), so nothing is shared
-between them but the port.
+between them but the port. The supervisor checks each child every half second and
+replaces one that does not answer within ``HEALTHCHECK_SECONDS``; uvicorn's 5 s default
+replaced children that were merely slow to import on a loaded machine.
 """
 
 import uvicorn
+
+HEALTHCHECK_SECONDS = 30
 
 
 def run(
@@ -33,4 +37,5 @@ def run(
         log_config=None,  # uvicorn's lines go through our JSON handler
         access_log=False,
         timeout_graceful_shutdown=shutdown_grace_seconds,
+        timeout_worker_healthcheck=HEALTHCHECK_SECONDS,
     )
