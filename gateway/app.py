@@ -27,9 +27,12 @@ from gateway import logs, metrics
 from gateway.admin import admin_router
 from gateway.auth import KeyCache, bearer_token
 from gateway.callbacks.routes import WebhookController
+from gateway.catalog_view import ModelLists
 from gateway.db import (
     check_migrated,
+    close_hot_pool,
     create_engine,
+    create_hot_pool,
     known_revisions,
     migration_head,
     session_factory,
@@ -38,11 +41,13 @@ from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized
 from gateway.krea.routes import KreaController
 from gateway.limits.service import RateLimiter
+from gateway.redis_client import request_path_redis
 from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
+from gateway.tasks.service import FinishedTasks
 from pricing.catalog import COMMON_FIELDS, Catalog, CatalogError, load_catalog
 
 
@@ -214,11 +219,14 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        redis = None
+        redis = pg = None
+        # The request path's own Redis client (rate limits, queueing submits).
+        quick = request_path_redis(settings.redis_url)
         try:
             if check_schema:
                 await check_migrated(engine)
             redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+            pg = await create_hot_pool(settings)
             metrics.configure(settings)
             app.state.services = Services(
                 settings=settings,
@@ -229,12 +237,20 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 keys=KeyCache(engine, settings.key_cache_ttl_seconds),
                 storage=LocalStorage(settings.storage_dir),
                 signer=UrlSigner(settings.signing_secret, settings.public_base_url),
-                limiter=RateLimiter(redis, settings),
+                limiter=RateLimiter(quick, settings),
+                quick_redis=quick,
+                pg=pg,
+                model_lists=ModelLists(catalog),
+                finished=FinishedTasks(),
             )
             yield
         finally:
+            if pg is not None:
+                await close_hot_pool(pg)
             if redis is not None:
                 await redis.aclose()
+            await quick.aclose()
+            await quick.connection_pool.disconnect()
             await engine.dispose()
 
     app = Litestar(

@@ -2,10 +2,14 @@
 
 A cached key costs no database round trip. Each entry (found or not found)
 lives ``key_cache_ttl_seconds``, which bounds how long a revoked key keeps
-working on any gateway process. The admin API's credential is separate and
+working on any gateway process. A key's lookup runs once however many requests
+wait for it: a burst from a key not yet cached (a thousand submits at once, or
+the same after its entry expired) makes one query, not one per request, which
+would empty the connection pool. The admin API's credential is separate and
 compared in constant time.
 """
 
+import asyncio
 import hmac
 import time
 from dataclasses import dataclass
@@ -51,6 +55,7 @@ class KeyCache:
         self._engine = engine
         self._ttl = ttl_seconds
         self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self._loading: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def authenticate(self, header: str | None) -> Principal:
         token = bearer_token(header)
@@ -62,13 +67,23 @@ class KeyCache:
         if cached is not None and cached[0] > now:
             principal = cached[1]
         else:
-            principal = await self._load(digest)
-            if len(self._entries) > 100_000:
-                # Bounded: random bad keys must not grow memory without limit.
-                self._entries.clear()
-            self._entries[digest] = (now + self._ttl, principal)
+            loading = self._loading.get(digest)
+            if loading is None:
+                loading = asyncio.ensure_future(self._load_and_keep(digest, now))
+                self._loading[digest] = loading
+                loading.add_done_callback(lambda _: self._loading.pop(digest, None))
+            # Shielded: a waiter that gives up must not cancel the others' lookup.
+            principal = await asyncio.shield(loading)
         if principal is None:
             raise Unauthorized()
+        return principal
+
+    async def _load_and_keep(self, digest: str, now: float) -> Principal | None:
+        principal = await self._load(digest)
+        if len(self._entries) > 100_000:
+            # Bounded: random bad keys must not grow memory without limit.
+            self._entries.clear()
+        self._entries[digest] = (now + self._ttl, principal)
         return principal
 
     async def _load(self, digest: str) -> Principal | None:

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from gateway.tasks.schemas import ModelCard, ModelList
+from gateway.tasks.schemas import ModelCard, ModelList, encode_json
 from pricing.catalog import Catalog, ModelEntry, ParamSpec
 
 
@@ -53,3 +53,25 @@ def model_list(catalog: Catalog, allowed: frozenset[str] | None = None) -> Model
     """The models a caller may use (``allowed`` None: all of them)."""
     entries = [e for e in catalog.models if allowed is None or e.id in allowed]
     return ModelList(object="list", data=[model_card(entry) for entry in entries])
+
+
+class ModelLists:
+    """``GET /v1/models`` bodies, encoded once per set of allowed models.
+
+    The catalogue is fixed for the life of the process, and a caller's allowed models
+    come from its cached key, so the body depends on nothing else. Bounded: keys with
+    many different lists cannot grow it without limit.
+    """
+
+    def __init__(self, catalog: Catalog, capacity: int = 1_000) -> None:
+        self._catalog = catalog
+        self._capacity = capacity
+        self._bodies: dict[frozenset[str] | None, bytes] = {}
+
+    def body(self, allowed: frozenset[str] | None) -> bytes:
+        found = self._bodies.get(allowed)
+        if found is None:
+            if len(self._bodies) >= self._capacity:
+                self._bodies.clear()
+            found = self._bodies[allowed] = encode_json(model_list(self._catalog, allowed))
+        return found

@@ -5,15 +5,19 @@ session as their first argument and never commit. The app refuses to start on
 a database whose schema is not at the migrations' head.
 """
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -53,6 +57,44 @@ def create_engine(settings: Settings) -> AsyncEngine:
         # Errors never quote statement parameters: they can hold keys, prompts, URLs.
         hide_parameters=True,
     )
+
+
+async def _init_hot_connection(conn: asyncpg.Connection) -> None:
+    # JSONB in and out as Python values, as SQLAlchemy's JSONB type does.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Nothing to reset: the hot paths never change session state (no SET, LISTEN, cursor
+    or advisory lock). asyncpg's default reset would cost a round trip per release; it
+    still rolls back a transaction left open before calling this."""
+
+
+async def create_hot_pool(settings: Settings) -> asyncpg.Pool:
+    """asyncpg's own pool for the hot paths (submit, task read): no ORM, no session, and
+    every statement prepared once per connection. Up to ``db_pool_size`` connections,
+    beside the engine's, opened on first use: the gateway starts (and ``/readyz`` says
+    what is wrong) while PostgreSQL is unreachable."""
+    url = make_url(settings.database_url).set(drivername="postgresql")
+    return await asyncpg.create_pool(
+        url.render_as_string(hide_password=False),
+        min_size=0,
+        max_size=settings.db_pool_size,
+        init=_init_hot_connection,
+        reset=_no_session_reset,
+    )
+
+
+async def close_hot_pool(pool: asyncpg.Pool, grace_seconds: float = 5.0) -> None:
+    """Close gracefully (connections in use are waited for), then by force: a request
+    still holding a connection at shutdown must not leave it open."""
+    try:
+        await asyncio.wait_for(pool.close(), grace_seconds)
+    except asyncio.CancelledError:
+        pool.terminate()
+        raise
+    except Exception:  # the wait ran out, or a connection failed to close
+        pool.terminate()
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

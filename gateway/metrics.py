@@ -245,18 +245,15 @@ def observe_http(route: str | None, method: str, status: int, seconds: float) ->
     children[1].observe(seconds)
 
 
-def task_submitted(conn: AsyncConnection, model: str) -> None:
-    after_commit(conn, TASKS_SUBMITTED.labels(model).inc)
+def task_submitted(model: str, tenant_id: str, reserved_micros: int) -> None:
+    """Count a new task and the credits it holds; call it once its submit committed."""
+    TASKS_SUBMITTED.labels(model).inc()
+    _credits.count(_credits.reserved, tenant_id, reserved_micros)
 
 
 def task_finished(model: str, status: str) -> None:
     """Count a task's end; call it once the ending transaction committed."""
     TASKS_FINISHED.labels(model, status).inc()
-
-
-def credits_reserved(conn: AsyncConnection, tenant_id: str, amount: int) -> None:
-    credits = _credits
-    after_commit(conn, lambda: credits.count(credits.reserved, tenant_id, amount))
 
 
 def credits_settled(conn: AsyncConnection, tenant_id: str, captured: int, released: int) -> None:

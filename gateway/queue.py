@@ -1,8 +1,18 @@
-"""Enqueueing work for the workers: the gateway's only way to reach them."""
+"""Enqueueing work for the workers: the gateway's only way to reach them.
+
+A generation job is queued by one Lua script, one round trip: it does what arq's
+``enqueue_job`` does in three (WATCH, EXISTS, MULTI/EXEC), atomically — nothing
+when the job or its result already exists, else the job's payload (arq's own
+serialisation, so any arq worker runs it) and its place in the queue.
+"""
 
 import logging
+import time
 
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio import Redis
 
 from gateway.redis_keys import (
     CALLBACK_JOB,
@@ -16,16 +26,25 @@ from gateway.redis_keys import (
 logger = logging.getLogger("tollgate.queue")
 
 
-async def enqueue_generation(redis: ArqRedis, queue_name: str, task_id: str, attempt: int) -> bool:
+# KEYS: the job's key, its result's key, the queue. ARGV: expiry ms, payload, score, job id.
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+_EXPIRES_EXTRA_MS = 86_400_000  # arq's default: a job not started within a day is dropped
+
+
+async def enqueue_generation(redis: Redis, queue_name: str, task_id: str, attempt: int) -> bool:
     """Queue the task's generation job; False if that job is already queued or running."""
-    job = await redis.enqueue_job(
-        GENERATE_JOB,
-        task_id,
-        attempt,
-        _job_id=generate_job_id(task_id, attempt),
-        _queue_name=queue_name,
-    )
-    return job is not None
+    job_id = generate_job_id(task_id, attempt)
+    now_ms = round(time.time() * 1000)
+    payload = serialize_job(GENERATE_JOB, (task_id, attempt), {}, None, now_ms)
+    script = redis.register_script(_ENQUEUE)
+    keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
+    added = await script(keys=keys, args=[_EXPIRES_EXTRA_MS, payload, now_ms, job_id])
+    return bool(added)
 
 
 async def enqueue_callback(

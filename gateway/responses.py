@@ -33,6 +33,11 @@ def json_response(value: object, status: int = 200) -> Response[Any]:
     return Response(content=encode_json(value), media_type=JSON, status_code=status)
 
 
+def encoded_response(body: bytes) -> Response[Any]:
+    """A 200 JSON response of a body ``encode_json`` made earlier (a cached one)."""
+    return Response(content=body, media_type=JSON)
+
+
 # Framework statuses that have no ApiError of their own.
 _FRAMEWORK_CODES: dict[int, tuple[str, str]] = {
     400: ("invalid_request", "invalid_request_error"),

@@ -4,6 +4,7 @@
     python3 scripts/dev.py run [--print-env]    gateway + worker + simulator, embedded servers
     python3 scripts/dev.py test [--all] [ARGS]  ruff format --check, ruff check, mypy, pytest ARGS
     python3 scripts/dev.py stop                 stop embedded servers a --print-env left running
+    python3 scripts/dev.py bench [--smoke] [ARGS]  the benchmark (benchmarks/run.py --help)
 
 Rules this script keeps (docs/development.md has the long version):
 
@@ -30,6 +31,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -577,6 +579,39 @@ def cmd_test(args: list[str]) -> int:
     return code
 
 
+# --- bench ----------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    """wrk's path, installing Debian's package when it is missing and we may (root, apt-get)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        say("wrk is missing: installing it with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if run_foreground(["apt-get", "install", "-y", "-q", "wrk"], env=env) != 0:
+            run_foreground(["apt-get", "update", "-q"], env=env)
+            run_foreground(["apt-get", "install", "-y", "-q", "wrk"], env=env)
+        found = shutil.which("wrk")
+        if found:
+            return found
+    raise DevError(
+        "the benchmark needs wrk (https://github.com/wg/wrk): install it with "
+        "`apt-get install wrk` (Debian, Ubuntu) or `brew install wrk` (macOS)"
+    )
+
+
+def cmd_bench(args: list[str]) -> int:
+    ensure_wrk()
+    services = resolve_services("test")  # a server database: the benchmark makes its own
+    argv = [
+        sys.executable, "-m", "benchmarks.run",
+        "--database-url", services.database_url, "--redis-url", services.redis_url, *args,
+    ]  # fmt: skip
+    return run_foreground(argv)
+
+
 # --- run ------------------------------------------------------------------------------------
 
 
@@ -905,6 +940,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "run": cmd_run,
     "test": cmd_test,
     "stop": cmd_stop,
+    "bench": cmd_bench,
 }
 
 

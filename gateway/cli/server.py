@@ -4,9 +4,9 @@ import asyncio
 import signal
 
 import click
-import uvicorn
 from alembic import command
 
+from gateway import server
 from gateway.cli.common import settings_or_exit
 from gateway.db import DatabaseNotReady, alembic_config, check_migrated, create_engine
 from gateway.logs import configure_logging
@@ -46,16 +46,13 @@ def serve(host: str, port: int, workers: int) -> None:
     # uvicorn raises the SIGTERM it shut down on again once it is done, to die by it;
     # the shutdown was graceful by then, so end with status 0 instead.
     signal.signal(signal.SIGTERM, _exit_quietly)
-    uvicorn.run(
+    server.run(
         "gateway.app:app_from_env",
-        factory=True,
         host=host,
         port=port,
         workers=workers,
         log_level=loaded.log_level.lower(),
-        log_config=None,  # uvicorn's lines go through our JSON handler
-        access_log=False,
-        timeout_graceful_shutdown=loaded.shutdown_grace_seconds,
+        shutdown_grace_seconds=loaded.shutdown_grace_seconds,
     )
 
 

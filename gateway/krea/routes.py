@@ -68,7 +68,6 @@ class KreaController(Controller):
     @post(
         "/generate/image/krea/krea-2/{variant:str}",
         status_code=200,
-        dependencies={"uow": Provide(provide_uow)},
         summary="Create a Krea 2 job (Krea 2 API)",
         responses=krea_error_responses(400, 401, 402, 403, 404, 409, 413, 429, 503),
         description="`variant` is `medium` or `large` (models `krea-2-medium`, "
@@ -83,7 +82,6 @@ class KreaController(Controller):
         data: JSONBody[KreaGeneration],
         principal: PrincipalDep,
         services: ServicesDep,
-        uow: UnitOfWorkDep,
         webhook_url: Annotated[str | None, HeaderParameter(name="X-Webhook-URL")] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key")] = None,
     ) -> Response[KreaJobCreated]:
@@ -92,7 +90,6 @@ class KreaController(Controller):
             raise NotFound(f"Unknown Krea 2 variant {variant!r}; use one of {', '.join(MODELS)}")
         try:
             task = await submit_and_queue(
-                uow,
                 services,
                 principal,
                 fields=data.unified_fields(model),

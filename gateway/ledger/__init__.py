@@ -14,5 +14,8 @@ Rules (the database enforces them too):
   kept in the same transaction as each row; CHECK constraints keep
   ``0 <= held <= balance``, so credits can never be spent twice.
   ``tollgate ledger check`` recomputes both from the rows.
-- Only this package writes ledger rows or those two columns.
+- Only this package writes ledger rows or those two columns, with one
+  exception: the submit's hold is written by the database function
+  ``tollgate_submit`` (migration 0007, ADR 0005), in the same one-statement
+  transaction as the task, with the same rules (``hold:<task>``, held <= balance).
 """

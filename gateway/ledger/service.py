@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Table, func, insert, select, text, update
+from sqlalchemy import Table, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -64,36 +64,6 @@ async def _append(db: Db, **values: Any) -> bool:
         .returning(ledger.c.id)
     )
     return (await _exec(db, stmt)).first() is not None
-
-
-async def hold(db: Db, tenant_id: str, task_id: str, amount: int) -> None:
-    """Reserve ``amount`` of the tenant's available credits for a task, or raise InsufficientQuota.
-
-    The conditional UPDATE is the whole check: concurrent holds serialise on
-    the tenant's row, and none can pass once the available credits are gone.
-    """
-    reserved = await _exec(
-        db,
-        update(tenants)
-        .where(
-            tenants.c.id == tenant_id,
-            tenants.c.balance_micros - tenants.c.held_micros >= amount,
-        )
-        .values(held_micros=tenants.c.held_micros + amount),
-    )
-    if reserved.rowcount != 1:
-        raise InsufficientQuota()
-    await _exec(
-        db,
-        insert(ledger).values(
-            tenant_id=tenant_id,
-            task_id=task_id,
-            kind=EntryKind.HOLD.value,
-            amount_micros=amount,
-            idempotency_key=hold_key(task_id),
-        ),
-    )
-    metrics.credits_reserved(await connection(db), tenant_id, amount)
 
 
 async def capture(

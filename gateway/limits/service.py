@@ -8,12 +8,14 @@ Rules:
   Redis unreachable or silent for ``redis_timeout_seconds``: 503, never an
   unlimited pass.
 - **In flight** (pending + processing) is a counter on the tenant row, raised
-  in the submit transaction and lowered in the transaction that ends the task
-  (``gateway/tasks/lifecycle.py``), so no ending path can leak a slot.
+  by the submit's database call (``tollgate_submit``, migration 0007) and lowered
+  in the transaction that ends the task (``gateway/tasks/lifecycle.py``), so no
+  ending path can leak a slot.
 - **Model access**: a tenant and a key may each carry a list of models; a
   request may use a model on both lists (no list: every model).
 - **Key budgets** count what a key reserves, per total, UTC day and UTC month
-  (``key_spend``); settlement gives back what was reserved but not charged.
+  (``key_spend``, also written by ``tollgate_submit``); settlement gives back what
+  was reserved but not charged.
   A reservation that would cross a budget is refused (a budget of 0 allows
   nothing paid; no budget is ``None``).
 - Limits live on the tenant and key rows (``None``: the settings' default;
@@ -30,7 +32,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import Table, func, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from gateway import metrics
 from gateway.auth import Principal
@@ -213,19 +214,18 @@ def check_model_access(principal: Principal, model: str) -> bool:
     return allowed is None or model in allowed
 
 
-async def take_in_flight_slot(db: Db, settings: Settings, principal: Principal) -> None:
-    """Count a new task against the tenant's cap on tasks in flight, or raise TooManyInFlight."""
-    cap = _pick(principal.max_in_flight, settings.default_max_in_flight)
-    stmt = update(tenants).where(tenants.c.id == principal.tenant_id)
-    if cap > 0:
-        stmt = stmt.where(tenants.c.in_flight < cap)
-    result = await (await connection(db)).execute(stmt.values(in_flight=tenants.c.in_flight + 1))
-    if result.rowcount != 1:
-        metrics.rate_limit_refused("in_flight")
-        raise TooManyInFlight(
-            f"Too many tasks in flight: this tenant may have {cap} pending or processing "
-            "at once; wait for some to finish"
-        )
+def max_in_flight(settings: Settings, principal: Principal) -> int:
+    """The tenant's cap on tasks in flight (0: none)."""
+    return _pick(principal.max_in_flight, settings.default_max_in_flight)
+
+
+def too_many_in_flight(cap: int) -> TooManyInFlight:
+    """The refusal of a submit the database found over ``cap`` (``tollgate_submit``)."""
+    metrics.rate_limit_refused("in_flight")
+    return TooManyInFlight(
+        f"Too many tasks in flight: this tenant may have {cap} pending or processing "
+        "at once; wait for some to finish"
+    )
 
 
 async def free_in_flight_slot(db: Db, tenant_id: str) -> None:
@@ -240,32 +240,16 @@ def spend_periods(moment: datetime) -> tuple[str, str, str]:
     return ("total", f"day:{moment:%Y-%m-%d}", f"month:{moment:%Y-%m}")
 
 
-async def count_spend(db: Db, principal: Principal, amount: int, moment: datetime) -> None:
-    """Add a reservation to the key's spend; refuse it if it would cross a budget."""
-    periods = spend_periods(moment)
-    budgets = (
-        principal.budget_total_micros,
-        principal.budget_daily_micros,
-        principal.budget_monthly_micros,
+def key_budget_exceeded(period: int, budget: int, spent: int, amount: int) -> KeyBudgetExceeded:
+    """The refusal of a reservation that would cross budget ``period`` (0 total, 1 daily,
+    2 monthly) of the key, which had ``spent`` before it (``tollgate_submit``)."""
+    metrics.rate_limit_refused("key_budget")
+    label = ("total", "daily", "monthly")[period]
+    return KeyBudgetExceeded(
+        f"This key's {label} budget of {credits_from_micros(budget)} credits would be "
+        f"exceeded: {credits_from_micros(spent)} already reserved or "
+        f"spent, this request needs {credits_from_micros(amount)}"
     )
-    rows = pg_insert(key_spend).values(
-        [{"api_key_id": principal.key_id, "period": p, "spent_micros": amount} for p in periods]
-    )
-    stmt = rows.on_conflict_do_update(
-        index_elements=["api_key_id", "period"],
-        set_={"spent_micros": key_spend.c.spent_micros + rows.excluded.spent_micros},
-    ).returning(key_spend.c.period, key_spend.c.spent_micros)
-    spent: dict[str, int] = {
-        period: total for period, total in await (await connection(db)).execute(stmt)
-    }
-    for label, period, budget in zip(("total", "daily", "monthly"), periods, budgets, strict=True):
-        if budget is not None and spent[period] > budget:
-            metrics.rate_limit_refused("key_budget")
-            raise KeyBudgetExceeded(
-                f"This key's {label} budget of {credits_from_micros(budget)} credits would be "
-                f"exceeded: {credits_from_micros(spent[period] - amount)} already reserved or "
-                f"spent, this request needs {credits_from_micros(amount)}"
-            )
 
 
 async def return_spend(db: Db, key_id: str, moment: datetime, amount: int) -> None:

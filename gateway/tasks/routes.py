@@ -16,7 +16,6 @@ from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, Quer
 
 from gateway.auth import Principal
 from gateway.callbacks import service as callbacks
-from gateway.catalog_view import model_list
 from gateway.deps import (
     PrincipalDep,
     Services,
@@ -27,16 +26,15 @@ from gateway.deps import (
     provide_uow,
 )
 from gateway.errors import NotFound
-from gateway.queue import enqueue_generation, enqueue_upstream_cancel
-from gateway.responses import error_responses, json_response
+from gateway.queue import enqueue_upstream_cancel
+from gateway.responses import encoded_response, error_responses, json_response
 from gateway.storage import CONTENT_TYPES, check_key
 from gateway.tasks import cancel, service
 from gateway.tasks.models import Task
-from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject
+from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject, encode_json
 
 
 async def submit_and_queue(
-    uow: UnitOfWork,
     services: Services,
     principal: Principal,
     *,
@@ -44,14 +42,14 @@ async def submit_and_queue(
     webhook_url: str | None,
     idempotency_key: str | None,
     api: str = "unified",
-) -> Task:
-    """Submit a generation in the request's transaction; queue its job after the commit.
+) -> service.TaskView:
+    """Submit a generation (one database call that commits it); then queue its job.
 
     An Idempotency-Key retry answers with the first task and queues nothing.
     """
     settings = services.settings
     submission = await service.submit_generation(
-        uow.session,
+        services.pg,
         catalog=services.catalog,
         settings=settings,
         principal=principal,
@@ -62,9 +60,7 @@ async def submit_and_queue(
     )
     task = submission.task
     if submission.created:
-        uow.after_commit.append(
-            partial(enqueue_generation, services.redis, settings.queue_name, task.id, task.attempt)
-        )
+        await service.queue_new_task(services.quick_redis, settings.queue_name, task)
     return task
 
 
@@ -107,7 +103,6 @@ class TaskController(Controller):
     @post(
         "/images/generations",
         status_code=200,
-        dependencies={"uow": Provide(provide_uow)},
         summary="Create an image generation task",
         responses=error_responses(400, 401, 402, 403, 409, 413, 429, 503),
         description="Validates the request against the model catalogue, reserves its price "
@@ -120,12 +115,10 @@ class TaskController(Controller):
         data: JSONBody[GenerationRequest],
         principal: PrincipalDep,
         services: ServicesDep,
-        uow: UnitOfWorkDep,
         webhook_url: Annotated[str | None, HeaderParameter(name="X-Webhook-URL")] = None,
         idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key")] = None,
     ) -> Response[TaskObject]:
         task = await submit_and_queue(
-            uow,
             services,
             principal,
             fields=data.provided(),
@@ -143,9 +136,12 @@ class TaskController(Controller):
     async def get_task(
         self, task_id: FromPath[str], principal: PrincipalDep, services: ServicesDep
     ) -> Response[TaskObject]:
-        async with services.sessions() as session:
-            task = await service.get_tenant_task(session, principal.tenant_id, task_id)
-        return json_response(service.render_task(task, services.signer))
+        body = services.finished.get(principal.tenant_id, task_id)
+        if body is None:
+            task = await service.read_task(services.pg, principal.tenant_id, task_id)
+            body = encode_json(service.render_task(task, services.signer))
+            services.finished.keep(task, body)
+        return encoded_response(body)
 
     @post(
         "/tasks/{task_id:str}/cancel",
@@ -172,7 +168,8 @@ class TaskController(Controller):
     async def list_models(
         self, principal: PrincipalDep, services: ServicesDep
     ) -> Response[ModelList]:
-        return json_response(model_list(services.catalog, principal.allowed_models))
+        body = services.model_lists.body(principal.allowed_models)
+        return encoded_response(body)
 
 
 class FileController(Controller):

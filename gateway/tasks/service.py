@@ -3,6 +3,18 @@
 Services take the session first and never commit; the caller's unit of work
 does. A tenant only ever sees its own tasks: another tenant's task id is
 answered exactly like an id that does not exist.
+
+The two hot paths talk to PostgreSQL through the asyncpg pool (``Services.pg``)
+instead, with statements prepared once per connection:
+
+- **Submit** is one call of the database function ``tollgate_submit``
+  (migration 0007, ADR 0005), outside any explicit transaction, so that call is
+  the whole transaction and one round trip: the idempotency key, the task row,
+  the ledger's hold, the tenant's held credits and in-flight count, and the
+  key's spend, or none of them. The job is queued after it returns (committed).
+- **Read** is one indexed ``SELECT``. A finished task never changes (every write
+  to it is fenced to an open status, ``lifecycle.py``), so its rendered body is
+  kept per process (``FinishedTasks``) and served again without a query.
 """
 
 import hashlib
@@ -10,15 +22,14 @@ import json
 import logging
 import secrets
 import string
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any
 
+import asyncpg
+from redis.asyncio import Redis
 from sqlalchemy import Table
-from sqlalchemy import select as core_select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -27,11 +38,12 @@ from gateway.auth import Principal
 from gateway.callback_urls import validate_callback_url
 from gateway.db import get_or_404, utcnow
 from gateway.errors import Conflict, InvalidRequest, ModelAccessDenied, NotFound
-from gateway.ledger import service as ledger
+from gateway.ledger.service import InsufficientQuota
 from gateway.limits import service as limits
+from gateway.queue import enqueue_generation
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
-from gateway.tasks.models import IdempotencyKey, Task, TaskStatus
+from gateway.tasks.models import FINAL_STATES, IdempotencyKey, Task, TaskStatus
 from gateway.tasks.schemas import TaskError, TaskInfo, TaskObject, Usage
 from pricing.catalog import Catalog, ModelEntry
 from pricing.money import credits_from_micros
@@ -44,12 +56,18 @@ idempotency_keys: Table = IdempotencyKey.__table__  # type: ignore[attr-defined]
 MAX_IDEMPOTENCY_KEY = 255
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_SPACE = 36**12
 
 
 def new_task_id(now: datetime) -> str:
     """``task-unified-<unix seconds>-<12 random chars>``, the contract's id shape."""
-    suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
-    return f"task-unified-{int(now.timestamp())}-{suffix}"
+    # One draw from the OS's generator, written in base 36 (12 digits: 62 bits).
+    value = secrets.randbelow(_ID_SPACE)
+    suffix = []
+    for _ in range(12):
+        value, digit = divmod(value, 36)
+        suffix.append(_ID_ALPHABET[digit])
+    return f"task-unified-{int(now.timestamp())}-{''.join(suffix)}"
 
 
 def build_task(
@@ -89,7 +107,7 @@ def build_task(
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    task: Task
+    task: "TaskView"
     created: bool  # False: an Idempotency-Key retry answered with the task made before
 
 
@@ -99,7 +117,7 @@ def request_fingerprint(fields: dict[str, Any], callback_url: str | None) -> str
 
 
 async def submit_generation(
-    session: AsyncSession,
+    pg: asyncpg.Pool,
     *,
     catalog: Catalog,
     settings: Settings,
@@ -114,8 +132,8 @@ async def submit_generation(
     Also enforces the tenant's cap on tasks in flight, the models the key may
     use and the key's budgets (``gateway/limits/service.py``).
 
-    All in the caller's one transaction: if the hold fails (402) nothing of it
-    remains. A retry with the same Idempotency-Key finds the first task; a
+    All in one database call (``tollgate_submit``): if the hold fails (402) nothing
+    of it remains. A retry with the same Idempotency-Key finds the first task; a
     concurrent one waits on the key's row until the first commits.
 
     ``api`` is the front door the request came through ("unified", or "krea" from
@@ -158,31 +176,100 @@ async def submit_generation(
         api=api,
         request_id=logs.current_request_id(),
     )
+    fingerprint = None
     if idempotency_key is not None:
+        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequest(
+                "Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+            )
         # "api" joins the fingerprint only off the unified door, so stored unified ones still match.
         door = {} if api == "unified" else {"api": api}
-        earlier = await _claim_idempotency_key(
-            session,
-            principal.tenant_id,
-            idempotency_key,
-            request_fingerprint({"model": model_id, **fields, **door}, callback_url),
-            task.id,
+        fingerprint = request_fingerprint({"model": model_id, **fields, **door}, callback_url)
+    outcome = await _reserve(pg, task, settings, principal, idempotency_key, fingerprint)
+    if outcome == "conflict":
+        raise Conflict(
+            "Idempotency-Key: this key was already used with a different request body; "
+            "use a new key for a new request"
         )
-        if earlier is not None:
-            return Submission(task=earlier, created=False)
-    await limits.take_in_flight_slot(session, settings, principal)
-    session.add(task)
-    await session.flush()
-    await ledger.hold(session, principal.tenant_id, task.id, priced.amount_micros)
-    await limits.count_spend(session, principal, priced.amount_micros, task.created_at)
-    _record_submit(await session.connection(), task, fields.get("prompt"), settings)
+    if outcome.startswith("duplicate:"):
+        earlier = await read_task(pg, principal.tenant_id, outcome.removeprefix("duplicate:"))
+        return Submission(task=earlier, created=False)
+    _record_submit(task, fields.get("prompt"), settings)
     return Submission(task=task, created=True)
 
 
-def _record_submit(conn: AsyncConnection, task: Task, prompt: object, settings: Settings) -> None:
-    """Count the new task and log it once the submit commits (the request's lines name it)."""
+_SUBMIT = "SELECT tollgate_submit(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
+
+
+async def _reserve(
+    pg: asyncpg.Pool,
+    task: Task,
+    settings: Settings,
+    principal: Principal,
+    idempotency_key: str | None,
+    fingerprint: str | None,
+) -> str:
+    """Run ``tollgate_submit``; the database's refusals become our errors."""
+    cap = limits.max_in_flight(settings, principal)
+    periods = limits.spend_periods(task.created_at)
+    budgets = [
+        principal.budget_total_micros,
+        principal.budget_daily_micros,
+        principal.budget_monthly_micros,
+    ]
+    try:
+        outcome: str = await pg.fetchval(
+            _SUBMIT,
+            task.id,
+            task.tenant_id,
+            task.api_key_id,
+            task.model,
+            task.provider,
+            task.request,
+            task.quote,
+            task.billing_rule,
+            task.user_group,
+            task.credits_reserved_micros,
+            task.estimated_seconds,
+            task.can_cancel,
+            task.callback_url,
+            task.api,
+            task.request_id,
+            task.created_at,
+            cap,
+            list(periods),
+            budgets,
+            idempotency_key,
+            fingerprint,
+        )
+    except asyncpg.PostgresError as exc:
+        state = getattr(exc, "sqlstate", None)
+        if state == "TG402":
+            raise InsufficientQuota() from None
+        if state == "TG429":
+            raise limits.too_many_in_flight(cap) from None
+        if state == "TGBUD":
+            index, budget, spent = (int(part) for part in str(exc.detail).split(","))
+            raise limits.key_budget_exceeded(
+                index - 1, budget, spent, task.credits_reserved_micros
+            ) from None
+        raise
+    return outcome
+
+
+async def queue_new_task(redis: Redis, queue_name: str, task: "TaskView") -> None:
+    """Queue a just-submitted task's job. The task is committed: if Redis fails now, the
+    reconciler queues it from its row (``requeue_pending_after_seconds``)."""
+    try:
+        await enqueue_generation(redis, queue_name, task.id, task.attempt)
+    except Exception:
+        logger.exception("queueing task %s failed; the reconciler will queue it", task.id)
+
+
+def _record_submit(task: Task, prompt: object, settings: Settings) -> None:
+    """Count the new task and log it (it is committed: the request's lines name it)."""
     logs.bind(task_id=task.id)
-    metrics.task_submitted(conn, task.model)
+    metrics.task_submitted(task.model, task.tenant_id, task.credits_reserved_micros)
     extra: dict[str, Any] = {
         "task_id": task.id,
         "model": task.model,
@@ -190,7 +277,7 @@ def _record_submit(conn: AsyncConnection, task: Task, prompt: object, settings: 
     }
     if settings.log_prompts:
         extra["prompt"] = prompt
-    metrics.after_commit(conn, partial(logger.info, "task %s submitted", task.id, extra=extra))
+    logger.info("task %s submitted", task.id, extra=extra)
 
 
 def _contains_nul(value: object) -> bool:
@@ -203,42 +290,69 @@ def _contains_nul(value: object) -> bool:
     return False
 
 
-async def _claim_idempotency_key(
-    session: AsyncSession, tenant_id: str, key: str, fingerprint: str, task_id: str
-) -> Task | None:
-    """Claim ``key`` for ``task_id``; or return the task an identical earlier request made."""
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidRequest("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-    conn = await session.connection()
-    claimed = await conn.execute(
-        pg_insert(idempotency_keys)
-        .values(
-            tenant_id=tenant_id,
-            key=key,
-            request_hash=fingerprint,
-            task_id=task_id,
-            created_at=utcnow(),
-        )
-        .on_conflict_do_nothing()
-        .returning(idempotency_keys.c.key)
-    )
-    if claimed.first() is not None:
-        return None
-    row = (
-        await conn.execute(
-            core_select(idempotency_keys.c.request_hash, idempotency_keys.c.task_id).where(
-                idempotency_keys.c.tenant_id == tenant_id, idempotency_keys.c.key == key
-            )
-        )
-    ).one()
-    if row[0] != fingerprint:
-        raise Conflict(
-            "Idempotency-Key: this key was already used with a different request body; "
-            "use a new key for a new request"
-        )
-    task = await session.get(Task, row[1])
-    assert task is not None  # the key's task is committed with it
-    return task
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """What the API shows of a task, read by ``read_task`` (the columns of ``_READ``)."""
+
+    id: str
+    tenant_id: str
+    model: str
+    status: str
+    progress: int
+    billing_rule: str
+    user_group: str
+    credits_reserved_micros: int
+    credits_charged_micros: int | None
+    estimated_seconds: int
+    can_cancel: bool
+    results: list[str] | None
+    results_expire_at: datetime | None
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    attempt: int
+    api: str
+
+
+TaskView = Task | TaskRecord
+
+_READ = (
+    f"SELECT {', '.join(TaskRecord.__dataclass_fields__)} FROM tasks "
+    "WHERE id = $1 AND tenant_id = $2"
+)
+
+
+async def read_task(pg: asyncpg.Pool, tenant_id: str, task_id: str) -> TaskRecord:
+    """One of the tenant's tasks, or NotFound (another tenant's task too)."""
+    row = await pg.fetchrow(_READ, task_id, tenant_id)
+    if row is None:
+        raise NotFound(f"Task not found: {task_id}")
+    return TaskRecord(*row)
+
+
+class FinishedTasks:
+    """Rendered bodies of finished tasks, by task id, the oldest dropped past ``capacity``.
+
+    Safe because a finished task never changes; the tenant is kept with the body, and a
+    caller of another tenant gets nothing from here (its read then answers 404).
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._capacity = capacity
+        self._bodies: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+
+    def get(self, tenant_id: str, task_id: str) -> bytes | None:
+        found = self._bodies.get(task_id)
+        if found is None or found[0] != tenant_id:
+            return None
+        return found[1]
+
+    def keep(self, task: TaskView, body: bytes) -> None:
+        if task.status not in FINAL_STATES:
+            return
+        self._bodies[task.id] = (task.tenant_id, body)
+        if len(self._bodies) > self._capacity:
+            self._bodies.popitem(last=False)
 
 
 async def get_tenant_task(session: AsyncSession, tenant_id: str, task_id: str) -> Task:
@@ -268,7 +382,7 @@ async def list_tasks(
     return list((await session.exec(query)).all())
 
 
-def render_task(task: Task, signer: UrlSigner) -> TaskObject:
+def render_task(task: TaskView, signer: UrlSigner) -> TaskObject:
     status = task.status
     # Pending: always. Processing: while its upstream can cancel the job (the worker
     # records that with the channel it runs on). Final: never.

@@ -156,6 +156,54 @@ async def test_200_concurrent_submissions_reserve_exactly_what_the_credits_cover
     assert await ledger_problems(engine) == []
 
 
+@pytest.mark.timeout(900)
+async def test_1000_concurrent_submissions_on_one_tenant_never_overspend(
+    settings: Settings, base_url: str, engine: AsyncEngine, redis: Redis
+) -> None:
+    """The hot tenant: a thousand submits at once race for credits that cover 37 of them.
+
+    Every request is in flight at once, so the last answer comes after all the others:
+    on a loaded machine that is minutes, not the burst client's 60 s.
+    """
+    k = 37
+    tenant_id, key = await make_tenant_key(settings, credits_micros=k * FLUX_IMAGE)
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_available(engine, tenant_id, stop))
+    gate = asyncio.Event()
+
+    async def one(http: httpx.AsyncClient, i: int) -> httpx.Response:
+        await gate.wait()  # every request is ready before the first is sent
+        return await http.post(
+            GENERATIONS,
+            json={"model": "flux-1-pro", "prompt": f"hot {i}", "n": 1},
+            headers=bearer(key),
+        )
+
+    async with burst_client(base_url) as http:
+        http.timeout = httpx.Timeout(600)
+        pending = [asyncio.create_task(one(http, i)) for i in range(1000)]
+        await asyncio.sleep(0)
+        gate.set()
+        responses = await asyncio.gather(*pending)
+    stop.set()
+    available_seen = await sampler
+
+    assert Counter(r.status_code for r in responses) == {200: k, 402: 1000 - k}
+    accepted = {r.json()["id"] for r in responses if r.status_code == 200}
+    assert len(accepted) == k
+    assert min(available_seen) >= 0
+    assert await totals(engine, tenant_id) == (k * FLUX_IMAGE, k * FLUX_IMAGE)
+    counts = await rows_of(engine, tenant_id)
+    assert (counts["tasks"], counts["hold"]) == (k, k)
+    async with engine.connect() as conn:
+        in_flight = await conn.scalar(
+            text("SELECT in_flight FROM tenants WHERE id = :t"), {"t": tenant_id}
+        )
+    assert in_flight == k
+    assert await redis.zcard(settings.queue_name) == k
+    assert await ledger_problems(engine) == []
+
+
 async def test_a_refused_submission_leaves_no_task_hold_key_or_job(
     settings: Settings, client: Client, engine: AsyncEngine, redis: Redis
 ) -> None:
