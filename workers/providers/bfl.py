@@ -47,6 +47,11 @@ _FAILURES = {
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def bfl_error(body: object) -> bool:
+    """BFL's error shape: ``{"detail": "<message>"}`` (a list of field errors for a 422)."""
+    return isinstance(body, dict) and isinstance(body.get("detail"), str | list)
+
+
 def bfl_body(request: ImageRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": request.prompt, "output_format": "png"}
     if request.upstream_size == "aspect_ratio":
@@ -83,6 +88,7 @@ class BflProvider:
             endpoint,
             "the Black Forest Labs upstream",
             auth_header=("x-key", endpoint.api_key),
+            error_shape=bfl_error,
         )
         self._base = endpoint.base_url.rstrip("/")
         self._origin = _origin(endpoint.base_url)

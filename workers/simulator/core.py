@@ -12,7 +12,7 @@ wire format over this core. Rules every protocol follows:
 - Faults are applied after auth and before the body is read (``injected_fault``):
   ``fail_first_n`` (the next N submits answer 500), then ``error_kind``. A submit answering
   500, 429, 400, 403, a malformed body, an HTML ``400 Bad request syntax`` page (``html_400``,
-  as a load balancer answers, with ``Connection: close``), a ``302`` to elsewhere
+  as a load balancer answers, keeping the connection open), a ``302`` to elsewhere
   (``redirect``) or a JSON body of ``huge_body_bytes`` (``huge_body``, streamed) creates no
   job; ``hang`` sleeps ``hang_seconds`` and then answers normally. ``job_failed`` and
   ``failure_rate`` fail jobs; ``bad_image`` serves bytes that are not an image, by link or
@@ -373,9 +373,8 @@ async def injected_fault(sim: Simulator) -> bool:
             # The account is refused (suspended, out of credit): the channel's fault.
             raise HTTPException(status_code=403, detail="simulated forbidden account")
         case "html_400":
-            headers = {"Connection": "close"}
-            page = Response(HTML_400, status_code=400, media_type="text/html", headers=headers)
-            raise RawAnswer(page)
+            # Keeping the connection open, as a proxy may: the client must not trust it.
+            raise RawAnswer(Response(HTML_400, status_code=400, media_type="text/html"))
         case "redirect":
             moved = Response(
                 b"", status_code=302, headers={"Location": "https://elsewhere.invalid/moved"}
