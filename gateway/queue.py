@@ -18,6 +18,7 @@ from gateway.redis_keys import (
     CALLBACK_JOB,
     CANCEL_JOB,
     GENERATE_JOB,
+    arq_in_progress_key,
     callback_job_id,
     cancel_job_id,
     generate_job_id,
@@ -45,6 +46,11 @@ async def enqueue_generation(redis: Redis, queue_name: str, task_id: str, attemp
     keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
     added = await script(keys=keys, args=[_EXPIRES_EXTRA_MS, payload, now_ms, job_id])
     return bool(added)
+
+
+async def generation_in_progress(redis: ArqRedis, task_id: str, attempt: int) -> bool:
+    """Whether arq has handed the task's generation job to a worker (alive or not)."""
+    return bool(await redis.exists(arq_in_progress_key(generate_job_id(task_id, attempt))))
 
 
 async def enqueue_callback(

@@ -321,6 +321,27 @@ async def reclaim_expired_leases(conn: AsyncConnection, limit: int) -> list[tupl
     return [(row[0], row[1]) for row in await conn.execute(stmt)]
 
 
+async def restart_unclaimed(conn: AsyncConnection, task_id: str, attempt: int) -> int | None:
+    """Give a task that no worker holds a new attempt; returns it, or None if the task moved.
+
+    For a task whose job arq handed to a worker that died before its first write: that
+    job id is stuck (arq keeps it "in progress" for up to its longest job timeout), so
+    only a new attempt, with a new job id, runs it again. Fenced by ``attempt`` and
+    limited to tasks no lease holds, so a worker that did claim it keeps it.
+    """
+    unclaimed = (c.status == TaskStatus.PENDING.value) | (
+        _processing & c.lease_expires_at.is_(None)
+    )
+    stmt = (
+        update(tasks)
+        .where(_fence(task_id, attempt), unclaimed)
+        .values(attempt=c.attempt + 1, lease_expires_at=None)
+        .returning(c.attempt)
+    )
+    row = (await conn.execute(stmt)).first()
+    return None if row is None else int(row[0])
+
+
 async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int) -> list[str]:
     """Fail open tasks past their deadline and release their holds (the sweeper).
 
