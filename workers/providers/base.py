@@ -9,12 +9,16 @@ touches the database, the ledger or storage. It returns what the upstream said
     │   │                         protocol's error shape (retryable; ``retry_after``
     │   │                         when the upstream gave one; ``rate_limited`` for a
     │   │                         429: the whole account backs off, not only this call)
-    │   └── UpstreamCredentialsRefused  401/403: the channel's key is bad
-    │                             (``opens_circuit``: its circuit opens at once)
+    │   ├── UpstreamCredentialsRefused  401/403: the channel's key is bad
+    │   │                         (``opens_circuit``: its circuit opens at once)
+    │   └── UpstreamNotFound      404/410: a wrong path, or a job the upstream lost
+    │                             (a poll stops at once: there is no job to wait for)
     ├── UpstreamProtocolError     a body we cannot read, one past its cap, a redirect
     │                             (retryable)
     ├── UpstreamRejected          a 4xx in the protocol's error shape: the request's
     │                             fault (final)
+    ├── UpstreamRateLimited       every channel kept answering 429 past the wait cap
+    │                             (final; raised by the failover, not by adapters)
     ├── UpstreamBadResult         results that are not images we store
     └── UpstreamJobFailed         the upstream reported the job failed
 
@@ -81,6 +85,10 @@ class UpstreamCredentialsRefused(UpstreamUnavailable):
     opens_circuit = True
 
 
+class UpstreamNotFound(UpstreamUnavailable):
+    """404 or 410: the upstream knows no such path, or no longer knows the job."""
+
+
 class UpstreamProtocolError(UpstreamError):
     retryable = True
     code = "upstream_bad_response"
@@ -89,6 +97,13 @@ class UpstreamProtocolError(UpstreamError):
 
 class UpstreamRejected(UpstreamError):
     code = "upstream_rejected"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The upstreams kept refusing with 429 for longer than Tollgate waits (final)."""
+
+    code = "upstream_rate_limited"
+    kind = "rate_limited"
 
 
 class UpstreamBadResult(UpstreamError):

@@ -31,9 +31,9 @@ from workers.providers.base import (
     JobState,
     Submitted,
     UpstreamBadResult,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRejected,
-    UpstreamUnavailable,
 )
 from workers.providers.http import AccountClient
 
@@ -125,7 +125,7 @@ class BflProvider:
             return JobState(status="failed", error=_FAILURES[status])
         if status == "Task not found":
             # As a 404 would be: the upstream lost the job, which another channel may not.
-            raise UpstreamUnavailable("the Black Forest Labs upstream no longer knows the job")
+            raise UpstreamNotFound("the Black Forest Labs upstream no longer knows the job")
         raise UpstreamProtocolError("the Black Forest Labs upstream returned an unknown status")
 
     async def cancel(self, job_id: str) -> None:

@@ -28,6 +28,7 @@ import httpx
 from workers.providers.base import (
     Endpoint,
     UpstreamCredentialsRefused,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRejected,
     UpstreamUnavailable,
@@ -91,9 +92,12 @@ async def _refusal(
     """The error for a 4xx other than 401, 403 and 429."""
     status = response.status_code
     outside = UpstreamUnavailable(f"{provider} answered HTTP {status} outside its protocol")
+    if status in (404, 410):
+        # A channel pointing at the wrong place, or a job the upstream lost: not the
+        # tenant's request; another channel may well serve it.
+        return UpstreamNotFound(f"{provider} could not serve the request (HTTP {status})")
     if status not in REQUEST_FAULTS:
-        # 404, 405, 410…: a channel pointing at the wrong place (or a job the upstream
-        # lost), not the tenant's request; another channel may well serve it.
+        # 405 and the like: the channel, not the request.
         return UpstreamUnavailable(f"{provider} could not serve the request (HTTP {status})")
     if not _is_json(response):
         return outside
