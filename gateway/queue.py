@@ -69,14 +69,23 @@ async def enqueue_callback(
 
 
 async def enqueue_upstream_cancel(
-    redis: ArqRedis, queue_name: str, task_id: str, channel_id: str, upstream_job_id: str
+    redis: ArqRedis,
+    queue_name: str,
+    task_id: str,
+    channel_id: str,
+    upstream_job_id: str,
+    reason: str = "cancel",
 ) -> bool:
-    """Ask a worker to cancel a cancelled task's job at its upstream (best effort)."""
+    """Ask a worker to cancel an ended task's job at its upstream (best effort).
+
+    ``reason``: ``cancel`` (the tenant cancelled) or ``deadline`` (the sweeper failed it).
+    """
     job = await redis.enqueue_job(
         CANCEL_JOB,
         task_id,
         channel_id,
         upstream_job_id,
+        reason,
         _job_id=cancel_job_id(task_id),
         _queue_name=queue_name,
     )

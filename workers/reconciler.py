@@ -3,7 +3,8 @@
 Runs on a cron in every worker process (arq runs each tick once across all
 workers). Each tick:
 
-1. fails open tasks past their deadline, releasing their holds (the sweeper);
+1. fails open tasks past their deadline, releasing their holds (the sweeper),
+   and has the upstream job of each that had one cancelled (``cancel_upstream``);
 2. hands tasks whose lease ran out (their worker died or hung) to a new
    attempt and queues that attempt at once, so a killed worker's task runs
    again within ``lease_seconds + reconcile_interval_seconds``;
@@ -27,7 +28,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from gateway.queue import enqueue_generation, generation_in_progress
+from gateway.queue import enqueue_generation, enqueue_upstream_cancel, generation_in_progress
 from gateway.tasks import lifecycle
 from workers.callbacks import enqueue_for_task
 from workers.deps import WorkerDeps
@@ -43,10 +44,16 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     settings = deps.settings
     async with deps.engine.begin() as conn:
         overdue = await lifecycle.fail_overdue(conn, settings.task_deadline_seconds, BATCH)
+        abandoned = await lifecycle.upstream_jobs(conn, overdue)
         reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
         pending = await lifecycle.stale_pending(conn, settings.requeue_pending_after_seconds, BATCH)
     for task_id in overdue:
         await enqueue_for_task(redis, settings, deps.engine, task_id)
+    for task_id, channel_id, job_id in abandoned:
+        # The job may still run, and cost, upstream: have it cancelled there.
+        await enqueue_upstream_cancel(
+            redis, settings.queue_name, task_id, channel_id, job_id, reason="deadline"
+        )
     waiting, stranded = [], []
     for task_id, attempt in pending:
         if not await generation_in_progress(redis, task_id, attempt):

@@ -241,9 +241,15 @@ async def cancel(conn: AsyncConnection, task_id: str, tenant_id: str) -> Cancell
 
 
 async def complete(
-    conn: AsyncConnection, task_id: str, attempt: int, results: list[str], ttl_seconds: int
+    conn: AsyncConnection,
+    task_id: str,
+    attempt: int,
+    results: list[str],
+    ttl_seconds: int,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> bool:
-    """Record the results and capture the charge; False if this attempt lost the task."""
+    """Record the results (and each one's width and height) and capture the charge;
+    False if this attempt lost the task."""
     stmt = (
         update(tasks)
         .where(_fence(task_id, attempt), _processing)
@@ -251,6 +257,7 @@ async def complete(
             status=TaskStatus.COMPLETED.value,
             progress=100,
             results=results,
+            result_sizes=None if sizes is None else [list(size) for size in sizes],
             images_delivered=len(results),
             finished_at=func.now(),
             results_expire_at=func.now() + timedelta(seconds=ttl_seconds),
@@ -377,6 +384,16 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
     for row in failed:
         await _finish(conn, row.id, row, None)
     return [row.id for row in failed]
+
+
+async def upstream_jobs(conn: AsyncConnection, task_ids: list[str]) -> list[tuple[str, str, str]]:
+    """(task id, channel id, upstream job id) of those tasks that have a job upstream."""
+    if not task_ids:
+        return []
+    stmt = select(c.id, c.channel_id, c.upstream_job_id).where(
+        c.id.in_(task_ids), c.channel_id.is_not(None), c.upstream_job_id.is_not(None)
+    )
+    return [(row[0], row[1], row[2]) for row in await conn.execute(stmt)]
 
 
 async def stale_pending(
