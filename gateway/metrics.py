@@ -108,6 +108,13 @@ CIRCUIT_OPENED = Counter(
     "Times a channel's circuit breaker opened.",
     ["channel"],
 )
+UPSTREAM_JOBS_ABANDONED = Counter(
+    "tollgate_upstream_jobs_abandoned_total",
+    "Upstream jobs a run stopped waiting for while they may still run (and cost) there, by"
+    " provider, channel, reason (deadline, failover) and cancel (confirmed, failed,"
+    " unsupported: whether the upstream confirmed a cancel).",
+    ["provider", "channel", "reason", "cancel"],
+)
 CALLBACK_ATTEMPTS = Counter(
     "tollgate_callback_attempts_total",
     "Callback delivery attempts, by outcome (delivered, failed).",
@@ -287,6 +294,10 @@ def observe_upstream(provider: str, channel: str, phase: str, outcome: str, seco
     timeout, unavailable, rate_limited, rejected, bad_response or job_failed."""
     UPSTREAM_REQUESTS.labels(provider, channel, phase, outcome).inc()
     UPSTREAM_DURATION.labels(provider, channel, phase).observe(seconds)
+
+
+def upstream_job_abandoned(provider: str, channel: str, reason: str, cancel: str) -> None:
+    UPSTREAM_JOBS_ABANDONED.labels(provider, channel, reason, cancel).inc()
 
 
 def circuit_opened(channel: str) -> None:

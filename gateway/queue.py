@@ -18,6 +18,7 @@ from gateway.redis_keys import (
     CALLBACK_JOB,
     CANCEL_JOB,
     GENERATE_JOB,
+    arq_in_progress_key,
     callback_job_id,
     cancel_job_id,
     generate_job_id,
@@ -47,6 +48,11 @@ async def enqueue_generation(redis: Redis, queue_name: str, task_id: str, attemp
     return bool(added)
 
 
+async def generation_in_progress(redis: ArqRedis, task_id: str, attempt: int) -> bool:
+    """Whether arq has handed the task's generation job to a worker (alive or not)."""
+    return bool(await redis.exists(arq_in_progress_key(generate_job_id(task_id, attempt))))
+
+
 async def enqueue_callback(
     redis: ArqRedis, queue_name: str, delivery_id: str, number: int, delay: float = 0
 ) -> bool:
@@ -63,14 +69,23 @@ async def enqueue_callback(
 
 
 async def enqueue_upstream_cancel(
-    redis: ArqRedis, queue_name: str, task_id: str, channel_id: str, upstream_job_id: str
+    redis: ArqRedis,
+    queue_name: str,
+    task_id: str,
+    channel_id: str,
+    upstream_job_id: str,
+    reason: str = "cancel",
 ) -> bool:
-    """Ask a worker to cancel a cancelled task's job at its upstream (best effort)."""
+    """Ask a worker to cancel an ended task's job at its upstream (best effort).
+
+    ``reason``: ``cancel`` (the tenant cancelled) or ``deadline`` (the sweeper failed it).
+    """
     job = await redis.enqueue_job(
         CANCEL_JOB,
         task_id,
         channel_id,
         upstream_job_id,
+        reason,
         _job_id=cancel_job_id(task_id),
         _queue_name=queue_name,
     )

@@ -6,6 +6,8 @@ slots and circuits, and markers such as the ledger check's. Job ids are
 deterministic so that enqueueing twice is a no-op.
 """
 
+from arq.constants import in_progress_key_prefix
+
 GENERATE_JOB = "generate_task"
 CALLBACK_JOB = "deliver_callback"
 
@@ -13,6 +15,12 @@ CALLBACK_JOB = "deliver_callback"
 def generate_job_id(task_id: str, attempt: int) -> str:
     """One job id per (task, attempt): a re-run after a lost lease gets a new id."""
     return f"gen:{task_id}:{attempt}"
+
+
+def arq_in_progress_key(job_id: str) -> str:
+    """arq's own key, present while a worker runs the job (or died running it: it then
+    lives for the worker's longest job timeout + 10 s). Read, never written, by Tollgate."""
+    return in_progress_key_prefix + job_id
 
 
 def callback_job_id(delivery_id: str, number: int) -> str:

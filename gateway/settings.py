@@ -96,7 +96,13 @@ class Settings(BaseSettings):
     upstream_poll_timeout_seconds: float = Field(default=10.0, gt=0)
     # Back-off between submit retries: base, 2 × base, 4 × base (or the upstream's Retry-After).
     upstream_retry_base_seconds: float = Field(default=1.0, ge=0)
+    # The longest a task waits out an upstream's 429s (their Retry-After, added up) before
+    # it fails over, or fails with upstream_rate_limited when no other channel is left.
+    upstream_retry_after_cap_seconds: float = Field(default=30.0, ge=0)
     max_image_bytes: int = Field(default=52_428_800, ge=1024)
+    # The most an upstream API answer may hold; a base64 image answer (OpenAI) may add
+    # max_image_bytes (as base64) per image asked for. Larger: upstream_bad_response.
+    upstream_max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # Channels (docs/channels.md): how soon workers see a changed channel, and the circuit
     # breaker: this many failures within the window open a channel for the cool-down.
     channel_cache_ttl_seconds: float = Field(default=5.0, ge=0)

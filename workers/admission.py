@@ -140,13 +140,14 @@ class Admission:
             self._probes.discard(route.id)
             await self._circuits.release_probe(route.id, self.holder)
 
-    async def record_outcome(self, route: Route, *, failed: bool) -> None:
-        """The channel failed this run (counted against its circuit) or served it."""
+    async def record_outcome(self, route: Route, *, failed: bool, at_once: bool = False) -> None:
+        """The channel failed this run (counted against its circuit; ``at_once`` opens
+        it now) or served it."""
         if self._circuits is None:
             return
         self._probes.discard(route.id)
         if failed:
-            await self._circuits.failure(route.id, route.name)
+            await self._circuits.failure(route.id, route.name, at_once=at_once)
         else:
             await self._circuits.success(route.id)
 

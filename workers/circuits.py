@@ -11,6 +11,9 @@ States, per channel:
   held for one cool-down). A success closes the circuit; a failure opens it
   again at once, without waiting for ``threshold`` more.
 
+A failure that says the channel itself is broken (401/403: the upstream refuses
+its key) opens the circuit at once, without waiting for ``threshold``.
+
 A 429 is not a failure here: it backs the channel off (``upstream_slots``) for
 the upstream's Retry-After, which says when to come back. A 4xx that is the
 request's fault says nothing about the channel either.
@@ -115,10 +118,14 @@ class Circuits:
         except RedisError as exc:
             logger.warning("could not release the probe of channel %s: %s", channel, exc)
 
-    async def failure(self, channel: str, name: str | None = None) -> bool:
+    async def failure(
+        self, channel: str, name: str | None = None, *, at_once: bool = False
+    ) -> bool:
         """Count a retryable failure; True when it opened the circuit.
 
         ``name`` labels the metric (the channel's name, as upstream metrics use).
+        ``at_once`` opens the circuit now, whatever the threshold: a failure that says
+        the channel itself is broken (the upstream refuses its key).
         """
         try:
             opened = await self._failure(
@@ -127,7 +134,7 @@ class Circuits:
                     self._key(channel, "open"),
                     self._key(channel, "tripped"),
                 ],
-                args=[self._threshold, self._window_ms, self._cooldown_ms],
+                args=[1 if at_once else self._threshold, self._window_ms, self._cooldown_ms],
             )
             await self._redis.delete(self._key(channel, "probe"))
         except RedisError as exc:

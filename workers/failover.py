@@ -5,10 +5,15 @@ answer; whether a channel admits the task now (circuit, slot) is
 ``workers/admission.py``'s. This module decides what a failure on a channel
 leads to (docs/channels.md):
 
-- A retryable failure (connect error, timeout, 5xx, a body we cannot read, or
-  a poll that keeps failing) counts against the channel's circuit and moves
-  the task to the next channel. A 429 backs the channel off for its
-  Retry-After and moves on too. A final answer that is the channel's, not the
+- A retryable failure (connect error, timeout, 5xx, a body we cannot read, a
+  poll that cannot go on) counts against the channel's circuit and moves the
+  task to the next channel; a 401/403 (the channel's key refused) opens its
+  circuit at once. A 429 backs the channel off for its Retry-After and moves on
+  too; with no other channel the run waits it out and asks again, one request
+  per Retry-After, until the waits add up to more than
+  ``upstream_retry_after_cap_seconds``: then the channel is spent for the task,
+  and with no other channel left the task fails ``upstream_rate_limited``.
+  A final answer that is the channel's, not the
   request's (the job failed upstream, a result we cannot use), moves on and
   leaves that channel out of later rounds.
 - When every channel has been tried, the run waits
@@ -27,9 +32,9 @@ import logging
 
 from pricing.catalog import ModelEntry
 from pricing.request import ImageRequest
-from workers.providers.base import UpstreamError
+from workers.providers.base import UpstreamError, UpstreamRateLimited
 from workers.routing import Route
-from workers.upstream_calls import UpstreamCalls
+from workers.upstream_calls import Stored, UpstreamCalls
 from workers.upstream_slots import backoff_seconds
 
 logger = logging.getLogger("tollgate.generate")
@@ -47,41 +52,53 @@ class Failover:
 
     async def generate(
         self, route: Route, entry: ModelEntry, request: ImageRequest, job_id: str | None
-    ) -> list[str]:
+    ) -> list[Stored]:
         """Generate on ``route`` (resuming ``job_id``), failing over as the rules say.
 
-        Returns the stored result keys; raises the ``UpstreamError`` that ends the task.
+        Returns the stored results; raises the ``UpstreamError`` that ends the task.
         """
         tried: list[str] = []  # channels tried in this round
         spent: list[str] = []  # channels that gave a final answer (job failed, bad result)
         rounds = 0
+        cap = self._calls.deps.settings.upstream_retry_after_cap_seconds
+        limited = 0.0  # seconds this run has waited out 429s
         while True:
             try:
-                keys = await self._calls.generate_on(route, entry, request, job_id)
+                stored = await self._calls.generate_on(route, entry, request, job_id)
                 break
             except UpstreamError as exc:
                 if not (exc.retryable or exc.try_elsewhere):
                     raise
                 await self._leave_channel(route, exc)
-                (spent if exc.try_elsewhere else tried).append(route.id)
+                # A 429 whose wait would pass the cap spends the channel for this task.
+                over_cap = exc.rate_limited and limited + backoff_seconds(exc.retry_after) > cap
+                (spent if exc.try_elsewhere or over_cap else tried).append(route.id)
                 job_id = None
                 next_route = await self._next_route(entry, [*tried, *spent])
                 if next_route is None:
                     # Every channel has had its turn this round.
+                    if over_cap:
+                        raise UpstreamRateLimited(
+                            "The upstream kept refusing with 429 (rate limited) for longer"
+                            f" than {cap:g} seconds"
+                        ) from None
                     if not exc.retryable:
                         raise
                     if not exc.rate_limited:
                         rounds += 1
                         if rounds >= SUBMIT_ROUNDS:
                             raise
-                    await self._lease.sleep(self._round_pause(exc, rounds))
+                    pause = self._round_pause(exc, rounds)
+                    if exc.rate_limited:
+                        limited += pause
+                    await self._lease.sleep(pause)
                     tried.clear()
                     next_route = await self._next_route(entry, spent)
                     if next_route is None:
                         raise
                 route = next_route
         await self._admission.record_outcome(route, failed=False)
-        return keys
+        return stored
 
     async def _leave_channel(self, route: Route, exc: UpstreamError) -> None:
         """Count the failure against the channel (or back it off), give its slot back."""
@@ -89,7 +106,7 @@ class Failover:
             await self._admission.back_off(route, exc.retry_after)
             await self._admission.give_up_probe(route)
         else:
-            await self._admission.record_outcome(route, failed=True)
+            await self._admission.record_outcome(route, failed=True, at_once=exc.opens_circuit)
         logger.info(
             "task %s: channel %s failed (%s); trying another",
             self._calls.task_id,

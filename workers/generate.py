@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gateway import logs
+from gateway import logs, metrics
 from gateway.callbacks import service as callbacks
 from gateway.tasks import lifecycle
 from gateway.tasks.models import OPEN_STATES
@@ -74,6 +74,7 @@ class GenerationRun:
         self.task_id = task_id
         self.attempt = attempt
         self.admission = Admission(deps, holder=f"{task_id}:{attempt}")
+        self.calls: UpstreamCalls | None = None  # once the task is claimed
         self.lease = Lease(deps, task_id, attempt, self.admission)
         self.route: Route | None = None  # the first channel this run works on
         self.callback_url: str | None = None  # set once the task is claimed
@@ -144,6 +145,9 @@ class GenerationRun:
         except DeadlineExceeded:
             deadline = self.settings.task_deadline_seconds
             await self._fail("timeout", f"The generation did not finish within {deadline} seconds")
+            # This run ended the task: the job it was polling is given up, and cancelled.
+            if self.calls is not None and self.calls.polling is not None:
+                await self.calls.abandon(*self.calls.polling, "deadline")
             return "failed: deadline"
         except UpstreamError as exc:
             await self._fail(exc.code, exc.message)
@@ -158,14 +162,20 @@ class GenerationRun:
         request = ImageRequest.from_json(claimed.request)
         job_id = claimed.upstream_job_id if claimed.channel_id == route.id else None
         calls = UpstreamCalls(self.deps, self.task_id, self.admission, self.lease)
-        keys = await Failover(calls).generate(route, entry, request, job_id)
+        self.calls = calls
+        stored = await Failover(calls).generate(route, entry, request, job_id)
         async with self.deps.engine.begin() as conn:
             done = await lifecycle.complete(
-                conn, self.task_id, self.attempt, keys, self.settings.result_url_ttl_seconds
+                conn,
+                self.task_id,
+                self.attempt,
+                [result.key for result in stored],
+                self.settings.result_url_ttl_seconds,
+                sizes=[(result.width, result.height) for result in stored],
             )
         if not done:
             raise LeaseLost
-        return f"completed: {len(keys)} image(s)"
+        return f"completed: {len(stored)} image(s)"
 
     async def _fail(self, code: str, message: str) -> None:
         async with self.deps.engine.begin() as conn:
@@ -195,16 +205,27 @@ async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
 
 
 async def cancel_upstream(
-    ctx: dict[str, Any], task_id: str, channel_id: str, upstream_job_id: str
+    ctx: dict[str, Any],
+    task_id: str,
+    channel_id: str,
+    upstream_job_id: str,
+    reason: str = "cancel",
 ) -> str:
-    """arq job: cancel a cancelled task's job at its upstream (best effort)."""
+    """arq job: cancel an ended task's job at its upstream (best effort), and count it
+    abandoned. ``reason``: ``cancel`` (the tenant cancelled) or ``deadline`` (the sweeper
+    failed the task while its job ran)."""
     deps: WorkerDeps = ctx["deps"]
     route = await deps.directory.get(channel_id)
-    if route is None or not route.provider.supports_cancel:
-        return "skipped: channel gone or cannot cancel"
+    if route is None:
+        return "skipped: channel gone"
+    if not route.provider.supports_cancel:
+        metrics.upstream_job_abandoned(route.adapter, route.name, reason, "unsupported")
+        return "skipped: the channel cannot cancel"
     try:
         await route.provider.cancel(upstream_job_id)
     except UpstreamError as exc:
         logger.info("task %s: upstream cancel failed: %s", task_id, exc.message)
+        metrics.upstream_job_abandoned(route.adapter, route.name, reason, "failed")
         return f"failed: {exc.code}"
+    metrics.upstream_job_abandoned(route.adapter, route.name, reason, "confirmed")
     return "cancelled upstream"

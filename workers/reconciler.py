@@ -3,13 +3,24 @@
 Runs on a cron in every worker process (arq runs each tick once across all
 workers). Each tick:
 
-1. fails open tasks past their deadline, releasing their holds (the sweeper);
+1. fails open tasks past their deadline, releasing their holds (the sweeper),
+   and has the upstream job of each that had one cancelled (``cancel_upstream``);
 2. hands tasks whose lease ran out (their worker died or hung) to a new
    attempt and queues that attempt at once, so a killed worker's task runs
    again within ``lease_seconds + reconcile_interval_seconds``;
 3. re-queues pending tasks older than ``requeue_pending_after_seconds``: if
    their job is still queued arq refuses the duplicate id, and if Redis lost
-   it, this puts it back.
+   it, this puts it back;
+4. gives such a task whose job arq has already handed to a worker a new
+   attempt, queued under a new job id. A worker claims its task moments after
+   arq hands it the job, so a job "in progress" on a task still unclaimed that
+   long belongs to a worker that died in between; arq would keep that job id
+   "in progress" for its longest job timeout (an hour, for the ledger check's
+   cron) and refuse the re-queue as a duplicate. A live worker that is in fact
+   just starting loses nothing: its claim finds the new attempt and stops.
+   So a task stranded that way runs again within
+   ``requeue_pending_after_seconds + reconcile_interval_seconds`` of its
+   submission, or one reconcile interval of the worker's death if later.
 """
 
 import logging
@@ -18,7 +29,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from gateway.callbacks import service as callbacks
-from gateway.queue import enqueue_generation
+from gateway.queue import enqueue_generation, enqueue_upstream_cancel, generation_in_progress
 from gateway.tasks import lifecycle
 from workers.deps import WorkerDeps
 
@@ -33,21 +44,43 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     settings = deps.settings
     async with deps.engine.begin() as conn:
         overdue = await lifecycle.fail_overdue(conn, settings.task_deadline_seconds, BATCH)
+        abandoned = await lifecycle.upstream_jobs(conn, overdue)
         reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
         pending = await lifecycle.stale_pending(conn, settings.requeue_pending_after_seconds, BATCH)
     for task_id in overdue:
         await callbacks.queue_first_attempts(
             redis, settings.callback_queue_name, deps.engine, task_id
         )
+    for task_id, channel_id, job_id in abandoned:
+        # The job may still run, and cost, upstream: have it cancelled there.
+        await enqueue_upstream_cancel(
+            redis, settings.queue_name, task_id, channel_id, job_id, reason="deadline"
+        )
+    waiting, stranded = [], []
+    for task_id, attempt in pending:
+        if not await generation_in_progress(redis, task_id, attempt):
+            waiting.append((task_id, attempt))
+            continue
+        async with deps.engine.begin() as conn:
+            restarted = await lifecycle.restart_unclaimed(conn, task_id, attempt)
+        if restarted is not None:
+            stranded.append((task_id, restarted))
     requeued = 0
-    for task_id, attempt in [*reclaimed, *pending]:
+    for task_id, attempt in [*reclaimed, *waiting, *stranded]:
         if await enqueue_generation(redis, settings.queue_name, task_id, attempt):
             requeued += 1
     if overdue or reclaimed or requeued:
         logger.info(
-            "reconciled: %d overdue failed, %d leases reclaimed, %d jobs re-queued",
+            "reconciled: %d overdue failed, %d leases reclaimed, %d stranded jobs restarted,"
+            " %d jobs re-queued",
             len(overdue),
             len(reclaimed),
+            len(stranded),
             requeued,
         )
-    return {"overdue": len(overdue), "reclaimed": len(reclaimed), "requeued": requeued}
+    return {
+        "overdue": len(overdue),
+        "reclaimed": len(reclaimed),
+        "restarted": len(stranded),
+        "requeued": requeued,
+    }

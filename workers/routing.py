@@ -100,6 +100,8 @@ class Directory:
             api_key=api_key,
             submit_timeout=settings.upstream_timeout_seconds,
             poll_timeout=settings.upstream_poll_timeout_seconds,
+            max_body_bytes=settings.upstream_max_body_bytes,
+            max_image_bytes=settings.max_image_bytes,
         )
 
     def _env_routes(self) -> dict[str, Route]:

@@ -11,11 +11,21 @@ follows from it (another channel, a pause, the task's end) is
   paying for a second generation; nothing is submitted past the deadline. A
   task cancelled (or taken over) while the upstream took its job has that job
   cancelled there, where the adapter can.
-- **Polls.** A 429 backs the channel off and waits it out; a retryable failure
-  is borne ``MAX_POLL_FAILURES`` times in a row.
-- **Results** are checked by their bytes (``workers/images.py``) and stored
-  under fixed keys (``<task>/<index>.<ext>``), so a re-run overwrites rather
-  than adds.
+- **Polls.** A submitted job is paid for: its polls go on until the task's
+  deadline. A 429 backs the channel off and waits it out; a poll that times out
+  or fails otherwise is asked again, the pause doubling up to
+  ``MAX_POLL_PAUSE_SECONDS``. Only an answer that there is no such job (404,
+  BFL's "Task not found"), the channel's key refused (401/403) or a final 4xx
+  stops polling early.
+- **Abandoned jobs.** A job the run stops waiting for while it may still run
+  upstream (the deadline came, or polling stopped early) is cancelled there
+  where the adapter can, and counted in
+  ``tollgate_upstream_jobs_abandoned_total``. A job handed on with the task (a
+  lost lease, a shutdown, the tenant's cancel) is not abandoned: another
+  attempt resumes it, or the cancel job stops it.
+- **Results** are checked by their bytes and their size (``workers/images.py``)
+  and stored under fixed keys (``<task>/<index>.<ext>``), so a re-run
+  overwrites rather than adds.
 """
 
 import logging
@@ -30,16 +40,31 @@ from pricing.catalog import ModelEntry
 from pricing.request import ImageRequest
 from workers.admission import Admission
 from workers.deps import WorkerDeps
-from workers.images import ImageSource, fetch_image, image_of
+from workers.images import ImageSource, checked_size, fetch_image, image_of
 from workers.lease import Lease, LeaseLost
-from workers.providers.base import JobState, UpstreamCancelled, UpstreamError, UpstreamJobFailed
+from workers.providers.base import (
+    JobState,
+    UpstreamCancelled,
+    UpstreamError,
+    UpstreamJobFailed,
+    UpstreamNotFound,
+)
 from workers.routing import Route
 
 logger = logging.getLogger("tollgate.generate")
 
 T = TypeVar("T")
 
-MAX_POLL_FAILURES = 5
+MAX_POLL_PAUSE_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored result: its storage key and its pixels, read from the image."""
+
+    key: str
+    width: int
+    height: int
 
 
 @dataclass
@@ -50,17 +75,19 @@ class UpstreamCalls:
     task_id: str
     admission: Admission
     lease: Lease
+    # The upstream job being polled, while it is: (channel, job id).
+    polling: tuple[Route, str] | None = None
 
     async def generate_on(
         self, route: Route, entry: ModelEntry, request: ImageRequest, job_id: str | None
-    ) -> list[str]:
-        """Run (or resume, given ``job_id``) the generation on one channel; its stored keys."""
+    ) -> list[Stored]:
+        """Run (or resume, given ``job_id``) the generation on one channel; its stored results."""
         state = await self._upstream_result(route, entry, request, job_id)
         if state.status == "failed":
             raise UpstreamJobFailed(state.error or "The upstream could not generate the image")
         if state.status == "cancelled":
             raise UpstreamCancelled("The upstream cancelled the generation")
-        return await self._store(route, state)
+        return await self._store(route, state, (request.width, request.height))
 
     async def _upstream_result(
         self, route: Route, entry: ModelEntry, request: ImageRequest, job_id: str | None
@@ -84,7 +111,38 @@ class UpstreamCalls:
                 if provider.supports_cancel:
                     await self._cancel_quietly(route, job_id)
                 raise
-        return await self._poll(route, job_id)
+        # Left set when the deadline ends the polling: the run abandons the job once it has
+        # failed the task (if the sweeper failed it first, the sweeper has the job cancelled).
+        self.polling = (route, job_id)
+        try:
+            state = await self._poll(route, job_id)
+        except UpstreamError as exc:
+            self.polling = None
+            if not isinstance(exc, UpstreamNotFound):  # a job the upstream lost costs nothing
+                await self.abandon(route, job_id, "failover")
+            raise
+        self.polling = None
+        return state
+
+    async def abandon(self, route: Route, job_id: str, reason: str) -> None:
+        """The run stops waiting for a job that may still run (and cost) upstream:
+        cancel it there where the adapter can, and count it."""
+        cancel = "unsupported"
+        if route.provider.supports_cancel:
+            try:
+                await self._call(route, "cancel", lambda: route.provider.cancel(job_id))
+                cancel = "confirmed"
+            except UpstreamError as exc:
+                cancel = "failed"
+                logger.info("task %s: upstream cancel failed: %s", self.task_id, exc.message)
+        logger.info(
+            "task %s: upstream job on channel %s abandoned (%s), cancel %s",
+            self.task_id,
+            route.name,
+            reason,
+            cancel,
+        )
+        metrics.upstream_job_abandoned(route.adapter, route.name, reason, cancel)
 
     async def _cancel_quietly(self, route: Route, job_id: str) -> None:
         try:
@@ -108,28 +166,41 @@ class UpstreamCalls:
             )
 
     async def _poll(self, route: Route, job_id: str) -> JobState:
+        """Poll the job until it ends; only the deadline, or an answer that the job cannot
+        be waited for, stops it (see the module docstring)."""
+        interval = self.deps.settings.poll_interval_seconds
         failures = 0
-        pause = self.deps.settings.poll_interval_seconds
+        pause = interval
         while True:
             await self.lease.sleep(pause)
-            pause = self.deps.settings.poll_interval_seconds
+            pause = interval
             try:
                 state = await self._call(route, "poll", lambda: route.provider.poll(job_id))
             except UpstreamError as exc:
                 if exc.rate_limited:
                     pause = max(pause, await self.admission.back_off(route, exc.retry_after))
                     continue
-                failures += 1
-                if not exc.retryable or failures >= MAX_POLL_FAILURES:
+                if not exc.retryable or exc.opens_circuit or isinstance(exc, UpstreamNotFound):
                     raise
+                # The job runs on upstream, paid for: asking again costs nothing, a new
+                # submit would cost a second generation.
+                failures += 1
+                pause = min(interval * (1 << min(failures, 16)), MAX_POLL_PAUSE_SECONDS)
+                logger.info(
+                    "task %s: poll failed (%s); asking again in %.1fs",
+                    self.task_id,
+                    exc.message,
+                    pause,
+                )
                 continue
             failures = 0
             if state.status in ("completed", "failed", "cancelled"):
                 return state
             await self.lease.maybe_beat(state.progress)
 
-    async def _store(self, route: Route, state: JobState) -> list[str]:
-        """Check and store the results, inline (``state.images``) or linked (``state.urls``)."""
+    async def _store(self, route: Route, state: JobState, asked: tuple[int, int]) -> list[Stored]:
+        """Check and store the results, inline (``state.images``) or linked (``state.urls``);
+        each must be an image of the size ``asked`` (width, height) within the tolerance."""
         settings = self.deps.settings
         source = ImageSource(
             client=self.deps.http,
@@ -139,7 +210,7 @@ class UpstreamCalls:
             allowed_hosts=self.deps.image_allowed_hosts,
             ca_bundle=settings.outbound_ca_bundle,
         )
-        keys = []
+        stored = []
         images: list[bytes | str] = [*state.images, *state.urls]
         for index, item in enumerate(images):
             self.lease.check_deadline()
@@ -147,8 +218,9 @@ class UpstreamCalls:
                 data, ext = image_of(item, settings.max_image_bytes)
             else:
                 data, ext = await self._call(route, "download", partial(fetch_image, source, item))
+            width, height = checked_size(data, ext, asked)
             key = f"{self.task_id}/{index}.{ext}"
             await self.deps.storage.put(key, data)
-            keys.append(key)
+            stored.append(Stored(key, width, height))
             await self.lease.maybe_beat(90)
-        return keys
+        return stored

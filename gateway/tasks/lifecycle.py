@@ -245,9 +245,15 @@ async def cancel(conn: AsyncConnection, task_id: str, tenant_id: str) -> Cancell
 
 
 async def complete(
-    conn: AsyncConnection, task_id: str, attempt: int, results: list[str], ttl_seconds: int
+    conn: AsyncConnection,
+    task_id: str,
+    attempt: int,
+    results: list[str],
+    ttl_seconds: int,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> bool:
-    """Record the results and capture the charge; False if this attempt lost the task."""
+    """Record the results (and each one's width and height) and capture the charge;
+    False if this attempt lost the task."""
     stmt = (
         update(tasks)
         .where(_fence(task_id, attempt), _processing)
@@ -255,6 +261,7 @@ async def complete(
             status=TaskStatus.COMPLETED.value,
             progress=100,
             results=results,
+            result_sizes=None if sizes is None else [list(size) for size in sizes],
             images_delivered=len(results),
             finished_at=func.now(),
             results_expire_at=func.now() + timedelta(seconds=ttl_seconds),
@@ -325,6 +332,27 @@ async def reclaim_expired_leases(conn: AsyncConnection, limit: int) -> list[tupl
     return [(row[0], row[1]) for row in await conn.execute(stmt)]
 
 
+async def restart_unclaimed(conn: AsyncConnection, task_id: str, attempt: int) -> int | None:
+    """Give a task that no worker holds a new attempt; returns it, or None if the task moved.
+
+    For a task whose job arq handed to a worker that died before its first write: that
+    job id is stuck (arq keeps it "in progress" for up to its longest job timeout), so
+    only a new attempt, with a new job id, runs it again. Fenced by ``attempt`` and
+    limited to tasks no lease holds, so a worker that did claim it keeps it.
+    """
+    unclaimed = (c.status == TaskStatus.PENDING.value) | (
+        _processing & c.lease_expires_at.is_(None)
+    )
+    stmt = (
+        update(tasks)
+        .where(_fence(task_id, attempt), unclaimed)
+        .values(attempt=c.attempt + 1, lease_expires_at=None)
+        .returning(c.attempt)
+    )
+    row = (await conn.execute(stmt)).first()
+    return None if row is None else int(row[0])
+
+
 async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int) -> list[str]:
     """Fail open tasks past their deadline and release their holds (the sweeper).
 
@@ -360,6 +388,16 @@ async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int)
     for row in failed:
         await _finish(conn, row.id, row, None)
     return [row.id for row in failed]
+
+
+async def upstream_jobs(conn: AsyncConnection, task_ids: list[str]) -> list[tuple[str, str, str]]:
+    """(task id, channel id, upstream job id) of those tasks that have a job upstream."""
+    if not task_ids:
+        return []
+    stmt = select(c.id, c.channel_id, c.upstream_job_id).where(
+        c.id.in_(task_ids), c.channel_id.is_not(None), c.upstream_job_id.is_not(None)
+    )
+    return [(row[0], row[1], row[2]) for row in await conn.execute(stmt)]
 
 
 async def stale_pending(

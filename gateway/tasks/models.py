@@ -95,6 +95,8 @@ class Task(SQLModel, table=True):
     channel_id: str | None = Field(default=None, max_length=40)
     upstream_job_id: str | None = Field(default=None, max_length=2048)
     results: list[str] | None = Field(default=None, sa_type=JSONB)
+    # Each result's [width, height], read from the image itself, in the order of results.
+    result_sizes: list[list[int]] | None = Field(default=None, sa_type=JSONB)
     results_expire_at: datetime | None = Field(default=None, sa_type=_ts())
     error_code: str | None = Field(default=None, max_length=50)
     error_message: str | None = Field(default=None, max_length=1000)

@@ -1,7 +1,7 @@
 """The public shapes of the unified endpoint (seeds/002), as msgspec structs.
 
 ``TaskObject`` is ``ImageGenerationResponse`` of the contract; ``results``,
-``expires_at``, ``error`` and ``usage.credits_charged`` are additive fields that
+``result_sizes``, ``expires_at``, ``error`` and ``usage.credits_charged`` are additive fields that
 appear only when they have a value. Credits are rendered as JSON numbers from
 exact decimals (``encode_json``), never through a float.
 """
@@ -63,6 +63,13 @@ class TaskError(msgspec.Struct):
     message: str
 
 
+class ResultSize(msgspec.Struct):
+    """A result image's pixels, read from the image Tollgate stored."""
+
+    width: int
+    height: int
+
+
 class TaskObject(msgspec.Struct, omit_defaults=True):
     created: int
     id: str
@@ -74,6 +81,8 @@ class TaskObject(msgspec.Struct, omit_defaults=True):
     type: str
     usage: Usage
     results: list[str] | None = None
+    # Each result's width and height, in the order of ``results``.
+    result_sizes: list[ResultSize] | None = None
     expires_at: int | None = None
     error: TaskError | None = None
 

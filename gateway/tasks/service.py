@@ -44,7 +44,7 @@ from gateway.queue import enqueue_generation
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import FINAL_STATES, IdempotencyKey, Task, TaskStatus
-from gateway.tasks.schemas import TaskError, TaskInfo, TaskObject, Usage
+from gateway.tasks.schemas import ResultSize, TaskError, TaskInfo, TaskObject, Usage
 from pricing.catalog import Catalog, ModelEntry
 from pricing.money import credits_from_micros
 from pricing.quote import Quote, quote
@@ -306,6 +306,7 @@ class TaskRecord:
     estimated_seconds: int
     can_cancel: bool
     results: list[str] | None
+    result_sizes: list[list[int]] | None
     results_expire_at: datetime | None
     error_code: str | None
     error_message: str | None
@@ -400,10 +401,13 @@ def render_task(task: TaskView, signer: UrlSigner) -> TaskObject:
         ),
     )
     results: list[str] | None = None
+    sizes: list[ResultSize] | None = None
     expires_at: int | None = None
     if status == TaskStatus.COMPLETED.value and task.results and task.results_expire_at:
         expires_at = int(task.results_expire_at.timestamp())
         results = [signer.url(key, expires_at) for key in task.results]
+        if task.result_sizes:  # none for tasks completed before sizes were recorded
+            sizes = [ResultSize(width=w, height=h) for w, h in task.result_sizes]
     error = None
     if status == TaskStatus.FAILED.value or task.error_code:
         error = TaskError(
@@ -421,6 +425,7 @@ def render_task(task: TaskView, signer: UrlSigner) -> TaskObject:
         type="image",
         usage=usage,
         results=results,
+        result_sizes=sizes,
         expires_at=expires_at,
         error=error,
     )

@@ -58,6 +58,15 @@ CONTRACT: dict[str, Family] = {
         "histogram", "provider", "channel", "phase", phase=PHASES
     ),
     "tollgate_channel_circuit_opened_total": _family("counter", "channel"),
+    "tollgate_upstream_jobs_abandoned_total": _family(
+        "counter",
+        "provider",
+        "channel",
+        "reason",
+        "cancel",
+        reason="deadline failover cancel",
+        cancel="confirmed failed unsupported",
+    ),
     "tollgate_callback_attempts_total": _family("counter", "outcome", outcome="delivered failed"),
     "tollgate_callback_give_ups_total": _family("counter"),
     # `tenant` only with TOLLGATE_METRICS_TENANT_LABELS=true.

@@ -135,6 +135,12 @@ FAILURES = {
     "failed jobs": {"error_kind": "job_failed"},
     "bodies that are not images": {"error_kind": "bad_image"},
     "every request failing": {"failure_rate": 1.0},
+    # A load balancer's page is the channel's fault, not the request's.
+    "HTML 400 pages": {"error_kind": "html_400"},
+    "403s (the channel's key refused)": {"error_kind": "submit_403"},
+    "redirects": {"error_kind": "redirect"},
+    "bodies past the cap": {"error_kind": "huge_body", "huge_body_bytes": 8_000_000},
+    "images of the wrong size": {"error_kind": "wrong_size"},
 }
 
 
@@ -186,6 +192,19 @@ async def test_the_circuit_opens_after_the_threshold_and_closes_after_a_good_pro
     assert (await primary.stats())["submits"] == 4
     for task in done:
         assert (await channel_of(engine, task["id"])).startswith("ch_")
+
+
+@pytest.mark.usefixtures("primary_channel")
+async def test_a_403_opens_the_primarys_circuit_at_once(
+    settings: Settings, engine: AsyncEngine, primary: Sim, simulator: Sim
+) -> None:
+    """The upstream refusing the channel's key is no passing fault: the first 403 opens
+    the circuit, below the threshold of 2, and later tasks skip the primary."""
+    await primary.configure(error_kind="submit_403")
+    done = await run_tasks(settings, 3, "forbidden")
+    assert [t["status"] for t in done] == ["completed"] * 3
+    assert (await primary.stats())["submits"] == 1
+    assert (await simulator.stats())["submits"] == 3
 
 
 @pytest.mark.usefixtures("primary_channel")

@@ -41,7 +41,7 @@ def entry(model_id: str) -> ModelEntry:
 
 
 def provider(
-    name: str, http: httpx.AsyncClient, *, base: str | None = None, **limits: float
+    name: str, http: httpx.AsyncClient, *, base: str | None = None, **limits: Any
 ) -> Provider:
     endpoint = Endpoint(base_url=base or BASES[name], api_key=API_KEY, **limits)
     return ADAPTERS[name](http, endpoint)

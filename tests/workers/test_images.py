@@ -9,7 +9,14 @@ import pytest
 from conftest import SIM_KEY
 from https_receiver import HOST, LOOPBACK, Answer, FakeResolver, Receiver
 
-from workers.images import ImageSource, fetch_image, image_of, sniff_image
+from workers.images import (
+    ImageSource,
+    checked_size,
+    fetch_image,
+    image_of,
+    image_size,
+    sniff_image,
+)
 from workers.providers.base import UpstreamBadResult, UpstreamUnavailable
 from workers.simulator.png import render_png
 
@@ -155,3 +162,81 @@ async def test_an_untrusted_body_over_the_cap_or_not_an_image_is_refused(
     page = receiver.script("/page.png", [Answer(body=b"<html><body>hello</body></html>")])
     with pytest.raises(UpstreamBadResult, match="not a PNG, JPEG or WebP"):
         await fetch_image(source(http, receiver), page)
+
+
+# --- the size of what came back ------------------------------------------------------------
+
+
+def jpeg_of(width: int, height: int) -> bytes:
+    """A JPEG's head: SOI, an APP0 segment, then a baseline frame header with the size."""
+    app0 = b"\xff\xe0" + (16).to_bytes(2, "big") + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    frame = b"\xff\xc0" + (17).to_bytes(2, "big") + b"\x08"
+    frame += height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03" + b"\x00" * 9
+    return b"\xff\xd8" + app0 + frame + b"\xff\xd9"
+
+
+def webp_of(kind: bytes, width: int, height: int) -> bytes:
+    if kind == b"VP8 ":
+        body = b"\x00\x00\x00\x9d\x01\x2a" + width.to_bytes(2, "little")
+        body += height.to_bytes(2, "little")
+    elif kind == b"VP8L":
+        bits = (width - 1) | ((height - 1) << 14)
+        body = b"\x2f" + bits.to_bytes(4, "little")
+    else:
+        body = b"\x00" * 4 + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    body += b"\x00" * 8
+    return (
+        b"RIFF"
+        + (len(body) + 12).to_bytes(4, "little")
+        + b"WEBP"
+        + kind
+        + len(body).to_bytes(4, "little")
+        + body
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "ext"),
+    [
+        (render_png(2048, 1152, prompt="p", seed=1, index=0), "png"),
+        (jpeg_of(2048, 1152), "jpg"),
+        (webp_of(b"VP8 ", 2048, 1152), "webp"),
+        (webp_of(b"VP8L", 2048, 1152), "webp"),
+        (webp_of(b"VP8X", 2048, 1152), "webp"),
+    ],
+)
+def test_every_stored_format_gives_its_size_and_a_wrong_size_is_a_bad_result(
+    data: bytes, ext: str
+) -> None:
+    assert sniff_image(data) == ext
+    assert image_size(data, ext) == (2048, 1152)
+    assert checked_size(data, ext, (2048, 1152)) == (2048, 1152)
+    # Rounded by an upstream to its own multiple: within the tolerance.
+    assert checked_size(data, ext, (2040, 1148)) == (2048, 1152)
+    # What flux-1-1-pro-ultra was seen to answer for 2048x1152: refused.
+    with pytest.raises(UpstreamBadResult, match="a 2048x1152 image for a 1024x768 request"):
+        checked_size(data, ext, (1024, 768))
+    # The right width, another aspect ratio.
+    with pytest.raises(UpstreamBadResult):
+        checked_size(data, ext, (2048, 2048))
+
+
+def test_the_tolerance_is_5_percent_or_32_px_per_side_and_3_percent_of_aspect() -> None:
+    square = render_png(1024, 1024, prompt="p", seed=1, index=0)
+    assert checked_size(square, "png", (1000, 1000)) == (1024, 1024)  # 24 px off
+    assert checked_size(square, "png", (1056, 1056)) == (1024, 1024)  # 32 px off
+    with pytest.raises(UpstreamBadResult):
+        checked_size(square, "png", (1080, 1080))  # 56 px, more than 5 %
+    with pytest.raises(UpstreamBadResult):
+        checked_size(square, "png", (1024, 992))  # each side close, the ratio 3.2 % off
+    small = render_png(256, 256, prompt="p", seed=1, index=0)
+    assert checked_size(small, "png", (224, 224)) == (256, 256)  # 32 px is the floor
+
+
+@pytest.mark.parametrize(
+    ("data", "ext"), [(JPEG, "jpg"), (WEBP, "webp"), (PNG[:20], "png"), (b"\xff\xd8", "jpg")]
+)
+def test_an_image_whose_size_cannot_be_read_is_a_bad_result(data: bytes, ext: str) -> None:
+    assert image_size(data, ext) is None
+    with pytest.raises(UpstreamBadResult, match="size cannot be read"):
+        checked_size(data, ext, (64, 48))

@@ -7,8 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import SIM_KEY, Sim
 from provider_calls import (
     API_KEY,
+    DEFAULTS,
+    PREFIXES,
     SECRET_BASE,
     SECRET_HOST,
     assert_in_our_words,
@@ -19,10 +22,14 @@ from provider_calls import (
 )
 
 from pricing.request import ImageRequest
+from workers.providers import ADAPTERS
 from workers.providers.base import (
+    Endpoint,
     Provider,
     UpstreamBadResult,
+    UpstreamCredentialsRefused,
     UpstreamError,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRejected,
     UpstreamUnavailable,
@@ -66,7 +73,31 @@ CALLS: dict[str, tuple[str, Callable[[Provider], Awaitable[Any]]]] = {
     "bfl poll": ("bfl", lambda adapter: adapter.poll(BFL_POLLING_URL)),
 }
 
-FAILURES: dict[str, tuple[Answer, type[UpstreamError], float | None]] = {
+
+class ProtocolError:
+    """An error in the calling protocol's own shape, echoing the URL and the key."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    def answer(self, name: str) -> Answer:
+        def answer(request: httpx.Request) -> httpx.Response:
+            text = f"{request.url} {request.headers.get('authorization')}"
+            return httpx.Response(self.status, json=ERROR_SHAPES[name](text))
+
+        return answer
+
+
+ERROR_SHAPES: dict[str, Callable[[str], dict[str, Any]]] = {
+    "krea": lambda text: {"error": text},
+    "siliconflow": lambda text: {"code": 20012, "message": text, "data": None},
+    "unified": lambda text: {"error": {"code": "x", "message": text, "type": "invalid_request"}},
+    "openai": lambda text: {"error": {"message": text, "type": "x", "param": None, "code": None}},
+    "bfl": lambda text: {"detail": text},
+}
+HTML_400 = b"<html><body><h1>400</h1><p>Bad request syntax</p></body></html>"
+
+FAILURES: dict[str, tuple[Answer | ProtocolError, type[UpstreamError], float | None]] = {
     "500": (echoing(500), UpstreamUnavailable, None),
     "503": (echoing(503), UpstreamUnavailable, None),
     "429 with Retry-After": (
@@ -80,12 +111,39 @@ FAILURES: dict[str, tuple[Answer, type[UpstreamError], float | None]] = {
         UpstreamUnavailable,
         None,
     ),
-    "401": (echoing(401), UpstreamUnavailable, None),
-    "403": (echoing(403), UpstreamUnavailable, None),
-    "400": (echoing(400), UpstreamRejected, None),
-    "404": (echoing(404), UpstreamUnavailable, None),
-    "409": (echoing(409), UpstreamRejected, None),
-    "422": (echoing(422), UpstreamRejected, None),
+    "401": (echoing(401), UpstreamCredentialsRefused, None),
+    "403": (echoing(403), UpstreamCredentialsRefused, None),
+    "400 in the protocol's error shape": (ProtocolError(400), UpstreamRejected, None),
+    "409 in the protocol's error shape": (ProtocolError(409), UpstreamRejected, None),
+    "422 in the protocol's error shape": (ProtocolError(422), UpstreamRejected, None),
+    "400 as an HTML page": (
+        echoing(400, content=HTML_400, headers={"content-type": "text/html"}),
+        UpstreamUnavailable,
+        None,
+    ),
+    "400 as JSON of another shape": (
+        echoing(400, json={"oops": [SECRET_BASE, API_KEY]}),
+        UpstreamUnavailable,
+        None,
+    ),
+    "400 as an error body past the limit": (
+        echoing(400, json={"error": "x" * 70_000, "detail": "x", "code": 1, "message": "x"}),
+        UpstreamUnavailable,
+        None,
+    ),
+    "404": (echoing(404), UpstreamNotFound, None),
+    "410": (echoing(410), UpstreamNotFound, None),
+    "405": (echoing(405), UpstreamUnavailable, None),
+    "302": (
+        echoing(302, content=b"", headers={"location": f"{SECRET_BASE}/moved"}),
+        UpstreamProtocolError,
+        None,
+    ),
+    "200 past the body cap": (
+        echoing(200, json={"padding": "x" * 1_100_000}),
+        UpstreamProtocolError,
+        None,
+    ),
     "200 that is not JSON": (
         echoing(200, content=f"<html>{SECRET_BASE} {API_KEY}".encode()),
         UpstreamProtocolError,
@@ -109,14 +167,21 @@ async def test_upstream_failure_maps_to_the_error_tree_without_url_or_key(
     call: str, failure: str
 ) -> None:
     name, make_call = CALLS[call]
-    answer, error, retry_after = FAILURES[failure]
+    canned, error, retry_after = FAILURES[failure]
+    answer = canned.answer(name) if isinstance(canned, ProtocolError) else canned
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
         with pytest.raises(error) as raised:
-            await make_call(provider(name, http, base=SECRET_BASE))
+            # A small image cap, so OpenAI's inline-image body cap stays near the others.
+            await make_call(provider(name, http, base=SECRET_BASE, max_image_bytes=1024))
     assert type(raised.value) is error
     assert raised.value.retryable == (error is not UpstreamRejected)
     assert raised.value.retry_after == retry_after
+    assert raised.value.opens_circuit == (error is UpstreamCredentialsRefused)
     assert_in_our_words(raised.value)
+    if failure == "302":
+        assert raised.value.message.endswith("a redirect, not followed (HTTP 302)")
+    if "past" in failure and "cap" in failure:
+        assert "sent a body larger than" in raised.value.message
 
 
 @pytest.mark.parametrize(
@@ -414,7 +479,14 @@ async def test_bfl_answer_without_polling_url_is_polled_on_the_base_url() -> Non
         (echoing(400), UpstreamRejected, None),
         (echoing(429, headers={"Retry-After": "7"}), UpstreamUnavailable, 7.0),
         (echoing(500), UpstreamUnavailable, None),
-        (echoing(401), UpstreamUnavailable, None),
+        (echoing(401), UpstreamCredentialsRefused, None),
+        (echoing(302, content=b""), UpstreamProtocolError, None),
+        # A 2xx is a cancel only when the task object shows it cancelled.
+        (echoing(200, json={"id": "task-1", "status": "processing"}), UpstreamUnavailable, None),
+        (echoing(200, json={"id": "task-1", "status": "pending"}), UpstreamUnavailable, None),
+        (echoing(200, content=b""), UpstreamUnavailable, None),
+        (echoing(200, content=b"<html>ok</html>"), UpstreamUnavailable, None),
+        (echoing(200, json={"id": "task-1", "status": "completed"}), UpstreamRejected, None),
         (raising(httpx.ReadTimeout), UpstreamUnavailable, None),
         (raising(httpx.ConnectError), UpstreamUnavailable, None),
     ],
@@ -432,11 +504,30 @@ async def test_unified_cancel_maps_its_answers_in_our_words(
         assert "cannot cancel" in raised.value.message or "refused" in raised.value.message
 
 
-@pytest.mark.parametrize("body", [b"", b"<html>ok</html>", b'{"status": "cancelled"}'])
-async def test_unified_cancel_accepted_whatever_the_body(body: bytes) -> None:
-    answer = echoing(200, content=body)
+@pytest.mark.parametrize("name", ["krea", "unified"])
+async def test_cancel_succeeds_only_when_the_job_shows_cancelled(name: str) -> None:
+    answer = echoing(200, json={"job_id": "j", "id": "j", "status": "cancelled"})
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
-        await provider("unified", http, base=SECRET_BASE).cancel("task-1")
+        await provider(name, http, base=SECRET_BASE).cancel("j")
+
+
+@pytest.mark.parametrize("name", ["krea", "unified"])
+async def test_a_cancel_answered_200_with_the_job_still_running_is_not_a_cancel(
+    simulator: Sim, name: str
+) -> None:
+    await simulator.configure(latency=30)
+    upstream_model, model_id = DEFAULTS[name]
+    async with httpx.AsyncClient() as http:
+        adapter = ADAPTERS[name](http, Endpoint(simulator.url + PREFIXES[name], SIM_KEY))
+        submitted = await adapter.submit(upstream_model, request_for(model_id))
+        assert submitted.job_id is not None
+        await simulator.configure(error_kind="cancel_ignored")
+        with pytest.raises(UpstreamUnavailable, match="did not confirm the cancel"):
+            await adapter.cancel(submitted.job_id)
+        await simulator.configure(error_kind="none")
+        await adapter.cancel(submitted.job_id)
+        assert (await adapter.poll(submitted.job_id)).status == "cancelled"
+    assert (await simulator.stats())["cancels"] == 2
 
 
 async def test_unified_task_id_is_escaped_in_the_path() -> None:

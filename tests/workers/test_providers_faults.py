@@ -1,6 +1,7 @@
 """The provider adapters against the simulator's faults, and each protocol's own behaviour."""
 
 import asyncio
+import tracemalloc
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from workers.providers import ADAPTERS
 from workers.providers.base import (
     Endpoint,
     UpstreamBadResult,
+    UpstreamCredentialsRefused,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamRejected,
@@ -289,3 +291,70 @@ async def test_bfl_unknown_job_or_model_is_unavailable_like_any_404(
         await adapter.poll(f"{SIM_BASE}/bfl/v1/get_result?id=nope")
     with pytest.raises(UpstreamUnavailable, match="HTTP 404"):
         await adapter.submit("flux-pro-9", request_for("flux-1-1-pro"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_an_html_400_fails_over_and_its_connection_is_not_reused(
+    simulator: Sim, name: str
+) -> None:
+    """A load balancer's "Bad request syntax" page is the channel's fault, not the request's;
+    and the connection it came on is dropped, not handed to the next call."""
+    await simulator.configure(latency=0.0)
+    async with httpx.AsyncClient() as http:
+        adapter = ADAPTERS[name](http, Endpoint(simulator.url + PREFIXES[name], SIM_KEY))
+        await default_call(name)(adapter)
+        assert (await simulator.stats())["connections"] == 1  # pooled and reused so far
+        await simulator.configure(error_kind="html_400")
+        with pytest.raises(UpstreamUnavailable, match="HTTP 400 outside its protocol") as raised:
+            await default_call(name)(adapter)
+        assert raised.value.retryable
+        assert not isinstance(raised.value, UpstreamRejected)
+        await simulator.configure(error_kind="none")
+        await default_call(name)(adapter)
+    assert (await simulator.stats())["connections"] == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_a_403_is_the_channels_credentials_and_opens_its_circuit(
+    simulator: Sim, name: str
+) -> None:
+    await simulator.configure(error_kind="submit_403")
+    async with httpx.AsyncClient() as http:
+        adapter = ADAPTERS[name](http, Endpoint(simulator.url + PREFIXES[name], SIM_KEY))
+        with pytest.raises(UpstreamCredentialsRefused, match=r"credentials \(HTTP 403\)") as raised:
+            await default_call(name)(adapter)
+    assert raised.value.opens_circuit
+    assert raised.value.retryable
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_huge_answers_are_refused_at_the_cap_without_being_read_whole(
+    simulator: Sim, name: str
+) -> None:
+    """Five concurrent 64 MiB answers: each refused once past its cap, memory stays flat."""
+    await simulator.configure(error_kind="huge_body", huge_body_bytes=64 * 1024 * 1024)
+    # For OpenAI's inline images the cap grows with the image cap: keep that small here.
+    endpoint = Endpoint(
+        simulator.url + PREFIXES[name], SIM_KEY, submit_timeout=60, max_image_bytes=1024 * 1024
+    )
+    tracemalloc.start()
+    try:
+        async with httpx.AsyncClient() as http:
+            adapter = ADAPTERS[name](http, endpoint)
+            outcomes = await asyncio.gather(
+                *(default_call(name)(adapter) for _ in range(5)), return_exceptions=True
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for outcome in outcomes:
+        assert isinstance(outcome, UpstreamProtocolError), outcome
+        assert outcome.code == "upstream_bad_response"
+        assert "larger than" in outcome.message
+    assert peak < 24 * 1024 * 1024, f"peak {peak} bytes"
+
+
+def test_the_inline_image_cap_allows_n_base64_images_of_the_image_cap() -> None:
+    endpoint = Endpoint("https://x", "k", max_body_bytes=1000, max_image_bytes=3000)
+    assert endpoint.inline_images_cap(1) == 1000 + 4000
+    assert endpoint.inline_images_cap(4) == 1000 + 16_000

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sim_calls import AUTH, MEDIUM, configure, poll, submit, submit_job
+from sim_calls import AUTH, GENERATIONS, MEDIUM, configure, poll, submit, submit_job
 
 from workers.simulator.png import png_size
 
@@ -105,6 +105,84 @@ async def test_bad_image_serves_non_image_bytes_as_png(sim_client: httpx.AsyncCl
         png_size(response.content)
 
 
+async def test_submit_403_refuses_the_account_and_makes_no_job(
+    sim_client: httpx.AsyncClient,
+) -> None:
+    await configure(sim_client, error_kind="submit_403")
+    response = await submit(sim_client)
+    assert response.status_code == 403
+    assert "error" in response.json()
+    assert (await sim_client.get("/_sim/stats")).json()["jobs_active"] == 0
+
+
+@pytest.mark.parametrize("path", [MEDIUM, GENERATIONS, "/unified/v1/images/generations"])
+async def test_html_400_answers_a_proxy_page_outside_every_protocol(
+    sim_client: httpx.AsyncClient, path: str
+) -> None:
+    await configure(sim_client, error_kind="html_400")
+    response = await sim_client.post(path, json={"prompt": "x"}, headers=AUTH)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/html")
+    assert b"Bad request syntax" in response.content
+    assert (await sim_client.get("/_sim/stats")).json()["jobs_active"] == 0
+
+
+async def test_redirect_answers_302_elsewhere(sim_client: httpx.AsyncClient) -> None:
+    await configure(sim_client, error_kind="redirect")
+    response = await sim_client.post(
+        MEDIUM, json={"prompt": "x"}, headers=AUTH, follow_redirects=False
+    )
+    assert response.status_code == 302
+    assert response.headers["location"].startswith("https://elsewhere.invalid/")
+
+
+async def test_huge_body_streams_a_json_object_of_the_configured_size(
+    sim_client: httpx.AsyncClient,
+) -> None:
+    await configure(sim_client, error_kind="huge_body", huge_body_bytes=300_000)
+    response = await submit(sim_client)
+    assert response.status_code == 200
+    assert len(response.content) == 300_000
+    assert set(response.json()) == {"padding"}
+
+
+async def test_wrong_size_renders_images_at_another_size(sim_client: httpx.AsyncClient) -> None:
+    await configure(sim_client, error_kind="wrong_size")
+    job = await poll(sim_client, await submit_job(sim_client, aspect_ratio="16:9", resolution="2K"))
+    image = await sim_client.get(job["result"]["urls"][0])
+    assert png_size(image.content) == (1024, 768)
+
+
+async def test_slow_poll_delays_every_poll(sim_client: httpx.AsyncClient) -> None:
+    job_id = await submit_job(sim_client)
+    await configure(sim_client, error_kind="slow_poll", hang_seconds=0.3)
+    start = time.monotonic()
+    await poll(sim_client, job_id)
+    assert time.monotonic() - start >= 0.3
+
+
+@pytest.mark.parametrize(
+    ("path", "method"), [("/jobs/{}", "DELETE"), ("/unified/v1/tasks/{}/cancel", "POST")]
+)
+async def test_cancel_ignored_answers_200_with_the_job_still_running(
+    sim_client: httpx.AsyncClient, path: str, method: str
+) -> None:
+    await configure(sim_client, latency=5)
+    if method == "DELETE":
+        job_id = await submit_job(sim_client)
+    else:
+        created = await sim_client.post(
+            "/unified/v1/images/generations", json={"model": "m", "prompt": "x"}, headers=AUTH
+        )
+        job_id = created.json()["id"]
+    await configure(sim_client, error_kind="cancel_ignored")
+    response = await sim_client.request(method, path.format(job_id), headers=AUTH)
+    assert response.status_code == 200
+    assert response.json()["status"] in ("queued", "pending")
+    stats = (await sim_client.get("/_sim/stats")).json()
+    assert (stats["cancels"], stats["jobs_active"]) == (1, 1)
+
+
 async def test_fail_first_n_fails_that_many_submits_then_recovers(
     sim_client: httpx.AsyncClient,
 ) -> None:
@@ -153,6 +231,8 @@ async def test_stats_count_traffic_and_the_high_water_mark(sim_client: httpx.Asy
         "jobs_active": 2,
         "max_jobs_active": 3,
         "image_downloads": 0,
+        "cancels": 1,
+        "connections": 1,
     }
 
     await asyncio.sleep(0.45)

@@ -5,12 +5,20 @@ touches the database, the ledger or storage. It returns what the upstream said
 (``Submitted`` / ``JobState``) or raises from this tree:
 
     UpstreamError                 base; ``retryable`` says whether to try again
-    ├── UpstreamUnavailable       connect error, timeout, 5xx, 429 (retryable;
-    │                             ``retry_after`` when the upstream gave one;
-    │                             ``rate_limited`` for a 429: the whole account
-    │                             backs off, not only this call)
-    ├── UpstreamProtocolError     a body we cannot read (retryable)
-    ├── UpstreamRejected          a 4xx that is the request's fault (final)
+    ├── UpstreamUnavailable       connect error, timeout, 5xx, 429, a 4xx outside the
+    │   │                         protocol's error shape (retryable; ``retry_after``
+    │   │                         when the upstream gave one; ``rate_limited`` for a
+    │   │                         429: the whole account backs off, not only this call)
+    │   ├── UpstreamCredentialsRefused  401/403: the channel's key is bad
+    │   │                         (``opens_circuit``: its circuit opens at once)
+    │   └── UpstreamNotFound      404/410: a wrong path, or a job the upstream lost
+    │                             (a poll stops at once: there is no job to wait for)
+    ├── UpstreamProtocolError     a body we cannot read, one past its cap, a redirect
+    │                             (retryable)
+    ├── UpstreamRejected          a 4xx in the protocol's error shape: the request's
+    │                             fault (final)
+    ├── UpstreamRateLimited       every channel kept answering 429 past the wait cap
+    │                             (final; raised by the failover, not by adapters)
     ├── UpstreamBadResult         results that are not images we store
     └── UpstreamJobFailed         the upstream reported the job failed
 
@@ -35,6 +43,9 @@ class UpstreamError(Exception):
     # Final for this channel, but another channel may well succeed (a failed job,
     # a result that is not an image): routing moves on without retrying this one.
     try_elsewhere = False
+    # The channel itself is broken (bad credentials): open its circuit now, not after
+    # ``circuit_failure_threshold`` tasks have each found out.
+    opens_circuit = False
     code = "upstream_error"
     # The ``outcome`` label of tollgate_upstream_requests_total for this error.
     kind = "rejected"
@@ -68,6 +79,16 @@ class UpstreamUnavailable(UpstreamError):
     kind = "unavailable"
 
 
+class UpstreamCredentialsRefused(UpstreamUnavailable):
+    """401 or 403: the upstream refuses the channel's key, whatever the request."""
+
+    opens_circuit = True
+
+
+class UpstreamNotFound(UpstreamUnavailable):
+    """404 or 410: the upstream knows no such path, or no longer knows the job."""
+
+
 class UpstreamProtocolError(UpstreamError):
     retryable = True
     code = "upstream_bad_response"
@@ -76,6 +97,13 @@ class UpstreamProtocolError(UpstreamError):
 
 class UpstreamRejected(UpstreamError):
     code = "upstream_rejected"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The upstreams kept refusing with 429 for longer than Tollgate waits (final)."""
+
+    code = "upstream_rate_limited"
+    kind = "rate_limited"
 
 
 class UpstreamBadResult(UpstreamError):
@@ -105,13 +133,23 @@ class Endpoint:
 
     ``submit_timeout`` bounds a submit (for a synchronous upstream, the whole
     generation); ``poll_timeout`` each poll or cancel. Connecting has its own
-    limit, set on the shared HTTP client.
+    limit, set on the shared HTTP client. ``max_body_bytes`` caps every API body
+    read; an adapter whose protocol returns images inline raises it for that call
+    by ``inline_images_cap`` (``max_image_bytes`` per image, as base64).
     """
 
     base_url: str
     api_key: str = field(repr=False)
     submit_timeout: float = 30.0
     poll_timeout: float = 10.0
+    max_body_bytes: int = 1_048_576
+    max_image_bytes: int = 52_428_800
+
+    def inline_images_cap(self, images: int) -> int:
+        """The body cap for an answer carrying ``images`` base64 images of at most
+        ``max_image_bytes`` each, plus the usual JSON around them."""
+        per_image = -(-self.max_image_bytes // 3) * 4  # base64: 4 characters per 3 bytes
+        return self.max_body_bytes + images * per_image
 
     @property
     def host(self) -> str:

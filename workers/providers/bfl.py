@@ -31,9 +31,9 @@ from workers.providers.base import (
     JobState,
     Submitted,
     UpstreamBadResult,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRejected,
-    UpstreamUnavailable,
 )
 from workers.providers.http import AccountClient
 
@@ -45,6 +45,11 @@ _FAILURES = {
     "Content Moderated": "the upstream's moderation withheld the image",
 }
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def bfl_error(body: object) -> bool:
+    """BFL's error shape: ``{"detail": "<message>"}`` (a list of field errors for a 422)."""
+    return isinstance(body, dict) and isinstance(body.get("detail"), str | list)
 
 
 def bfl_body(request: ImageRequest) -> dict[str, Any]:
@@ -83,6 +88,7 @@ class BflProvider:
             endpoint,
             "the Black Forest Labs upstream",
             auth_header=("x-key", endpoint.api_key),
+            error_shape=bfl_error,
         )
         self._base = endpoint.base_url.rstrip("/")
         self._origin = _origin(endpoint.base_url)
@@ -119,7 +125,7 @@ class BflProvider:
             return JobState(status="failed", error=_FAILURES[status])
         if status == "Task not found":
             # As a 404 would be: the upstream lost the job, which another channel may not.
-            raise UpstreamUnavailable("the Black Forest Labs upstream no longer knows the job")
+            raise UpstreamNotFound("the Black Forest Labs upstream no longer knows the job")
         raise UpstreamProtocolError("the Black Forest Labs upstream returned an unknown status")
 
     async def cancel(self, job_id: str) -> None:

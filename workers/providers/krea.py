@@ -1,7 +1,9 @@
 """Krea 2 async jobs (seeds/001): ``POST /generate/image/<model>``, then ``GET /jobs/<id>``.
 
 The unified ``size`` is Krea's ``aspect_ratio`` and ``quality`` its
-``resolution``; the Krea 2 fields pass through under their own names.
+``resolution``; the Krea 2 fields pass through under their own names. Errors are
+``{"error": "<message>"}``; ``DELETE /jobs/<id>`` answers the job, which must show
+``cancelled`` for the cancel to count.
 """
 
 from typing import Any
@@ -10,7 +12,7 @@ import httpx
 
 from pricing.request import ImageRequest
 from workers.providers.base import Endpoint, JobState, JobStatus, Submitted, UpstreamProtocolError
-from workers.providers.http import AccountClient
+from workers.providers.http import AccountClient, confirm_cancelled
 
 # Request parameters Krea takes under the same name as the unified API.
 PASSED_THROUGH = (
@@ -34,6 +36,11 @@ _STATUSES: dict[str, JobStatus] = {
 }
 
 
+def krea_error(body: object) -> bool:
+    """Krea's error shape: ``{"error": "<message>"}``."""
+    return isinstance(body, dict) and isinstance(body.get("error"), str)
+
+
 def krea_body(request: ImageRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": request.prompt, "aspect_ratio": request.size}
     if request.quality is not None:
@@ -51,7 +58,7 @@ class KreaProvider:
     supports_cancel = True
 
     def __init__(self, client: httpx.AsyncClient, endpoint: Endpoint) -> None:
-        self._account = AccountClient(client, endpoint, "the Krea upstream")
+        self._account = AccountClient(client, endpoint, "the Krea upstream", error_shape=krea_error)
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
         body = await self._account.call(
@@ -78,4 +85,6 @@ class KreaProvider:
         return JobState(status=status, progress=50 if status == "processing" else 10)
 
     async def cancel(self, job_id: str) -> None:
-        await self._account.call("DELETE", f"/jobs/{job_id}")
+        body = await self._account.call("DELETE", f"/jobs/{job_id}")
+        # The answer is the job: cancelled only if it says so.
+        confirm_cancelled(_STATUSES.get(str(body.get("status"))), self._account.label)

@@ -6,6 +6,8 @@ The body is ``model``, ``prompt``, ``n`` (the request's image count), ``size`` a
 always answer base64, while DALL·E models answer links by default. So the answer's ``data``
 items are either ``{"b64_json"}``, decoded here into ``JobState.images`` for the worker to
 store as they are, or ``{"url"}``, which the worker downloads like any other result link.
+So the answer's cap is the endpoint's body cap plus ``n`` base64 images of the image cap.
+Errors are ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 import base64
@@ -21,7 +23,7 @@ from workers.providers.base import (
     UpstreamProtocolError,
     UpstreamRejected,
 )
-from workers.providers.http import AccountClient
+from workers.providers.http import AccountClient, message_error
 
 
 def openai_body(upstream_model: str, request: ImageRequest) -> dict[str, Any]:
@@ -41,11 +43,19 @@ class OpenAIProvider:
     supports_cancel = False
 
     def __init__(self, client: httpx.AsyncClient, endpoint: Endpoint) -> None:
-        self._account = AccountClient(client, endpoint, "the OpenAI upstream")
+        self._account = AccountClient(
+            client, endpoint, "the OpenAI upstream", error_shape=message_error
+        )
+        self._endpoint = endpoint
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
         body = await self._account.call(
-            "POST", "/v1/images/generations", openai_body(upstream_model, request), submit=True
+            "POST",
+            "/v1/images/generations",
+            openai_body(upstream_model, request),
+            submit=True,
+            # GPT image models answer the images inline, in base64.
+            max_bytes=self._endpoint.inline_images_cap(request.images),
         )
         data = body.get("data")
         if not isinstance(data, list) or not data:

@@ -20,6 +20,18 @@ from workers.providers.base import (
 from workers.providers.http import AccountClient
 
 
+def siliconflow_error(body: object) -> bool:
+    """SiliconFlow's error shape: ``{"code": <int>, "message": "..."}``."""
+    if not isinstance(body, dict):
+        return False
+    code = body.get("code")
+    return (
+        isinstance(code, int)
+        and not isinstance(code, bool)
+        and isinstance(body.get("message"), str)
+    )
+
+
 def siliconflow_body(upstream_model: str, request: ImageRequest) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": upstream_model,
@@ -43,7 +55,9 @@ class SiliconFlowProvider:
     supports_cancel = False
 
     def __init__(self, client: httpx.AsyncClient, endpoint: Endpoint) -> None:
-        self._account = AccountClient(client, endpoint, "the SiliconFlow upstream")
+        self._account = AccountClient(
+            client, endpoint, "the SiliconFlow upstream", error_shape=siliconflow_error
+        )
 
     async def submit(self, upstream_model: str, request: ImageRequest) -> Submitted:
         body = await self._account.call(

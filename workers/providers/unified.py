@@ -3,7 +3,10 @@
 ``POST /v1/images/generations`` answers a task object with an ``id``; ``GET /v1/tasks/{id}``
 polls it (``results`` holds the image links once completed); ``POST /v1/tasks/{id}/cancel``
 cancels it. Cancel is Tollgate's own extension: an upstream answering 404 or 405 there has no
-cancel, and 409 says the task is already final; all three are ``UpstreamRejected``.
+cancel, and 409 says the task is already final; all three are ``UpstreamRejected``. A 2xx
+counts only when its body is the task object showing ``cancelled``: an upstream answering 200
+with the task still ``processing`` has not cancelled it. Errors are the envelope
+``{"error": {"code", "message", "type"}}``.
 
 The request goes on in the same words it came in: ``model`` is the channel's upstream model
 id, ``size`` and ``quality`` are the unified ones, and every catalogue parameter passes under
@@ -27,7 +30,14 @@ from workers.providers.base import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from workers.providers.http import AccountClient
+from workers.providers.http import (
+    AccountClient,
+    confirm_cancelled,
+    decode_json,
+    message_error,
+    read_capped,
+    status_error,
+)
 
 _LABEL = "the unified upstream"
 # Never forwarded, whatever the catalogue says: the upstream must not call our tenant.
@@ -58,7 +68,7 @@ class UnifiedProvider:
     supports_cancel = True
 
     def __init__(self, client: httpx.AsyncClient, endpoint: Endpoint) -> None:
-        self._account = AccountClient(client, endpoint, _LABEL)
+        self._account = AccountClient(client, endpoint, _LABEL, error_shape=message_error)
         self._client = client
         self._endpoint = endpoint
         self._base = endpoint.base_url.rstrip("/")
@@ -98,30 +108,30 @@ class UnifiedProvider:
         endpoint = self._endpoint
         headers = {"Authorization": f"Bearer {endpoint.api_key}"}
         try:
-            response = await self._client.post(url, headers=headers, timeout=endpoint.poll_timeout)
+            async with self._client.stream(
+                "POST",
+                url,
+                headers=headers,
+                timeout=endpoint.poll_timeout,
+                follow_redirects=False,
+            ) as response:
+                status = response.status_code
+                if status in (404, 405, 409):
+                    # No cancel route at all, or the task is already final.
+                    raise UpstreamRejected(f"{_LABEL} cannot cancel this task (HTTP {status})")
+                error = status_error(response, _LABEL)
+                if error is not None:
+                    raise error
+                if status >= 400:
+                    raise UpstreamRejected(f"{_LABEL} refused to cancel the task (HTTP {status})")
+                data = await read_capped(response, endpoint.max_body_bytes, _LABEL)
         except httpx.TimeoutException:
             raise UpstreamUnavailable(f"{_LABEL} did not answer in time", timed_out=True) from None
         except httpx.TransportError:
             raise UpstreamUnavailable(f"{_LABEL} could not be reached") from None
-        status = response.status_code
-        if status in (404, 405, 409):
-            # No cancel route at all, or the task is already final.
-            raise UpstreamRejected(f"{_LABEL} cannot cancel this task (HTTP {status})")
-        if status == 429 or status >= 500 or status in (401, 403):
-            raise UpstreamUnavailable(
-                f"{_LABEL} could not cancel the task now (HTTP {status})",
-                retry_after=_retry_after(response) if status == 429 else None,
-                rate_limited=status == 429,
-            )
-        if status >= 400:
-            raise UpstreamRejected(f"{_LABEL} refused to cancel the task (HTTP {status})")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return None
+        body = decode_json(data)
+        shown = _STATUSES.get(str(body.get("status"))) if isinstance(body, dict) else None
+        confirm_cancelled(shown, _LABEL)
 
 
 def _progress(value: object, status: JobStatus) -> int:

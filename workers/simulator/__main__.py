@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     option("--failure-rate", float, "0.0", "chance, 0..1, that a job ends failed")
     option("--error-kind", str, "none", "fault to inject", choices=ERROR_KINDS)
     option("--retry-after", int, "1", "Retry-After seconds sent with submit_429")
-    option("--hang-seconds", float, "30", "how long submit sleeps with error_kind hang")
+    option("--hang-seconds", float, "30", "how long hang (submit) and slow_poll (poll) sleep")
     option("--fail-first-n", int, "0", "answer the first N submits with 500")
     option("--seed-rng", int, "0", "seed of the simulator's random choices")
     return parser

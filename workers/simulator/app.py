@@ -37,12 +37,14 @@ Krea wire protocol (every error body is ``{"error": "<message>"}``):
 Test control, unauthenticated (bind the simulator to loopback):
 ``GET /_sim/config``, ``POST /_sim/config`` with the knobs to change (answers all knobs);
 ``GET /_sim/stats`` -> ``{"submits", "polls", "jobs_active", "max_jobs_active",
-"image_downloads"}``; ``POST /_sim/reset`` forgets jobs, zeroes counters, reseeds the RNG.
+"image_downloads", "cancels", "connections"}``; ``POST /_sim/reset`` forgets jobs, zeroes
+counters, reseeds the RNG.
 The knobs and the rules they follow are those of ``workers.simulator.core``.
 """
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -60,9 +62,11 @@ from workers.simulator.core import (
     Generation,
     InvalidRequest,
     Job,
+    RawAnswer,
     Simulator,
     SimulatorConfig,
     base_url,
+    cancel_ignored,
     check_bearer,
     image_bytes,
     injected_fault,
@@ -70,6 +74,8 @@ from workers.simulator.core import (
     iso,
     json_body,
     knobs,
+    poll_fault,
+    raw_answer,
     updated_config,
 )
 from workers.simulator.sizes import ASPECT_RATIOS, RESOLUTIONS, image_size
@@ -167,11 +173,14 @@ def create_simulator_app(config: SimulatorConfig) -> Litestar:
     async def poll(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
         check_bearer(request, sim.config.api_key)
         sim.polls += 1
+        await poll_fault(sim)
         return krea_job(sim.job(job_id), base_url(request))
 
     @delete("/jobs/{job_id:str}", status_code=200)
     async def cancel(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
         check_bearer(request, sim.config.api_key)
+        if cancel_ignored(sim):
+            return krea_job(sim.job(job_id), base_url(request))
         return krea_job(sim.cancel(job_id), base_url(request))
 
     @get("/images/{job_id:str}/{name:str}")
@@ -224,10 +233,19 @@ def create_simulator_app(config: SimulatorConfig) -> Litestar:
             openai.router(sim),
             bfl.router(sim),
         ],
-        exception_handlers={HTTPException: _error_response},
+        exception_handlers={HTTPException: _error_response, RawAnswer: raw_answer},
+        before_request=_counting(sim),
         openapi_config=None,
         state=State({"simulator": sim}),
     )
+
+
+def _counting(sim: Simulator) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    async def count(request: Request[Any, Any, Any]) -> None:
+        if not request.url.path.startswith("/_sim/"):  # the test's own control calls
+            sim.saw(request)
+
+    return count
 
 
 def _error_response(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -39,6 +39,7 @@ from workers.simulator.core import (
     injected_fault,
     integer,
     json_body,
+    poll_fault,
 )
 
 PREFIX: Final = "/bfl"
@@ -156,6 +157,7 @@ def router(sim: Simulator) -> Router:
         if not job_id:
             raise HTTPException(status_code=400, detail="id is required")
         sim.polls += 1
+        await poll_fault(sim)
         job = sim.jobs.get(job_id)
         if job is None:
             body = {"id": job_id, "status": "Task not found", "result": None, "progress": None}

@@ -11,9 +11,17 @@ wire format over this core. Rules every protocol follows:
   ``random.Random(rng_seed)``, so the same requests against the same config replay the same.
 - Faults are applied after auth and before the body is read (``injected_fault``):
   ``fail_first_n`` (the next N submits answer 500), then ``error_kind``. A submit answering
-  500, 429, 400 or a malformed body creates no job; ``hang`` sleeps ``hang_seconds`` and then
-  answers normally. ``job_failed`` and ``failure_rate`` fail jobs; ``bad_image`` serves bytes
-  that are not an image, by link or inline.
+  500, 429, 400, 403, a malformed body, an HTML ``400 Bad request syntax`` page (``html_400``,
+  as a load balancer answers, keeping the connection open), a ``302`` to elsewhere
+  (``redirect``) or a JSON body of ``huge_body_bytes`` (``huge_body``, streamed) creates no
+  job; ``hang`` sleeps ``hang_seconds`` and then answers normally. ``job_failed`` and
+  ``failure_rate`` fail jobs; ``bad_image`` serves bytes that are not an image, by link or
+  inline; ``wrong_size`` renders every image at 1024x768 (768x1024 when that was asked).
+- Faults of the other calls: ``slow_poll`` makes every poll sleep ``hang_seconds`` before it
+  answers; ``cancel_ignored`` makes a cancel answer 200 with the job as it is, still running,
+  without cancelling it (a cancel that is not confirmed).
+- ``connections`` counts the distinct client connections (address and port) seen, so a test
+  can tell a reused connection from a new one; ``cancels`` counts cancel requests.
 - A synchronous generation is a job like any other, submitted when its request passes, and
   answered once the job is final (``until_final``). So it counts as a submit, and as active
   while its request waits: ``max_jobs_active`` is the most requests in flight at once. A
@@ -32,14 +40,15 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, get_args
 
 import msgspec
-from litestar import Request
+from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.response import Stream
 
 from workers.simulator.png import render_png
 
@@ -52,7 +61,19 @@ ErrorKind = Literal[
     "hang",
     "malformed",
     "bad_image",
+    "submit_403",
+    "html_400",
+    "redirect",
+    "huge_body",
+    "wrong_size",
+    "slow_poll",
+    "cancel_ignored",
 ]
+# The faults a submit shows before it reads its body (``injected_fault``).
+SUBMIT_FAULTS: Final = frozenset(
+    {"submit_500", "submit_429", "submit_400", "submit_403", "html_400", "redirect", "huge_body"}
+    | {"hang", "malformed"}
+)
 ERROR_KINDS: Final[tuple[ErrorKind, ...]] = get_args(ErrorKind)
 JobStatus = Literal["queued", "processing", "completed", "failed", "cancelled"]
 FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
@@ -62,6 +83,13 @@ MAX_SEED: Final = 2**32 - 1
 DEFAULT_IMAGES_PER_MODEL: Final[Mapping[str, int]] = {"krea/krea-2/turbo": 4, "krea/krea-1": 4}
 
 BAD_IMAGE: Final = b"<html><body>502 Bad Gateway</body></html>\n"
+# What a proxy or Python's http.server answers to a request it cannot parse.
+HTML_400: Final = (
+    b"<!DOCTYPE HTML>\n<html><head><title>Error response</title></head>\n<body>"
+    b"<h1>Error response</h1><p>Error code: 400</p><p>Message: Bad request syntax.</p>"
+    b"</body></html>\n"
+)
+WRONG_SIZE: Final = (1024, 768)
 
 
 @dataclass
@@ -74,6 +102,7 @@ class SimulatorConfig:
     error_kind: ErrorKind = "none"
     retry_after: int = 1
     hang_seconds: float = 30.0
+    huge_body_bytes: int = 64 * 1024 * 1024
     fail_first_n: int = 0
     rng_seed: int = 0
     default_num_images: int = 1
@@ -111,6 +140,8 @@ def _check_knob(name: str, value: object) -> object:
         case "retry_after" | "fail_first_n":
             return integer(name, value, 0, 2**31)
         case "max_jobs":
+            return integer(name, value, 1, 2**31)
+        case "huge_body_bytes":
             return integer(name, value, 1, 2**31)
         case "rng_seed":
             return integer(name, value, -(2**63), 2**63)
@@ -204,6 +235,8 @@ class Simulator:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.rng = random.Random(self.config.rng_seed)
         self.submits = self.polls = self.image_downloads = self.max_jobs_active = 0
+        self.cancels = 0
+        self._connections: set[tuple[str, int]] = set()
         # Jobs that may still be active, as a min-heap on when they end; a cancelled job stays
         # in the heap until its time passes and is discounted through `_cancelled` meanwhile.
         self._endings: list[tuple[float, str]] = []
@@ -220,11 +253,7 @@ class Simulator:
             self.config.fail_first_n -= 1
             return "submit_500"
         kind = self.config.error_kind
-        return (
-            kind
-            if kind in ("submit_500", "submit_429", "submit_400", "hang", "malformed")
-            else None
-        )
+        return kind if kind in SUBMIT_FAULTS else None
 
     def submit(self, model_path: str, generation: Generation) -> Job:
         config = self.config
@@ -284,11 +313,50 @@ class Simulator:
             "jobs_active": self.jobs_active(),
             "max_jobs_active": self.max_jobs_active,
             "image_downloads": self.image_downloads,
+            "cancels": self.cancels,
+            "connections": len(self._connections),
         }
+
+    def saw(self, request: Request[Any, Any, Any]) -> None:
+        """Count the connection a request came on (its client address and port)."""
+        client = request.client
+        if client is not None:
+            self._connections.add((client.host, client.port))
+
+
+class RawAnswer(Exception):
+    """A fault answered outside any protocol's shape: an HTML page, a redirect, a huge body.
+
+    The app renders it as it is, whichever protocol raised it.
+    """
+
+    def __init__(self, response: Response[Any]) -> None:
+        super().__init__("raw answer")
+        self.response = response
+
+
+def raw_answer(_: Request[Any, Any, Any], exc: RawAnswer) -> Response[Any]:
+    return exc.response
+
+
+def _huge_body(size: int) -> Stream:
+    """A JSON object of ``size`` bytes, streamed in chunks (never held whole here)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        head, tail = b'{"padding": "', b'"}'
+        yield head
+        left = max(0, size - len(head) - len(tail))
+        while left > 0:
+            step = min(left, 65_536)
+            yield b"x" * step
+            left -= step
+        yield tail
+
+    return Stream(chunks(), media_type="application/json")
 
 
 async def injected_fault(sim: Simulator) -> bool:
-    """Apply the fault this submit draws: 500 and 429 raise, ``hang`` sleeps first.
+    """Apply the fault this submit draws: errors raise, ``hang`` sleeps first.
 
     Returns True when the answer must be a malformed body (the protocol knows its shape).
     """
@@ -301,11 +369,36 @@ async def injected_fault(sim: Simulator) -> bool:
         case "submit_400":
             # The upstream refuses the request itself as invalid (say, a moderation rule).
             raise HTTPException(status_code=400, detail="simulated invalid request")
+        case "submit_403":
+            # The account is refused (suspended, out of credit): the channel's fault.
+            raise HTTPException(status_code=403, detail="simulated forbidden account")
+        case "html_400":
+            # Keeping the connection open, as a proxy may: the client must not trust it.
+            raise RawAnswer(Response(HTML_400, status_code=400, media_type="text/html"))
+        case "redirect":
+            moved = Response(
+                b"", status_code=302, headers={"Location": "https://elsewhere.invalid/moved"}
+            )
+            raise RawAnswer(moved)
+        case "huge_body":
+            raise RawAnswer(_huge_body(sim.config.huge_body_bytes))
         case "malformed":
             return True
         case "hang":
             await asyncio.sleep(sim.config.hang_seconds)
     return False
+
+
+async def poll_fault(sim: Simulator) -> None:
+    """Apply the fault a poll draws: ``slow_poll`` sleeps ``hang_seconds`` first."""
+    if sim.config.error_kind == "slow_poll":
+        await asyncio.sleep(sim.config.hang_seconds)
+
+
+def cancel_ignored(sim: Simulator) -> bool:
+    """True when a cancel must answer 200 with the job as it is, without cancelling it."""
+    sim.cancels += 1
+    return sim.config.error_kind == "cancel_ignored"
 
 
 async def until_final(job: Job) -> None:
@@ -319,9 +412,13 @@ async def image_bytes(sim: Simulator, job: Job, index: int) -> bytes:
     """Image ``index`` of a completed job, rendered once; counts as served."""
     data = BAD_IMAGE if sim.config.error_kind == "bad_image" else job.images.get(index)
     if data is None:
+        width, height = job.width, job.height
+        if sim.config.error_kind == "wrong_size":
+            wrong = WRONG_SIZE if (width, height) != WRONG_SIZE else WRONG_SIZE[::-1]
+            width, height = wrong
         # A 4K image takes 10-20 ms to encode: keep the event loop free meanwhile.
         data = await asyncio.to_thread(
-            render_png, job.width, job.height, prompt=job.prompt, seed=job.seed, index=index
+            render_png, width, height, prompt=job.prompt, seed=job.seed, index=index
         )
         job.images[index] = data
     sim.image_downloads += 1

@@ -43,10 +43,12 @@ from workers.simulator.core import (
     Job,
     Simulator,
     base_url,
+    cancel_ignored,
     check_bearer,
     injected_fault,
     integer,
     json_body,
+    poll_fault,
 )
 from workers.simulator.sizes import ASPECT_RATIOS, RESOLUTIONS, image_size
 
@@ -85,6 +87,7 @@ MALFORMED_BODY: Final = b'{"id": "'
 _ERROR_CODES: Final = {
     400: ("invalid_request", "invalid_request_error"),
     401: ("unauthorized", "authentication_error"),
+    403: ("forbidden", "permission_error"),
     404: ("not_found", "invalid_request_error"),
     405: ("method_not_allowed", "invalid_request_error"),
     409: ("conflict", "invalid_request_error"),
@@ -202,11 +205,14 @@ def router(sim: Simulator) -> Router:
     async def poll(request: Request[Any, Any, Any], task_id: FromPath[str]) -> dict[str, Any]:
         check_bearer(request, sim.config.api_key)
         sim.polls += 1
+        await poll_fault(sim)
         return task_object(sim.job(task_id), base_url(request))
 
     @post("/v1/tasks/{task_id:str}/cancel", status_code=200)
     async def cancel(request: Request[Any, Any, Any], task_id: FromPath[str]) -> dict[str, Any]:
         check_bearer(request, sim.config.api_key)
+        if cancel_ignored(sim):
+            return task_object(sim.job(task_id), base_url(request))
         return task_object(sim.cancel(task_id), base_url(request))
 
     return Router(

@@ -1,0 +1,205 @@
+"""Workers killed with SIGKILL: no task stays stranded, whatever arq's keys say.
+
+Workers run as their own processes (``python -m workers``) against the test's
+PostgreSQL, Redis and the session's simulator, and are killed with SIGKILL: no
+shutdown code runs, as when a machine or a container dies.
+
+The dangerous moment is between arq handing a job to a worker (it sets the job's
+"in progress" key, which lives for the worker's longest job timeout + 10 s) and
+the job's first write (the claim): a task left there is still ``pending``, and a
+re-queue under the same job id is refused by arq as a duplicate.
+"""
+
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    ROOT,
+    Sim,
+    bearer,
+    cli_env,
+    make_settings,
+    make_tenant_key,
+    scalar,
+    start_worker,
+    stop_worker,
+)
+from litestar.testing import AsyncTestClient
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.app import create_app
+from gateway.redis_keys import arq_in_progress_key, generate_job_id
+from gateway.settings import Settings
+
+Client = AsyncTestClient[Any]
+MODEL = "krea-2-medium"
+
+
+@pytest.fixture
+def settings(database_url: str, simulator_url: str, tmp_path: Path) -> Settings:
+    return make_settings(
+        database_url,
+        simulator_url,
+        tmp_path / "storage",
+        requeue_pending_after_seconds=2.0,
+        metrics_port=0,
+    )
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """Every setting of ``settings`` as the worker process reads it from its environment."""
+    env = cli_env(settings)
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        text_value = value if isinstance(value, str) else json.dumps(value)
+        env[f"TOLLGATE_{name.upper()}"] = text_value
+    return env
+
+
+@contextlib.asynccontextmanager
+async def worker_process(
+    settings: Settings, log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A ``tollgate-worker`` process; SIGKILLed on the way out if still alive."""
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "workers",
+            cwd=ROOT,
+            env=worker_env(settings),
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+
+async def submit(client: Client, key: str, prompt: str) -> str:
+    response = await client.post(
+        "/v1/images/generations", json={"model": MODEL, "prompt": prompt}, headers=bearer(key)
+    )
+    assert response.status_code == 200, response.text
+    task_id: str = response.json()["id"]
+    return task_id
+
+
+async def statuses(engine: AsyncEngine, task_ids: list[str]) -> dict[str, str]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT id, status FROM tasks WHERE id = ANY(:ids)"), {"ids": task_ids}
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+async def wait_until_final(engine: AsyncEngine, task_ids: list[str], wait: float) -> float:
+    """Seconds until every task is completed; fails naming the ones that are not."""
+    started = time.monotonic()
+    found: dict[str, str] = {}
+    while time.monotonic() - started < wait:
+        found = await statuses(engine, task_ids)
+        if all(status == "completed" for status in found.values()):
+            return time.monotonic() - started
+        await asyncio.sleep(0.2)
+    stuck = {task: status for task, status in found.items() if status != "completed"}
+    raise AssertionError(f"{len(stuck)} task(s) not completed after {wait}s: {stuck}")
+
+
+async def test_a_worker_killed_between_taking_a_job_and_claiming_its_task_strands_nothing(
+    settings: Settings, engine: AsyncEngine, simulator: Sim, tmp_path: Path
+) -> None:
+    _, key = await make_tenant_key(settings)
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        task_id = await submit(c, key, "killed before its claim")
+    attempt = await scalar(engine, "SELECT attempt FROM tasks WHERE id = :id", id=task_id)
+    in_progress = arq_in_progress_key(generate_job_id(task_id, attempt))
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        # Hold the task's row: the worker's claim, its first write, waits on the lock.
+        async with engine.connect() as locker:
+            await locker.execute(
+                text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task_id}
+            )
+            async with worker_process(settings, tmp_path / "worker.log") as proc:
+                deadline = time.monotonic() + 30
+                while not await _claim_waiting_on_lock(engine, task_id):
+                    assert proc.returncode is None, (tmp_path / "worker.log").read_text()
+                    assert time.monotonic() < deadline, "the worker never reached its claim"
+                    await asyncio.sleep(0.05)
+                # arq has handed the job to the worker, which has written nothing yet.
+                assert await redis.exists(in_progress)
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+            await locker.rollback()
+        killed_at = time.monotonic()
+        assert await scalar(engine, "SELECT status FROM tasks WHERE id = :id", id=task_id) == (
+            "pending"
+        )
+        # arq still counts the job in progress, for its longest job timeout: a re-queue
+        # under the same id would be refused for the next hour.
+        assert await redis.pttl(in_progress) > 600_000
+
+        arq_worker, running = start_worker(settings)
+        try:
+            await wait_until_final(engine, [task_id], wait=60)
+        finally:
+            await stop_worker(arq_worker, running)
+        assert time.monotonic() - killed_at < 60
+        assert await redis.exists(in_progress)  # untouched: the new attempt ran instead
+        assert (await simulator.stats())["submits"] == 1
+    finally:
+        await redis.aclose()
+
+
+async def _claim_waiting_on_lock(engine: AsyncEngine, task_id: str) -> bool:
+    """Whether another session is blocked on a lock while updating the task (its claim)."""
+    found = await scalar(
+        engine,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query ILIKE 'UPDATE tasks%' AND datname = current_database()",
+    )
+    return bool(found)
+
+
+async def test_tasks_all_complete_through_a_loop_of_worker_kills(
+    settings: Settings, engine: AsyncEngine, simulator: Sim, tmp_path: Path
+) -> None:
+    """Workers SIGKILLed again and again while tasks are in flight: every task completes,
+    each within a minute of the last kill."""
+    await simulator.configure(latency=0.5)
+    _, key = await make_tenant_key(settings)
+    rng = random.Random(13)
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        task_ids = [await submit(c, key, f"kill loop {i}") for i in range(30)]
+    log = tmp_path / "workers.log"
+    for _ in range(8):
+        async with worker_process(settings, log) as proc:
+            await asyncio.sleep(rng.uniform(0.5, 2.0))
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    last_kill = time.monotonic()
+    async with worker_process(settings, log):
+        await wait_until_final(engine, task_ids, wait=60)
+    assert time.monotonic() - last_kill < 60
+    charged = await scalar(
+        engine,
+        "SELECT count(*) FROM tasks WHERE id = ANY(:ids) AND credits_charged_micros > 0",
+        ids=task_ids,
+    )
+    assert charged == len(task_ids)
