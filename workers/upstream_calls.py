@@ -25,7 +25,8 @@ follows from it (another channel, a pause, the task's end) is
   attempt resumes it, or the cancel job stops it.
 - **Results** are checked by their bytes and their size (``workers/images.py``)
   and stored under fixed keys (``<task>/<index>.<ext>``), so a re-run
-  overwrites rather than adds.
+  overwrites rather than adds; a store that is away is waited for
+  (``workers/result_store.py``).
 """
 
 import logging
@@ -49,6 +50,7 @@ from workers.providers.base import (
     UpstreamJobFailed,
     UpstreamNotFound,
 )
+from workers.result_store import put_result
 from workers.routing import Route
 
 logger = logging.getLogger("tollgate.generate")
@@ -220,7 +222,13 @@ class UpstreamCalls:
                 data, ext = await self._call(route, "download", partial(fetch_image, source, item))
             width, height = checked_size(data, ext, asked)
             key = f"{self.task_id}/{index}.{ext}"
-            await self.deps.storage.put(key, data)
+            await put_result(
+                self.deps.storage,
+                key,
+                data,
+                remaining=self.lease.check_deadline,
+                pause=self.lease.sleep,
+            )
             stored.append(Stored(key, width, height))
             await self.lease.maybe_beat(90)
         return stored

@@ -6,6 +6,7 @@ the operator's list of tasks under ``/admin``, behind its guard (``gateway/admin
 transaction, the jobs it calls for queued only once that transaction commits.
 """
 
+import logging
 import time
 from functools import partial
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+from litestar.response import Stream
 
 from gateway.auth import Principal
 from gateway.callbacks import service as callbacks
@@ -25,10 +27,10 @@ from gateway.deps import (
     provide_principal,
     provide_uow,
 )
-from gateway.errors import NotFound
+from gateway.errors import NotFound, ServiceUnavailable
 from gateway.queue import enqueue_upstream_cancel
 from gateway.responses import encoded_response, error_responses, json_response
-from gateway.storage import CONTENT_TYPES, check_key
+from gateway.storage import CONTENT_TYPES, StorageUnavailable, check_key
 from gateway.tasks import cancel, service
 from gateway.tasks.models import Task
 from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject, encode_json
@@ -92,6 +94,9 @@ async def cancel_and_queue(
             )
         )
     return cancellation.task
+
+
+logger = logging.getLogger("tollgate.files")
 
 
 class TaskController(Controller):
@@ -181,9 +186,10 @@ class FileController(Controller):
     @get(
         "/{task_id:str}/{name:str}",
         summary="Download a result image",
-        description="Links come from a completed task's `results`; they expire at `expires_at`.",
+        description="Links come from a completed task's `results`; they expire at `expires_at` "
+        "(410 after). 503 when the result store cannot be reached.",
         media_type="image/png",
-        responses=error_responses(404, 410),
+        responses=error_responses(404, 410, 503),
     )
     async def download(
         self,
@@ -192,21 +198,28 @@ class FileController(Controller):
         services: ServicesDep,
         expires: FromQuery[str | None] = None,
         signature: FromQuery[str | None] = None,
-    ) -> Response[bytes]:
+    ) -> Stream:
         key = f"{task_id}/{name}"
         try:
             check_key(key)
         except ValueError:
             raise NotFound("File not found") from None
         services.signer.verify(key, expires, signature, time.time())
-        data = await services.storage.get(key)
-        if data is None:
+        try:
+            found = await services.storage.open(key)
+        except StorageUnavailable as exc:
+            logger.warning("file %s: %s", key, exc)
+            raise ServiceUnavailable(
+                "The result store is unavailable, please retry", headers={"Retry-After": "5"}
+            ) from None
+        if found is None:
             raise NotFound("File not found")
         content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
-        return Response(
-            content=data,
+        # Streamed as it arrives from the store: a large image is never held whole here.
+        return Stream(
+            found.chunks,
             media_type=content_type,
-            headers={"Cache-Control": "private, max-age=3600"},
+            headers={"Content-Length": str(found.size), "Cache-Control": "private, max-age=3600"},
         )
 
 

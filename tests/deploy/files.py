@@ -29,6 +29,8 @@ OTHER_ENVIRONMENT = {
     "POSTGRES_DB": "the postgres image: the database it creates",
     "POSTGRES_PASSWORD": "the postgres image: that user's password (compose)",
     "HTTP_PORT": "compose: the host port of the proxy in front of the gateways",
+    "MINIO_ROOT_USER": "the minio image (compose --profile s3): its root user, our S3 key id",
+    "MINIO_ROOT_PASSWORD": "the minio image: that user's secret, our S3 secret key",
     "PATH": "the shell",
     "PYTHONUNBUFFERED": "Python: logs reach the container runtime at once",
     "PYTHONDONTWRITEBYTECODE": "Python: no .pyc written on a read-only filesystem",

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import jsonschema
+import yaml
 
 from deploy.files import (
     DEPLOY,
@@ -113,3 +114,17 @@ def test_compose_containers_run_as_the_image_user_on_a_read_only_filesystem() ->
         assert "/tmp" in service["tmpfs"], name
         assert service["environment"]["PROMETHEUS_MULTIPROC_DIR"] in service["tmpfs"], name
         assert service["cap_drop"] == ["ALL"], name
+
+
+def test_compose_offers_minio_for_s3_storage_with_tollgates_own_key_pair() -> None:
+    raw = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    for name in ("minio", "minio-bucket"):
+        assert raw[name]["profiles"] == ["s3"], name
+        environment = raw[name]["environment"]
+        assert "TOLLGATE_STORAGE_ACCESS_KEY_ID" in environment["MINIO_ROOT_USER"], name
+        assert "TOLLGATE_STORAGE_SECRET_ACCESS_KEY" in environment["MINIO_ROOT_PASSWORD"], name
+    assert raw["minio-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing tollgate/tollgate" in raw["minio-bucket"]["command"][0]
+    example = (DEPLOY / "tollgate.env.example").read_text()
+    assert "# TOLLGATE_STORAGE_URL=s3://tollgate/results" in example
+    assert "# TOLLGATE_STORAGE_ENDPOINT_URL=http://minio:9000" in example
