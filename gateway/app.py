@@ -36,6 +36,7 @@ from gateway.db import (
 )
 from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized, exception_handler
+from gateway.json_body import GatewayRequest
 from gateway.krea_api import KreaController
 from gateway.limits import RateLimiter
 from gateway.settings import Settings, load_settings
@@ -253,6 +254,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         lifespan=[lifespan],
         state=State(),
         request_max_body_size=settings.max_body_bytes,
+        request_class=GatewayRequest,
         # Logging is configured once per process (gateway/logs.py), never by the framework.
         logging_config=None,
         openapi_config=OpenAPIConfig(
