@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from gateway import crypto
 from gateway.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -31,7 +32,7 @@ def utcnow() -> datetime:
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
@@ -39,6 +40,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
         # Errors never quote statement parameters: they can hold keys, prompts, URLs.
         hide_parameters=True,
     )
+    # Sealed columns (webhook secrets, upstream keys) find their keys here (gateway/crypto.py).
+    crypto.attach(engine.sync_engine.dialect, crypto.Keyring.parse(settings.encryption_keys))
+    return engine
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

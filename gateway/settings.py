@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, HttpUrl, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.crypto import Keyring
+
 ENV_PREFIX = "TOLLGATE_"
 
 
@@ -44,6 +46,9 @@ class Settings(BaseSettings):
     redis_url: str = Field(description="Redis URL, e.g. redis://127.0.0.1:6379/0")
     admin_token: str = Field(min_length=16, repr=False)
     signing_secret: str = Field(min_length=16, repr=False)
+    # Keys that encrypt webhook secrets and upstream keys at rest: id:key[,id:key…], the
+    # first encrypts, all decrypt (gateway/crypto.py).
+    encryption_keys: str = Field(repr=False)
 
     public_base_url: str = "http://127.0.0.1:8000"
     catalog_path: Path | None = None
@@ -123,6 +128,12 @@ class Settings(BaseSettings):
                 return "postgresql+asyncpg://" + value[len(plain) :]
         if not value.startswith("postgresql+asyncpg://"):
             raise ValueError("must be a postgresql:// or postgresql+asyncpg:// URL")
+        return value
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _encryption_keys(cls, value: str) -> str:
+        Keyring.parse(value)  # KeyringError is a ValueError: the message names the key
         return value
 
     @field_validator("redis_url")

@@ -31,6 +31,7 @@ def test_missing_settings_are_named_by_their_variable(monkeypatch: pytest.Monkey
         "TOLLGATE_REDIS_URL",
         "TOLLGATE_ADMIN_TOKEN",
         "TOLLGATE_SIGNING_SECRET",
+        "TOLLGATE_ENCRYPTION_KEYS",
     ):
         assert f"{variable}: is required" in message
 
@@ -129,6 +130,7 @@ async def test_an_unmigrated_database_is_refused_with_the_command_to_run(
         TOLLGATE_REDIS_URL=settings.redis_url,
         TOLLGATE_ADMIN_TOKEN=settings.admin_token,
         TOLLGATE_SIGNING_SECRET=settings.signing_secret,
+        TOLLGATE_ENCRYPTION_KEYS=settings.encryption_keys,
     )
     served = await asyncio.to_thread(
         subprocess.run,
