@@ -15,7 +15,6 @@ from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi.config import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from redis.asyncio import Redis
@@ -39,6 +38,13 @@ from gateway.errors import Unauthorized, exception_handler
 from gateway.json_body import GatewayRequest
 from gateway.krea_api import KreaController
 from gateway.limits import RateLimiter
+from gateway.openapi_docs import (
+    DOCS_PATH,
+    OfflineSwagger,
+    StrictStructSchemaPlugin,
+    docs_assets_router,
+    full_options_allow,
+)
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
 from gateway.tasks.routes import FileController, TaskController
@@ -247,8 +253,10 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             healthz,
             readyz,
             metrics_endpoint,
+            docs_assets_router(),
         ],
-        before_send=[add_rate_limit_headers],
+        before_send=[add_rate_limit_headers, full_options_allow],
+        plugins=[StrictStructSchemaPlugin()],
         dependencies={"services": Provide(provide_services)},
         exception_handlers={Exception: exception_handler},
         lifespan=[lifespan],
@@ -261,8 +269,9 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             title="Tollgate",
             version="0.1.0",
             description="One metered endpoint in front of many image-generation upstreams.",
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin()],
+            path=DOCS_PATH,
+            # Every asset from the gateway itself: /docs works offline (gateway/openapi_docs.py).
+            render_plugins=[OfflineSwagger()],
             components=Components(
                 security_schemes={
                     "bearerAuth": SecurityScheme(type="http", scheme="bearer"),
