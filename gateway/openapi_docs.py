@@ -9,12 +9,15 @@ Rules:
 - A request body struct that refuses unknown fields (``forbid_unknown_fields``)
   is documented with ``additionalProperties: false``, so a client generated from
   the document cannot send what the server answers 400.
+- A route that answers CSV as well as JSON (``format=csv``) documents both
+  (``JsonOrCsvOperation``).
 - ``OPTIONS`` on a path answers ``Allow`` with every method of the path
   (litestar's own answer lists only the methods of the first handler registered
   on it).
 """
 
 import json
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -22,7 +25,7 @@ from litestar import Litestar, Request
 from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.datastructures import MutableScopeHeaders
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import Schema
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.routes import HTTPRoute
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Scope
@@ -114,3 +117,13 @@ async def full_options_allow(message: Message, scope: Scope) -> None:
     methods = allowed_methods(scope["app"], scope.get("path_template") or "")
     if methods is not None:
         MutableScopeHeaders.from_message(message)["Allow"] = methods
+
+
+@dataclass
+class JsonOrCsvOperation(Operation):
+    """An operation whose 200 is JSON, or CSV when asked (``format=csv``)."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+            ok.content["text/csv"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
