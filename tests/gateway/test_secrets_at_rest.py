@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from alembic.script import ScriptDirectory
 from conftest import (
     ADMIN_TOKEN,
     ENCRYPTION_KEYS,
@@ -30,7 +31,7 @@ from gateway.crypto import (
     reencrypt,
     sealed_key_id,
 )
-from gateway.db import create_engine
+from gateway.db import alembic_config, create_engine
 from gateway.settings import Settings
 
 Client = AsyncTestClient[Any]
@@ -202,6 +203,20 @@ def fresh_database() -> Iterator[str]:
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def _revision_before_encryption() -> str:
+    """The revision before the one that encrypts (it may move as others land before it)."""
+    script = ScriptDirectory.from_config(alembic_config())
+    for revision in script.walk_revisions():
+        if (revision.doc or "").startswith("encrypt webhook signing secrets"):
+            before = revision.down_revision
+            assert isinstance(before, str)
+            return before
+    raise AssertionError("no migration encrypts the secrets")
+
+
+BEFORE = _revision_before_encryption()
+
+
 def alembic(database_url: str, *args: str, keys: str | None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
     env["TOLLGATE_DATABASE_URL"] = database_url
@@ -218,7 +233,7 @@ def alembic(database_url: str, *args: str, keys: str | None) -> subprocess.Compl
 
 
 async def seed_plaintext(database_url: str) -> tuple[str, str]:
-    """A tenant and a channel as revision 0006 stored them: (webhook secret, upstream key)."""
+    """A tenant and a channel stored before encryption: (webhook secret, upstream key)."""
     webhook, upstream = "whsec_" + secrets.token_hex(16), "sk-old-" + secrets.token_hex(16)
     conn = await asyncpg.connect(_plain(database_url))
     try:
@@ -267,7 +282,7 @@ def settings_for(settings: Settings, database_url: str, keys: str) -> Settings:
 async def test_the_migration_encrypts_existing_rows_and_downgrade_decrypts_them(
     settings: Settings, fresh_database: str
 ) -> None:
-    done = alembic(fresh_database, "upgrade", "0006", keys=None)
+    done = alembic(fresh_database, "upgrade", BEFORE, keys=None)
     assert done.returncode == 0, done.stderr
     webhook, upstream = await seed_plaintext(fresh_database)
 
@@ -287,7 +302,7 @@ async def test_the_migration_encrypts_existing_rows_and_downgrade_decrypts_them(
         upstream,
     )
 
-    done = alembic(fresh_database, "downgrade", "0006", keys=ENCRYPTION_KEYS)
+    done = alembic(fresh_database, "downgrade", BEFORE, keys=ENCRYPTION_KEYS)
     assert done.returncode == 0, done.stderr
     dump = await dump_database(fresh_database)
     assert webhook in dump
@@ -297,7 +312,7 @@ async def test_the_migration_encrypts_existing_rows_and_downgrade_decrypts_them(
 async def test_reencrypt_moves_every_value_to_the_first_key(
     settings: Settings, fresh_database: str
 ) -> None:
-    done = alembic(fresh_database, "upgrade", "0006", keys=None)
+    done = alembic(fresh_database, "upgrade", BEFORE, keys=None)
     assert done.returncode == 0, done.stderr
     webhook, upstream = await seed_plaintext(fresh_database)
     done = alembic(fresh_database, "upgrade", "head", keys=ENCRYPTION_KEYS)
