@@ -5,6 +5,7 @@ import re
 from typing import Any
 
 import pytest
+from conftest import ADMIN_TOKEN, bearer
 from litestar.testing import AsyncTestClient
 from swagger_ui_bundle import swagger_ui_path
 
@@ -47,7 +48,7 @@ async def test_options_allows_every_method_of_the_path(client: Client) -> None:
     jobs = await client.options("/jobs/task-unified-1-x")
     assert jobs.status_code == 204
     assert set(jobs.headers["allow"].split(", ")) == {"GET", "DELETE", "OPTIONS"}
-    channel = await client.options("/admin/channels/ch_1")
+    channel = await client.options("/admin/channels/ch_1", headers=bearer(ADMIN_TOKEN))
     assert set(channel.headers["allow"].split(", ")) == {"GET", "PATCH", "DELETE", "OPTIONS"}
 
 
