@@ -138,6 +138,8 @@ async def test_a_database_dump_holds_no_webhook_secret_and_no_upstream_key(
             "base_url": "https://upstream.example",
             "api_key": upstream_key,
             "models": {"krea-2-medium": None},
+            # Off: workers of the rest of the suite must never route to it.
+            "enabled": False,
         },
         headers=ADMIN,
     )
@@ -179,6 +181,8 @@ async def test_a_database_dump_holds_no_webhook_secret_and_no_upstream_key(
             assert webhook == second
     finally:
         await engine.dispose()
+    removed = await client.delete(f"/admin/channels/{channel.json()['id']}", headers=ADMIN)
+    assert removed.status_code == 204, removed.text
 
 
 # ---------------------------------------------------------------- a database of its own

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import ROOT, SERVER_URL, _plain
+from conftest import ENCRYPTION_KEYS, ROOT, SERVER_URL, _plain
 from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
 
@@ -60,6 +60,7 @@ def required_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
     monkeypatch.setenv("TOLLGATE_ADMIN_TOKEN", "0123456789abcdef")
     monkeypatch.setenv("TOLLGATE_SIGNING_SECRET", "0123456789abcdef")
+    monkeypatch.setenv("TOLLGATE_ENCRYPTION_KEYS", ENCRYPTION_KEYS)
 
 
 def test_the_old_callback_names_of_the_outbound_settings_still_work(
