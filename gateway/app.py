@@ -15,7 +15,6 @@ from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.openapi.config import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from redis.asyncio import Redis
@@ -39,8 +38,16 @@ from gateway.db import (
 )
 from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized
+from gateway.json_body import GatewayRequest
 from gateway.krea.routes import KreaController
 from gateway.limits.service import RateLimiter
+from gateway.openapi_docs import (
+    DOCS_PATH,
+    OfflineSwagger,
+    StrictStructSchemaPlugin,
+    docs_assets_router,
+    full_options_allow,
+)
 from gateway.redis_client import request_path_redis
 from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
@@ -281,21 +288,25 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             healthz,
             readyz,
             metrics_endpoint,
+            docs_assets_router(),
         ],
-        before_send=[add_rate_limit_headers],
+        before_send=[add_rate_limit_headers, full_options_allow],
+        plugins=[StrictStructSchemaPlugin()],
         dependencies={"services": Provide(provide_services)},
         exception_handlers={Exception: exception_handler},
         lifespan=[lifespan],
         state=State(),
         request_max_body_size=settings.max_body_bytes,
+        request_class=GatewayRequest,
         # Logging is configured once per process (gateway/logs.py), never by the framework.
         logging_config=None,
         openapi_config=OpenAPIConfig(
             title="Tollgate",
             version="0.1.0",
             description="One metered endpoint in front of many image-generation upstreams.",
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin()],
+            path=DOCS_PATH,
+            # Every asset from the gateway itself: /docs works offline (gateway/openapi_docs.py).
+            render_plugins=[OfflineSwagger()],
             components=Components(
                 security_schemes={
                     "bearerAuth": SecurityScheme(type="http", scheme="bearer"),

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from gateway import crypto
 from gateway.errors import NotFound
 from gateway.settings import Settings
 
@@ -49,7 +50,7 @@ async def get_or_404(session: AsyncSession, model: type[Row], key: str, missing:
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
@@ -57,6 +58,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
         # Errors never quote statement parameters: they can hold keys, prompts, URLs.
         hide_parameters=True,
     )
+    # Sealed columns (webhook secrets, upstream keys) find their keys here (gateway/crypto.py).
+    crypto.attach(engine.sync_engine.dialect, crypto.Keyring.parse(settings.encryption_keys))
+    return engine
 
 
 async def _init_hot_connection(conn: asyncpg.Connection) -> None:

@@ -220,7 +220,8 @@ def known_secrets(settings: Settings) -> list[str]:
     if settings.metrics_token:
         found.append(settings.metrics_token)
     found += [account.api_key for account in settings.upstreams.values()]
-    return found
+    found += [item.partition(":")[2].strip() for item in settings.encryption_keys.split(",")]
+    return [secret for secret in found if secret]
 
 
 def configure_logging(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:

@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.crypto import Keyring
+
 ENV_PREFIX = "TOLLGATE_"
 
 
@@ -52,6 +54,9 @@ class Settings(BaseSettings):
     redis_url: str = Field(description="Redis URL, e.g. redis://127.0.0.1:6379/0")
     admin_token: str = Field(min_length=16, repr=False)
     signing_secret: str = Field(min_length=16, repr=False)
+    # Keys that encrypt webhook secrets and upstream keys at rest: id:key[,id:key…], the
+    # first encrypts, all decrypt (gateway/crypto.py).
+    encryption_keys: str = Field(repr=False)
 
     public_base_url: str = "http://127.0.0.1:8000"
     catalog_path: Path | None = None
@@ -204,6 +209,12 @@ class Settings(BaseSettings):
                     "set TOLLGATE_RESULT_URL_TTL_SECONDS to 604800 or less"
                 )
         return self
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _encryption_keys(cls, value: str) -> str:
+        Keyring.parse(value)  # KeyringError is a ValueError: the message names the key
+        return value
 
     @field_validator("redis_url")
     @classmethod

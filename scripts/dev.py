@@ -60,7 +60,12 @@ LOCAL_REDIS = ("127.0.0.1", 6379)
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Generated once into .tollgate/dev.env unless the environment sets them.
-DEV_SECRETS = ("TOLLGATE_ADMIN_TOKEN", "TOLLGATE_SIGNING_SECRET", "TOLLGATE_DEV_SIM_KEY")
+DEV_SECRETS = (
+    "TOLLGATE_ADMIN_TOKEN",
+    "TOLLGATE_SIGNING_SECRET",
+    "TOLLGATE_ENCRYPTION_KEYS",
+    "TOLLGATE_DEV_SIM_KEY",
+)
 
 HEALTH_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
@@ -648,12 +653,19 @@ def _read_dev_env() -> dict[str, str]:
     return values
 
 
+def _new_dev_secret(name: str) -> str:
+    if name == "TOLLGATE_ENCRYPTION_KEYS":
+        # id:key, 32 random bytes in URL-safe base64 (gateway/crypto.py).
+        return "dev:" + secrets.token_urlsafe(32)
+    return secrets.token_urlsafe(32)
+
+
 def dev_secrets() -> dict[str, str]:
     """The environment's values, else those in .tollgate/dev.env, else new ones saved there."""
     saved = _read_dev_env()
     missing = [n for n in DEV_SECRETS if not os.environ.get(n) and not saved.get(n)]
     if missing:
-        saved.update({name: secrets.token_urlsafe(32) for name in missing})
+        saved.update({name: _new_dev_secret(name) for name in missing})
         STATE.mkdir(exist_ok=True)
         lines = ["# Written by scripts/dev.py run; delete this file for new secrets."]
         lines += [f"{key}={value}" for key, value in saved.items()]
@@ -828,6 +840,7 @@ def cmd_run(args: list[str]) -> int:
         "TOLLGATE_REDIS_URL": services.redis_url,
         "TOLLGATE_ADMIN_TOKEN": found["TOLLGATE_ADMIN_TOKEN"],
         "TOLLGATE_SIGNING_SECRET": found["TOLLGATE_SIGNING_SECRET"],
+        "TOLLGATE_ENCRYPTION_KEYS": found["TOLLGATE_ENCRYPTION_KEYS"],
         "TOLLGATE_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "TOLLGATE_STORAGE_DIR": str(storage),
         "TOLLGATE_UPSTREAMS": os.environ.get("TOLLGATE_UPSTREAMS") or json.dumps(upstreams),

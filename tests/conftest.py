@@ -47,6 +47,8 @@ SERVER_URL = os.environ.get(
 REDIS_URL = os.environ.get("TOLLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SIM_KEY = "sim-test-key"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+# The suite's key for secrets at rest (32 bytes, URL-safe base64; gateway/crypto.py).
+ENCRYPTION_KEYS = "test:dG9sbGdhdGUtdGVzdC1lbmNyeXB0aW9uLWtleS0zMmI"
 
 
 def _plain(url: str) -> str:
@@ -254,6 +256,7 @@ def make_settings(
         "redis_url": REDIS_URL,
         "admin_token": ADMIN_TOKEN,
         "signing_secret": "test-signing-secret-0123456789",
+        "encryption_keys": ENCRYPTION_KEYS,
         "public_base_url": "http://testserver.local",
         "storage_dir": storage,
         "queue_name": f"tollgate:test:{uuid.uuid4().hex}",
@@ -423,6 +426,7 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         TOLLGATE_REDIS_URL=settings.redis_url,
         TOLLGATE_ADMIN_TOKEN=settings.admin_token,
         TOLLGATE_SIGNING_SECRET=settings.signing_secret,
+        TOLLGATE_ENCRYPTION_KEYS=settings.encryption_keys,
         TOLLGATE_QUEUE_NAME=settings.queue_name,
         **extra,
     )

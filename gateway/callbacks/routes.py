@@ -52,7 +52,7 @@ class WebhookController(Controller):
     @get(
         "/webhooks/secret",
         summary="The secret that signs your callbacks (Standard Webhooks)",
-        responses=error_responses(401),
+        responses=error_responses(401, 429, 503),
     )
     async def secret(self, principal: PrincipalDep, uow: UnitOfWorkDep) -> Response[Any]:
         tenant = await uow.session.get(Tenant, principal.tenant_id)
@@ -63,7 +63,7 @@ class WebhookController(Controller):
         "/webhooks/secret/rotate",
         status_code=200,
         summary="Replace the signing secret; deliveries from now on use the new one",
-        responses=error_responses(401),
+        responses=error_responses(401, 429, 503),
     )
     async def rotate(self, principal: PrincipalDep, uow: UnitOfWorkDep) -> Response[Any]:
         tenant = await uow.session.get(Tenant, principal.tenant_id, with_for_update=True)
@@ -75,7 +75,7 @@ class WebhookController(Controller):
     @get(
         "/tasks/{task_id:str}/deliveries",
         summary="A task's callback deliveries and every attempt",
-        responses=error_responses(401, 404),
+        responses=error_responses(400, 401, 404, 429, 503),
     )
     async def deliveries(
         self, task_id: FromPath[str], principal: PrincipalDep, uow: UnitOfWorkDep
@@ -87,7 +87,7 @@ class WebhookController(Controller):
         "/tasks/{task_id:str}/deliveries",
         status_code=202,
         summary="Deliver a finished task's callback again",
-        responses=error_responses(401, 404, 409),
+        responses=error_responses(400, 401, 404, 409, 429, 503),
     )
     async def redeliver(
         self,

@@ -3,8 +3,8 @@
 A channel names its adapter (the wire protocol), where to call it and with
 which key, the upstream's own id for each model it serves, and how routing
 treats it: higher ``priority`` first, ``weight`` among equals, at most
-``max_concurrency`` upstream jobs at once. The key is stored to be used and
-never shown: no API answer, CLI output or log line carries it.
+``max_concurrency`` upstream jobs at once. The key is stored encrypted, to be
+used and never shown: no API answer, CLI output or log line carries it.
 """
 
 from datetime import datetime
@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
+from gateway.crypto import CHANNEL_API_KEY, Sealed
 from gateway.db import utcnow
 
 # The wire protocols a channel can speak: the keys of workers.providers.ADAPTERS
@@ -37,7 +38,8 @@ class Channel(SQLModel, table=True):
     name: str = Field(max_length=100, sa_column_kwargs={"unique": True})
     adapter: str = Field(max_length=30)
     base_url: str = Field(max_length=2048)
-    api_key: str = Field(max_length=4096, repr=False)
+    # Stored encrypted (gateway/crypto.py); at most 4096 characters (channels/service.py).
+    api_key: str = Field(sa_type=Sealed(CHANNEL_API_KEY, 8192), repr=False)
     # Catalogue model id -> the upstream's id for it (None: the catalogue's upstream_model).
     models: dict[str, str | None] = Field(default_factory=dict, sa_type=JSONB)
     priority: int = 0

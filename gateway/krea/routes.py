@@ -114,7 +114,7 @@ class KreaController(Controller):
         summary="Get a job (Krea 2 API)",
         description="Any task of yours, as a Krea job object; `result.urls` are signed, "
         "expiring links to the images.",
-        responses=krea_error_responses(401, 404, 429, 503),
+        responses=krea_error_responses(400, 401, 404, 429, 503),
     )
     async def get_job(
         self, job_id: FromPath[str], principal: PrincipalDep, services: ServicesDep
@@ -134,7 +134,7 @@ class KreaController(Controller):
         description="Cancels the job while it may be cancelled (queued, or running at an "
         "upstream that can stop it) and answers the job object, now `cancelled`; its reserved "
         "credits are released. 409 when the job is final or cannot be stopped.",
-        responses=krea_error_responses(401, 404, 409, 429, 503),
+        responses=krea_error_responses(400, 401, 404, 409, 429, 503),
     )
     async def cancel_job(
         self,

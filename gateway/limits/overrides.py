@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.limits.service import key_spend, spend_periods
+from gateway.limits.service import effective_burst, key_spend, spend_periods
 from gateway.settings import Settings
 from gateway.tenants.models import ApiKey, Tenant
 from pricing.catalog import Catalog
@@ -107,14 +107,23 @@ def _effective(value: int | None, default: int) -> dict[str, Any]:
     }
 
 
+def _burst(rate: int | None, default_rate: int, burst: int | None, default: int) -> dict[str, Any]:
+    """The burst that applies (``gateway.limits.effective_burst``) and where it comes from."""
+    value = effective_burst(default_rate if rate is None else rate, burst, default)
+    return {"value": value, "from": "default" if burst is None else "own"}
+
+
 def tenant_limits_json(tenant: Tenant, settings: Settings) -> dict[str, Any]:
     return {
         "tenant_id": tenant.id,
         "rate_limit_per_minute": _effective(
             tenant.rate_limit_per_minute, settings.default_tenant_rate_limit_per_minute
         ),
-        "rate_limit_burst": _effective(
-            tenant.rate_limit_burst, settings.default_tenant_rate_limit_burst
+        "rate_limit_burst": _burst(
+            tenant.rate_limit_per_minute,
+            settings.default_tenant_rate_limit_per_minute,
+            tenant.rate_limit_burst,
+            settings.default_tenant_rate_limit_burst,
         ),
         "max_in_flight": _effective(tenant.max_in_flight, settings.default_max_in_flight),
         "in_flight": tenant.in_flight,
@@ -144,7 +153,12 @@ async def key_limits_json(session: AsyncSession, key: ApiKey, settings: Settings
         "rate_limit_per_minute": _effective(
             key.rate_limit_per_minute, settings.default_key_rate_limit_per_minute
         ),
-        "rate_limit_burst": _effective(key.rate_limit_burst, settings.default_key_rate_limit_burst),
+        "rate_limit_burst": _burst(
+            key.rate_limit_per_minute,
+            settings.default_key_rate_limit_per_minute,
+            key.rate_limit_burst,
+            settings.default_key_rate_limit_burst,
+        ),
         "allowed_models": key.allowed_models,
         "budgets": budgets,
     }

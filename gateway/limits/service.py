@@ -18,6 +18,11 @@ Rules:
   was reserved but not charged.
   A reservation that would cross a budget is refused (a budget of 0 allows
   nothing paid; no budget is ``None``).
+- A rate set without a burst gets burst = min(the default burst, the rate), so
+  ``--rpm 30`` alone lets 30 through at once, not the default 100.
+- The ``RateLimit`` headers describe the policy they name (``q`` per ``w`` = 60 s):
+  ``r`` is never above ``q`` and ``t`` never above ``w``, even for an explicit burst
+  larger than the rate.
 - Limits live on the tenant and key rows (``None``: the settings' default;
   0: no limit). Gateways cache them with the key (``key_cache_ttl_seconds``),
   so a change reaches every process within seconds.
@@ -44,6 +49,9 @@ from pricing.money import credits_from_micros
 
 tenants: Table = Tenant.__table__  # type: ignore[attr-defined]
 key_spend: Table = KeySpend.__table__  # type: ignore[attr-defined]
+
+
+WINDOW_SECONDS = 60  # rates are per minute
 
 
 class RateLimited(ApiError):
@@ -129,9 +137,14 @@ class RateDecision:
         """The IETF httpapi RateLimit-Policy and RateLimit fields, one item per limit."""
         if not self.limits:
             return {}
-        policy = ", ".join(f'"{lim.name}";q={lim.per_minute};w=60' for lim in self.limits)
+        policy = ", ".join(
+            f'"{lim.name}";q={lim.per_minute};w={WINDOW_SECONDS}' for lim in self.limits
+        )
+        # A burst above the rate can leave more than the quota, or longer than the
+        # window to refill: the headers stay within the policy they state.
         state = ", ".join(
-            f'"{lim.name}";r={left};t={math.ceil(reset / 1_000_000)}'
+            f'"{lim.name}";r={min(left, lim.per_minute)};'
+            f"t={min(math.ceil(reset / 1_000_000), WINDOW_SECONDS)}"
             for lim, left, reset in zip(self.limits, self.remaining, self.reset_us, strict=True)
         )
         headers = {"RateLimit-Policy": policy, "RateLimit": state}
@@ -144,21 +157,32 @@ def _pick(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+def effective_burst(per_minute: int, burst: int | None, default_burst: int) -> int:
+    """The burst that applies: its own if set, else the default capped at the rate."""
+    if burst is not None:
+        return max(1, burst)
+    if per_minute <= 0:  # no rate limit: nothing to cap
+        return max(1, default_burst)
+    return max(1, min(default_burst, per_minute))
+
+
 def rate_limits(settings: Settings, principal: Principal) -> tuple[RateLimit, ...]:
     found = []
     key_rate = _pick(principal.key_rate_per_minute, settings.default_key_rate_limit_per_minute)
     if key_rate > 0:
-        burst = _pick(principal.key_rate_burst, settings.default_key_rate_limit_burst)
-        found.append(RateLimit("key", rate_key_for_key(principal.key_id), key_rate, max(1, burst)))
+        burst = effective_burst(
+            key_rate, principal.key_rate_burst, settings.default_key_rate_limit_burst
+        )
+        found.append(RateLimit("key", rate_key_for_key(principal.key_id), key_rate, burst))
     tenant_rate = _pick(
         principal.tenant_rate_per_minute, settings.default_tenant_rate_limit_per_minute
     )
     if tenant_rate > 0:
-        burst = _pick(principal.tenant_rate_burst, settings.default_tenant_rate_limit_burst)
+        burst = effective_burst(
+            tenant_rate, principal.tenant_rate_burst, settings.default_tenant_rate_limit_burst
+        )
         found.append(
-            RateLimit(
-                "tenant", rate_key_for_tenant(principal.tenant_id), tenant_rate, max(1, burst)
-            )
+            RateLimit("tenant", rate_key_for_tenant(principal.tenant_id), tenant_rate, burst)
         )
     return tuple(found)
 

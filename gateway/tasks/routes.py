@@ -136,7 +136,7 @@ class TaskController(Controller):
         "/tasks/{task_id:str}",
         summary="Get a task",
         description="The task object, kept current.",
-        responses=error_responses(401, 404),
+        responses=error_responses(400, 401, 404, 429, 503),
     )
     async def get_task(
         self, task_id: FromPath[str], principal: PrincipalDep, services: ServicesDep
@@ -157,7 +157,7 @@ class TaskController(Controller):
         "task, or one whose upstream can stop the running generation. The task becomes "
         "`cancelled` and its reserved credits are released; nothing is charged. A task that "
         "is final, or running where it cannot be stopped, answers 409.",
-        responses=error_responses(401, 404, 409),
+        responses=error_responses(400, 401, 404, 409, 429, 503),
     )
     async def cancel_task(
         self,
@@ -169,7 +169,11 @@ class TaskController(Controller):
         task = await cancel_and_queue(uow, services, principal.tenant_id, task_id)
         return json_response(service.render_task(task, services.signer))
 
-    @get("/models", summary="List the models this key may use", responses=error_responses(401))
+    @get(
+        "/models",
+        summary="List the models this key may use",
+        responses=error_responses(401, 429, 503),
+    )
     async def list_models(
         self, principal: PrincipalDep, services: ServicesDep
     ) -> Response[ModelList]:
@@ -189,7 +193,7 @@ class FileController(Controller):
         description="Links come from a completed task's `results`; they expire at `expires_at` "
         "(410 after). 503 when the result store cannot be reached.",
         media_type="image/png",
-        responses=error_responses(404, 410, 503),
+        responses=error_responses(400, 404, 410, 503),
     )
     async def download(
         self,

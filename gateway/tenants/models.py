@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
+from gateway.crypto import WEBHOOK_SECRET, Sealed
 from gateway.db import utcnow
 
 KEY_PREFIX = "tg_"
@@ -51,7 +52,11 @@ class Tenant(SQLModel, table=True):
     rate_limit_burst: int | None = None
     allowed_models: list[str] | None = Field(default=None, sa_type=JSONB)
     # Signs callbacks (Standard Webhooks); the tenant reads and rotates it through the API.
-    webhook_secret: str = Field(default_factory=lambda: new_webhook_secret(), max_length=100)
+    # Stored encrypted (gateway/crypto.py); reads and writes see the secret itself.
+    webhook_secret: str = Field(
+        default_factory=lambda: new_webhook_secret(),
+        sa_type=Sealed(WEBHOOK_SECRET, 400),
+    )
     # "standard": retries after 1, 2, 4 s; "extended" (an operator's opt-in): then hourly for a day.
     callback_schedule: str = Field(default="standard", max_length=20)
     created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())

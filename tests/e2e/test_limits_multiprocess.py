@@ -16,7 +16,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, REDIS_URL, ROOT, bearer, free_port, make_settings, make_tenant_key
+from conftest import (
+    ADMIN_TOKEN,
+    ENCRYPTION_KEYS,
+    REDIS_URL,
+    ROOT,
+    bearer,
+    free_port,
+    make_settings,
+    make_tenant_key,
+)
 from sqlalchemy import text
 
 from gateway.db import create_engine
@@ -33,6 +42,7 @@ def gateway_env(database_url: str, tmp_path: Path) -> dict[str, str]:
         TOLLGATE_REDIS_URL=REDIS_URL,
         TOLLGATE_ADMIN_TOKEN=ADMIN_TOKEN,
         TOLLGATE_SIGNING_SECRET="e2e-signing-secret-0123456789",
+        TOLLGATE_ENCRYPTION_KEYS=ENCRYPTION_KEYS,
         TOLLGATE_STORAGE_DIR=str(tmp_path / "storage"),
         TOLLGATE_QUEUE_NAME=f"tollgate:e2e-limits:{os.getpid()}:{time.monotonic_ns()}",
         TOLLGATE_LOG_LEVEL="WARNING",

@@ -15,7 +15,16 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, REDIS_URL, ROOT, SIM_KEY, Sim, free_port, wait_http
+from conftest import (
+    ADMIN_TOKEN,
+    ENCRYPTION_KEYS,
+    REDIS_URL,
+    ROOT,
+    SIM_KEY,
+    Sim,
+    free_port,
+    wait_http,
+)
 
 from workers.simulator.png import png_size
 
@@ -69,6 +78,7 @@ def stack(database_url: str, simulator_url: str, tmp_path: Path) -> Iterator[Sta
         "TOLLGATE_REDIS_URL": REDIS_URL,
         "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         "TOLLGATE_SIGNING_SECRET": "e2e-signing-secret-0123456789",
+        "TOLLGATE_ENCRYPTION_KEYS": ENCRYPTION_KEYS,
         "TOLLGATE_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "TOLLGATE_STORAGE_DIR": str(tmp_path / "storage"),
         "TOLLGATE_QUEUE_NAME": f"tollgate:e2e:{port}",

@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import ROOT, bearer, cli_env, run_cli, scalar
+from conftest import ENCRYPTION_KEYS, ROOT, bearer, cli_env, run_cli, scalar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.channels.models import ADAPTER_NAMES, Channel
 from gateway.channels.service import channel_view
+from gateway.crypto import CHANNEL_API_KEY, Keyring
 from gateway.db import session_factory
 from gateway.settings import Settings
 from workers.providers import ADAPTERS
@@ -72,8 +73,10 @@ def new_channel(**fields: Any) -> dict[str, Any]:
 
 
 async def stored_key(engine: AsyncEngine, channel_id: str) -> str:
-    key: str = await scalar(engine, "SELECT api_key FROM channels WHERE id = :id", id=channel_id)
-    return key
+    """The channel's key as stored: sealed (gateway/crypto.py), opened here to compare."""
+    sealed: str = await scalar(engine, "SELECT api_key FROM channels WHERE id = :id", id=channel_id)
+    assert sealed.startswith("enc:v1:"), "the key is stored encrypted"
+    return Keyring.parse(ENCRYPTION_KEYS).open(sealed, CHANNEL_API_KEY)
 
 
 def test_adapter_names_are_the_workers_adapters() -> None:

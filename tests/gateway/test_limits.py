@@ -281,6 +281,54 @@ async def test_a_key_passes_its_burst_then_gets_429_until_one_interval_has_passe
     assert rate_state(again[0])["key"]["r"] == 0
 
 
+async def test_a_rate_set_without_a_burst_caps_the_burst_at_the_rate(
+    settings: Settings, client: Client, engine: AsyncEngine
+) -> None:
+    """``--rpm 30`` alone: 30 pass at once, not the default burst of 100 (issue 13)."""
+    assert settings.default_key_rate_limit_burst == 100
+    caller = await new_caller(settings, engine)
+    shown = await patch_key(client, settings, caller.key_id, rate_limit_per_minute=30)
+    assert shown["rate_limit_burst"] == {"value": 30, "from": "default"}
+
+    statuses = []
+    for _ in range(40):
+        response = await client.get(MODELS, headers=caller.auth)
+        statuses.append(response.status_code)
+        state = rate_state(response)["key"]
+        assert state["r"] <= 30, response.headers["RateLimit"]
+        assert state["t"] <= 60, response.headers["RateLimit"]
+    # At 30 a minute one more may fit while the 40 go out (2 s each): never 40.
+    assert statuses[:30] == [200] * 30
+    assert statuses.count(200) <= 31
+    assert statuses[-1] == 429
+
+
+async def test_a_tenant_rate_without_a_burst_is_capped_too(
+    settings: Settings, client: Client, engine: AsyncEngine
+) -> None:
+    caller = await new_caller(settings, engine)
+    shown = await patch_tenant(client, settings, caller.tenant_id, rate_limit_per_minute=5)
+    assert shown["rate_limit_burst"] == {"value": 5, "from": "default"}
+    statuses = [(await client.get(MODELS, headers=caller.auth)).status_code for _ in range(8)]
+    assert statuses[:5] == [200] * 5
+    assert statuses[-1] == 429
+
+
+async def test_headers_never_report_more_than_the_quota_or_a_longer_reset_than_the_window(
+    settings: Settings, client: Client, engine: AsyncEngine
+) -> None:
+    """An explicit burst above the rate is kept, but the headers stay within the policy."""
+    caller = await new_caller(settings, engine)
+    await patch_key(client, settings, caller.key_id, rate_limit_per_minute=30, rate_limit_burst=100)
+    for _ in range(40):
+        response = await client.get(MODELS, headers=caller.auth)
+        assert response.status_code == 200, response.text  # the burst of 100 applies
+        assert response.headers["RateLimit-Policy"] == '"key";q=30;w=60'
+        state = rate_state(response)["key"]
+        assert 0 <= state["r"] <= 30, response.headers["RateLimit"]
+        assert 0 <= state["t"] <= 60, response.headers["RateLimit"]
+
+
 async def test_a_tenant_limit_is_shared_by_all_its_keys(
     settings: Settings, client: Client, engine: AsyncEngine
 ) -> None:

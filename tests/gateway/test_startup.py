@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import ROOT, SERVER_URL, _plain
+from conftest import ENCRYPTION_KEYS, ROOT, SERVER_URL, _plain
 from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
 
@@ -31,6 +31,7 @@ def test_missing_settings_are_named_by_their_variable(monkeypatch: pytest.Monkey
         "TOLLGATE_REDIS_URL",
         "TOLLGATE_ADMIN_TOKEN",
         "TOLLGATE_SIGNING_SECRET",
+        "TOLLGATE_ENCRYPTION_KEYS",
     ):
         assert f"{variable}: is required" in message
 
@@ -59,6 +60,7 @@ def required_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
     monkeypatch.setenv("TOLLGATE_ADMIN_TOKEN", "0123456789abcdef")
     monkeypatch.setenv("TOLLGATE_SIGNING_SECRET", "0123456789abcdef")
+    monkeypatch.setenv("TOLLGATE_ENCRYPTION_KEYS", ENCRYPTION_KEYS)
 
 
 def test_the_old_callback_names_of_the_outbound_settings_still_work(
@@ -129,6 +131,7 @@ async def test_an_unmigrated_database_is_refused_with_the_command_to_run(
         TOLLGATE_REDIS_URL=settings.redis_url,
         TOLLGATE_ADMIN_TOKEN=settings.admin_token,
         TOLLGATE_SIGNING_SECRET=settings.signing_secret,
+        TOLLGATE_ENCRYPTION_KEYS=settings.encryption_keys,
     )
     served = await asyncio.to_thread(
         subprocess.run,
