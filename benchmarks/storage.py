@@ -61,7 +61,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1, trust_env=False).status_code < 500:
                 return
@@ -118,7 +118,7 @@ async def submit(env: dict[str, str], count: int) -> list[str]:
     from gateway.db import create_engine, session_factory, transaction
     from gateway.ledger import service as ledger
     from gateway.ledger.models import EntryKind
-    from gateway.tenants import create_tenant, issue_key
+    from gateway.tenants.service import create_tenant, issue_key
 
     settings = settings_from(env)
     engine = create_engine(settings)

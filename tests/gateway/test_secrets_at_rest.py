@@ -167,7 +167,7 @@ async def test_a_database_dump_holds_no_webhook_secret_and_no_upstream_key(
             from sqlalchemy import select
 
             from gateway.channels.models import Channel
-            from gateway.tenants import Tenant
+            from gateway.tenants.models import Tenant
 
             stored = (
                 await conn.execute(
@@ -263,7 +263,7 @@ async def read_back(settings: Settings) -> tuple[str, str]:
     from sqlalchemy import select
 
     from gateway.channels.models import Channel
-    from gateway.tenants import Tenant
+    from gateway.tenants.models import Tenant
 
     engine = create_engine(settings)
     try:
