@@ -38,8 +38,10 @@ from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized, exception_handler
 from gateway.krea_api import KreaController
 from gateway.limits import RateLimiter
+from gateway.redis_keys import task_events_channel
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
+from gateway.tasks import events
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
 from pricing.catalog import COMMON_FIELDS, Catalog, CatalogError, load_catalog
@@ -214,24 +216,40 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = create_engine(settings)
         redis = None
+        publisher = None
+        task_events = None
         try:
             if check_schema:
                 await check_migrated(engine)
             redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
             metrics.configure(settings)
+            channel = task_events_channel(settings.queue_name)
+            # Changes this process commits (a cancel) signal waiters in every process.
+            publisher = events.Publisher(redis, channel)
+            publisher.start()
+            events.attach(engine, publisher)
+            sessions = session_factory(engine)
+            task_events = events.TaskEvents(settings.redis_url, channel, sessions)
+            task_events.start()
             app.state.services = Services(
                 settings=settings,
                 catalog=catalog,
                 engine=engine,
-                sessions=session_factory(engine),
+                sessions=sessions,
                 redis=redis,
                 keys=KeyCache(engine, settings.key_cache_ttl_seconds),
                 storage=LocalStorage(settings.storage_dir),
                 signer=UrlSigner(settings.signing_secret, settings.public_base_url),
                 limiter=RateLimiter(redis, settings),
+                task_events=task_events,
             )
             yield
         finally:
+            if task_events is not None:
+                await task_events.close()
+            if publisher is not None:
+                await publisher.close()
+                events.detach(engine)
             if redis is not None:
                 await redis.aclose()
             await engine.dispose()

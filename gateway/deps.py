@@ -21,6 +21,7 @@ from gateway.auth import KeyCache, Principal, check_admin
 from gateway.limits import RateLimiter
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
+from gateway.tasks.events import TaskEvents
 from pricing.catalog import Catalog
 
 logger = logging.getLogger("tollgate.deps")
@@ -37,6 +38,7 @@ class Services:
     storage: Storage
     signer: UrlSigner
     limiter: RateLimiter
+    task_events: TaskEvents  # the process's one subscription to task signals
 
 
 @dataclass

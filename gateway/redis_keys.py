@@ -73,3 +73,9 @@ def ledger_check_key(queue_name: str) -> str:
     """Present while the last periodic ledger check is fresh (its TTL is the interval);
     one per deployment, which is one generation queue."""
     return f"{queue_name}:ledger-check"
+
+
+def task_events_channel(queue_name: str) -> str:
+    """The pub/sub channel of task signals (gateway/tasks/events.py): a task id per
+    visible change. One per deployment, which is one generation queue."""
+    return f"{queue_name}:task-events"
