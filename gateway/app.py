@@ -38,6 +38,7 @@ from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized, exception_handler
 from gateway.krea_api import KreaController
 from gateway.limits import RateLimiter
+from gateway.openai_api.routes import OpenAIController
 from gateway.redis_keys import task_events_channel
 from gateway.settings import Settings, load_settings
 from gateway.storage import LocalStorage, UrlSigner
@@ -260,6 +261,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             WebhookController,
             FileController,
             KreaController,
+            OpenAIController,
             AdminController,
             healthz,
             readyz,
