@@ -9,7 +9,9 @@
    so they stay pending.
 4. ``--waiters`` long-polls, ``GET /v1/tasks/{id}`` with ``Prefer: wait=60``, spread evenly
    over the tasks, each on its own connection, all open at once. Raw HTTP/1.1 over
-   asyncio streams, so the client costs little next to what it measures.
+   asyncio streams, so the client costs little next to what it measures. A request
+   answered "not yet" (its 60 s ran out while the others were still being opened, on a
+   slow machine) asks again on the same connection, as a client's loop would.
 5. While they all wait: the gateway's RSS (against its RSS before they came) and its
    PostgreSQL connections, all and busy (``pg_stat_activity``: active or in a
    transaction), sampled every 100 ms.
@@ -77,6 +79,21 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def quiet(pid: int, *, limit: float = 600) -> None:
+    """Until the gateway has used under 5 % of a core for a second: every request read."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(1)
+        if cpu_seconds(pid) - before < 0.05:
+            return
 
 
 def raise_file_limit(needed: int) -> None:
@@ -179,39 +196,51 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> N
 
 
 class Waiter:
-    __slots__ = ("answered", "status", "task_id", "writer")
+    __slots__ = ("answered", "repolls", "status", "task_id", "writer")
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
+        self.repolls = 0
         self.answered = 0.0
         self.status = ""
         self.writer: asyncio.StreamWriter | None = None
 
 
+def long_poll(task_id: str, key: str) -> bytes:
+    return (
+        f"GET /v1/tasks/{task_id} HTTP/1.1\r\nHost: bench\r\n"
+        f"Authorization: Bearer {key}\r\nPrefer: wait={WAIT}\r\n\r\n"
+    ).encode()
+
+
 async def open_waiter(port: int, key: str, waiter: Waiter) -> asyncio.StreamReader:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     waiter.writer = writer
-    writer.write(
-        (
-            f"GET /v1/tasks/{waiter.task_id} HTTP/1.1\r\nHost: bench\r\n"
-            f"Authorization: Bearer {key}\r\nPrefer: wait={WAIT}\r\n\r\n"
-        ).encode()
-    )
+    writer.write(long_poll(waiter.task_id, key))
     await writer.drain()
     return reader
 
 
-async def read_answer(reader: asyncio.StreamReader, waiter: Waiter) -> None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    body = await reader.readexactly(length)
-    waiter.answered = time.time()
-    waiter.status = json.loads(body).get("status", "?")
+async def read_answer(reader: asyncio.StreamReader, waiter: Waiter, key: str) -> None:
+    """Read answers until the task is final, asking again (as a client loops on a
+    long-poll) when a wait ran out first; the time of the final answer counts."""
     assert waiter.writer is not None
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        body = await reader.readexactly(length)
+        status = json.loads(body).get("status", "?")
+        if status in ("completed", "failed", "cancelled"):
+            break
+        waiter.repolls += 1
+        waiter.writer.write(long_poll(waiter.task_id, key))
+        await waiter.writer.drain()
+    waiter.answered = time.time()
+    waiter.status = status
     waiter.writer.close()
 
 
@@ -296,22 +325,24 @@ async def measure(
         rss_before = rss_kib(pid)
 
         say(f"opening {args.waiters} waiting requests")
+        opening = time.monotonic()
         waiters = [Waiter(task_ids[i % len(task_ids)]) for i in range(args.waiters)]
         readers: list[asyncio.Task[None]] = []
         for start in range(0, len(waiters), OPEN_BATCH):
             batch = waiters[start : start + OPEN_BATCH]
             opened = await asyncio.gather(*(open_waiter(port, key, w) for w in batch))
             readers += [
-                asyncio.create_task(read_answer(reader, w))
+                asyncio.create_task(read_answer(reader, w, key))
                 for reader, w in zip(opened, batch, strict=True)
             ]
-        # Every request has read its task once; from now on they only wait.
-        for _ in range(300):
-            if not (await connections(stats, database))[1]:
-                break
-            await asyncio.sleep(0.1)
+        # Every request has read its task once when the gateway falls quiet; from then
+        # on they only wait.
+        await quiet(pid)
+        opened_seconds = time.monotonic() - opening
+        say(f"all {args.waiters} sent and read once in {opened_seconds:.1f}s")
         await asyncio.sleep(2)
         early = sum(1 for w in waiters if w.answered)
+        repolled_while_opening = sum(1 for w in waiters if w.repolls)
         rss_waiting = rss_kib(pid)
         samples = []
         for _ in range(10):
@@ -329,19 +360,27 @@ async def measure(
         samples_during: list[tuple[int, int]] = []
         sampler = asyncio.create_task(sample_while_ending())
         committed = await end_tasks(engine, task_ids, args.end_rate)
-        async with asyncio.timeout(WAIT):
-            await asyncio.gather(*readers)
+        say("all tasks ended; waiting for the last answers")
+        done, pending = await asyncio.wait(readers, timeout=WAIT)
+        for reader in pending:
+            reader.cancel()
+        failed = sum(1 for reader in done if reader.exception() is not None)
         sampling = False
         await sampler
+        answered = [w for w in waiters if w.answered]
         rss_peak = rss_kib(pid)
-        latencies = [w.answered - committed[w.task_id] for w in waiters]
-        statuses = {w.status for w in waiters}
+        latencies = [w.answered - committed[w.task_id] for w in answered] or [float("inf")]
+        statuses = {w.status for w in answered}
         within = sum(1 for latency in latencies if latency <= 0.1)
         return {
             "waiters": args.waiters,
             "tasks": args.tasks,
             "end_rate_per_s": args.end_rate,
             "answered_before_their_task_ended": early,
+            "unanswered": len(pending),
+            "asked_again_after_a_60s_wait": repolled_while_opening,
+            "connection_errors": failed,
+            "seconds_to_open_all": round(opened_seconds, 1),
             "statuses": sorted(statuses),
             "rss_before_mib": round(rss_before / 1024, 1),
             "rss_waiting_mib": round(rss_waiting / 1024, 1),
@@ -354,7 +393,7 @@ async def measure(
             "latency_p99_ms": round(percentile(latencies, 99) * 1000, 1),
             "latency_max_ms": round(max(latencies) * 1000, 1),
             "answered_within_100ms": within,
-            "answered_within_100ms_pct": round(100 * within / len(latencies), 2),
+            "answered_within_100ms_pct": round(100 * within / args.waiters, 2),
         }
     finally:
         await stats.close()
