@@ -41,6 +41,7 @@ from gateway.errors import Unauthorized
 from gateway.json_body import GatewayRequest
 from gateway.krea.routes import KreaController
 from gateway.limits.service import RateLimiter
+from gateway.openai_api.routes import OpenAIController
 from gateway.openapi_docs import (
     DOCS_PATH,
     OfflineSwagger,
@@ -49,9 +50,11 @@ from gateway.openapi_docs import (
     full_options_allow,
 )
 from gateway.redis_client import request_path_redis
+from gateway.redis_keys import task_events_channel
 from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import Storage, StorageUnavailable, build_signer, build_storage
+from gateway.tasks import events
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
 from gateway.tasks.service import FinishedTasks
@@ -246,17 +249,27 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         # The request path's own Redis client (rate limits, queueing submits).
         quick = request_path_redis(settings.redis_url)
         storage = build_storage(settings)
+        publisher = None
+        task_events = None
         try:
             if check_schema:
                 await check_migrated(engine)
             redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
             pg = await create_hot_pool(settings)
             metrics.configure(settings)
+            channel = task_events_channel(settings.queue_name)
+            # Changes this process commits (a cancel) signal waiters in every process.
+            publisher = events.Publisher(redis, channel)
+            publisher.start()
+            events.attach(engine, publisher)
+            sessions = session_factory(engine)
+            task_events = events.TaskEvents(settings.redis_url, channel, sessions)
+            task_events.start()
             app.state.services = Services(
                 settings=settings,
                 catalog=catalog,
                 engine=engine,
-                sessions=session_factory(engine),
+                sessions=sessions,
                 redis=redis,
                 keys=KeyCache(engine, settings.key_cache_ttl_seconds),
                 storage=storage,
@@ -266,9 +279,15 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 pg=pg,
                 model_lists=ModelLists(catalog),
                 finished=FinishedTasks(),
+                task_events=task_events,
             )
             yield
         finally:
+            if task_events is not None:
+                await task_events.close()
+            if publisher is not None:
+                await publisher.close()
+                events.detach(engine)
             if pg is not None:
                 await close_hot_pool(pg)
             if redis is not None:
@@ -284,6 +303,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             WebhookController,
             FileController,
             KreaController,
+            OpenAIController,
             admin_router(),
             healthz,
             readyz,

@@ -24,6 +24,7 @@ from gateway.catalog_view import ModelLists
 from gateway.limits.service import RateLimiter
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
+from gateway.tasks.events import TaskEvents
 from gateway.tasks.service import FinishedTasks
 from pricing.catalog import Catalog
 
@@ -45,6 +46,7 @@ class Services:
     pg: Any  # asyncpg.Pool (untyped): the hot paths' pool, gateway/db.create_hot_pool
     model_lists: ModelLists
     finished: FinishedTasks
+    task_events: TaskEvents  # the process's one subscription to task signals
 
 
 @dataclass

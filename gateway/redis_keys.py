@@ -86,3 +86,9 @@ def ledger_check_key(queue_name: str) -> str:
 def retention_key(queue_name: str) -> str:
     """Present while a retention run is recent: one run per interval across the fleet."""
     return f"{queue_name}:retention"
+
+
+def task_events_channel(queue_name: str) -> str:
+    """The pub/sub channel of task signals (gateway/tasks/events.py): a task id per
+    visible change. One per deployment, which is one generation queue."""
+    return f"{queue_name}:task-events"

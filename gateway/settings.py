@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     metrics_tenant_labels: bool = False
     ledger_check_interval_seconds: int = Field(default=3600, ge=60)
     shutdown_grace_seconds: int = Field(default=30, ge=0)
+    # POST /openai/v1/images/generations waits this long for the task's end (docs/openai.md).
+    openai_wait_seconds: int = Field(default=120, ge=1, le=3600)
 
     @field_validator("database_url")
     @classmethod

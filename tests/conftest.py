@@ -381,14 +381,15 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve_app(settings: Settings) -> AsyncIterator[str]:
-    """The app under uvicorn on a free loopback port, in this event loop: its base URL.
+async def serve_app(settings: Settings, app: Any = None) -> AsyncIterator[str]:
+    """The app (built from ``settings`` unless given) under uvicorn on a free loopback
+    port, in this event loop: its base URL.
 
     For tests that need real concurrency (the test client runs one request at a time).
     """
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings),
+        app if app is not None else create_app(settings),
         host="127.0.0.1",
         port=port,
         lifespan="on",

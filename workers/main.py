@@ -17,9 +17,10 @@ from arq.worker import Worker
 from gateway import metrics
 from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_factory
 from gateway.logs import configure_logging
-from gateway.redis_keys import CALLBACK_JOB, CANCEL_JOB, GENERATE_JOB
+from gateway.redis_keys import CALLBACK_JOB, CANCEL_JOB, GENERATE_JOB, task_events_channel
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.storage import build_signer, build_storage
+from gateway.tasks import events
 from pricing.catalog import CatalogError, load_catalog
 from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
 from workers.circuits import Circuits
@@ -52,6 +53,11 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
         await check_migrated(engine)
+        # Task changes this worker commits signal the gateways' waiting requests.
+        publisher = events.Publisher(ctx["redis"], task_events_channel(settings.queue_name))
+        publisher.start()
+        events.attach(engine, publisher)
+        ctx["task_events_publisher"] = publisher
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(
                 settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
@@ -81,8 +87,12 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        publisher: events.Publisher | None = ctx.get("task_events_publisher")
+        if publisher is not None:
+            await publisher.close()
         deps: WorkerDeps | None = ctx.get("deps")
         if deps is not None:
+            events.detach(deps.engine)
             await deps.http.aclose()
             await deps.storage.close()
             await deps.engine.dispose()

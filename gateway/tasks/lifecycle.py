@@ -12,6 +12,9 @@ Rules:
   makes the task final: captured on completion (by the quote it was reserved
   with), released on failure. Either both happen or neither. The same
   transaction frees the tenant's in-flight slot and returns unused budget.
+- Every change a client can see (claimed, progress, cancellable, every end)
+  signals the task's waiters once its transaction commits
+  (``gateway/tasks/events.py``); a rolled-back change signals nothing.
 """
 
 import logging
@@ -26,6 +29,7 @@ from gateway import metrics
 from gateway.callbacks import service as callbacks
 from gateway.ledger import service as ledger
 from gateway.limits import service as limits
+from gateway.tasks import events
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
 from pricing.quote import settlement
 
@@ -61,6 +65,7 @@ async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | N
         # neither be lost nor report a charge that did not happen.
         await callbacks.create_delivery(conn, task_id, row.tenant_id, row.callback_url)
     await _record_end(conn, task_id, row, charge)
+    events.task_changed(conn, task_id)
 
 
 # Returned by every ending UPDATE: what _finish settles with, and what _record_end
@@ -141,6 +146,7 @@ async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float)
     row = (await conn.execute(stmt)).first()
     if row is None:
         return None
+    events.task_changed(conn, task_id)
     return Claimed(*row)
 
 
@@ -160,7 +166,10 @@ async def heartbeat(
     if upstream_job_id is not None:
         values["upstream_job_id"] = upstream_job_id
     stmt = update(tasks).where(_fence(task_id, attempt), _processing).values(**values)
-    return _changed(await conn.execute(stmt))
+    changed = _changed(await conn.execute(stmt))
+    if changed and progress is not None:
+        events.task_changed(conn, task_id)
+    return changed
 
 
 async def record_route(
@@ -185,7 +194,10 @@ async def record_route(
             lease_expires_at=func.now() + timedelta(seconds=lease),
         )
     )
-    return _changed(await conn.execute(stmt))
+    changed = _changed(await conn.execute(stmt))
+    if changed:
+        events.task_changed(conn, task_id)  # task_info.can_cancel may have changed
+    return changed
 
 
 async def hand_back(conn: AsyncConnection, task_id: str, attempt: int) -> bool:

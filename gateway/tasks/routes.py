@@ -31,7 +31,7 @@ from gateway.errors import NotFound, ServiceUnavailable
 from gateway.queue import enqueue_upstream_cancel
 from gateway.responses import encoded_response, error_responses, json_response
 from gateway.storage import CONTENT_TYPES, StorageUnavailable, check_key
-from gateway.tasks import cancel, service
+from gateway.tasks import cancel, service, waiting
 from gateway.tasks.models import Task
 from gateway.tasks.schemas import GenerationRequest, ModelList, TaskObject, encode_json
 
@@ -135,18 +135,63 @@ class TaskController(Controller):
     @get(
         "/tasks/{task_id:str}",
         summary="Get a task",
-        description="The task object, kept current.",
+        description="The task object, kept current. With `Prefer: wait=N` (RFC 7240, N at "
+        "most 60) the answer waits until the task is final or N seconds have passed, then "
+        "gives the task as it is; `Preference-Applied: wait=N` says how long it could wait.",
         responses=error_responses(400, 401, 404, 429, 503),
     )
     async def get_task(
-        self, task_id: FromPath[str], principal: PrincipalDep, services: ServicesDep
+        self,
+        task_id: FromPath[str],
+        principal: PrincipalDep,
+        services: ServicesDep,
+        prefer: Annotated[str | None, HeaderParameter(name="Prefer")] = None,
     ) -> Response[TaskObject]:
-        body = services.finished.get(principal.tenant_id, task_id)
-        if body is None:
-            task = await service.read_task(services.pg, principal.tenant_id, task_id)
-            body = encode_json(service.render_task(task, services.signer))
-            services.finished.keep(task, body)
-        return encoded_response(body)
+        wait = waiting.requested_wait(prefer)
+        if wait is None:
+            body = services.finished.get(principal.tenant_id, task_id)
+            if body is None:
+                found = await service.read_task(services.pg, principal.tenant_id, task_id)
+                body = encode_json(service.render_task(found, services.signer))
+                services.finished.keep(found, body)
+            return encoded_response(body)
+        task = await waiting.wait_for_task(services, principal.tenant_id, task_id, wait)
+        response = json_response(service.render_task(task, services.signer))
+        response.headers["Preference-Applied"] = f"wait={wait}"
+        return response
+
+    @get(
+        "/tasks/{task_id:str}/events",
+        summary="Stream a task's changes (server-sent events)",
+        description="`text/event-stream` of the task object: one `task` event when you "
+        "connect and one per change of status or progress, each with the id "
+        "`<status>.<progress>`; the stream ends after the final state. Reconnect with "
+        "`Last-Event-ID` to resume: changes you saw are not sent again.",
+        media_type="text/event-stream",
+        responses=error_responses(400, 401, 404),
+    )
+    async def task_events(
+        self,
+        task_id: FromPath[str],
+        principal: PrincipalDep,
+        services: ServicesDep,
+        last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
+    ) -> Stream:
+        last = waiting.parse_event_id(last_event_id)
+        # Read once before answering, so an unknown task is a 404 and not an empty stream.
+        await waiting.read_task(services, principal.tenant_id, task_id)
+        events = waiting.task_events(
+            services,
+            principal.tenant_id,
+            task_id,
+            last,
+            partial(service.render_task, signer=services.signer),
+        )
+        return Stream(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @post(
         "/tasks/{task_id:str}/cancel",
