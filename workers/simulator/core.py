@@ -1,7 +1,8 @@
 """The simulator's core, shared by every protocol: knobs, the job store, counters, helpers.
 
 Each protocol (Krea in ``workers.simulator.app``, the others in their own modules) is a
-wire format over this core. Rules every protocol follows:
+wire format over this core. It is over 450 lines because every fault on command lives here,
+once for all five protocols. Rules every protocol follows:
 
 - A job's life is a function of time since its submit and of the latency at that moment:
   queued, processing from latency/3, final at latency (completed, or failed when it was drawn
