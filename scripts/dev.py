@@ -564,6 +564,11 @@ def cmd_test(args: list[str]) -> int:
             say(f"FAILED: {name} (exit {code})")
             return code
 
+    # The benchmark's smoke test drives wrk: install it like everything else the tests need.
+    try:
+        ensure_wrk()
+    except DevError as exc:
+        say(f"warning: {exc}; the benchmark's smoke test will fail")
     services = resolve_services("test")
     env = {
         **os.environ,
