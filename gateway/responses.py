@@ -74,6 +74,25 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
+def admin_error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """``error_responses`` for an admin route: its 401 is about the admin token."""
+    found = error_responses(*statuses)
+    if 401 in found:
+        found[401] = ResponseSpec(
+            data_container=ErrorResponse,
+            description="Missing or wrong admin token (TOLLGATE_ADMIN_TOKEN)",
+            generate_examples=False,
+        )
+    if 409 in found:
+        found[409] = ResponseSpec(
+            data_container=ErrorResponse,
+            description="Conflict: a name in use, an idempotency key reused for another "
+            "change, or nothing left to refund or deliver; the message says which",
+            generate_examples=False,
+        )
+    return found
+
+
 def envelope(code: str, message: str, type_: str) -> bytes:
     return _encoder.encode({"error": {"code": code, "message": message, "type": type_}})
 

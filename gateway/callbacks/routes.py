@@ -22,7 +22,7 @@ from gateway.deps import (
     provide_uow,
 )
 from gateway.queue import enqueue_callback
-from gateway.responses import error_responses, json_response
+from gateway.responses import admin_error_responses, error_responses, json_response
 from gateway.tasks.service import get_task, get_tenant_task
 from gateway.tenants.models import Tenant, new_webhook_secret
 
@@ -102,12 +102,21 @@ class WebhookController(Controller):
 class CallbackAdminController(Controller):
     path = "/"
 
-    @get("/tasks/{task_id:str}/deliveries", summary="A task's callback deliveries")
+    @get(
+        "/tasks/{task_id:str}/deliveries",
+        summary="A task's callback deliveries",
+        responses=admin_error_responses(400, 401, 404),
+    )
     async def deliveries(self, task_id: FromPath[str], uow: UnitOfWorkDep) -> Response[Any]:
         await get_task(uow.session, task_id)
         return json_response({"data": await callbacks.list_deliveries(uow.session, task_id)})
 
-    @post("/tasks/{task_id:str}/deliveries", status_code=202, summary="Deliver a callback again")
+    @post(
+        "/tasks/{task_id:str}/deliveries",
+        status_code=202,
+        summary="Deliver a callback again",
+        responses=admin_error_responses(400, 401, 404, 409),
+    )
     async def redeliver(
         self, task_id: FromPath[str], uow: UnitOfWorkDep, services: ServicesDep
     ) -> Response[Any]:
@@ -117,6 +126,7 @@ class CallbackAdminController(Controller):
     @patch(
         "/tenants/{tenant_id:str}/callbacks",
         summary="Put a tenant on the standard or the extended callback schedule",
+        responses=admin_error_responses(400, 401, 404),
     )
     async def callback_schedule(
         self, tenant_id: FromPath[str], data: JSONBody[CallbackSchedule], uow: UnitOfWorkDep

@@ -13,7 +13,7 @@ from gateway.channels import service as channels
 from gateway.channels.models import ADAPTER_NAMES, Channel
 from gateway.deps import ServicesDep, UnitOfWorkDep
 from gateway.errors import ErrorResponse
-from gateway.responses import error_responses, json_response
+from gateway.responses import admin_error_responses, json_response
 
 # Channels. The structs give the body's shape (types, required fields, defaults)
 # for decoding and for the OpenAPI document; ranges, URL rules and catalogue
@@ -126,7 +126,7 @@ class ChannelAdminController(Controller):
         description="The key is stored to call the upstream and never shown again: answers "
         "carry `api_key_set` instead. Workers use a new or changed channel within "
         "`TOLLGATE_CHANNEL_CACHE_TTL_SECONDS`.",
-        responses={**error_responses(400, 401), **_NAME_TAKEN},
+        responses={**admin_error_responses(400, 401), **_NAME_TAKEN},
     )
     async def create_channel(
         self,
@@ -137,7 +137,11 @@ class ChannelAdminController(Controller):
         channel = await channels.create_channel(uow.session, given_fields(data), services.catalog)
         return json_response(channels.channel_view(channel), 201)
 
-    @get("/channels", summary="List channels, highest priority first")
+    @get(
+        "/channels",
+        summary="List channels, highest priority first",
+        responses=admin_error_responses(401),
+    )
     async def list_channels(self, uow: UnitOfWorkDep) -> Response[ChannelList]:
         found = await channels.list_channels(uow.session)
         return json_response({"data": [channels.channel_view(c) for c in found]})
@@ -145,7 +149,7 @@ class ChannelAdminController(Controller):
     @get(
         "/channels/{ref:str}",
         summary="A channel, by id or name",
-        responses=error_responses(401, 404),
+        responses=admin_error_responses(400, 401, 404),
     )
     async def get_channel(self, ref: FromPath[str], uow: UnitOfWorkDep) -> Response[ChannelView]:
         return json_response(channels.channel_view(await channels.get_channel(uow.session, ref)))
@@ -154,7 +158,7 @@ class ChannelAdminController(Controller):
         "/channels/{ref:str}",
         summary="Change a channel, by id or name",
         description="Fields left out stay. `api_key` replaces the key (it cannot be read).",
-        responses={**error_responses(400, 401, 404), **_NAME_TAKEN},
+        responses={**admin_error_responses(400, 401, 404), **_NAME_TAKEN},
     )
     async def update_channel(
         self,
@@ -173,7 +177,7 @@ class ChannelAdminController(Controller):
         summary="Remove a channel, by id or name",
         description="New tasks go to the model's other channels; a task already running "
         "there finishes there.",
-        responses=error_responses(401, 404),
+        responses=admin_error_responses(400, 401, 404),
     )
     async def delete_channel(self, ref: FromPath[str], uow: UnitOfWorkDep) -> None:
         await channels.delete_channel(uow.session, ref)

@@ -16,7 +16,8 @@ from gateway.ledger import reports
 from gateway.ledger import service as ledger
 from gateway.ledger.models import EntryKind
 from gateway.ledger.schemas import CreditChange, Refund
-from gateway.responses import json_response
+from gateway.openapi_docs import JsonOrCsvOperation
+from gateway.responses import admin_error_responses, json_response
 from gateway.tenants.service import get_tenant
 from pricing.money import credits_from_micros
 
@@ -24,7 +25,12 @@ from pricing.money import credits_from_micros
 class LedgerAdminController(Controller):
     path = "/"
 
-    @post("/tenants/{tenant_id:str}/topup", status_code=200, summary="Add credits")
+    @post(
+        "/tenants/{tenant_id:str}/topup",
+        status_code=200,
+        summary="Add credits",
+        responses=admin_error_responses(400, 401, 404, 409),
+    )
     async def topup(
         self, tenant_id: FromPath[str], data: JSONBody[CreditChange], uow: UnitOfWorkDep
     ) -> Response[Any]:
@@ -35,6 +41,7 @@ class LedgerAdminController(Controller):
         "/tenants/{tenant_id:str}/adjust",
         status_code=200,
         summary="Adjust credits up or down, with a reason",
+        responses=admin_error_responses(400, 401, 404, 409),
     )
     async def adjust(
         self, tenant_id: FromPath[str], data: JSONBody[CreditChange], uow: UnitOfWorkDep
@@ -42,7 +49,11 @@ class LedgerAdminController(Controller):
         changed = await ledger.change_credits(uow.session, tenant_id, data, EntryKind.ADJUSTMENT)
         return json_response(changed)
 
-    @get("/tenants/{tenant_id:str}/balance", summary="Balance, held credits and open holds")
+    @get(
+        "/tenants/{tenant_id:str}/balance",
+        summary="Balance, held credits and open holds",
+        responses=admin_error_responses(400, 401, 404),
+    )
     async def balance(self, tenant_id: FromPath[str], uow: UnitOfWorkDep) -> Response[Any]:
         await get_tenant(uow.session, tenant_id)
         held = await ledger.balance(uow.session, tenant_id)
@@ -52,6 +63,8 @@ class LedgerAdminController(Controller):
         "/tenants/{tenant_id:str}/usage",
         summary="Usage by model and day: tasks, images, charged, upstream cost, margin",
         description="`format=csv` answers text/csv. Days are UTC; the default is the last 30.",
+        operation_class=JsonOrCsvOperation,
+        responses=admin_error_responses(400, 401, 404),
     )
     async def usage(
         self,
@@ -67,7 +80,12 @@ class LedgerAdminController(Controller):
             return Response(content=reports.usage_csv(report), media_type="text/csv")
         return json_response({"tenant_id": tenant_id, "data": report})
 
-    @post("/tasks/{task_id:str}/refund", status_code=200, summary="Refund a task's charge")
+    @post(
+        "/tasks/{task_id:str}/refund",
+        status_code=200,
+        summary="Refund a task's charge",
+        responses=admin_error_responses(400, 401, 404, 409),
+    )
     async def refund(
         self, task_id: FromPath[str], data: JSONBody[Refund], uow: UnitOfWorkDep
     ) -> Response[Any]:
@@ -77,7 +95,11 @@ class LedgerAdminController(Controller):
         refunded = await ledger.refund(uow.session, task_id, amount, data.reason)
         return json_response({"task_id": task_id, "refunded": credits_from_micros(refunded)})
 
-    @get("/ledger/check", summary="Check every balance against the ledger")
+    @get(
+        "/ledger/check",
+        summary="Check every balance against the ledger",
+        responses=admin_error_responses(401),
+    )
     async def ledger_check(self, uow: UnitOfWorkDep) -> Response[Any]:
         problems = await ledger.check(uow.session)
         return json_response({"ok": not problems, "problems": problems})

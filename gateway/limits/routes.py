@@ -17,14 +17,18 @@ from gateway.limits.overrides import (
     set_tenant_limits,
     tenant_limits_json,
 )
-from gateway.responses import json_response
+from gateway.responses import admin_error_responses, json_response
 from gateway.tenants.service import get_key, get_tenant
 
 
 class LimitsAdminController(Controller):
     path = "/"
 
-    @get("/tenants/{tenant_id:str}/limits", summary="A tenant's limits, own or default")
+    @get(
+        "/tenants/{tenant_id:str}/limits",
+        summary="A tenant's limits, own or default",
+        responses=admin_error_responses(400, 401, 404),
+    )
     async def tenant_limits(
         self, tenant_id: FromPath[str], uow: UnitOfWorkDep, services: ServicesDep
     ) -> Response[Any]:
@@ -35,6 +39,7 @@ class LimitsAdminController(Controller):
         "/tenants/{tenant_id:str}/limits",
         summary="Set a tenant's rate limit, burst, in-flight cap or model list",
         description="Fields left out stay; `null` returns a field to the default.",
+        responses=admin_error_responses(400, 401, 404),
     )
     async def set_tenant_limits(
         self,
@@ -46,7 +51,11 @@ class LimitsAdminController(Controller):
         tenant = await set_tenant_limits(uow.session, services.catalog, tenant_id, data)
         return json_response(tenant_limits_json(tenant, services.settings))
 
-    @get("/keys/{key_id:str}/limits", summary="A key's limits, model list and budgets")
+    @get(
+        "/keys/{key_id:str}/limits",
+        summary="A key's limits, model list and budgets",
+        responses=admin_error_responses(400, 401, 404),
+    )
     async def key_limits(
         self, key_id: FromPath[str], uow: UnitOfWorkDep, services: ServicesDep
     ) -> Response[Any]:
@@ -58,6 +67,7 @@ class LimitsAdminController(Controller):
         summary="Set a key's rate limit, burst, model list or budgets",
         description="Budgets are credits (total, per UTC day, per UTC month). Fields left out "
         "stay; `null` returns a field to the default (no budget, every model).",
+        responses=admin_error_responses(400, 401, 404),
     )
     async def set_key_limits(
         self,

@@ -29,7 +29,12 @@ from gateway.deps import (
 )
 from gateway.errors import NotFound, ServiceUnavailable
 from gateway.queue import enqueue_upstream_cancel
-from gateway.responses import encoded_response, error_responses, json_response
+from gateway.responses import (
+    admin_error_responses,
+    encoded_response,
+    error_responses,
+    json_response,
+)
 from gateway.storage import CONTENT_TYPES, StorageUnavailable, check_key
 from gateway.tasks import cancel, service, waiting
 from gateway.tasks.models import Task
@@ -275,7 +280,7 @@ class FileController(Controller):
 class TaskAdminController(Controller):
     path = "/"
 
-    @get("/tasks", summary="List tasks, newest first")
+    @get("/tasks", summary="List tasks, newest first", responses=admin_error_responses(400, 401))
     async def list_tasks(
         self,
         uow: UnitOfWorkDep,

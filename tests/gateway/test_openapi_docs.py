@@ -93,7 +93,7 @@ def error_refs(doc: dict[str, Any], prefix: str) -> dict[tuple[str, str, str], s
     return found
 
 
-@pytest.mark.parametrize("prefix", ["/v1/", "/jobs/", "/generate/"])
+@pytest.mark.parametrize("prefix", ["/v1/", "/jobs/", "/generate/", "/admin/"])
 async def test_every_error_answer_is_documented_as_the_envelope_sent(
     client: Client, prefix: str
 ) -> None:
@@ -109,3 +109,21 @@ async def test_routes_with_parameters_document_their_400(client: Client) -> None
     for path in ("/v1/tasks/{task_id}", "/jobs/{job_id}", "/v1/files/{task_id}/{name}"):
         for operation in doc["paths"][path].values():
             assert "400" in operation["responses"], path
+
+
+async def test_every_admin_route_documents_401_and_lookups_their_404(client: Client) -> None:
+    doc = await document(client)
+    admin = {p: ops for p, ops in doc["paths"].items() if p.startswith("/admin/")}
+    assert len(admin) >= 15
+    for path, operations in admin.items():
+        for method, operation in operations.items():
+            statuses = set(operation["responses"])
+            assert "401" in statuses, (method, path)
+            if "{" in path:
+                assert {"400", "404"} <= statuses, (method, path)
+
+
+async def test_usage_documents_its_csv_answer(client: Client) -> None:
+    doc = await document(client)
+    ok = doc["paths"]["/admin/tenants/{tenant_id}/usage"]["get"]["responses"]["200"]
+    assert set(ok["content"]) == {"application/json", "text/csv"}
