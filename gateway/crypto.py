@@ -5,10 +5,10 @@ Rules:
   (or a backup, or a replica) lets no one forge a tenant's callbacks or spend
   the reseller's upstream accounts.
 - Keys come from ``TOLLGATE_ENCRYPTION_KEYS``: ``id:key[,id:key…]``, each key
-  32 random bytes in URL-safe base64 (``secrets.token_urlsafe(32)``). The
-  **first** key encrypts; every key listed decrypts, so a key is rotated by
-  putting a new one first, re-encrypting every value (``reencrypt``), then
-  dropping the old one.
+  32 random bytes in URL-safe base64 (``tollgate secrets new-key`` prints
+  one). The **first** key encrypts; every key listed decrypts, so a key is
+  rotated by putting a new one first, running ``tollgate secrets reencrypt``
+  (``reencrypt`` below), then dropping the old one.
 - A stored value is ``enc:v1:<key id>:<base64url(nonce ‖ ciphertext ‖ tag)>``:
   the key id says which key opens it. The nonce is 12 random bytes per value.
   The associated data is the column's name (``tenants.webhook_secret``), so a
@@ -89,7 +89,7 @@ class Keyring:
             if len(raw) != KEY_BYTES:
                 raise KeyringError(
                     f"key {key_id!r}: must be {KEY_BYTES} bytes (is {len(raw)}); make one with "
-                    'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+                    "`tollgate secrets new-key`"
                 )
             keys.append((key_id, AESGCM(raw)))
         if not keys:

@@ -18,6 +18,7 @@ from gateway.cli.credits import credits, usage
 from gateway.cli.keys import keys
 from gateway.cli.ledger import ledger_group
 from gateway.cli.limits import limits
+from gateway.cli.secrets import secrets
 from gateway.cli.server import migrate, serve
 from gateway.cli.tasks import tasks
 from gateway.cli.tenants import tenants
@@ -39,5 +40,6 @@ for command in (
     limits,
     ledger_group,
     channels,
+    secrets,
 ):
     main.add_command(command)

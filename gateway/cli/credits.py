@@ -47,13 +47,14 @@ def credits_topup(tenant: str, amount: str, reason: str, idempotency_key: str | 
     _credit_command(tenant, amount, reason, idempotency_key, EntryKind.TOPUP)
 
 
-@credits.command("adjust")
+# A negative AMOUNT ("-2") is an argument, not an unknown option.
+@credits.command("adjust", context_settings={"ignore_unknown_options": True})
 @click.argument("tenant")
 @click.argument("amount")
 @click.option("--reason", required=True, help="Why: kept in the ledger.")
 @click.option("--idempotency-key", default=None)
 def credits_adjust(tenant: str, amount: str, reason: str, idempotency_key: str | None) -> None:
-    """Change TENANT's credits by AMOUNT (may be negative, e.g. -- -2.5)."""
+    """Change TENANT's credits by AMOUNT, which may be negative (acme -2.5 --reason …)."""
     _credit_command(tenant, amount, reason, idempotency_key, EntryKind.ADJUSTMENT)
 
 

@@ -603,6 +603,25 @@ async def test_cli_tops_up_shows_reports_and_checks_the_ledger(
     assert await totals(engine, tenant_id) == (3_500_000 - KREA_MEDIUM + 10_000, 0)
 
 
+async def test_cli_adjusts_by_a_negative_amount_as_written(settings: Settings) -> None:
+    """``tollgate credits adjust acme -2 --reason …``: no ``--`` needed (issue 13)."""
+    tenant_id, _ = await make_tenant_key(settings, credits_micros=5_000_000)
+    code, out, err = await tollgate(settings, "credits", "adjust", tenant_id, "-2", "--reason", "x")
+    assert code == 0, err
+    assert json.loads(out)["balance_micros"] == 3_000_000
+    code, out, err = await tollgate(
+        settings, "credits", "adjust", tenant_id, "--reason", "y", "-0.5"
+    )
+    assert code == 0, err
+    assert json.loads(out)["balance_micros"] == 2_500_000
+    # An option that does not exist is still refused, not taken for the amount.
+    code, _, err = await tollgate(
+        settings, "credits", "adjust", tenant_id, "1", "--reason", "z", "--bogus"
+    )
+    assert code == 2
+    assert "--bogus" in err
+
+
 async def test_usage_default_range_includes_todays_tasks_whatever_the_host_timezone(
     settings: Settings, client: Client, engine: AsyncEngine
 ) -> None:

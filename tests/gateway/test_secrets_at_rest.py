@@ -1,6 +1,7 @@
 """Webhook secrets and channels' upstream keys are encrypted at rest (issue 13, item 11)."""
 
 import asyncio
+import json
 import os
 import secrets
 import subprocess
@@ -18,6 +19,7 @@ from conftest import (
     SERVER_URL,
     _plain,
     bearer,
+    run_cli,
 )
 from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
@@ -342,3 +344,27 @@ async def test_reencrypt_moves_every_value_to_the_first_key(
     assert await read_back(settings_for(settings, fresh_database, new)) == (webhook, upstream)
     with pytest.raises(KeyringError, match="key 'rotated'"):
         await read_back(settings_for(settings, fresh_database, ENCRYPTION_KEYS))
+
+
+async def test_the_cli_makes_keys_and_reencrypts_under_the_first(
+    settings: Settings, fresh_database: str
+) -> None:
+    code, out, err = await run_cli(settings, "secrets", "new-key", "--id", "k9")
+    assert code == 0, err
+    made = out.strip()
+    assert made.startswith("k9:")
+    Keyring.parse(made)  # a key TOLLGATE_ENCRYPTION_KEYS accepts as it is
+
+    done = alembic(fresh_database, "upgrade", "0006", keys=None)
+    assert done.returncode == 0, done.stderr
+    webhook, upstream = await seed_plaintext(fresh_database)
+    done = alembic(fresh_database, "upgrade", "head", keys=ENCRYPTION_KEYS)
+    assert done.returncode == 0, done.stderr
+
+    rotated = settings_for(settings, fresh_database, f"{made},{ENCRYPTION_KEYS}")
+    code, out, err = await run_cli(rotated, "secrets", "reencrypt")
+    assert code == 0, err
+    assert json.loads(out) == {"key": "k9", "reencrypted": {WEBHOOK_SECRET: 1, CHANNEL_API_KEY: 1}}
+    code, out, err = await run_cli(rotated, "secrets", "reencrypt")
+    assert json.loads(out)["reencrypted"] == {WEBHOOK_SECRET: 0, CHANNEL_API_KEY: 0}
+    assert await read_back(settings_for(settings, fresh_database, made)) == (webhook, upstream)
