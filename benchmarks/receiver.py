@@ -48,6 +48,8 @@ class Receiver:
             raise RuntimeError("the callback receiver did not start")
 
     def stop(self) -> None:
+        if not self._thread.is_alive():  # never started (the run failed before it): nothing to stop
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 

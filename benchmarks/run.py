@@ -318,6 +318,7 @@ def stack_env(
         "TOLLGATE_REDIS_URL": args.redis_url,
         "TOLLGATE_ADMIN_TOKEN": secrets.token_hex(16),
         "TOLLGATE_SIGNING_SECRET": secrets.token_hex(16),
+        "TOLLGATE_ENCRYPTION_KEYS": "bench:" + secrets.token_urlsafe(32),
         "TOLLGATE_STORAGE_DIR": str(workdir / "storage"),
         "TOLLGATE_UPSTREAMS": json.dumps({"siliconflow": upstream, "krea": upstream}),
         "TOLLGATE_QUEUE_NAME": f"tollgate-bench-{tag}:queue",

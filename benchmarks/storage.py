@@ -205,6 +205,7 @@ def measure(args: argparse.Namespace, backend: str, workdir: Path, sim_url: str)
             "TOLLGATE_REDIS_URL": args.redis_url,
             "TOLLGATE_ADMIN_TOKEN": secrets.token_hex(16),
             "TOLLGATE_SIGNING_SECRET": secrets.token_hex(16),
+            "TOLLGATE_ENCRYPTION_KEYS": "bench:" + secrets.token_urlsafe(32),
             "TOLLGATE_UPSTREAMS": json.dumps({"siliconflow": upstream}),
             "TOLLGATE_QUEUE_NAME": f"tollgate-bench-storage-{tag}:queue",
             "TOLLGATE_METRICS_PORT": "0",

@@ -136,13 +136,16 @@ def fresh_database(server_url: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-async def seed_key(database_url: str) -> str:
+async def seed_key(database_url: str, encryption_keys: str) -> str:
+    from gateway import crypto
     from gateway.db import session_factory, transaction
     from gateway.ledger import service as ledger
     from gateway.ledger.models import EntryKind
     from gateway.tenants.service import create_tenant, issue_key
 
     engine = create_async_engine(database_url)
+    # The tenant's webhook secret is sealed with the gateway's keys (gateway/crypto.py).
+    crypto.attach(engine.sync_engine.dialect, crypto.Keyring.parse(encryption_keys))
     try:
         async with transaction(session_factory(engine)) as session:
             tenant = await create_tenant(session, name="bench-waiters")
@@ -169,6 +172,7 @@ def gateway_env(database_url: str, redis_url: str, queue: str, storage: Path) ->
         TOLLGATE_REDIS_URL=redis_url,
         TOLLGATE_ADMIN_TOKEN=secrets.token_hex(16),
         TOLLGATE_SIGNING_SECRET=secrets.token_hex(16),
+        TOLLGATE_ENCRYPTION_KEYS="bench:" + secrets.token_urlsafe(32),
         TOLLGATE_QUEUE_NAME=queue,
         TOLLGATE_STORAGE_DIR=str(storage),
         TOLLGATE_DEFAULT_KEY_RATE_LIMIT_PER_MINUTE="0",
@@ -460,13 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     raise_file_limit(args.waiters + 1024)
     queue = f"tollgate:bench-waiters:{secrets.token_hex(4)}"
     with fresh_database(args.database_url) as database_url, tempfile.TemporaryDirectory() as tmp:
-        key = asyncio.run(seed_key(database_url))
+        env = gateway_env(database_url, args.redis_url, queue, Path(tmp))
+        key = asyncio.run(seed_key(database_url, env["TOLLGATE_ENCRYPTION_KEYS"]))
         port = free_port()
         serve = ["serve", "--host", "127.0.0.1", "--port", str(port)]
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", *serve],
             cwd=ROOT,
-            env=gateway_env(database_url, args.redis_url, queue, Path(tmp)),
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
