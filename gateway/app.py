@@ -43,7 +43,7 @@ from gateway.krea_api import KreaController
 from gateway.limits import RateLimiter
 from gateway.redis_client import request_path_redis
 from gateway.settings import Settings, load_settings
-from gateway.storage import LocalStorage, UrlSigner
+from gateway.storage import Storage, StorageUnavailable, build_signer, build_storage
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
 from gateway.tasks.service import FinishedTasks
@@ -134,13 +134,28 @@ async def _redis_ready(redis: Redis) -> dict[str, str]:
     return {"redis": "ok"}
 
 
+async def _storage_ready(storage: Storage) -> dict[str, str]:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            await storage.check()
+    except TimeoutError:
+        return {"storage": "timeout"}
+    except StorageUnavailable as exc:
+        logger.warning("readyz: result store unavailable: %s", exc)
+        return {"storage": "unreachable"}
+    return {"storage": "ok"}
+
+
 @get("/readyz", include_in_schema=False)
 async def readyz(services: ServicesDep) -> Response[dict[str, Any]]:
-    """Ready for traffic: PostgreSQL and Redis answer, and the schema is at the code's head."""
-    database, redis = await asyncio.gather(
-        _database_ready(services.engine), _redis_ready(services.redis)
+    """Ready for traffic: PostgreSQL, Redis and the result store answer, and the schema is at
+    the code's head."""
+    database, redis, storage = await asyncio.gather(
+        _database_ready(services.engine),
+        _redis_ready(services.redis),
+        _storage_ready(services.storage),
     )
-    checks = {**database, **redis}
+    checks = {**database, **redis, **storage}
     if all(state == "ok" for state in checks.values()):
         return Response({"status": "ready"})
     return Response({"status": "not ready", "checks": checks}, status_code=503)
@@ -214,6 +229,7 @@ def observe_requests(handler: ASGIApp, *, access_log: bool) -> ASGIApp:
 
 def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
     catalog = load_checked_catalog(settings)
+    signer = build_signer(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -221,6 +237,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         redis = pg = None
         # The request path's own Redis client (rate limits, queueing submits).
         quick = request_path_redis(settings.redis_url)
+        storage = build_storage(settings)
         try:
             if check_schema:
                 await check_migrated(engine)
@@ -234,8 +251,8 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 sessions=session_factory(engine),
                 redis=redis,
                 keys=KeyCache(engine, settings.key_cache_ttl_seconds),
-                storage=LocalStorage(settings.storage_dir),
-                signer=UrlSigner(settings.signing_secret, settings.public_base_url),
+                storage=storage,
+                signer=signer,
                 limiter=RateLimiter(quick, settings),
                 quick_redis=quick,
                 pg=pg,
@@ -250,6 +267,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 await redis.aclose()
             await quick.aclose()
             await quick.connection_pool.disconnect()
+            await storage.close()
             await engine.dispose()
 
     app = Litestar(

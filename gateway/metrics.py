@@ -128,6 +128,21 @@ LEDGER_LAST_RUN = Gauge(
     "Unix time the last periodic ledger check finished.",
     multiprocess_mode="mostrecent",
 )
+RESULTS_DELETED_FILES = Counter(
+    "tollgate_results_deleted_files_total",
+    "Result files deleted by retention, by storage backend (file, s3).",
+    ["backend"],
+)
+RESULTS_DELETED_BYTES = Counter(
+    "tollgate_results_deleted_bytes_total",
+    "Bytes of result files deleted by retention, by storage backend (file, s3).",
+    ["backend"],
+)
+STORAGE_ERRORS = Counter(
+    "tollgate_storage_errors_total",
+    "Result store calls that failed (unreachable, refused, timed out), by operation (put, delete).",
+    ["backend", "operation"],
+)
 
 for _outcome in ("delivered", "failed"):
     CALLBACK_ATTEMPTS.labels(_outcome)
@@ -292,6 +307,15 @@ def circuit_opened(channel: str) -> None:
 def ledger_checked(problems: int, at: float | None = None) -> None:
     LEDGER_PROBLEMS.set(problems)
     LEDGER_LAST_RUN.set(time.time() if at is None else at)
+
+
+def results_deleted(backend: str, files: int, size: int) -> None:
+    RESULTS_DELETED_FILES.labels(backend).inc(files)
+    RESULTS_DELETED_BYTES.labels(backend).inc(size)
+
+
+def storage_failed(backend: str, operation: str) -> None:
+    STORAGE_ERRORS.labels(backend, operation).inc()
 
 
 # --- State read at scrape time (gateway) ---------------------------------------------

@@ -73,3 +73,8 @@ def ledger_check_key(queue_name: str) -> str:
     """Present while the last periodic ledger check is fresh (its TTL is the interval);
     one per deployment, which is one generation queue."""
     return f"{queue_name}:ledger-check"
+
+
+def retention_key(queue_name: str) -> str:
+    """Present while a retention run is recent: one run per interval across the fleet."""
+    return f"{queue_name}:retention"

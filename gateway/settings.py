@@ -10,7 +10,15 @@ its old variable name working as an alias (``_renamed``); the new name wins.
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, HttpUrl, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TOLLGATE_"
@@ -47,8 +55,25 @@ class Settings(BaseSettings):
 
     public_base_url: str = "http://127.0.0.1:8000"
     catalog_path: Path | None = None
+    # Results (docs/operations.md, "Results"): file:///path or s3://bucket/prefix; unset,
+    # the directory storage_dir.
+    storage_url: str | None = None
     storage_dir: Path = Path(".tollgate/storage")
+    # S3: where and who; unset, the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION,
+    # AWS_ACCESS_KEY_ID, …), then the AWS credential chain.
+    storage_endpoint_url: str | None = None
+    storage_region: str | None = None
+    storage_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    storage_access_key_id: str | None = Field(default=None, repr=False)
+    storage_secret_access_key: str | None = Field(default=None, repr=False)
+    storage_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Links presigned by the bucket instead of served by the gateway (same expiry).
+    storage_presigned_links: bool = False
     result_url_ttl_seconds: int = Field(default=86_400, ge=1)
+    # Retention: a task's files are deleted this long after its links expire, by a worker
+    # job every retention_interval_seconds (0: never; files are kept).
+    result_grace_seconds: int = Field(default=3600, ge=0)
+    retention_interval_seconds: int = Field(default=300, ge=0)
 
     key_cache_ttl_seconds: float = Field(default=5.0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -125,6 +150,46 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// or postgresql+asyncpg:// URL")
         return value
 
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("file://"):
+            path = value[len("file://") :]
+            if not path.startswith("/"):
+                raise ValueError(
+                    "must be file:///absolute/path (three slashes) or s3://bucket/prefix"
+                )
+            return value
+        if value.startswith("s3://"):
+            bucket = value[len("s3://") :].split("/", 1)[0]
+            if not bucket:
+                raise ValueError("must name a bucket: s3://bucket or s3://bucket/prefix")
+            return value
+        raise ValueError("must be file:///absolute/path or s3://bucket/prefix")
+
+    @field_validator("storage_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _presigned_links(self) -> "Settings":
+        if self.storage_presigned_links:
+            if not (self.storage_url or "").startswith("s3://"):
+                raise ValueError(
+                    "TOLLGATE_STORAGE_PRESIGNED_LINKS needs an s3:// TOLLGATE_STORAGE_URL"
+                )
+            if self.result_url_ttl_seconds > 604_800:
+                raise ValueError(
+                    "TOLLGATE_STORAGE_PRESIGNED_LINKS: presigned links last at most 7 days; "
+                    "set TOLLGATE_RESULT_URL_TTL_SECONDS to 604800 or less"
+                )
+        return self
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -151,11 +216,15 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            field = str(err["loc"][0]).upper() if err["loc"] else "?"
+            message = "is required" if err["type"] == "missing" else err["msg"]
+            if not err["loc"]:
+                # A rule across settings: its message names the variables.
+                lines.append(f"  {message.removeprefix('Value error, ')}")
+                continue
+            field = str(err["loc"][0]).upper()
             rest = ".".join(str(p) for p in err["loc"][1:])
             # A field read through an alias is located by the alias: the variable's full name.
             name = field if field.startswith(ENV_PREFIX) else ENV_PREFIX + field
             name += f" ({rest})" if rest else ""
-            message = "is required" if err["type"] == "missing" else err["msg"]
             lines.append(f"  {name}: {message}")
         raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -47,6 +47,7 @@ from workers.deps import WorkerDeps
 from workers.failover import Failover
 from workers.lease import DeadlineExceeded, Lease, LeaseLost
 from workers.providers.base import UpstreamError
+from workers.result_store import ResultsNotStored
 from workers.routing import Route
 from workers.upstream_calls import UpstreamCalls
 
@@ -148,6 +149,11 @@ class GenerationRun:
         except UpstreamError as exc:
             await self._fail(exc.code, exc.message)
             return f"failed: {exc.code}"
+        except ResultsNotStored:
+            await self._fail(
+                "storage_unavailable", "The images were generated but could not be stored"
+            )
+            return "failed: storage_unavailable"
 
     async def _run(self, claimed: lifecycle.Claimed) -> str:
         entry = self.deps.catalog.model(claimed.model)

@@ -19,7 +19,7 @@ from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_
 from gateway.logs import configure_logging
 from gateway.redis_keys import CALLBACK_JOB, CANCEL_JOB, GENERATE_JOB
 from gateway.settings import Settings, SettingsError, load_settings
-from gateway.storage import LocalStorage, UrlSigner
+from gateway.storage import build_signer, build_storage
 from pricing.catalog import CatalogError, load_catalog
 from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
 from workers.circuits import Circuits
@@ -28,6 +28,7 @@ from workers.generate import cancel_upstream, generate_task
 from workers.ledger_audit import ledger_check_cron
 from workers.providers import ADAPTERS
 from workers.reconciler import reconcile
+from workers.retention import retention_cron
 from workers.routing import Directory
 from workers.upstream_slots import MIN_WAIT_SECONDS, UpstreamSlots
 
@@ -46,6 +47,7 @@ def check_upstreams(settings: Settings) -> None:
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
     catalog = load_catalog(settings.catalog_path)
     check_upstreams(settings)
+    storage = build_storage(settings)
 
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
@@ -60,7 +62,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
             settings=settings,
             catalog=catalog,
             engine=engine,
-            storage=LocalStorage(settings.storage_dir),
+            storage=storage,
             http=http,
             directory=Directory(settings, catalog, engine, http),
             slots=UpstreamSlots(
@@ -82,6 +84,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         deps: WorkerDeps | None = ctx.get("deps")
         if deps is not None:
             await deps.http.aclose()
+            await deps.storage.close()
             await deps.engine.dispose()
 
     interval = settings.reconcile_interval_seconds
@@ -103,6 +106,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
                 timeout=60,
             ),
             ledger_check_cron(settings),
+            *retention_cron(settings),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
@@ -125,6 +129,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
 
 def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
     """A worker for the callback queue: deliveries and their reconciler."""
+    signer = build_signer(settings)  # callbacks carry the task's result links
 
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
@@ -133,7 +138,7 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
             settings=settings,
             engine=engine,
             sessions=session_factory(engine),
-            signer=UrlSigner(settings.signing_secret, settings.public_base_url),
+            signer=signer,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ follows from it (another channel, a pause, the task's end) is
   is borne ``MAX_POLL_FAILURES`` times in a row.
 - **Results** are checked by their bytes (``workers/images.py``) and stored
   under fixed keys (``<task>/<index>.<ext>``), so a re-run overwrites rather
-  than adds.
+  than adds; a store that is away is waited for (``workers/result_store.py``).
 """
 
 import logging
@@ -33,6 +33,7 @@ from workers.deps import WorkerDeps
 from workers.images import ImageSource, fetch_image, image_of
 from workers.lease import Lease, LeaseLost
 from workers.providers.base import JobState, UpstreamCancelled, UpstreamError, UpstreamJobFailed
+from workers.result_store import put_result
 from workers.routing import Route
 
 logger = logging.getLogger("tollgate.generate")
@@ -148,7 +149,13 @@ class UpstreamCalls:
             else:
                 data, ext = await self._call(route, "download", partial(fetch_image, source, item))
             key = f"{self.task_id}/{index}.{ext}"
-            await self.deps.storage.put(key, data)
+            await put_result(
+                self.deps.storage,
+                key,
+                data,
+                remaining=self.lease.check_deadline,
+                pause=self.lease.sleep,
+            )
             keys.append(key)
             await self.lease.maybe_beat(90)
         return keys

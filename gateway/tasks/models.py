@@ -62,6 +62,12 @@ class Task(SQLModel, table=True):
             "created_at",
             postgresql_where=sa.text("status IN ('pending', 'processing')"),
         ),
+        # Retention's scan (workers/retention.py): finished tasks whose files remain.
+        sa.Index(
+            "ix_tasks_retention",
+            sa.text("COALESCE(results_expire_at, finished_at)"),
+            postgresql_where=sa.text("finished_at IS NOT NULL AND results_deleted_at IS NULL"),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -96,6 +102,8 @@ class Task(SQLModel, table=True):
     upstream_job_id: str | None = Field(default=None, max_length=2048)
     results: list[str] | None = Field(default=None, sa_type=JSONB)
     results_expire_at: datetime | None = Field(default=None, sa_type=_ts())
+    # Set by retention once the task's files are deleted; its links answer 410 by then.
+    results_deleted_at: datetime | None = Field(default=None, sa_type=_ts())
     error_code: str | None = Field(default=None, max_length=50)
     error_message: str | None = Field(default=None, max_length=1000)
     # The id of the HTTP request that submitted the task (X-Request-ID), for the logs.

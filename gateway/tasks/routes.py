@@ -1,15 +1,17 @@
 """The unified endpoint: submit a generation, read a task, list models, fetch results."""
 
+import logging
 import time
 from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
+from litestar.response import Stream
 
 from gateway.deps import PrincipalDep, ServicesDep, UnitOfWorkDep, provide_principal, provide_uow
-from gateway.errors import NotFound, error_responses
-from gateway.storage import CONTENT_TYPES, check_key
+from gateway.errors import NotFound, ServiceUnavailable, error_responses
+from gateway.storage import CONTENT_TYPES, StorageUnavailable, check_key
 from gateway.tasks import cancel, service
 from gateway.tasks.schemas import (
     GenerationRequest,
@@ -19,6 +21,8 @@ from gateway.tasks.schemas import (
     encoded_response,
     json_response,
 )
+
+logger = logging.getLogger("tollgate.files")
 
 
 class TaskController(Controller):
@@ -113,9 +117,10 @@ class FileController(Controller):
     @get(
         "/{task_id:str}/{name:str}",
         summary="Download a result image",
-        description="Links come from a completed task's `results`; they expire at `expires_at`.",
+        description="Links come from a completed task's `results`; they expire at `expires_at` "
+        "(410 after). 503 when the result store cannot be reached.",
         media_type="image/png",
-        responses=error_responses(404, 410),
+        responses=error_responses(404, 410, 503),
     )
     async def download(
         self,
@@ -124,19 +129,26 @@ class FileController(Controller):
         services: ServicesDep,
         expires: FromQuery[str | None] = None,
         signature: FromQuery[str | None] = None,
-    ) -> Response[bytes]:
+    ) -> Stream:
         key = f"{task_id}/{name}"
         try:
             check_key(key)
         except ValueError:
             raise NotFound("File not found") from None
         services.signer.verify(key, expires, signature, time.time())
-        data = await services.storage.get(key)
-        if data is None:
+        try:
+            found = await services.storage.open(key)
+        except StorageUnavailable as exc:
+            logger.warning("file %s: %s", key, exc)
+            raise ServiceUnavailable(
+                "The result store is unavailable, please retry", headers={"Retry-After": "5"}
+            ) from None
+        if found is None:
             raise NotFound("File not found")
         content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
-        return Response(
-            content=data,
+        # Streamed as it arrives from the store: a large image is never held whole here.
+        return Stream(
+            found.chunks,
             media_type=content_type,
-            headers={"Cache-Control": "private, max-age=3600"},
+            headers={"Content-Length": str(found.size), "Cache-Control": "private, max-age=3600"},
         )

@@ -1,4 +1,4 @@
-"""``/readyz``: 200 when PostgreSQL and Redis answer and the schema is at head; else 503
+"""``/readyz``: 200 when PostgreSQL, Redis and the result store answer and the schema is at head; else 503
 naming what failed, quickly. ``/healthz`` stays 200 throughout (the process is alive).
 
 Redis "going away" is a real TCP proxy in front of the test Redis that the test shuts,
@@ -153,5 +153,5 @@ async def test_not_ready_when_postgresql_is_unreachable(settings: Settings) -> N
         status, body, took = await ready(client)
         assert (await client.get("/healthz")).status_code == 200
     assert status == 503
-    assert body["checks"] == {"postgresql": "unreachable", "redis": "ok"}
+    assert body["checks"] == {"postgresql": "unreachable", "redis": "ok", "storage": "ok"}
     assert took < 3
