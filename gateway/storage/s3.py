@@ -38,7 +38,8 @@ from gateway.storage.base import (
 )
 
 CHUNK_BYTES = 256 * 1024
-# Raised by obstore (its own errors) or by the sockets beneath it.
+# Raised by obstore (its own errors; FileNotFoundError for a missing object, caught first)
+# or by the sockets beneath it.
 _STORE_ERRORS = (BaseError, OSError, TimeoutError)
 
 
@@ -152,7 +153,7 @@ class S3Storage:
         try:
             async with asyncio.timeout(self._timeout):
                 result = await obstore.get_async(self._store, key)
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             return None
         except _STORE_ERRORS as exc:
             raise self._unavailable(f"get {key}", exc) from exc
@@ -170,7 +171,7 @@ class S3Storage:
             async with asyncio.timeout(self._timeout):
                 result = await obstore.get_async(self._store, key)
                 return bytes(await result.bytes_async())
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             return None
         except _STORE_ERRORS as exc:
             raise self._unavailable(f"get {key}", exc) from exc

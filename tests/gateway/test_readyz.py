@@ -1,5 +1,6 @@
-"""``/readyz``: 200 when PostgreSQL, Redis and the result store answer and the schema is at head; else 503
-naming what failed, quickly. ``/healthz`` stays 200 throughout (the process is alive).
+"""``/readyz``: 200 when PostgreSQL, Redis and the result store answer and the schema is at
+head; else 503 naming what failed, quickly. ``/healthz`` stays 200 throughout (the process
+is alive).
 
 Redis "going away" is a real TCP proxy in front of the test Redis that the test shuts,
 connections and all; the database cases are a database without migrations and a port
