@@ -133,6 +133,11 @@ CONTRACT: dict[str, Family] = {
     ),
     "tollgate_ledger_check_problems": _family("gauge"),
     "tollgate_ledger_check_last_run_timestamp_seconds": _family("gauge"),
+    "tollgate_results_deleted_files_total": _family("counter", "backend", backend="file s3"),
+    "tollgate_results_deleted_bytes_total": _family("counter", "backend", backend="file s3"),
+    "tollgate_storage_errors_total": _family(
+        "counter", "backend", "operation", backend="file s3", operation="put delete"
+    ),
 }
 
 # Series Prometheus itself records for every scrape target.
