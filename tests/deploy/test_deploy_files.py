@@ -61,6 +61,8 @@ OTHER_ENVIRONMENT = {
     "POSTGRES_DB": "the postgres image: the database it creates",
     "POSTGRES_PASSWORD": "the postgres image: that user's password (compose)",
     "HTTP_PORT": "compose: the host port of the proxy in front of the gateways",
+    "MINIO_ROOT_USER": "the minio image (compose --profile s3): its root user, our S3 key id",
+    "MINIO_ROOT_PASSWORD": "the minio image: that user's secret, our S3 secret key",
     "PATH": "the shell",
     "PYTHONUNBUFFERED": "Python: logs reach the container runtime at once",
     "PYTHONDONTWRITEBYTECODE": "Python: no .pyc written on a read-only filesystem",
@@ -472,6 +474,20 @@ def test_compose_gateways_and_workers_share_one_storage_volume() -> None:
     assert "storage" in compose()["volumes"]
     for service in services.values():
         assert service["environment"]["TOLLGATE_STORAGE_DIR"] == storage
+
+
+def test_compose_offers_minio_for_s3_storage_with_tollgates_own_key_pair() -> None:
+    raw = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    for name in ("minio", "minio-bucket"):
+        assert raw[name]["profiles"] == ["s3"], name
+        environment = raw[name]["environment"]
+        assert "TOLLGATE_STORAGE_ACCESS_KEY_ID" in environment["MINIO_ROOT_USER"], name
+        assert "TOLLGATE_STORAGE_SECRET_ACCESS_KEY" in environment["MINIO_ROOT_PASSWORD"], name
+    assert raw["minio-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing tollgate/tollgate" in raw["minio-bucket"]["command"][0]
+    example = (DEPLOY / "tollgate.env.example").read_text()
+    assert "# TOLLGATE_STORAGE_URL=s3://tollgate/results" in example
+    assert "# TOLLGATE_STORAGE_ENDPOINT_URL=http://minio:9000" in example
 
 
 def test_compose_publishes_one_port_in_front_of_scaled_gateways() -> None:
