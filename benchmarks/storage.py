@@ -118,16 +118,9 @@ async def submit(env: dict[str, str], count: int) -> list[str]:
     from gateway.db import create_engine, session_factory, transaction
     from gateway.ledger import service as ledger
     from gateway.ledger.models import EntryKind
-    from gateway.settings import load_settings
     from gateway.tenants import create_tenant, issue_key
 
-    settings = load_settings(
-        **{
-            k.removeprefix("TOLLGATE_").lower(): v
-            for k, v in env.items()
-            if k.startswith("TOLLGATE_")
-        }
-    )
+    settings = settings_from(env)
     engine = create_engine(settings)
     try:
         async with transaction(session_factory(engine)) as session:
@@ -171,10 +164,9 @@ async def progress(database_url: str, ids: list[str]) -> tuple[int, int, float |
 
 async def count_objects(env: dict[str, str], ids: list[str]) -> tuple[int, int]:
     """Every result the tasks name, opened in the store: how many, and their bytes."""
-    from gateway.settings import load_settings
     from gateway.storage import build_storage
 
-    store = build_storage(load_settings(**settings_of(env)))
+    store = build_storage(settings_from(env))
     conn = await asyncpg.connect(plain(env["TOLLGATE_DATABASE_URL"]))
     try:
         rows = await conn.fetch("SELECT results FROM tasks WHERE id = ANY($1)", ids)
@@ -190,10 +182,18 @@ async def count_objects(env: dict[str, str], ids: list[str]) -> tuple[int, int]:
     return objects, size
 
 
-def settings_of(env: dict[str, str]) -> dict[str, Any]:
-    return {
-        k.removeprefix("TOLLGATE_").lower(): v for k, v in env.items() if k.startswith("TOLLGATE_")
-    }
+def settings_from(env: dict[str, str]) -> Any:
+    """The settings a process started with ``env`` reads (JSON values parsed as it would)."""
+    from gateway.settings import load_settings
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def measure(args: argparse.Namespace, backend: str, workdir: Path, sim_url: str) -> dict[str, Any]:
