@@ -31,7 +31,7 @@ from gateway import metrics
 from gateway.redis_keys import retention_key
 from gateway.settings import Settings
 from gateway.storage import Deleted, StorageUnavailable
-from workers.generate import WorkerDeps
+from workers.deps import WorkerDeps
 
 logger = logging.getLogger("tollgate.retention")
 

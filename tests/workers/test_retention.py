@@ -34,7 +34,7 @@ from gateway.redis_keys import retention_key
 from gateway.settings import Settings
 from gateway.storage import build_storage
 from pricing.catalog import load_catalog
-from workers.generate import WorkerDeps
+from workers.deps import WorkerDeps
 from workers.main import create_worker
 from workers.retention import delete_expired_results, retention
 from workers.routing import Directory
