@@ -177,6 +177,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _storage_keys(self) -> "Settings":
+        if (self.storage_access_key_id is None) != (self.storage_secret_access_key is None):
+            raise ValueError(
+                "TOLLGATE_STORAGE_ACCESS_KEY_ID and TOLLGATE_STORAGE_SECRET_ACCESS_KEY go "
+                "together: set both or neither"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _presigned_links(self) -> "Settings":
         if self.storage_presigned_links:
             if not (self.storage_url or "").startswith("s3://"):

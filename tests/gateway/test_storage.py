@@ -210,6 +210,7 @@ def test_settings_win_over_the_aws_variables_and_those_fill_the_rest() -> None:
         ({"TOLLGATE_STORAGE_URL": "s3:///prefix"}, "must name a bucket"),
         ({"TOLLGATE_STORAGE_ENDPOINT_URL": "minio:9000"}, "TOLLGATE_STORAGE_ENDPOINT_URL"),
         ({"TOLLGATE_STORAGE_ADDRESSING_STYLE": "dns"}, "TOLLGATE_STORAGE_ADDRESSING_STYLE"),
+        ({"TOLLGATE_STORAGE_ACCESS_KEY_ID": "AKIA1"}, "set both or neither"),
         (
             {"TOLLGATE_STORAGE_PRESIGNED_LINKS": "true"},
             "TOLLGATE_STORAGE_PRESIGNED_LINKS needs an s3:// TOLLGATE_STORAGE_URL",
