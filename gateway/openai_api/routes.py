@@ -284,7 +284,7 @@ class OpenAIController(Controller):
     @get(
         "/models",
         summary="List models (OpenAI Images API)",
-        responses=error_responses(401),
+        responses=error_responses(401, 429, 503),
         description="The models this key may use, in OpenAI's list shape.",
     )
     async def list_models(

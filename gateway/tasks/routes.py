@@ -173,7 +173,7 @@ class TaskController(Controller):
         "`<status>.<progress>`; the stream ends after the final state. Reconnect with "
         "`Last-Event-ID` to resume: changes you saw are not sent again.",
         media_type="text/event-stream",
-        responses=error_responses(400, 401, 404),
+        responses=error_responses(400, 401, 404, 429, 503),
     )
     async def task_events(
         self,

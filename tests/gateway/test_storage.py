@@ -14,7 +14,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from conftest import bearer, make_settings, start_worker, stop_worker, wait_for_status
+from conftest import (
+    ENCRYPTION_KEYS,
+    bearer,
+    make_settings,
+    start_worker,
+    stop_worker,
+    wait_for_status,
+)
 from litestar.testing import AsyncTestClient
 from s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, s3_server, s3_settings
 
@@ -233,6 +240,7 @@ def test_bad_storage_settings_are_refused_naming_the_variable(
         "TOLLGATE_REDIS_URL": "redis://127.0.0.1:6379/0",
         "TOLLGATE_ADMIN_TOKEN": "a" * 20,
         "TOLLGATE_SIGNING_SECRET": "s" * 20,
+        "TOLLGATE_ENCRYPTION_KEYS": ENCRYPTION_KEYS,
     }
     with mock.patch.dict(os.environ, {**base, **env}), pytest.raises(SettingsError) as caught:
         load_settings()
@@ -428,7 +436,8 @@ async def test_presigned_links_give_the_same_task_object_with_bucket_urls(
     assert again == done  # the same links on every read
     # The same fields as a gateway-served task; only the links' host differs.
     gateway_task_keys = {"created", "id", "model", "object", "progress", "status", "task_info"}
-    assert gateway_task_keys | {"type", "usage", "results", "expires_at"} == set(done)
+    completed_keys = {"type", "usage", "results", "result_sizes", "expires_at"}
+    assert gateway_task_keys | completed_keys == set(done)
     url = urlsplit(done["results"][0])
     assert f"{url.scheme}://{url.netloc}" == s3.url
     query = parse_qs(url.query)
