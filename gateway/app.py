@@ -23,6 +23,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import logs, metrics
+from gateway.account.routes import AccountController
 from gateway.admin import admin_router
 from gateway.auth import KeyCache, bearer_token
 from gateway.callbacks.routes import WebhookController
@@ -304,6 +305,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             FileController,
             KreaController,
             OpenAIController,
+            AccountController,
             admin_router(),
             healthz,
             readyz,

@@ -1,8 +1,12 @@
 """Bearer-key authentication with a short-lived per-process cache.
 
 A cached key costs no database round trip. Each entry (found or not found)
-lives ``key_cache_ttl_seconds``, which bounds how long a revoked key keeps
-working on any gateway process. A key's lookup runs once however many requests
+lives ``key_cache_ttl_seconds``, which bounds how long a revoked key, or a
+suspended tenant's key, keeps its old rights on any gateway process. A key's
+expiry is different: the cached entry carries ``expires_at`` and every request
+compares it with the clock, so a key stops at that instant, cached or not. A
+rotated key's old secret is found by its own hash (``previous_key_hash``) and
+expires at the end of its grace period the same way. A key's lookup runs once however many requests
 wait for it: a burst from a key not yet cached (a thousand submits at once, or
 the same after its entry expired) makes one query, not one per request, which
 would empty the connection pool. The admin API's credential is separate and
@@ -13,11 +17,12 @@ import asyncio
 import hmac
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.errors import Unauthorized
+from gateway.errors import Forbidden, Unauthorized
 from gateway.tenants.models import KEY_PREFIX, ApiKey, Tenant, hash_key
 
 
@@ -39,6 +44,27 @@ class Principal:
     budget_total_micros: int | None = None
     budget_daily_micros: int | None = None
     budget_monthly_micros: int | None = None
+    # Lifecycle: a suspended tenant reads but may not submit; a key stops at expires_at
+    # (Unix time); can_manage_keys is the scope of the tenant's key routes.
+    suspended: bool = False
+    expires_at: float | None = None
+    can_manage_keys: bool = True
+
+
+class TenantSuspended(Forbidden):
+    code = "tenant_suspended"
+    default_message = "This tenant is suspended: it may read its tasks and account but not submit"
+
+
+def require_active(principal: Principal) -> None:
+    """Refuse a suspended tenant's change (submits, new keys): 403 ``tenant_suspended``."""
+    if principal.suspended:
+        raise TenantSuspended()
+
+
+class KeyExpired(Unauthorized):
+    code = "key_expired"
+    default_message = "This API key has expired; use or create another one"
 
 
 def bearer_token(header: str | None) -> str:
@@ -76,6 +102,8 @@ class KeyCache:
             principal = await asyncio.shield(loading)
         if principal is None:
             raise Unauthorized()
+        if principal.expires_at is not None and time.time() >= principal.expires_at:
+            raise KeyExpired()
         return principal
 
     async def _load_and_keep(self, digest: str, now: float) -> Principal | None:
@@ -105,14 +133,23 @@ class KeyCache:
                 keys.budget_total_micros,
                 keys.budget_daily_micros,
                 keys.budget_monthly_micros,
+                tenants.suspended_at,
+                keys.expires_at,
+                keys.can_manage_keys,
+                keys.key_hash,
+                keys.previous_expires_at,
             )
             .join_from(ApiKey.__table__, Tenant.__table__, tenants.id == keys.tenant_id)  # type: ignore[attr-defined]
-            .where(keys.key_hash == digest)
+            .where(or_(keys.key_hash == digest, keys.previous_key_hash == digest))
         )
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).first()
         if row is None or row[1] is not None:
             return None
+        expiry = [row[16]]
+        if row[18] != digest:  # a rotated key's old secret: valid until its grace ends
+            expiry.append(row[19] or datetime.min.replace(tzinfo=UTC))
+        ends = [e.timestamp() for e in expiry if e is not None]
         return Principal(
             tenant_id=row[2],
             tenant_name=row[3],
@@ -127,6 +164,9 @@ class KeyCache:
             budget_total_micros=row[12],
             budget_daily_micros=row[13],
             budget_monthly_micros=row[14],
+            suspended=row[15] is not None,
+            expires_at=min(ends) if ends else None,
+            can_manage_keys=row[17],
         )
 
 

@@ -5,6 +5,7 @@ from sqlmodel import SQLModel
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery
 from gateway.channels.models import Channel
 from gateway.ledger.models import LedgerEntry
+from gateway.redemption.models import RedemptionBatch, RedemptionCode
 from gateway.tasks.models import IdempotencyKey, Task
 from gateway.tenants.models import ApiKey, KeySpend, Tenant
 
@@ -18,6 +19,8 @@ __all__ = [
     "IdempotencyKey",
     "KeySpend",
     "LedgerEntry",
+    "RedemptionBatch",
+    "RedemptionCode",
     "Task",
     "Tenant",
     "metadata",

@@ -58,7 +58,7 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
         400: "Invalid request: the message names the field",
         401: "Missing, unknown or revoked key",
         402: "Insufficient quota: top up the account",
-        403: "The key may not use this model",
+        403: "The key may not use this model, lacks the scope, or its tenant is suspended",
         404: "Not found",
         409: "Conflict (an Idempotency-Key reused with another body)",
         410: "The link has expired",

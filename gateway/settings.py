@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     retention_interval_seconds: int = Field(default=300, ge=0)
 
     key_cache_ttl_seconds: float = Field(default=5.0, ge=0)
+    # How long a rotated key's old secret keeps working when the rotation does not say.
+    key_rotation_grace_seconds: int = Field(default=86_400, ge=0, le=30 * 86_400)
+    # Redemption attempts a key may make per minute (POST /v1/account/redeem).
+    redeem_rate_limit_per_minute: int = Field(default=10, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
 

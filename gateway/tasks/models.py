@@ -54,7 +54,8 @@ class Task(SQLModel, table=True):
             name="ck_tasks_status",
         ),
         sa.CheckConstraint("progress BETWEEN 0 AND 100", name="ck_tasks_progress"),
-        sa.Index("ix_tasks_tenant_created", "tenant_id", "created_at"),
+        # A tenant's tasks newest first, by keyset (created_at, id): GET /v1/tasks.
+        sa.Index("ix_tasks_tenant_created_id", "tenant_id", "created_at", "id"),
         # The reconciler's scan: only open tasks are indexed.
         sa.Index(
             "ix_tasks_open",

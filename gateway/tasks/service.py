@@ -34,7 +34,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway import logs, metrics
-from gateway.auth import Principal
+from gateway.auth import Principal, require_active
 from gateway.callback_urls import validate_callback_url
 from gateway.db import get_or_404, utcnow
 from gateway.errors import Conflict, InvalidRequest, ModelAccessDenied, NotFound
@@ -140,6 +140,7 @@ async def submit_generation(
     ``gateway/krea/``); it is recorded on the task and decides the shape of its
     callback. One key sent to both doors is a different request (409).
     """
+    require_active(principal)  # a suspended tenant reads, but submits nothing
     for name, value in fields.items():
         if _contains_nul(value):
             # PostgreSQL text cannot hold U+0000; refuse it here rather than fail on insert.

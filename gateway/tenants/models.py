@@ -60,6 +60,10 @@ class Tenant(SQLModel, table=True):
     # "standard": retries after 1, 2, 4 s; "extended" (an operator's opt-in): then hourly for a day.
     callback_schedule: str = Field(default="standard", max_length=20)
     created_at: datetime = Field(default_factory=utcnow, sa_type=_ts())
+    # Suspended: reads work, submits are refused (403 tenant_suspended). Deleted: suspended
+    # for good and every key revoked; the ledger stays.
+    suspended_at: datetime | None = Field(default=None, sa_type=_ts())
+    deleted_at: datetime | None = Field(default=None, sa_type=_ts())
 
 
 class ApiKey(SQLModel, table=True):
@@ -79,6 +83,15 @@ class ApiKey(SQLModel, table=True):
     budget_total_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
     budget_daily_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
     budget_monthly_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # Refused (401 key_expired) from this instant on; None: never expires.
+    expires_at: datetime | None = Field(default=None, sa_type=_ts())
+    # The scope the tenant's own key routes (/v1/keys) need.
+    can_manage_keys: bool = Field(default=True, sa_column_kwargs={"server_default": sa.true()})
+    # After a rotation: the old secret's hash, valid until previous_expires_at.
+    previous_key_hash: str | None = Field(
+        default=None, max_length=64, sa_column_kwargs={"unique": True}
+    )
+    previous_expires_at: datetime | None = Field(default=None, sa_type=_ts())
 
 
 def hash_key(key: str) -> str:
