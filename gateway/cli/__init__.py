@@ -14,6 +14,7 @@ admin routes); ``common.py`` has what they share. ``main`` is the entry point
 import click
 
 from gateway.cli.channels import channels
+from gateway.cli.codes import codes
 from gateway.cli.credits import credits, usage
 from gateway.cli.keys import keys
 from gateway.cli.ledger import ledger_group
@@ -41,5 +42,6 @@ for command in (
     ledger_group,
     channels,
     secrets,
+    codes,
 ):
     main.add_command(command)

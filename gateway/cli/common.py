@@ -2,6 +2,7 @@
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
@@ -46,3 +47,18 @@ def run_in_session(fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except (ApiError, DatabaseNotReady) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def aware_time(value: str | None, option: str) -> datetime | None:
+    """An ISO 8601 time with its offset (``2027-01-01T00:00:00Z``), or a usage error."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time", param_hint=option) from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(
+            "give a time zone offset, e.g. 2027-01-01T00:00:00Z", param_hint=option
+        )
+    return moment
