@@ -32,36 +32,54 @@ async def account(
     session: AsyncSession, settings: Settings, principal: Principal
 ) -> dict[str, Any]:
     """The tenant, its group, its credits, its limits and the calling key's budgets."""
-    tenant = await get_tenant(session, principal.tenant_id)
+    found = await tenant_account(session, settings, principal.tenant_id, principal.key_id)
+    # The secret in use may be a rotated key's old one, which ends with its grace period.
+    found["key"]["expires_at"] = principal_expiry(principal)
+    return found
+
+
+async def tenant_account(
+    session: AsyncSession, settings: Settings, tenant_id: str, key_id: str | None = None
+) -> dict[str, Any]:
+    """A tenant's account; with ``key_id``, that key's limits, budgets and expiry too
+    (without: for a caller that is not a key, such as the web console's user)."""
+    tenant = await get_tenant(session, tenant_id)
     held = await ledger.balance(session, tenant.id)
     credits = ledger.balance_json(tenant.id, held)
-    key = await session.get(ApiKey, principal.key_id)
-    assert key is not None  # authenticated a moment ago; keys are never deleted
-    key_limits = await key_limits_json(session, key, settings)
     tenant_limits = tenant_limits_json(tenant, settings)
     tenant_limits.pop("tenant_id")
-    return {
+    found: dict[str, Any] = {
         "tenant": {"id": tenant.id, "name": tenant.name},
         "user_group": tenant.user_group,
         "suspended": tenant.suspended_at is not None,
         **{k: credits[k] for k in ("balance", "held", "available")},
         **{k: credits[k] for k in ("balance_micros", "held_micros", "available_micros")},
-        "limits": {
-            "tenant": tenant_limits,
-            "key": {k: key_limits[k] for k in ("rate_limit_per_minute", "rate_limit_burst")},
-            "allowed_models": None
-            if principal.allowed_models is None
-            else sorted(principal.allowed_models),
-        },
-        "key": {
-            "id": key.id,
-            "name": key.name,
-            "prefix": key.display_prefix,
-            "expires_at": principal_expiry(principal),
-            "can_manage_keys": key.can_manage_keys,
-        },
-        "budgets": key_limits["budgets"],
+        "limits": {"tenant": tenant_limits, "allowed_models": tenant.allowed_models},
     }
+    key = None if key_id is None else await session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != tenant.id:
+        return found
+    key_limits = await key_limits_json(session, key, settings)
+    found["limits"] = {
+        "tenant": tenant_limits,
+        "key": {k: key_limits[k] for k in ("rate_limit_per_minute", "rate_limit_burst")},
+        "allowed_models": _both(key.allowed_models, tenant.allowed_models),
+    }
+    found["key"] = {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.display_prefix,
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "can_manage_keys": key.can_manage_keys,
+    }
+    found["budgets"] = key_limits["budgets"]
+    return found
+
+
+def _both(key_models: list[str] | None, tenant_models: list[str] | None) -> list[str] | None:
+    """Models on both lists, sorted; None when neither restricts."""
+    lists = [set(m) for m in (key_models, tenant_models) if m is not None]
+    return sorted(set.intersection(*lists)) if lists else None
 
 
 def principal_expiry(principal: Principal) -> str | None:

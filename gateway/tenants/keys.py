@@ -12,7 +12,10 @@ Rules:
   the maker's, each of its budgets at most the maker's (the maker's when left
   out), its expiry no later than the maker's; it takes the maker's rate limits,
   and gets key management only when asked for. Another tenant's key is answered
-  as one that does not exist.
+  as one that does not exist. ``*_own_*`` take the calling key (``Principal``);
+  ``create_tenant_key`` and ``revoke_tenant_key`` take a tenant id, for a caller
+  that is not a key (the web console's signed-in user): with no maker, a new key
+  is bounded by the tenant's own model list only.
 """
 
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.auth import Principal, require_active
+from gateway.auth import Principal, TenantSuspended, require_active
 from gateway.db import utcnow
 from gateway.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gateway.tenants.models import DISPLAY_CHARS, ApiKey, hash_key
@@ -88,22 +91,42 @@ async def create_own_key(
     """A key for the caller's tenant, never wider than the caller's key (rules above)."""
     require_key_scope(principal)
     require_active(principal)
-    models = _narrow_models(catalog, principal, wanted.allowed_models)
+    return await create_tenant_key(session, catalog, principal.tenant_id, wanted, maker=principal)
+
+
+async def create_tenant_key(
+    session: AsyncSession,
+    catalog: Catalog,
+    tenant_id: str,
+    wanted: OwnKeyRequest,
+    *,
+    maker: Principal | None = None,
+) -> IssuedKey:
+    """A key for the tenant, never wider than ``maker`` (a key), or than the tenant's
+    model list when there is no maker. A suspended tenant gets none (403)."""
+    tenant = await get_tenant(session, tenant_id)
+    if tenant.suspended_at is not None:
+        raise TenantSuspended()
+    ceiling = (
+        maker.allowed_models
+        if maker is not None
+        else (None if tenant.allowed_models is None else frozenset(tenant.allowed_models))
+    )
+    models = _narrow_models(catalog, ceiling, wanted.allowed_models)
     budgets: dict[str, int | None] = {}
     for period in PERIODS:
-        mine = getattr(principal, f"budget_{period}_micros")
+        mine = None if maker is None else getattr(maker, f"budget_{period}_micros")
         asked = (wanted.budgets or {}).get(period)
         if mine is not None and asked is not None and asked > mine:
             raise InvalidRequest(f"budget_{period}", "must not exceed this key's own budget")
         budgets[period] = mine if asked is None else asked
     expires_at = wanted.expires_at
-    if principal.expires_at is not None:
-        mine_ends = datetime.fromtimestamp(principal.expires_at, tz=utcnow().tzinfo)
+    if maker is not None and maker.expires_at is not None:
+        mine_ends = datetime.fromtimestamp(maker.expires_at, tz=utcnow().tzinfo)
         if expires_at is None:
             expires_at = mine_ends
         elif expires_at > mine_ends:
             raise InvalidRequest("expires_at", "must not be later than this key's own expiry")
-    tenant = await get_tenant(session, principal.tenant_id)
     return await issue_key(
         session,
         tenant,
@@ -112,15 +135,14 @@ async def create_own_key(
         can_manage_keys=wanted.can_manage_keys,
         allowed_models=models,
         budgets=budgets,
-        rate_limit_per_minute=principal.key_rate_per_minute,
-        rate_limit_burst=principal.key_rate_burst,
+        rate_limit_per_minute=None if maker is None else maker.key_rate_per_minute,
+        rate_limit_burst=None if maker is None else maker.key_rate_burst,
     )
 
 
 def _narrow_models(
-    catalog: Catalog, principal: Principal, asked: list[str] | None
+    catalog: Catalog, mine: frozenset[str] | None, asked: list[str] | None
 ) -> list[str] | None:
-    mine = principal.allowed_models
     if asked is None:
         return None if mine is None else sorted(mine)
     unknown = sorted({m for m in asked if catalog.model(m) is None})
@@ -134,8 +156,13 @@ def _narrow_models(
 
 async def revoke_own_key(session: AsyncSession, principal: Principal, key_id: str) -> ApiKey:
     require_key_scope(principal)
+    return await revoke_tenant_key(session, principal.tenant_id, key_id)
+
+
+async def revoke_tenant_key(session: AsyncSession, tenant_id: str, key_id: str) -> ApiKey:
+    """Revoke one of the tenant's keys; another tenant's key is a 404."""
     key = await session.get(ApiKey, key_id, with_for_update=True)
-    if key is None or key.tenant_id != principal.tenant_id:
+    if key is None or key.tenant_id != tenant_id:
         raise NotFound(f"no key {key_id}")
     if key.revoked_at is None:
         key.revoked_at = utcnow()

@@ -7,11 +7,13 @@ import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from conftest import assert_error, bearer, make_tenant_key
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.errors import InvalidRequest
 from gateway.settings import Settings
 
 Client = AsyncTestClient[Any]
@@ -305,3 +307,49 @@ async def test_a_key_without_the_scope_cannot_manage_keys_but_reads_and_submits(
         await client.post("/v1/keys", json={"can_manage_keys": True}, headers=bearer(full))
     ).json()
     assert (await client.get("/v1/keys", headers=bearer(manager["key"]))).status_code == 200
+
+
+async def test_the_services_serve_a_caller_that_is_not_a_key(
+    client: Client, settings: Settings
+) -> None:
+    """What the web console calls for a signed-in user: by tenant id, with no key."""
+    from gateway.account.service import tenant_account
+    from gateway.db import create_engine, session_factory, transaction
+    from gateway.errors import NotFound
+    from gateway.tenants.keys import OwnKeyRequest, create_tenant_key, revoke_tenant_key
+    from pricing.catalog import load_catalog
+
+    tenant_id, _ = await make_tenant_key(settings)
+    other_id, _ = await make_tenant_key(settings)
+    await client.patch(
+        f"/admin/tenants/{tenant_id}/limits",
+        json={"allowed_models": ["krea-2-medium"]},
+        headers=admin(settings),
+    )
+    catalog = load_catalog()
+    engine = create_engine(settings)
+    try:
+        async with transaction(session_factory(engine)) as session:
+            found = await tenant_account(session, settings, tenant_id)
+            assert found["tenant"]["id"] == tenant_id
+            assert found["limits"]["allowed_models"] == ["krea-2-medium"]
+            assert "key" not in found
+            issued = await create_tenant_key(
+                session, catalog, tenant_id, OwnKeyRequest(name="console")
+            )
+            assert issued.key.allowed_models == ["krea-2-medium"]  # bounded by the tenant
+            with pytest.raises(InvalidRequest):
+                await create_tenant_key(
+                    session, catalog, tenant_id, OwnKeyRequest(allowed_models=["krea-2-turbo"])
+                )
+        async with transaction(session_factory(engine)) as session:
+            with pytest.raises(NotFound):
+                await revoke_tenant_key(session, other_id, issued.key.id)
+            revoked = await revoke_tenant_key(session, tenant_id, issued.key.id)
+            assert revoked.revoked_at is not None
+    finally:
+        await engine.dispose()
+    turbo = await client.post(
+        GENERATIONS, json={"model": "krea-2-turbo", "prompt": "x"}, headers=bearer(issued.secret)
+    )
+    assert turbo.status_code == 401  # revoked (never cached)
