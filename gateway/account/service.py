@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_
+from sqlalchemy import tuple_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -139,9 +139,9 @@ async def list_tasks(
         query = query.where(created < end)
     if cursor is not None:
         after_created, after_id = decode_cursor(cursor)
-        query = query.where(
-            or_(created < after_created, and_(created == after_created, task_id < after_id))
-        )
+        # A row comparison, which PostgreSQL uses as the index condition (an OR of the
+        # two cases would be a filter: a deep page would read every row before it).
+        query = query.where(tuple_(created, task_id) < tuple_(after_created, after_id))
     query = query.order_by(created.desc(), task_id.desc()).limit(limit + 1)
     found = list((await session.exec(query)).all())
     page = found[:limit]
