@@ -89,9 +89,14 @@ class AccountController(Controller):
         uow: UnitOfWorkDep,
     ) -> Response[Any]:
         await redemption.check_attempt_rate(
-            services.quick_redis, principal.key_id, services.settings.redeem_rate_limit_per_minute
+            services.quick_redis,
+            f"key:{principal.key_id}",
+            services.settings.redeem_rate_limit_per_minute,
         )
-        return json_response(await redemption.redeem(uow.session, principal, data.code))
+        redeemed = await redemption.redeem(
+            uow.session, principal.tenant_id, data.code, key_id=principal.key_id
+        )
+        return json_response(redeemed)
 
     @get(
         "/usage",

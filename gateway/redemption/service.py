@@ -16,7 +16,6 @@ from sqlalchemy import Table, text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.auth import Principal
 from gateway.db import utcnow
 from gateway.errors import ApiError, InvalidRequest, NotFound, ServiceUnavailable
 from gateway.ledger import service as ledger
@@ -154,13 +153,19 @@ _WHY = text(
 )
 
 
-async def redeem(session: AsyncSession, principal: Principal, code: str) -> dict[str, Any]:
-    """Take the code for the caller's tenant and add its credits to the ledger, or a 4xx."""
+async def redeem(
+    session: AsyncSession, tenant_id: str, code: str, *, key_id: str | None = None
+) -> dict[str, Any]:
+    """Take the code for the tenant and add its credits to the ledger, or a 4xx.
+
+    ``key_id`` is the key that asked (recorded with the code); None for a caller that
+    is not a key, such as the web console's signed-in user.
+    """
     if not code.strip() or len(code) > MAX_CODE_CHARS:
         raise InvalidRequest("code", f"must be 1 to {MAX_CODE_CHARS} characters")
     digest = code_hash(code)
     conn = await session.connection()
-    params = {"hash": digest, "tenant": principal.tenant_id, "key": principal.key_id}
+    params = {"hash": digest, "tenant": tenant_id, "key": key_id}
     taken = (await conn.execute(_TAKE, params)).first()
     if taken is None:
         why = (await conn.execute(_WHY, {"hash": digest})).first()
@@ -172,13 +177,13 @@ async def redeem(session: AsyncSession, principal: Principal, code: str) -> dict
     code_id, batch_id, amount = taken
     await ledger.credit(
         session,
-        principal.tenant_id,
+        tenant_id,
         int(amount),
         kind=EntryKind.TOPUP,
         idempotency_key=f"redeem:{code_id}",
         reason=f"redemption code {code_id} (batch {batch_id})",
     )
-    balance = await ledger.balance(session, principal.tenant_id)
+    balance = await ledger.balance(session, tenant_id)
     return {
         "code_id": code_id,
         "credited": credits_from_micros(int(amount)),
@@ -188,15 +193,16 @@ async def redeem(session: AsyncSession, principal: Principal, code: str) -> dict
     }
 
 
-async def check_attempt_rate(redis: Redis, key_id: str, per_minute: int) -> None:
-    """Count one redemption attempt of the key; 429 with Retry-After past ``per_minute``.
+async def check_attempt_rate(redis: Redis, who: str, per_minute: int) -> None:
+    """Count one redemption attempt of ``who`` (``key:<id>``, or another caller's own
+    name such as ``user:<id>``); 429 with Retry-After past ``per_minute``.
 
     A fixed one-minute window (Redis ``INCR`` with an expiry): simple, and enough to
     make guessing 100-bit codes hopeless.
     """
     now = time.time()
     window = int(now // 60)
-    name = f"tollgate:redeem:{key_id}:{window}"
+    name = f"tollgate:redeem:{who}:{window}"
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.incr(name)
