@@ -92,3 +92,9 @@ def task_events_channel(queue_name: str) -> str:
     """The pub/sub channel of task signals (gateway/tasks/events.py): a task id per
     visible change. One per deployment, which is one generation queue."""
     return f"{queue_name}:task-events"
+
+
+def redeem_attempts_key(who: str, window: int) -> str:
+    """Redemption attempts of one caller (``key:<id>``) in one minute (Unix time // 60);
+    expires after two minutes."""
+    return f"tollgate:redeem:{who}:{window}"

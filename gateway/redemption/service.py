@@ -22,6 +22,7 @@ from gateway.ledger import service as ledger
 from gateway.ledger.models import EntryKind
 from gateway.limits.service import RateLimited
 from gateway.redemption.models import RedemptionBatch, RedemptionCode
+from gateway.redis_keys import redeem_attempts_key
 from gateway.tenants.models import new_id
 from pricing.money import credits_from_micros
 
@@ -202,7 +203,7 @@ async def check_attempt_rate(redis: Redis, who: str, per_minute: int) -> None:
     """
     now = time.time()
     window = int(now // 60)
-    name = f"tollgate:redeem:{who}:{window}"
+    name = redeem_attempts_key(who, window)
     try:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.incr(name)
