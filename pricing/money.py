@@ -38,6 +38,22 @@ def to_micros(amount: Decimal) -> int:
         return int((amount / _MICRO).to_integral_value(rounding=ROUND_CEILING))
 
 
+def round_up_to_micro(amount: Decimal) -> Decimal:
+    """``amount`` rounded up to a whole micro-credit, as a Decimal (ADR 0001's one rounding)."""
+    with localcontext(EXACT):
+        return (Decimal(to_micros(amount)) / MICROS_PER_CREDIT).normalize()
+
+
+def convert(amount: Decimal, rate: Decimal) -> Decimal:
+    """``amount`` of a currency in credits at ``rate`` credits per unit: exact, unrounded.
+
+    The product is exact (a 100-digit context holds any product of catalogue figures);
+    the caller rounds once, up, with ``to_micros`` (ADR 0001).
+    """
+    with localcontext(EXACT):
+        return amount * rate
+
+
 def credits_from_micros(micros: int) -> Decimal:
     """The decimal credit figure of a micro-credit amount, for rendering."""
     with localcontext(EXACT):

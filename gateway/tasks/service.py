@@ -40,6 +40,7 @@ from gateway.db import get_or_404, utcnow
 from gateway.errors import Conflict, InvalidRequest, ModelAccessDenied, NotFound
 from gateway.ledger.service import InsufficientQuota
 from gateway.limits import service as limits
+from gateway.prices.book import Snapshot, build_snapshot
 from gateway.queue import enqueue_generation
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
@@ -126,6 +127,7 @@ async def submit_generation(
     webhook_url: str | None,
     idempotency_key: str | None,
     api: str = "unified",
+    prices: Snapshot | None = None,
 ) -> Submission:
     """Validate, price, claim the idempotency key, record the task and hold its credits.
 
@@ -162,9 +164,10 @@ async def submit_generation(
         request = resolve_request(entry, fields)
     except InvalidField as exc:
         raise InvalidRequest(exc.field, exc.message) from None
-    groups = catalog.groups
-    group_name = principal.user_group if principal.user_group in groups else "default"
-    priced = quote(entry, group_name, groups[group_name], request)
+    # The prices in force (``gateway/prices/book.py``; from memory, no query here).
+    book = prices or build_snapshot(catalog, 0, [], [], [])
+    group_name, group = book.group(principal.user_group)
+    priced = quote(entry, group_name, group, request, rates=book.rates_at(utcnow()))
     task = build_task(
         tenant_id=principal.tenant_id,
         api_key_id=principal.key_id,
