@@ -325,7 +325,8 @@ def test_shipped_sale_prices_follow_the_documented_rule() -> None:
     }
     for entry in catalog.models:
         cost = entry.upstream_cost
-        assert cost is not None and cost.currency is not None, entry.id
+        assert cost is not None, entry.id
+        assert cost.currency is not None, entry.id
         rate = catalog.default_rates()[cost.currency]
         expected = derive_price(cost.model_dump(mode="json"), rate, catalog.default_markup)
         assert entry.price.model_dump(mode="json") == Price.model_validate(expected).model_dump(

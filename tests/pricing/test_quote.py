@@ -16,7 +16,6 @@ from pricing.catalog import (
     Catalog,
     CatalogError,
     ModelEntry,
-    load_catalog,
     parse_catalog,
 )
 from pricing.money import credits_from_micros
