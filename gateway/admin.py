@@ -13,6 +13,7 @@ Where each domain's admin routes live:
 - callback deliveries and schedules: ``gateway/callbacks/routes.py``
 - the list of tasks: ``gateway/tasks/routes.py``
 - channels: ``gateway/channels/routes.py``
+- groups, their prices, exchange rates, price changes, usage export: ``gateway/prices/routes.py``
 """
 
 from typing import Any
@@ -28,6 +29,7 @@ from gateway.channels.routes import ChannelAdminController
 from gateway.deps import provide_uow, services
 from gateway.ledger.routes import LedgerAdminController
 from gateway.limits.routes import LimitsAdminController
+from gateway.prices.routes import PricesAdminController
 from gateway.tasks.routes import TaskAdminController
 from gateway.tenants.routes import TenantAdminController
 
@@ -53,5 +55,6 @@ def admin_router() -> Router:
             CallbackAdminController,
             TaskAdminController,
             ChannelAdminController,
+            PricesAdminController,
         ],
     )

@@ -164,8 +164,7 @@ async def submit_generation(
         request = resolve_request(entry, fields)
     except InvalidField as exc:
         raise InvalidRequest(exc.field, exc.message) from None
-    # The prices in force (``gateway/prices/book.py``; from memory, no query here).
-    book = prices or build_snapshot(catalog, 0, [], [], [])
+    book = prices or build_snapshot(catalog, 0, [], [], [])  # in force: gateway/prices/book
     group_name, group = book.group(principal.user_group)
     priced = quote(entry, group_name, group, request, rates=book.rates_at(utcnow()))
     task = build_task(
