@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SIM_KEY, assert_error, bearer, make_tenant_key, scalar, serve_app
+from conftest import SIM_KEY, assert_error, bearer, make_tenant_key, run_cli, scalar, serve_app
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -542,3 +542,49 @@ async def test_the_margin_export_and_the_usage_report_count_a_refund(
     assert day["charged_micros"] == 155_400
     assert day["refunded_micros"] == 30_000
     assert day["margin_micros"] == 125_400 - cost
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+async def test_the_cli_changes_groups_prices_and_rates_with_a_record(
+    client: Client, settings: Settings, engine: AsyncEngine
+) -> None:
+    name = group_name()
+    code, out, err = await run_cli(
+        settings, "groups", "create", name, "--multiplier", "0.9", "--actor", "ops"
+    )
+    assert code == 0, err
+    assert json.loads(out)["multiplier"] == "0.9"
+    code, out, err = await run_cli(
+        settings, "groups", "set-price", name, "krea-2-turbo", "0.01", "--quality", "2K=0.02"
+    )
+    assert code == 0, err
+    assert json.loads(out)["by_quality"] == {"2K": "0.02"}
+    code, out, err = await run_cli(settings, "groups", "prices", name)
+    rows = {row["model"]: row for row in json.loads(out)}
+    assert (rows["krea-2-turbo"]["source"], rows["krea-2-turbo"]["amount"]) == (
+        "group_override",
+        "0.01",
+    )
+    assert rows["krea-1"]["source"] == "group_multiplier"
+    code, out, err = await run_cli(settings, "groups", "reset-price", name, "krea-2-turbo")
+    assert code == 0, err
+    code, _, err = await run_cli(settings, "groups", "set", name, "--multiplier", "nope")
+    assert code == 1
+    assert "multiplier" in err
+    code, out, err = await run_cli(settings, "rates", "set", "KCU", "0.002", "--note", "plan")
+    assert code == 0, err
+    code, out, err = await run_cli(settings, "rates", "list")
+    assert any(h["note"] == "plan" for h in json.loads(out)["history"])
+    code, out, err = await run_cli(settings, "price-changes", "--limit", "10")
+    mine = [c for c in json.loads(out) if c["subject"].startswith(name)]
+    assert [c["kind"] for c in mine] == ["group_price", "group_price", "group"]
+    assert mine[-1]["actor"] == "ops"
+    assert mine[0]["actor"].startswith("cli")
+    # The API sees what the CLI set.
+    listed = (await client.get("/admin/groups", headers=admin(settings))).json()["data"]
+    assert any(g["name"] == name and g["multiplier"] == "0.9" for g in listed)
+    code, out, err = await run_cli(settings, "usage-export", "--csv")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("task_id,tenant_id,model")
