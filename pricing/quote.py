@@ -27,7 +27,7 @@ from decimal import Decimal, localcontext
 from typing import Any
 
 from pricing.catalog import Cost, Group, ModelEntry, Price
-from pricing.money import EXACT, to_micros
+from pricing.money import EXACT, plain, to_micros
 from pricing.request import ImageRequest
 
 MEGAPIXEL = 1_048_576
@@ -94,14 +94,16 @@ def upstream_cost(
             counted = int(quoted["images"]) if price.rule == "per_call" else delivered
             native, _, _ = _amount(price, request, min(counted, int(quoted["images"])))
             cost = native * rates[price.currency]
-            return UpstreamCost(native, price.currency, to_micros(cost))
+            return UpstreamCost(plain(native), price.currency, to_micros(cost))
         quoted_images = int(quoted["images"])
-        share = Decimal(1)
+        native = Decimal(quoted.get("exact_cost_native") or quoted["exact_cost"])
+        exact = Decimal(quoted["exact_cost"])
         if quoted["billing_rule"] != "per_call" and 0 <= delivered < quoted_images:
-            share = Decimal(delivered) / quoted_images
-        native = Decimal(quoted.get("exact_cost_native") or quoted["exact_cost"]) * share
-        exact = Decimal(quoted["exact_cost"]) * share
-        return UpstreamCost(native, quoted.get("cost_currency"), to_micros(exact))
+            # Multiplied, then divided: the quoted figure is a multiple of its images, so
+            # the share of the delivered ones is exact (1.11 × 2 / 3 = 0.74).
+            native = native * delivered / quoted_images
+            exact = exact * delivered / quoted_images
+        return UpstreamCost(plain(native), quoted.get("cost_currency"), to_micros(exact))
 
 
 def settlement(quote: Mapping[str, Any], delivered: int) -> tuple[int, int]:
@@ -116,9 +118,10 @@ def settlement(quote: Mapping[str, Any], delivered: int) -> tuple[int, int]:
     if quote["billing_rule"] == "per_call" or delivered >= quoted:
         return reserved, cost
     with localcontext(EXACT):
-        share = Decimal(max(delivered, 0)) / quoted
-        charge = to_micros(Decimal(quote["exact_amount"]) * share)
-        actual_cost = to_micros(Decimal(quote["exact_cost"]) * share)
+        # Multiplied, then divided: exact, as the quoted figure is a multiple of its images.
+        delivered = max(delivered, 0)
+        charge = to_micros(Decimal(quote["exact_amount"]) * delivered / quoted)
+        actual_cost = to_micros(Decimal(quote["exact_cost"]) * delivered / quoted)
     return min(charge, reserved), min(actual_cost, cost)
 
 

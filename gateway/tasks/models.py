@@ -87,7 +87,7 @@ class Task(SQLModel, table=True):
     credits_charged_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
     upstream_cost_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
     # The same cost in the upstream's own currency (exact decimal text; None: in credits).
-    upstream_cost_amount: str | None = Field(default=None, max_length=60)
+    upstream_cost_amount: str | None = Field(default=None, max_length=200)
     upstream_cost_currency: str | None = Field(default=None, max_length=8)
     images_delivered: int | None = None
     estimated_seconds: int = 0

@@ -7,7 +7,7 @@ exact decimals (``encode_json``), never through a float.
 """
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -117,6 +117,14 @@ class ModelPrice(msgspec.Struct, omit_defaults=True):
     replace it for a quality tier, with style references, or with a moodboard. The
     quote multiplies by the request's units and rounds once, up, to the micro-credit.
     """
+
+    # Encoded as JSON numbers (``encode_json``): documented so (gateway/openapi_docs.py).
+    __json_numbers__: ClassVar[tuple[str, ...]] = (
+        "amount",
+        "by_quality",
+        "with_style_references",
+        "with_moodboard",
+    )
 
     rule: str
     amount: Decimal

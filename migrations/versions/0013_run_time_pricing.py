@@ -73,7 +73,7 @@ def upgrade() -> None:
     )
     # The task's upstream cost in the upstream's own currency (exact decimal text); its
     # value in credits stays in upstream_cost_micros. Nullable: older tasks have none.
-    op.add_column("tasks", sa.Column("upstream_cost_amount", sa.String(60), nullable=True))
+    op.add_column("tasks", sa.Column("upstream_cost_amount", sa.String(200), nullable=True))
     op.add_column("tasks", sa.Column("upstream_cost_currency", sa.String(8), nullable=True))
 
 

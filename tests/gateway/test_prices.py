@@ -478,7 +478,7 @@ async def test_a_channels_own_cost_is_recorded_on_the_task_it_makes(
             )
         ).one()
     # Two images at $0.05 on this channel, not the catalogue's ¥0.37 each.
-    assert tuple(row) == (priced_channel, "0.10", "USD", 100_000, 2 * 77_700)
+    assert tuple(row) == (priced_channel, "0.1", "USD", 100_000, 2 * 77_700)
 
 
 # ---------------------------------------------------------------- margin export

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pricing.catalog import Cost, load_catalog
-from pricing.money import convert, round_up_to_micro, to_micros
+from pricing.money import convert, plain, round_up_to_micro, to_micros
 from pricing.quote import quote, upstream_cost
 from pricing.request import resolve_request
 
@@ -84,7 +84,30 @@ def test_a_channel_cost_in_another_currency_is_converted_at_the_quoted_rate() ->
     q = quote(entry, "default", CATALOG.groups["default"], request, rates=RATES)
     own = Cost.model_validate({"currency": "USD", "rule": "per_image", "amount": "0.05"})
     cost = upstream_cost(q.to_json(), 2, own, request)
-    assert (cost.amount, cost.currency, cost.micros) == (Decimal("0.10"), "USD", 100_000)
+    assert (str(cost.amount), cost.currency, cost.micros) == ("0.1", "USD", 100_000)
     # A currency the quote has no rate for falls back to the quote's own cost.
     unknown = Cost.model_validate({"currency": "EUR", "rule": "per_image", "amount": "9"})
     assert upstream_cost(q.to_json(), 2, unknown, request).currency == "CNY"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.data())
+def test_fewer_images_cost_exactly_their_share_in_the_upstreams_currency(
+    asked: int, data: st.DataObject
+) -> None:
+    delivered = data.draw(st.integers(0, asked))
+    entry = CATALOG.model("flux-1-pro")
+    assert entry is not None
+    request = resolve_request(entry, {"prompt": "p", "n": asked})
+    q = quote(entry, "default", CATALOG.groups["default"], request, rates=RATES)
+    cost = upstream_cost(q.to_json(), delivered)
+    assert cost.amount == Decimal("0.37") * delivered  # exact: no 0.666… share
+    assert cost.micros == math.ceil(Fraction(cost.amount) * Fraction(RATES["CNY"]) * 10**6)
+    assert str(cost.amount) == str(plain(cost.amount))
+    assert "E" not in str(cost.amount)
+
+
+def test_plain_never_writes_an_exponent() -> None:
+    assert str(plain(Decimal("200"))) == "200"
+    assert str(plain(Decimal("0.100"))) == "0.1"
+    assert str(round_up_to_micro(Decimal("10"))) == "10"
