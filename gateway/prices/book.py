@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -110,9 +110,15 @@ def build_snapshot(
         merged[group_name] = base.model_copy(update={"prices": own})
         descriptions.setdefault(group_name, "")
         run_time.setdefault(group_name, set()).add(model)
+    # Oldest first. Of the rates already in force only the latest matters (and later
+    # ones may come into force): the submit path scans a few entries, not the history.
+    now = datetime.now(UTC)
     history: dict[str, list[tuple[datetime, Decimal]]] = {}
     for currency, rate, since in rates:
-        history.setdefault(currency, []).append((since, parse_credits(rate)))
+        kept = history.setdefault(currency, [])
+        if since <= now and kept and kept[-1][0] <= now:
+            kept.pop()
+        kept.append((since, parse_credits(rate)))
     return Snapshot(
         catalog=catalog,
         version=version,

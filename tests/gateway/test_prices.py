@@ -14,6 +14,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -25,8 +26,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.ledger import service as ledger
+from gateway.prices.book import build_snapshot
 from gateway.settings import Settings
 from gateway.tasks import lifecycle
+from pricing.catalog import load_catalog
 
 Client = AsyncTestClient[Any]
 GENERATIONS = "/v1/images/generations"
@@ -588,3 +591,25 @@ async def test_the_cli_changes_groups_prices_and_rates_with_a_record(
     code, out, err = await run_cli(settings, "usage-export", "--csv")
     assert code == 0, err
     assert out.splitlines()[0].startswith("task_id,tenant_id,model")
+
+
+def test_the_rate_in_force_is_the_latest_whose_date_has_come() -> None:
+    catalog = load_catalog()
+    day = timedelta(days=1)
+    now = datetime.now(UTC)
+    rows = [
+        ("CNY", "0.13", now - 3 * day),
+        ("CNY", "0.15", now - day),
+        ("CNY", "0.2", now + day),
+        ("KCU", "0.0019", now - day),
+    ]
+    book = build_snapshot(catalog, 1, [], [], rows)
+    assert len(book.rate_history["CNY"]) == 2  # the superseded 0.13 is not scanned
+    assert book.rates_at(now) == {
+        "USD": Decimal(1),
+        "CNY": Decimal("0.15"),
+        "KCU": Decimal("0.0019"),
+    }
+    assert book.rates_at(now + 2 * day)["CNY"] == Decimal("0.2")
+    # Before any operator's rate: the catalogue's default.
+    assert build_snapshot(catalog, 1, [], [], []).rates_at(now)["CNY"] == Decimal("0.14")
