@@ -613,3 +613,36 @@ def test_the_rate_in_force_is_the_latest_whose_date_has_come() -> None:
     assert book.rates_at(now + 2 * day)["CNY"] == Decimal("0.2")
     # Before any operator's rate: the catalogue's default.
     assert build_snapshot(catalog, 1, [], [], []).rates_at(now)["CNY"] == Decimal("0.14")
+
+
+async def test_the_cli_sets_a_channels_own_upstream_cost(settings: Settings) -> None:
+    name = f"tp-{uuid.uuid4().hex[:8]}"
+    code, out, err = await run_cli(
+        settings,
+        "channels",
+        "add",
+        name,
+        "--adapter",
+        "siliconflow",
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--models",
+        "flux-1-pro",
+        "--api-key-env",
+        "TP_KEY",
+        "--upstream-cost",
+        "flux-1-pro=CNY:per_image:0.30",
+        TP_KEY="sk-test",
+    )
+    assert code == 0, err
+    assert json.loads(out)["upstream_costs"] == {
+        "flux-1-pro": {"currency": "CNY", "rule": "per_image", "amount": "0.30"}
+    }
+    code, _, err = await run_cli(
+        settings, "channels", "update", name, "--upstream-cost", "flux-1-pro=cny:per_image:1"
+    )
+    assert code == 2
+    assert "--upstream-cost" in err
+    code, _, err = await run_cli(settings, "channels", "update", name, "--upstream-cost", "nope")
+    assert code == 2
+    assert (await run_cli(settings, "channels", "remove", name))[0] == 0
