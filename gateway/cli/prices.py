@@ -10,32 +10,21 @@ from datetime import UTC
 from typing import Any
 
 import click
-from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.cli.common import emit, run_in_session, settings_or_exit
 from gateway.ledger import reports
 from gateway.prices import service as prices
-from gateway.prices.book import Snapshot, load_snapshot
-from pricing.catalog import load_catalog
+from gateway.prices.book import SessionRows, Snapshot, load_snapshot
+from pricing.catalog import Catalog, load_catalog
 
 
-class _SessionRows:
-    """``fetchval`` and ``fetch`` over a session, as ``load_snapshot`` reads an asyncpg pool."""
-
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
-
-    async def fetchval(self, sql: str) -> Any:
-        return (await self._session.execute(text(sql))).scalar()
-
-    async def fetch(self, sql: str) -> list[Any]:
-        return list((await self._session.execute(text(sql))).all())
+def _catalog() -> Catalog:
+    return load_catalog(settings_or_exit().catalog_path)
 
 
 async def _snapshot(session: AsyncSession) -> Snapshot:
-    catalog = load_catalog(settings_or_exit().catalog_path)
-    return await load_snapshot(_SessionRows(session), catalog)
+    return await load_snapshot(SessionRows(session), _catalog())
 
 
 def _default_actor() -> str:
@@ -73,9 +62,8 @@ def create_group(name: str, multiplier: str, description: str, actor: str | None
     """Create the group NAME."""
 
     async def run(session: AsyncSession) -> dict[str, Any]:
-        snapshot = await _snapshot(session)
         who = actor or _default_actor()
-        return await prices.create_group(session, snapshot, name, multiplier, description, who)
+        return await prices.create_group(session, _catalog(), name, multiplier, description, who)
 
     emit(run_in_session(run))
 
@@ -96,9 +84,8 @@ def update_group(
         raise click.UsageError("give --multiplier or --description")
 
     async def run(session: AsyncSession) -> dict[str, Any]:
-        snapshot = await _snapshot(session)
         return await prices.update_group(
-            session, snapshot, name, changes, actor or _default_actor()
+            session, _catalog(), name, changes, actor or _default_actor()
         )
 
     emit(run_in_session(run))
@@ -152,11 +139,11 @@ def set_price(
             body[name] = value
 
     async def run(session: AsyncSession) -> dict[str, Any]:
-        snapshot = await _snapshot(session)
-        entry = snapshot.catalog.model(model)
+        catalog = _catalog()
+        entry = catalog.model(model)
         body["rule"] = rule or (entry.price.rule if entry else "per_call")
         return await prices.set_group_price(
-            session, snapshot, group, model, body, actor or _default_actor()
+            session, catalog, group, model, body, actor or _default_actor()
         )
 
     emit(run_in_session(run))
@@ -170,8 +157,9 @@ def reset_price(group: str, model: str, actor: str | None) -> None:
     """Return GROUP's price for MODEL to its default (the catalogue, × the multiplier)."""
 
     async def run(session: AsyncSession) -> dict[str, Any]:
-        snapshot = await _snapshot(session)
-        await prices.delete_group_price(session, snapshot, group, model, actor or _default_actor())
+        await prices.delete_group_price(
+            session, _catalog(), group, model, actor or _default_actor()
+        )
         return {"group": group, "model": model, "reset": True}
 
     emit(run_in_session(run))
@@ -208,9 +196,8 @@ def set_rate(currency: str, rate: str, effective_at: Any, note: str, actor: str 
     since = effective_at.replace(tzinfo=UTC) if effective_at else None
 
     async def run(session: AsyncSession) -> dict[str, Any]:
-        snapshot = await _snapshot(session)
         return await prices.set_rate(
-            session, snapshot, currency, rate, since, note, actor or _default_actor()
+            session, _catalog(), currency, rate, since, note, actor or _default_actor()
         )
 
     emit(run_in_session(run))

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import text
+
 from pricing.catalog import Catalog, Group, ModelEntry, Price
 from pricing.money import EXACT, parse_credits
 
@@ -136,6 +138,20 @@ async def load_snapshot(conn: Any, catalog: Catalog) -> Snapshot:
     prices = [(r[0], r[1], _json(r[2])) for r in await conn.fetch(PRICES_SQL)]
     rates = [tuple(r) for r in await conn.fetch(RATES_SQL)]
     return build_snapshot(catalog, int(version), groups, prices, rates)
+
+
+class SessionRows:
+    """``fetchval`` and ``fetch`` over a SQLAlchemy session, as ``load_snapshot`` reads an
+    asyncpg pool: a snapshot read inside the caller's transaction."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    async def fetchval(self, sql: str) -> Any:
+        return (await self._session.execute(text(sql))).scalar()
+
+    async def fetch(self, sql: str) -> list[Any]:
+        return list((await self._session.execute(text(sql))).all())
 
 
 def _json(value: Any) -> Mapping[str, Any]:

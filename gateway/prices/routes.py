@@ -92,7 +92,7 @@ class PricesAdminController(Controller):
     ) -> Response[Any]:
         created = await prices.create_group(
             uow.session,
-            await fresh(services),
+            services.catalog,
             data.name,
             data.multiplier,
             data.description,
@@ -114,7 +114,7 @@ class PricesAdminController(Controller):
         actor: Actor = None,
     ) -> Response[Any]:
         changed = await prices.update_group(
-            uow.session, await fresh(services), group, given_fields(data), _actor(actor)
+            uow.session, services.catalog, group, given_fields(data), _actor(actor)
         )
         return json_response(changed)
 
@@ -145,13 +145,12 @@ class PricesAdminController(Controller):
         uow: UnitOfWorkDep,
         actor: Actor = None,
     ) -> Response[Any]:
-        snapshot = await fresh(services)
         body = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
-        entry = snapshot.catalog.model(model)
+        entry = services.catalog.model(model)
         if "rule" not in body and entry is not None:
             body["rule"] = entry.price.rule
         saved = await prices.set_group_price(
-            uow.session, snapshot, group, model, body, _actor(actor)
+            uow.session, services.catalog, group, model, body, _actor(actor)
         )
         return json_response(saved)
 
@@ -168,9 +167,7 @@ class PricesAdminController(Controller):
         uow: UnitOfWorkDep,
         actor: Actor = None,
     ) -> None:
-        await prices.delete_group_price(
-            uow.session, await fresh(services), group, model, _actor(actor)
-        )
+        await prices.delete_group_price(uow.session, services.catalog, group, model, _actor(actor))
 
     @get(
         "/price-changes",
@@ -210,7 +207,7 @@ class PricesAdminController(Controller):
     ) -> Response[Any]:
         saved = await prices.set_rate(
             uow.session,
-            await fresh(services),
+            services.catalog,
             currency,
             data.rate,
             data.effective_at,

@@ -18,7 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db import utcnow
 from gateway.errors import InvalidRequest, NotFound
-from gateway.prices.book import Snapshot
+from gateway.prices.book import SessionRows, Snapshot, load_snapshot
 from gateway.prices.models import ExchangeRate, GroupPrice, PriceChange, PriceGroup
 from pricing.catalog import CURRENCY_PATTERN, Catalog, Cost, Price
 from pricing.money import MoneyError, parse_credits
@@ -57,10 +57,14 @@ def check_description(value: object) -> str:
     return value
 
 
-async def bump_version(session: AsyncSession) -> None:
+async def locked_snapshot(session: AsyncSession, catalog: Catalog) -> Snapshot:
+    """Bump the version stamp first (its row lock makes price changes one at a time), then
+    read the prices as they are now, in this transaction: a change checks and records
+    what it replaces without racing another."""
     await session.exec(  # type: ignore[call-overload]
         text("UPDATE pricing_version SET version = version + 1 WHERE id = 1")
     )
+    return await load_snapshot(SessionRows(session), catalog)
 
 
 async def _record(
@@ -72,7 +76,6 @@ async def _record(
     new: dict[str, Any] | None,
 ) -> None:
     session.add(PriceChange(actor=actor[:200], kind=kind, subject=subject, old=old, new=new))
-    await bump_version(session)
     await session.flush()
 
 
@@ -94,13 +97,14 @@ def _known(snapshot: Snapshot, name: str) -> None:
 
 async def create_group(
     session: AsyncSession,
-    snapshot: Snapshot,
+    catalog: Catalog,
     name: object,
     multiplier: object,
     description: object,
     actor: str,
 ) -> dict[str, Any]:
     group = check_group_name(name)
+    snapshot = await locked_snapshot(session, catalog)
     if group in snapshot.groups:
         raise InvalidRequest("name", f"a group {group!r} exists")
     figure = decimal_text("multiplier", multiplier, positive=True)
@@ -112,8 +116,9 @@ async def create_group(
 
 
 async def update_group(
-    session: AsyncSession, snapshot: Snapshot, name: str, changes: dict[str, Any], actor: str
+    session: AsyncSession, catalog: Catalog, name: str, changes: dict[str, Any], actor: str
 ) -> dict[str, Any]:
+    snapshot = await locked_snapshot(session, catalog)
     _known(snapshot, name)
     current = snapshot.groups[name]
     old = {"multiplier": str(current.multiplier), "description": snapshot.descriptions[name]}
@@ -200,12 +205,13 @@ def model_prices(snapshot: Snapshot, group: str) -> list[dict[str, Any]]:
 
 async def set_group_price(
     session: AsyncSession,
-    snapshot: Snapshot,
+    catalog: Catalog,
     group: str,
     model: str,
     body: dict[str, Any],
     actor: str,
 ) -> dict[str, Any]:
+    snapshot = await locked_snapshot(session, catalog)
     _known(snapshot, group)
     price = check_price(snapshot.catalog, model, body)
     stored = price_json(price)
@@ -220,8 +226,9 @@ async def set_group_price(
 
 
 async def delete_group_price(
-    session: AsyncSession, snapshot: Snapshot, group: str, model: str, actor: str
+    session: AsyncSession, catalog: Catalog, group: str, model: str, actor: str
 ) -> None:
+    snapshot = await locked_snapshot(session, catalog)
     _known(snapshot, group)
     row = await session.get(GroupPrice, (group, model))
     if row is None:
@@ -255,7 +262,7 @@ def check_currency(value: object) -> str:
 
 async def set_rate(
     session: AsyncSession,
-    snapshot: Snapshot,
+    catalog: Catalog,
     currency: object,
     rate: object,
     effective_at: datetime | None,
@@ -264,6 +271,7 @@ async def set_rate(
 ) -> dict[str, Any]:
     """Record a dated rate (credits per unit of ``currency``); history is never rewritten."""
     code = check_currency(currency)
+    snapshot = await locked_snapshot(session, catalog)
     if code == snapshot.catalog.credit_currency:
         raise InvalidRequest("currency", f"{code} is the credit currency: its rate is always 1")
     figure = decimal_text("rate", rate, positive=True)
