@@ -308,10 +308,13 @@ class Catalog(_Frozen):
                             f"model {entry.get('id')!r}: no `price`, and no rate in "
                             f"`exchange_rates` for its upstream currency {currency!r} to derive one"
                         )
-                    entry = {
-                        **entry,
-                        "price": derive_price(cost, _credits(rate_text), _credits(markup)),
-                    }
+                    try:
+                        price = derive_price(cost, _credits(rate_text), _credits(markup))
+                    except (TypeError, ValueError):
+                        # A malformed figure: validation reports it at its field.
+                        models.append(entry)
+                        continue
+                    entry = {**entry, "price": price}
             models.append(entry)
         return {**raw, "models": models}
 

@@ -691,3 +691,14 @@ def test_shipped_catalogue_without_flux_dev_steps_names_flux_dev() -> None:
     message = refusal(edited)
     assert f"models[{position}] (flux-1-dev)" in message
     assert "num_inference_steps" in message
+
+
+def test_a_malformed_upstream_cost_figure_is_named_at_its_field() -> None:
+    model = wxh_model("costly")
+    del model["price"]
+    model["upstream_cost"] = {"currency": "USD", "rule": "per_image", "amount": 0.5}
+    raw = catalog_of(model)
+    raw["exchange_rates"] = {"USD": "1"}
+    message = refusal(raw)
+    assert "models[0] (costly).upstream_cost.amount" in message
+    assert "not a TOML number" in message
