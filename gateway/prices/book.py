@@ -148,10 +148,10 @@ class SessionRows:
         self._session = session
 
     async def fetchval(self, sql: str) -> Any:
-        return (await self._session.execute(text(sql))).scalar()
+        return (await self._session.exec(text(sql))).scalar()
 
     async def fetch(self, sql: str) -> list[Any]:
-        return list((await self._session.execute(text(sql))).all())
+        return list((await self._session.exec(text(sql))).all())
 
 
 def _json(value: Any) -> Mapping[str, Any]:
