@@ -25,11 +25,12 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.app import create_app
 from gateway.ledger import service as ledger
 from gateway.prices.book import build_snapshot
 from gateway.settings import Settings
 from gateway.tasks import lifecycle
-from pricing.catalog import load_catalog
+from pricing.catalog import CatalogError, load_catalog
 
 Client = AsyncTestClient[Any]
 GENERATIONS = "/v1/images/generations"
@@ -646,3 +647,10 @@ async def test_the_cli_sets_a_channels_own_upstream_cost(settings: Settings) -> 
     code, _, err = await run_cli(settings, "channels", "update", name, "--upstream-cost", "nope")
     assert code == 2
     assert (await run_cli(settings, "channels", "remove", name))[0] == 0
+
+
+def test_a_catalogue_in_another_currency_than_the_credits_stops_the_gateway(
+    settings: Settings,
+) -> None:
+    with pytest.raises(CatalogError, match="TOLLGATE_CREDIT_CURRENCY is EUR"):
+        create_app(settings.model_copy(update={"credit_currency": "EUR"}))
