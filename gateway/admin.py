@@ -14,6 +14,7 @@ Where each domain's admin routes live:
 - the list of tasks: ``gateway/tasks/routes.py``
 - channels: ``gateway/channels/routes.py``
 - redemption codes: ``gateway/redemption/routes.py``
+- groups, their prices, exchange rates, price changes, usage export: ``gateway/prices/routes.py``
 """
 
 from typing import Any
@@ -29,6 +30,7 @@ from gateway.channels.routes import ChannelAdminController
 from gateway.deps import provide_uow, services
 from gateway.ledger.routes import LedgerAdminController
 from gateway.limits.routes import LimitsAdminController
+from gateway.prices.routes import PricesAdminController
 from gateway.redemption.routes import RedemptionAdminController
 from gateway.tasks.routes import TaskAdminController
 from gateway.tenants.routes import TenantAdminController
@@ -56,5 +58,6 @@ def admin_router() -> Router:
             TaskAdminController,
             ChannelAdminController,
             RedemptionAdminController,
+            PricesAdminController,
         ],
     )

@@ -50,6 +50,7 @@ from gateway.openapi_docs import (
     docs_assets_router,
     full_options_allow,
 )
+from gateway.prices.book import PriceBook
 from gateway.redis_client import request_path_redis
 from gateway.redis_keys import task_events_channel
 from gateway.responses import exception_handler
@@ -75,6 +76,12 @@ def check_catalog_fits_api(catalog: Catalog) -> None:
 def load_checked_catalog(settings: Settings) -> Catalog:
     catalog = load_catalog(settings.catalog_path)
     check_catalog_fits_api(catalog)
+    if catalog.credit_currency != settings.credit_currency:
+        raise CatalogError(
+            f"the catalogue's prices are in {catalog.credit_currency} (`credit_currency`), "
+            f"but TOLLGATE_CREDIT_CURRENCY is {settings.credit_currency}: give a catalogue "
+            "priced in the credit currency"
+        )
     return catalog
 
 
@@ -279,6 +286,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 quick_redis=quick,
                 pg=pg,
                 model_lists=ModelLists(catalog),
+                prices=PriceBook(catalog, pg, settings.key_cache_ttl_seconds),
                 finished=FinishedTasks(),
                 task_events=task_events,
             )

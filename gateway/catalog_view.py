@@ -2,8 +2,9 @@
 
 from typing import Any
 
-from gateway.tasks.schemas import ModelCard, ModelList, encode_json
-from pricing.catalog import Catalog, ModelEntry, ParamSpec
+from gateway.prices.book import Snapshot
+from gateway.tasks.schemas import ModelCard, ModelList, ModelPrice, encode_json
+from pricing.catalog import Catalog, ModelEntry, ParamSpec, Price
 
 
 def _setting(spec: ParamSpec) -> dict[str, Any]:
@@ -49,29 +50,63 @@ def model_card(entry: ModelEntry) -> ModelCard:
     return card
 
 
-def model_list(catalog: Catalog, allowed: frozenset[str] | None = None) -> ModelList:
-    """The models a caller may use (``allowed`` None: all of them)."""
+def model_price(price: Price, currency: str, group: str) -> ModelPrice:
+    return ModelPrice(
+        rule=price.rule,
+        amount=price.amount,
+        currency=currency,
+        user_group=group,
+        by_quality=dict(price.by_quality) or None,
+        with_style_references=price.with_style_references,
+        with_moodboard=price.with_moodboard,
+    )
+
+
+def model_list(
+    catalog: Catalog,
+    allowed: frozenset[str] | None = None,
+    prices: Snapshot | None = None,
+    group: str = "default",
+) -> ModelList:
+    """The models a caller may use (``allowed`` None: all of them), each with the price
+    the caller's group pays when ``prices`` is given."""
     entries = [e for e in catalog.models if allowed is None or e.id in allowed]
-    return ModelList(object="list", data=[model_card(entry) for entry in entries])
+    cards = []
+    for entry in entries:
+        card = model_card(entry)
+        if prices is not None:
+            shown_group, _ = prices.group(group)
+            price, _ = prices.effective_price(shown_group, entry)
+            card.price = model_price(price, catalog.credit_currency, shown_group)
+            card.billing_rule = price.rule
+        cards.append(card)
+    return ModelList(object="list", data=cards)
 
 
 class ModelLists:
-    """``GET /v1/models`` bodies, encoded once per set of allowed models.
+    """``GET /v1/models`` bodies, encoded once per group and set of allowed models.
 
-    The catalogue is fixed for the life of the process, and a caller's allowed models
-    come from its cached key, so the body depends on nothing else. Bounded: keys with
-    many different lists cannot grow it without limit.
+    A body depends on the prices in force (their version), the caller's group and its
+    allowed models (both from its cached key): bodies are kept per (group, allowed) and
+    all dropped when the prices' version moves. Bounded: keys with many different lists
+    cannot grow it without limit.
     """
 
     def __init__(self, catalog: Catalog, capacity: int = 1_000) -> None:
         self._catalog = catalog
         self._capacity = capacity
-        self._bodies: dict[frozenset[str] | None, bytes] = {}
+        self._version = -1
+        self._bodies: dict[tuple[str, frozenset[str] | None], bytes] = {}
 
-    def body(self, allowed: frozenset[str] | None) -> bytes:
-        found = self._bodies.get(allowed)
+    def body(self, prices: Snapshot, group: str, allowed: frozenset[str] | None) -> bytes:
+        if prices.version != self._version:
+            self._bodies.clear()
+            self._version = prices.version
+        key = (group, allowed)
+        found = self._bodies.get(key)
         if found is None:
             if len(self._bodies) >= self._capacity:
                 self._bodies.clear()
-            found = self._bodies[allowed] = encode_json(model_list(self._catalog, allowed))
+            listed = model_list(self._catalog, allowed, prices, group)
+            found = self._bodies[key] = encode_json(listed)
         return found

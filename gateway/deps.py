@@ -22,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.auth import KeyCache, Principal
 from gateway.catalog_view import ModelLists
 from gateway.limits.service import RateLimiter
+from gateway.prices.book import PriceBook
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
 from gateway.tasks.events import TaskEvents
@@ -45,6 +46,7 @@ class Services:
     quick_redis: Redis  # the request path's (gateway/redis_client.py)
     pg: Any  # asyncpg.Pool (untyped): the hot paths' pool, gateway/db.create_hot_pool
     model_lists: ModelLists
+    prices: PriceBook  # the prices in force: catalogue, groups, rates (gateway/prices)
     finished: FinishedTasks
     task_events: TaskEvents  # the process's one subscription to task signals
 

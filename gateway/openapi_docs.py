@@ -9,6 +9,8 @@ Rules:
 - A request body struct that refuses unknown fields (``forbid_unknown_fields``)
   is documented with ``additionalProperties: false``, so a client generated from
   the document cannot send what the server answers 400.
+- Decimal fields a response struct lists in ``__json_numbers__`` are documented as
+  numbers: they are encoded as JSON numbers (exact decimals), not strings.
 - A route that answers CSV as well as JSON (``format=csv``) documents both
   (``JsonOrCsvOperation``).
 - ``OPTIONS`` on a path answers ``Allow`` with every method of the path
@@ -97,7 +99,21 @@ class StrictStructSchemaPlugin(StructSchemaPlugin):
         info = msgspec.inspect.type_info(field_definition.type_)
         if isinstance(info, msgspec.inspect.StructType) and info.forbid_unknown_fields:
             schema.additional_properties = False
+        for name in getattr(field_definition.type_, "__json_numbers__", ()):
+            if schema.properties and name in schema.properties:
+                _strings_to_numbers(schema.properties[name])
         return schema
+
+
+def _strings_to_numbers(schema: Any) -> None:
+    """Every ``type: string`` within ``schema`` (one_of, additionalProperties) → number."""
+    if not isinstance(schema, Schema):
+        return
+    if schema.type == OpenAPIType.STRING:
+        schema.type = OpenAPIType.NUMBER
+    for inner in schema.one_of or ():
+        _strings_to_numbers(inner)
+    _strings_to_numbers(schema.additional_properties)
 
 
 def allowed_methods(app: Litestar, path_template: str) -> str | None:

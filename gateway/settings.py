@@ -60,6 +60,9 @@ class Settings(BaseSettings):
 
     public_base_url: str = "http://127.0.0.1:8000"
     catalog_path: Path | None = None
+    # The currency one credit is one unit of (docs/billing.md); the catalogue's prices must
+    # be in it (its `credit_currency`), or the gateway and workers refuse to start.
+    credit_currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     # Results (docs/operations.md, "Results"): file:///path or s3://bucket/prefix; unset,
     # the directory storage_dir.
     storage_url: str | None = None

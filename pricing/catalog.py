@@ -12,19 +12,24 @@ Rules the loader enforces:
 - ``per_megapixel_step`` pricing needs a ``num_inference_steps`` parameter;
 - ``upstream_size = "aspect_ratio"`` needs named ``sizes`` whose names are
   ratios ``W:H`` of whole numbers;
-- prices are decimal strings (never TOML floats, which are binary fractions).
+- prices are decimal strings (never TOML floats, which are binary fractions);
+- an ``upstream_cost`` names its currency (``USD``, ``CNY``, ``KCU``…), and that
+  currency has a default rate in ``[exchange_rates]``;
+- a model without a ``price`` gets the default sale price: each figure of its
+  upstream cost × the currency's rate × ``default_markup``, rounded up to the
+  micro-credit (``derive_price``; docs/catalog.md).
 """
 
 import re
 import tomllib
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from pricing.money import MoneyError, parse_credits
+from pricing.money import EXACT, MoneyError, parse_credits, round_up_to_micro
 
 DEFAULT_CATALOG_PATH = Path(__file__).with_name("catalog.toml")
 
@@ -33,6 +38,8 @@ DEFAULT_CATALOG_PATH = Path(__file__).with_name("catalog.toml")
 COMMON_FIELDS = ("model", "prompt", "size", "quality", "callback_url")
 
 _ASPECT_RATIO = re.compile(r"[1-9][0-9]*:[1-9][0-9]*")
+CURRENCY_PATTERN = r"^[A-Z]{3}$"
+_MONEY_FIELDS = ("amount", "with_style_references", "with_moodboard")
 
 
 class CatalogError(ValueError):
@@ -145,6 +152,13 @@ class Price(_Frozen):
     with_moodboard: Credits | None = None
 
 
+class Cost(Price):
+    """What an upstream charges for a generation, in its own ``currency`` (USD, CNY, KCU…);
+    without one, in credits."""
+
+    currency: str | None = Field(default=None, pattern=CURRENCY_PATTERN)
+
+
 class ModelEntry(_Frozen):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
     name: str
@@ -165,8 +179,9 @@ class ModelEntry(_Frozen):
     upstream_size: Literal["pixels", "aspect_ratio"] | None = None
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     price: Price
-    # What the upstream charges Tollgate; the same figures as `price` when absent.
-    upstream_cost: Price | None = None
+    # What the upstream charges Tollgate, in its own currency; the same figures as
+    # `price`, in credits, when absent.
+    upstream_cost: Cost | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelEntry":
@@ -221,6 +236,11 @@ class ModelEntry(_Frozen):
     def cost(self) -> Price:
         return self.upstream_cost or self.price
 
+    @property
+    def cost_currency(self) -> str | None:
+        """The upstream cost's currency; None when it is the price itself, in credits."""
+        return self.upstream_cost.currency if self.upstream_cost else None
+
     def max_images(self) -> int:
         spec = self.params.get("n")
         if spec is not None and spec.max is not None:
@@ -235,9 +255,68 @@ class Group(_Frozen):
     prices: dict[str, Price] = Field(default_factory=dict)
 
 
+def derive_price(cost: Mapping[str, Any], rate: Decimal, markup: Decimal) -> dict[str, Any]:
+    """The default sale price of an upstream cost: every figure × rate × markup, rounded up
+    to the micro-credit (ADR 0001). Same rule and modifiers as the cost."""
+
+    def sale(text: Any) -> str:
+        with localcontext(EXACT):
+            return str(round_up_to_micro(_credits(text) * rate * markup))
+
+    price: dict[str, Any] = {"rule": cost.get("rule")} if "rule" in cost else {}
+    for name in _MONEY_FIELDS:
+        if cost.get(name) is not None:
+            price[name] = sale(cost[name])
+    if cost.get("by_quality"):
+        price["by_quality"] = {tier: sale(v) for tier, v in dict(cost["by_quality"]).items()}
+    return price
+
+
 class Catalog(_Frozen):
+    """The models, the groups, and the money settings of the prices in the file.
+
+    ``credit_currency`` is the currency the prices are in (one credit, one unit);
+    ``exchange_rates`` the default credits per unit of each upstream currency (the
+    operator's rates in the database take precedence, ``gateway/prices``);
+    ``default_markup`` the factor of a default sale price over the upstream cost.
+    """
+
     models: tuple[ModelEntry, ...]
     groups: dict[str, Group] = Field(default_factory=lambda: {"default": Group()})
+    credit_currency: str = Field(default="USD", pattern=CURRENCY_PATTERN)
+    exchange_rates: dict[str, Credits] = Field(default_factory=dict)
+    default_markup: Credits = Decimal("1.5")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_prices(cls, raw: Any) -> Any:
+        """Give a model without a ``price`` its default sale price from its upstream cost."""
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("models"), list | tuple):
+            return raw
+        credit = raw.get("credit_currency", "USD")
+        rates = dict(raw.get("exchange_rates") or {})
+        markup = raw.get("default_markup", "1.5")
+        models = []
+        for entry in raw["models"]:
+            if isinstance(entry, Mapping) and "price" not in entry:
+                cost = entry.get("upstream_cost")
+                if isinstance(cost, Mapping):
+                    currency = cost.get("currency")
+                    rate_text = "1" if currency in (None, credit) else rates.get(currency)
+                    if rate_text is None:
+                        raise ValueError(
+                            f"model {entry.get('id')!r}: no `price`, and no rate in "
+                            f"`exchange_rates` for its upstream currency {currency!r} to derive one"
+                        )
+                    try:
+                        price = derive_price(cost, _credits(rate_text), _credits(markup))
+                    except (TypeError, ValueError):
+                        # A malformed figure: validation reports it at its field.
+                        models.append(entry)
+                        continue
+                    entry = {**entry, "price": price}
+            models.append(entry)
+        return {**raw, "models": models}
 
     @model_validator(mode="after")
     def _consistent(self) -> "Catalog":
@@ -248,6 +327,13 @@ class Catalog(_Frozen):
             seen.add(entry.id)
         if "default" not in self.groups:
             raise ValueError("there must be a `default` group")
+        for entry in self.models:
+            currency = entry.upstream_cost.currency if entry.upstream_cost else None
+            if currency not in (None, self.credit_currency, *self.exchange_rates):
+                raise ValueError(
+                    f"model {entry.id!r}: upstream currency {currency!r} has no rate in "
+                    "`exchange_rates`"
+                )
         by_id = {entry.id: entry for entry in self.models}
         for name, group in self.groups.items():
             unknown = set(group.prices) - seen
@@ -259,6 +345,10 @@ class Catalog(_Frozen):
                 except ValueError as exc:
                     raise ValueError(f"group {name!r}, price of {model_id}: {exc}") from None
         return self
+
+    def default_rates(self) -> dict[str, Decimal]:
+        """Credits per unit of each currency the file knows; the credit currency is 1."""
+        return {**self.exchange_rates, self.credit_currency: Decimal(1)}
 
     def model(self, model_id: str) -> ModelEntry | None:
         return self._by_id().get(model_id)

@@ -38,12 +38,33 @@ def to_micros(amount: Decimal) -> int:
         return int((amount / _MICRO).to_integral_value(rounding=ROUND_CEILING))
 
 
+def plain(value: Decimal) -> Decimal:
+    """The same number without trailing zeros, and never in exponent form (10, not 1E+1)."""
+    with localcontext(EXACT):
+        value = value.normalize()
+    return value.quantize(Decimal(1)) if value == value.to_integral_value() else value
+
+
+def round_up_to_micro(amount: Decimal) -> Decimal:
+    """``amount`` rounded up to a whole micro-credit, as a Decimal (ADR 0001's one rounding)."""
+    with localcontext(EXACT):
+        return plain(Decimal(to_micros(amount)) / MICROS_PER_CREDIT)
+
+
+def convert(amount: Decimal, rate: Decimal) -> Decimal:
+    """``amount`` of a currency in credits at ``rate`` credits per unit: exact, unrounded.
+
+    The product is exact (a 100-digit context holds any product of catalogue figures);
+    the caller rounds once, up, with ``to_micros`` (ADR 0001).
+    """
+    with localcontext(EXACT):
+        return amount * rate
+
+
 def credits_from_micros(micros: int) -> Decimal:
     """The decimal credit figure of a micro-credit amount, for rendering."""
     with localcontext(EXACT):
-        value = (Decimal(micros) / MICROS_PER_CREDIT).normalize()
-    # normalize() writes whole numbers with an exponent (1E+1); JSON wants 10.
-    return value.quantize(Decimal(1)) if value == value.to_integral_value() else value
+        return plain(Decimal(micros) / MICROS_PER_CREDIT)
 
 
 def micros_from_signed_text(text: str) -> int:

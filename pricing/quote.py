@@ -12,6 +12,11 @@ and the Krea 2 surcharges (style references, moodboard; both together cost the
 moodboard price) choose the unit price before the rule applies. All arithmetic
 is exact ``Decimal``; the one rounding (up, to a micro-credit) happens last.
 
+The upstream cost is priced the same way from the model's ``upstream_cost`` (or a
+channel's own cost, at settlement) in the upstream's currency, then converted to
+credits at the rates in force when the task was quoted (kept in the quote), and
+rounded up on its own.
+
 A quote made at submit is the most the task can cost; ``quote`` with a smaller
 ``images`` gives the charge when fewer images came back.
 """
@@ -21,8 +26,8 @@ from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Any
 
-from pricing.catalog import Group, ModelEntry, Price
-from pricing.money import EXACT, to_micros
+from pricing.catalog import Cost, Group, ModelEntry, Price
+from pricing.money import EXACT, plain, to_micros
 from pricing.request import ImageRequest
 
 MEGAPIXEL = 1_048_576
@@ -40,6 +45,10 @@ class Quote:
     images: int = 1
     exact_amount: Decimal = Decimal(0)
     exact_cost: Decimal = Decimal(0)
+    # The upstream cost in its own currency (None: in credits), and the rates in force.
+    cost_currency: str | None = None
+    exact_cost_native: Decimal = Decimal(0)
+    rates: Mapping[str, Decimal] | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -51,7 +60,50 @@ class Quote:
             "images": self.images,
             "exact_amount": str(self.exact_amount),
             "exact_cost": str(self.exact_cost),
+            "cost_currency": self.cost_currency,
+            "exact_cost_native": str(self.exact_cost_native),
+            "rates": {k: str(v) for k, v in (self.rates or {}).items()},
         }
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCost:
+    """A task's upstream cost: exact, in its currency, and in micro-credits (rounded up)."""
+
+    amount: Decimal
+    currency: str | None
+    micros: int
+
+
+def upstream_cost(
+    quoted: Mapping[str, Any],
+    delivered: int,
+    price: Cost | None = None,
+    request: ImageRequest | None = None,
+) -> UpstreamCost:
+    """The upstream cost of a task quoted ``quoted`` that gave ``delivered`` images.
+
+    ``price`` is the cost of the channel that made it when the channel has its own;
+    otherwise the quote's catalogue cost, scaled like the charge. Converted at the
+    quote's rates (the rates in force when the task was priced); a currency the quote
+    has no rate for falls back to the quote's own cost.
+    """
+    rates = {k: Decimal(v) for k, v in dict(quoted.get("rates") or {}).items()}
+    with localcontext(EXACT):
+        if price is not None and request is not None and price.currency in rates:
+            counted = int(quoted["images"]) if price.rule == "per_call" else delivered
+            native, _, _ = _amount(price, request, min(counted, int(quoted["images"])))
+            cost = native * rates[price.currency]
+            return UpstreamCost(plain(native), price.currency, to_micros(cost))
+        quoted_images = int(quoted["images"])
+        native = Decimal(quoted.get("exact_cost_native") or quoted["exact_cost"])
+        exact = Decimal(quoted["exact_cost"])
+        if quoted["billing_rule"] != "per_call" and 0 <= delivered < quoted_images:
+            # Multiplied, then divided: the quoted figure is a multiple of its images, so
+            # the share of the delivered ones is exact (1.11 × 2 / 3 = 0.74).
+            native = native * delivered / quoted_images
+            exact = exact * delivered / quoted_images
+        return UpstreamCost(plain(native), quoted.get("cost_currency"), to_micros(exact))
 
 
 def settlement(quote: Mapping[str, Any], delivered: int) -> tuple[int, int]:
@@ -66,9 +118,10 @@ def settlement(quote: Mapping[str, Any], delivered: int) -> tuple[int, int]:
     if quote["billing_rule"] == "per_call" or delivered >= quoted:
         return reserved, cost
     with localcontext(EXACT):
-        share = Decimal(max(delivered, 0)) / quoted
-        charge = to_micros(Decimal(quote["exact_amount"]) * share)
-        actual_cost = to_micros(Decimal(quote["exact_cost"]) * share)
+        # Multiplied, then divided: exact, as the quoted figure is a multiple of its images.
+        delivered = max(delivered, 0)
+        charge = to_micros(Decimal(quote["exact_amount"]) * delivered / quoted)
+        actual_cost = to_micros(Decimal(quote["exact_cost"]) * delivered / quoted)
     return min(charge, reserved), min(actual_cost, cost)
 
 
@@ -109,16 +162,30 @@ def quote(
     request: ImageRequest,
     *,
     images: int | None = None,
+    rates: Mapping[str, Decimal] | None = None,
 ) -> Quote:
-    """The charge and cost of ``request``, or of the same request yielding ``images`` images."""
+    """The charge and cost of ``request``, or of the same request yielding ``images`` images.
+
+    ``rates``: credits per unit of each upstream currency (the operator's, in force now).
+    """
     with localcontext(EXACT):
         return _quote(
-            entry, group_name, group, request, request.images if images is None else images
+            entry,
+            group_name,
+            group,
+            request,
+            request.images if images is None else images,
+            rates or {},
         )
 
 
 def _quote(
-    entry: ModelEntry, group_name: str, group: Group, request: ImageRequest, counted: int
+    entry: ModelEntry,
+    group_name: str,
+    group: Group,
+    request: ImageRequest,
+    counted: int,
+    rates: Mapping[str, Decimal],
 ) -> Quote:
     own_price = group.prices.get(entry.id)
     price = own_price or entry.price
@@ -131,7 +198,9 @@ def _quote(
         lines.append(f"group {group_name}: its own price for {entry.id}")
     amount_micros = to_micros(amount)
     lines.append(f"rounded up to the micro-credit: {amount_micros} micro-credits")
-    cost, _, _ = _amount(entry.cost, request, counted)
+    native, _, _ = _amount(entry.cost, request, counted)
+    currency = entry.cost_currency
+    cost = native if currency is None else native * rates[currency]
     return Quote(
         billing_rule=price.rule,
         amount_micros=amount_micros,
@@ -141,4 +210,7 @@ def _quote(
         images=counted,
         exact_amount=amount,
         exact_cost=cost,
+        cost_currency=currency,
+        exact_cost_native=native,
+        rates=dict(rates),
     )

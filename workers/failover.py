@@ -49,6 +49,7 @@ class Failover:
         self._calls = calls
         self._admission = calls.admission
         self._lease = calls.lease
+        self.route: Route | None = None  # the channel that made the results, once made
 
     async def generate(
         self, route: Route, entry: ModelEntry, request: ImageRequest, job_id: str | None
@@ -98,6 +99,7 @@ class Failover:
                         raise
                 route = next_route
         await self._admission.record_outcome(route, failed=False)
+        self.route = route
         return stored
 
     async def _leave_channel(self, route: Route, exc: UpstreamError) -> None:

@@ -41,6 +41,7 @@ from gateway import logs, metrics
 from gateway.callbacks import service as callbacks
 from gateway.tasks import lifecycle
 from gateway.tasks.models import OPEN_STATES
+from pricing.quote import upstream_cost
 from pricing.request import ImageRequest
 from workers.admission import Admission
 from workers.deps import WorkerDeps
@@ -169,7 +170,11 @@ class GenerationRun:
         job_id = claimed.upstream_job_id if claimed.channel_id == route.id else None
         calls = UpstreamCalls(self.deps, self.task_id, self.admission, self.lease)
         self.calls = calls
-        stored = await Failover(calls).generate(route, entry, request, job_id)
+        failover = Failover(calls)
+        stored = await failover.generate(route, entry, request, job_id)
+        made_by = failover.route or route
+        # The cost of the channel that made the images: its own, or the catalogue's.
+        cost = upstream_cost(claimed.quote, len(stored), made_by.costs.get(entry.id), request)
         async with self.deps.engine.begin() as conn:
             done = await lifecycle.complete(
                 conn,
@@ -178,6 +183,8 @@ class GenerationRun:
                 [result.key for result in stored],
                 self.settings.result_url_ttl_seconds,
                 sizes=[(result.width, result.height) for result in stored],
+                cost=cost,
+                channel_id=made_by.id,
             )
         if not done:
             raise LeaseLost

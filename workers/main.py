@@ -47,6 +47,11 @@ def check_upstreams(settings: Settings) -> None:
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
     catalog = load_catalog(settings.catalog_path)
+    if catalog.credit_currency != settings.credit_currency:
+        raise CatalogError(
+            f"the catalogue's prices are in {catalog.credit_currency}, but "
+            f"TOLLGATE_CREDIT_CURRENCY is {settings.credit_currency}"
+        )
     check_upstreams(settings)
     storage = build_storage(settings)
 

@@ -21,7 +21,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from sqlalchemy import select
@@ -29,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.channels.models import Channel
 from gateway.settings import Settings
-from pricing.catalog import Catalog, ModelEntry
+from pricing.catalog import Catalog, Cost, ModelEntry
 from workers.providers import ADAPTERS
 from workers.providers.base import Endpoint, Provider
 
@@ -52,9 +53,23 @@ class Route:
     weight: int
     max_concurrency: int
     provider: Provider
+    # Catalogue model id -> this account's own upstream cost (models not named: the
+    # catalogue's upstream_cost). Env channels have none.
+    costs: Mapping[str, Cost] = field(default_factory=dict)
 
     def upstream_model(self, entry: ModelEntry) -> str:
         return self.models.get(entry.id) or entry.upstream_model
+
+
+def channel_costs(name: str, stored: Mapping[str, Any]) -> dict[str, Cost]:
+    """A channel's own upstream costs; one that no longer validates is skipped (logged)."""
+    costs: dict[str, Cost] = {}
+    for model, cost in stored.items():
+        try:
+            costs[model] = Cost.model_validate(cost)
+        except ValueError:
+            logger.error("channel %s: its upstream cost of %s is invalid, ignored", name, model)
+    return costs
 
 
 def weighted_order(routes: list[Route], rng: random.Random) -> list[Route]:
@@ -159,6 +174,7 @@ class Directory:
                     weight=row.weight,
                     max_concurrency=row.max_concurrency,
                     provider=build(self._http, endpoint),
+                    costs=channel_costs(row.name, row.upstream_costs or {}),
                 )
             built[version] = route
             routes[route.id] = route

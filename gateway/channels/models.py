@@ -8,6 +8,7 @@ used and never shown: no API answer, CLI output or log line carries it.
 """
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -42,6 +43,9 @@ class Channel(SQLModel, table=True):
     api_key: str = Field(sa_type=Sealed(CHANNEL_API_KEY, 8192), repr=False)
     # Catalogue model id -> the upstream's id for it (None: the catalogue's upstream_model).
     models: dict[str, str | None] = Field(default_factory=dict, sa_type=JSONB)
+    # Catalogue model id -> this account's own upstream cost (a pricing.catalog.Cost as
+    # JSON); models not named cost the catalogue's upstream_cost.
+    upstream_costs: dict[str, dict[str, Any]] = Field(default_factory=dict, sa_type=JSONB)
     priority: int = 0
     weight: int = 1
     max_concurrency: int = 16

@@ -2,7 +2,8 @@
 ``gateway/admin.py``). No struct or view carries a key back out.
 """
 
-from typing import Annotated, Any
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Response, delete, get, patch, post
@@ -49,6 +50,26 @@ MaxConcurrency = Annotated[
 Enabled = Annotated[bool, msgspec.Meta(description="Whether tasks are routed to it.")]
 
 
+class ChannelCost(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What this account pays its upstream for one model, in the upstream's currency."""
+
+    currency: Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$", description="USD, CNY, KCU…")]
+    rule: Literal["per_call", "per_image", "per_megapixel_step"]
+    amount: Decimal
+    by_quality: dict[str, Decimal] | None = None
+    with_style_references: Decimal | None = None
+    with_moodboard: Decimal | None = None
+
+
+UpstreamCosts = Annotated[
+    dict[str, ChannelCost],
+    msgspec.Meta(
+        description="Catalogue model id -> this account's own upstream cost, overriding the "
+        "catalogue's `upstream_cost`; recorded on each task the channel makes."
+    ),
+]
+
+
 class NewChannel(msgspec.Struct, forbid_unknown_fields=True):
     """An upstream account: its adapter (wire protocol), where to call it, and its key."""
 
@@ -61,6 +82,7 @@ class NewChannel(msgspec.Struct, forbid_unknown_fields=True):
     weight: Weight = _DEFAULT["weight"].default
     max_concurrency: MaxConcurrency = _DEFAULT["max_concurrency"].default
     enabled: Enabled = _DEFAULT["enabled"].default
+    upstream_costs: UpstreamCosts | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChannelChanges(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,6 +97,7 @@ class ChannelChanges(msgspec.Struct, forbid_unknown_fields=True):
     weight: Weight | msgspec.UnsetType = msgspec.UNSET
     max_concurrency: MaxConcurrency | msgspec.UnsetType = msgspec.UNSET
     enabled: Enabled | msgspec.UnsetType = msgspec.UNSET
+    upstream_costs: UpstreamCosts | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChannelView(msgspec.Struct):
@@ -90,6 +113,7 @@ class ChannelView(msgspec.Struct):
     weight: int
     max_concurrency: int
     enabled: bool
+    upstream_costs: dict[str, dict[str, Any]]
     created_at: str
     updated_at: str
 
@@ -109,9 +133,9 @@ _NAME_TAKEN = {
 
 
 def given_fields(data: msgspec.Struct) -> dict[str, Any]:
-    """The fields of a decoded body that were sent."""
+    """The fields of a decoded body that were sent (nested structs as plain data)."""
     return {
-        name: value
+        name: msgspec.to_builtins(value) if isinstance(value, dict) else value
         for name in data.__struct_fields__
         if (value := getattr(data, name)) is not msgspec.UNSET
     }

@@ -16,6 +16,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.channels.models import ADAPTER_NAMES, MAX_WEIGHT, Channel
 from gateway.db import utcnow
 from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.prices.service import check_price, price_json
 from gateway.tenants.models import new_id
 from pricing.catalog import Catalog
 
@@ -29,6 +30,7 @@ EDITABLE = (
     "weight",
     "max_concurrency",
     "enabled",
+    "upstream_costs",
 )
 REQUIRED = ("name", "adapter", "base_url", "api_key", "models")
 
@@ -121,6 +123,26 @@ def _check_models(value: object, catalog: Catalog) -> dict[str, str | None]:
     return checked
 
 
+def _check_costs(value: object, catalog: Catalog) -> dict[str, dict[str, Any]]:
+    """This account's own upstream cost per model: ``currency``, ``rule``, ``amount`` and
+    the modifiers, as in the catalogue's ``upstream_cost``."""
+    if not isinstance(value, dict):
+        raise InvalidRequest("upstream_costs", "must be an object: model id -> its cost")
+    checked: dict[str, dict[str, Any]] = {}
+    for model_id, cost in value.items():
+        where = f"upstream_costs.{model_id}"
+        if catalog.model(model_id) is None:
+            raise InvalidRequest(where, "is not a model of the catalogue")
+        if not isinstance(cost, dict):
+            raise InvalidRequest(where, "must be an object with currency, rule and amount")
+        try:
+            price = check_price(catalog, model_id, cost, cost=True)
+        except InvalidRequest as exc:
+            raise InvalidRequest(where, exc.message) from None
+        checked[model_id] = {"currency": cost["currency"], **price_json(price)}
+    return checked
+
+
 def validate_fields(fields: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
     """The editable fields of ``fields``, each checked; unknown ones are refused."""
     checked: dict[str, Any] = {}
@@ -144,6 +166,8 @@ def validate_fields(fields: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
                 checked[name] = _check_int(name, value, 1, MAX_WEIGHT)
             case "max_concurrency":
                 checked[name] = _check_int(name, value, 1, 100_000)
+            case "upstream_costs":
+                checked[name] = _check_costs(value, catalog)
             case "enabled":
                 if not isinstance(value, bool):
                     raise InvalidRequest(name, "must be true or false")
@@ -219,6 +243,7 @@ def channel_view(channel: Channel) -> dict[str, Any]:
         "base_url": channel.base_url,
         "api_key_set": bool(channel.api_key),
         "models": channel.models,
+        "upstream_costs": channel.upstream_costs or {},
         "priority": channel.priority,
         "weight": channel.weight,
         "max_concurrency": channel.max_concurrency,

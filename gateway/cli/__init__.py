@@ -19,6 +19,7 @@ from gateway.cli.credits import credits, usage
 from gateway.cli.keys import keys
 from gateway.cli.ledger import ledger_group
 from gateway.cli.limits import limits
+from gateway.cli.prices import groups, price_changes, rates, usage_export
 from gateway.cli.secrets import secrets
 from gateway.cli.server import migrate, serve
 from gateway.cli.tasks import tasks
@@ -43,5 +44,9 @@ for command in (
     channels,
     secrets,
     codes,
+    groups,
+    rates,
+    price_changes,
+    usage_export,
 ):
     main.add_command(command)

@@ -40,6 +40,7 @@ _CHANNEL_OPTIONS = {
     "weight": "'--weight'",
     "max_concurrency": "'--max-concurrency'",
     "enabled": "'--enabled' / '--disabled'",
+    "upstream_costs": "'--upstream-cost'",
 }
 _ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -94,6 +95,21 @@ def _parse_models(value: str) -> dict[str, str | None]:
             raise click.BadParameter(f"{model_id}: given twice", param_hint="'--models'")
         models[model_id] = upstream if eq else None
     return models
+
+
+def _parse_costs(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``flux-1-pro=USD:per_image:0.05`` -> {model: {currency, rule, amount}}."""
+    costs: dict[str, dict[str, str]] = {}
+    for value in values:
+        model_id, eq, cost = value.partition("=")
+        parts = cost.split(":")
+        if not eq or not model_id or len(parts) != 3 or not all(parts):
+            raise click.BadParameter(
+                f"{value!r}: give MODEL=CURRENCY:RULE:AMOUNT", param_hint="'--upstream-cost'"
+            )
+        currency, rule, amount = parts
+        costs[model_id] = {"currency": currency, "rule": rule, "amount": amount}
+    return costs
 
 
 def _read_api_key(env_var: str | None, from_stdin: bool, plain: str | None) -> str | None:
@@ -191,6 +207,15 @@ def _channel_options(*, adding: bool) -> Callable[[Callable[..., None]], Callabl
             "--api-key-stdin", is_flag=True, help="Read the upstream key from standard input."
         ),
         click.option("--api-key", "api_key_plain", hidden=True),
+        click.option(
+            "--upstream-cost",
+            "upstream_costs",
+            multiple=True,
+            metavar="MODEL=CURRENCY:RULE:AMOUNT",
+            help="This account's own upstream cost of a model (e.g. "
+            "flux-1-pro=USD:per_image:0.05); repeat per model."
+            + ("" if adding else " Replaces them all."),
+        ),
     ]
     if not adding:
         options.append(click.option("--name", help="A new name."))
@@ -209,10 +234,13 @@ def _channel_fields(
     api_key_stdin: bool,
     api_key_plain: str | None,
     models: str | None,
+    upstream_costs: tuple[str, ...] = (),
     **given: Any,
 ) -> dict[str, Any]:
     """The service's fields from the options given (those not given are left out)."""
     fields = {name: value for name, value in given.items() if value is not None}
+    if upstream_costs:
+        fields["upstream_costs"] = _parse_costs(upstream_costs)
     if models is not None:
         fields["models"] = _parse_models(models)
     api_key = _read_api_key(api_key_env, api_key_stdin, api_key_plain)

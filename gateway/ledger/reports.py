@@ -1,4 +1,9 @@
-"""The usage report: per tenant, per model and day — tasks, images, charged, cost, margin."""
+"""Usage reports: per tenant by model and day, and the per-task export across tenants.
+
+Money is charged minus what was given back: a task's refunds, and adjustments that
+name the task (a positive adjustment credits the tenant, so it lowers the revenue).
+The margin is that net revenue minus the upstream cost in credits.
+"""
 
 import csv
 import io
@@ -10,18 +15,44 @@ from sqlalchemy import text
 from gateway.ledger.service import Db, connection
 from pricing.money import credits_from_micros
 
+# Refunds and task adjustments, per task: ledger_entries is indexed on task_id.
+_RETURNED = """
+    LEFT JOIN LATERAL (
+        SELECT COALESCE(SUM(amount_micros) FILTER (WHERE kind = 'refund'), 0) AS refunded,
+               COALESCE(SUM(amount_micros) FILTER (WHERE kind = 'adjustment'), 0) AS adjusted
+        FROM ledger_entries e
+        WHERE e.task_id = t.id AND e.kind IN ('refund', 'adjustment')
+    ) r ON true
+"""
+
 _USAGE = text(
-    """
-    SELECT (created_at AT TIME ZONE 'UTC')::date AS day, model,
+    f"""
+    SELECT (t.created_at AT TIME ZONE 'UTC')::date AS day, t.model,
            COUNT(*) AS tasks,
-           COUNT(*) FILTER (WHERE status = 'completed') AS completed,
-           COUNT(*) FILTER (WHERE status = 'failed') AS failed,
-           COALESCE(SUM(images_delivered), 0) AS images,
-           COALESCE(SUM(credits_charged_micros), 0) AS charged,
-           COALESCE(SUM(upstream_cost_micros), 0) AS cost
-    FROM tasks
-    WHERE tenant_id = :tenant AND created_at >= :since AND created_at < :until
-    GROUP BY day, model ORDER BY day, model
+           COUNT(*) FILTER (WHERE t.status = 'completed') AS completed,
+           COUNT(*) FILTER (WHERE t.status = 'failed') AS failed,
+           COALESCE(SUM(t.images_delivered), 0) AS images,
+           COALESCE(SUM(t.credits_charged_micros), 0) AS charged,
+           COALESCE(SUM(r.refunded), 0) AS refunded,
+           COALESCE(SUM(r.adjusted), 0) AS adjusted,
+           COALESCE(SUM(t.upstream_cost_micros), 0) AS cost
+    FROM tasks t {_RETURNED}
+    WHERE t.tenant_id = :tenant AND t.created_at >= :since AND t.created_at < :until
+    GROUP BY day, t.model ORDER BY day, t.model
+    """
+)
+
+_TASKS = text(
+    f"""
+    SELECT t.id, t.tenant_id, t.model, t.status, t.user_group, t.billing_rule, t.channel_id,
+           t.created_at, t.finished_at, t.images_delivered, t.credits_reserved_micros,
+           COALESCE(t.credits_charged_micros, 0), r.refunded, r.adjusted,
+           COALESCE(t.upstream_cost_micros, 0), t.upstream_cost_amount,
+           t.upstream_cost_currency, t.quote ->> 'cost_currency'
+    FROM tasks t {_RETURNED}
+    WHERE t.created_at >= :since AND t.created_at < :until
+    ORDER BY t.created_at, t.id
+    LIMIT :limit
     """
 )
 
@@ -33,9 +64,36 @@ COLUMNS = (
     "failed",
     "images",
     "charged",
+    "refunded",
+    "adjusted",
+    "net",
     "upstream_cost",
     "margin",
 )
+
+TASK_COLUMNS = (
+    "task_id",
+    "tenant_id",
+    "model",
+    "status",
+    "user_group",
+    "billing_rule",
+    "channel_id",
+    "created_at",
+    "finished_at",
+    "images",
+    "quoted",
+    "charged",
+    "refunded",
+    "adjusted",
+    "net",
+    "upstream_cost",
+    "upstream_cost_amount",
+    "upstream_cost_currency",
+    "margin",
+)
+
+MAX_EXPORT_ROWS = 100_000
 
 
 def _bounds(since: date | None, until: date | None) -> tuple[datetime, datetime]:
@@ -47,6 +105,11 @@ def _bounds(since: date | None, until: date | None) -> tuple[datetime, datetime]
     )
 
 
+def _money(row: dict[str, Any], name: str, micros: int) -> None:
+    row[name] = credits_from_micros(micros)
+    row[f"{name}_micros"] = micros
+
+
 async def usage(
     db: Db, tenant_id: str, since: date | None, until: date | None
 ) -> list[dict[str, Any]]:
@@ -55,30 +118,74 @@ async def usage(
     conn = await connection(db)
     rows = await conn.execute(_USAGE, {"tenant": tenant_id, "since": start, "until": end})
     report = []
-    for day, model, tasks, completed, failed, images, charged, cost in rows:
-        report.append(
-            {
-                "day": day.isoformat(),
-                "model": model,
-                "tasks": tasks,
-                "completed": completed,
-                "failed": failed,
-                "images": int(images),
-                "charged": credits_from_micros(int(charged)),
-                "upstream_cost": credits_from_micros(int(cost)),
-                "margin": credits_from_micros(int(charged) - int(cost)),
-                "charged_micros": int(charged),
-                "upstream_cost_micros": int(cost),
-                "margin_micros": int(charged) - int(cost),
-            }
-        )
+    for day, model, tasks, completed, failed, images, charged, refunded, adjusted, cost in rows:
+        net = int(charged) - int(refunded) - int(adjusted)
+        row: dict[str, Any] = {
+            "day": day.isoformat(),
+            "model": model,
+            "tasks": tasks,
+            "completed": completed,
+            "failed": failed,
+            "images": int(images),
+        }
+        _money(row, "charged", int(charged))
+        _money(row, "refunded", int(refunded))
+        _money(row, "adjusted", int(adjusted))
+        _money(row, "net", net)
+        _money(row, "upstream_cost", int(cost))
+        _money(row, "margin", net - int(cost))
+        report.append(row)
     return report
 
 
-def usage_csv(report: list[dict[str, Any]]) -> str:
+async def task_export(
+    db: Db, since: date | None, until: date | None, limit: int = MAX_EXPORT_ROWS
+) -> list[dict[str, Any]]:
+    """One row per task of every tenant created in [since, until] (UTC days)."""
+    start, end = _bounds(since, until)
+    conn = await connection(db)
+    rows = await conn.execute(_TASKS, {"since": start, "until": end, "limit": limit})
+    export = []
+    for r in rows:
+        charged, refunded, adjusted, cost = int(r[11]), int(r[12]), int(r[13]), int(r[14])
+        net = charged - refunded - adjusted
+        row: dict[str, Any] = {
+            "task_id": r[0],
+            "tenant_id": r[1],
+            "model": r[2],
+            "status": r[3],
+            "user_group": r[4],
+            "billing_rule": r[5],
+            "channel_id": r[6],
+            "created_at": r[7].isoformat(),
+            "finished_at": r[8].isoformat() if r[8] else None,
+            "images": r[9],
+        }
+        _money(row, "quoted", int(r[10]))
+        _money(row, "charged", charged)
+        _money(row, "refunded", refunded)
+        _money(row, "adjusted", adjusted)
+        _money(row, "net", net)
+        _money(row, "upstream_cost", cost)
+        row["upstream_cost_amount"] = r[15]
+        row["upstream_cost_currency"] = r[16] or (r[17] if r[15] else None)
+        _money(row, "margin", net - cost)
+        export.append(row)
+    return export
+
+
+def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in report:
-        writer.writerow([row[column] for column in COLUMNS])
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
     return out.getvalue()
+
+
+def usage_csv(report: list[dict[str, Any]]) -> str:
+    return _csv(report, COLUMNS)
+
+
+def task_export_csv(export: list[dict[str, Any]]) -> str:
+    return _csv(export, TASK_COLUMNS)

@@ -5,10 +5,10 @@ rules are the ledger's (``gateway/ledger/__init__.py``).
 """
 
 from datetime import date
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import Controller, Response, get, post
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from gateway.deps import UnitOfWorkDep
 from gateway.errors import InvalidRequest
@@ -79,6 +79,30 @@ class LedgerAdminController(Controller):
         if format == "csv":
             return Response(content=reports.usage_csv(report), media_type="text/csv")
         return json_response({"tenant_id": tenant_id, "data": report})
+
+    @get(
+        "/usage/tasks",
+        summary="Per-task usage and margin of every tenant, for a range of days",
+        description="One row per task created from `from` to `to` (UTC days, inclusive; "
+        "default the last 30): the quoted price, the charge, refunds and adjustments naming "
+        "the task, the net, the upstream cost in credits and in its own currency, and the "
+        "margin (net − cost). `format=csv` answers text/csv. At most 100,000 rows.",
+        operation_class=JsonOrCsvOperation,
+        responses=admin_error_responses(400, 401),
+    )
+    async def task_usage(
+        self,
+        uow: UnitOfWorkDep,
+        from_: Annotated[date | None, QueryParameter(name="from")] = None,
+        to: FromQuery[date | None] = None,
+        format: FromQuery[Literal["json", "csv"]] = "json",
+    ) -> Response[Any]:
+        if from_ is not None and to is not None and from_ > to:
+            raise InvalidRequest("from", "must not be after `to`")
+        export = await reports.task_export(uow.session, from_, to)
+        if format == "csv":
+            return Response(content=reports.task_export_csv(export), media_type="text/csv")
+        return json_response({"data": export})
 
     @post(
         "/tasks/{task_id:str}/refund",

@@ -31,7 +31,7 @@ from gateway.ledger import service as ledger
 from gateway.limits import service as limits
 from gateway.tasks import events
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
-from pricing.quote import settlement
+from pricing.quote import UpstreamCost, settlement, upstream_cost
 
 tasks: Table = Task.__table__  # type: ignore[attr-defined]
 c = tasks.c
@@ -117,6 +117,7 @@ class Claimed:
     created_at: datetime
     callback_url: str | None
     request_id: str | None
+    quote: dict[str, Any]
 
 
 async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float) -> Claimed | None:
@@ -141,6 +142,7 @@ async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float)
             c.created_at,
             c.callback_url,
             c.request_id,
+            c.quote,
         )
     )
     row = (await conn.execute(stmt)).first()
@@ -263,9 +265,15 @@ async def complete(
     results: list[str],
     ttl_seconds: int,
     sizes: list[tuple[int, int]] | None = None,
+    cost: UpstreamCost | None = None,
+    channel_id: str | None = None,
 ) -> bool:
     """Record the results (and each one's width and height) and capture the charge;
-    False if this attempt lost the task."""
+    False if this attempt lost the task.
+
+    ``cost`` is the upstream cost of the channel that made the results (``channel_id``);
+    without it, the quote's catalogue cost. The charge is always the held quote's.
+    """
     stmt = (
         update(tasks)
         .where(_fence(task_id, attempt), _processing)
@@ -287,13 +295,22 @@ async def complete(
     row = (await conn.execute(stmt)).first()
     if row is None:
         return False
-    charge, cost = settlement(row.quote, len(results))
+    charge, quoted_cost = settlement(row.quote, len(results))
     await _finish(conn, task_id, row, charge)
-    await conn.execute(
-        update(tasks)
-        .where(c.id == task_id)
-        .values(credits_charged_micros=charge, upstream_cost_micros=cost)
-    )
+    figures: dict[str, Any] = {"credits_charged_micros": charge}
+    if cost is None:
+        figures["upstream_cost_micros"] = quoted_cost
+        if row.quote.get("exact_cost_native") is not None:
+            cost = upstream_cost(row.quote, len(results))
+    if cost is not None:
+        figures.update(
+            upstream_cost_micros=cost.micros,
+            upstream_cost_amount=str(cost.amount),
+            upstream_cost_currency=cost.currency,
+        )
+    if channel_id is not None:
+        figures["channel_id"] = channel_id
+    await conn.execute(update(tasks).where(c.id == task_id).values(**figures))
     return True
 
 

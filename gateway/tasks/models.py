@@ -87,6 +87,9 @@ class Task(SQLModel, table=True):
     credits_reserved_micros: int = Field(default=0, sa_type=sa.BigInteger)
     credits_charged_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
     upstream_cost_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # The same cost in the upstream's own currency (exact decimal text; None: in credits).
+    upstream_cost_amount: str | None = Field(default=None, max_length=200)
+    upstream_cost_currency: str | None = Field(default=None, max_length=8)
     images_delivered: int | None = None
     estimated_seconds: int = 0
     can_cancel: bool = False

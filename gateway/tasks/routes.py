@@ -64,6 +64,7 @@ async def submit_and_queue(
         webhook_url=webhook_url,
         idempotency_key=idempotency_key,
         api=api,
+        prices=await services.prices.current(),
     )
     task = submission.task
     if submission.created:
@@ -227,7 +228,8 @@ class TaskController(Controller):
     async def list_models(
         self, principal: PrincipalDep, services: ServicesDep
     ) -> Response[ModelList]:
-        body = services.model_lists.body(principal.allowed_models)
+        prices = await services.prices.current()
+        body = services.model_lists.body(prices, principal.user_group, principal.allowed_models)
         return encoded_response(body)
 
 

@@ -7,7 +7,7 @@ exact decimals (``encode_json``), never through a float.
 """
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -107,6 +107,32 @@ class ModelCard(msgspec.Struct, omit_defaults=True):
     size_format: str | None = None
     size_bounds: dict[str, int] | None = None
     settings: dict[str, dict[str, Any]] | None = None
+    price: "ModelPrice | None" = None
+
+
+class ModelPrice(msgspec.Struct, omit_defaults=True):
+    """What the caller's group pays for the model, in credits of ``currency``.
+
+    ``amount`` is per call, per image or per megapixel-step (``rule``); the modifiers
+    replace it for a quality tier, with style references, or with a moodboard. The
+    quote multiplies by the request's units and rounds once, up, to the micro-credit.
+    """
+
+    # Encoded as JSON numbers (``encode_json``): documented so (gateway/openapi_docs.py).
+    __json_numbers__: ClassVar[tuple[str, ...]] = (
+        "amount",
+        "by_quality",
+        "with_style_references",
+        "with_moodboard",
+    )
+
+    rule: str
+    amount: Decimal
+    currency: str
+    user_group: str
+    by_quality: dict[str, Decimal] | None = None
+    with_style_references: Decimal | None = None
+    with_moodboard: Decimal | None = None
 
 
 class ModelList(msgspec.Struct):

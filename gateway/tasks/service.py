@@ -1,8 +1,7 @@
 """Task records: create, read, render.
 
-Services take the session first and never commit; the caller's unit of work
-does. A tenant only ever sees its own tasks: another tenant's task id is
-answered exactly like an id that does not exist.
+Services take the session first and never commit (the caller's unit of work does).
+A tenant only sees its own tasks: another's task id is answered as an unknown one.
 
 The two hot paths talk to PostgreSQL through the asyncpg pool (``Services.pg``)
 instead, with statements prepared once per connection:
@@ -40,6 +39,7 @@ from gateway.db import get_or_404, utcnow
 from gateway.errors import Conflict, InvalidRequest, ModelAccessDenied, NotFound
 from gateway.ledger.service import InsufficientQuota
 from gateway.limits import service as limits
+from gateway.prices.book import Snapshot, build_snapshot
 from gateway.queue import enqueue_generation
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
@@ -126,6 +126,7 @@ async def submit_generation(
     webhook_url: str | None,
     idempotency_key: str | None,
     api: str = "unified",
+    prices: Snapshot | None = None,
 ) -> Submission:
     """Validate, price, claim the idempotency key, record the task and hold its credits.
 
@@ -163,9 +164,9 @@ async def submit_generation(
         request = resolve_request(entry, fields)
     except InvalidField as exc:
         raise InvalidRequest(exc.field, exc.message) from None
-    groups = catalog.groups
-    group_name = principal.user_group if principal.user_group in groups else "default"
-    priced = quote(entry, group_name, groups[group_name], request)
+    book = prices or build_snapshot(catalog, 0, [], [], [])  # in force: gateway/prices/book
+    group_name, group = book.group(principal.user_group)
+    priced = quote(entry, group_name, group, request, rates=book.rates_at(utcnow()))
     task = build_task(
         tenant_id=principal.tenant_id,
         api_key_id=principal.key_id,

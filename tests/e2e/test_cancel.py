@@ -48,7 +48,7 @@ async def test_a_pending_task_is_cancelled_and_its_hold_released(
     tenant_id, key = tenant_key
     task = await submit(client, key, "krea-2-medium")  # no worker runs: it stays pending
     assert task["task_info"]["can_cancel"] is True
-    assert await held(engine, tenant_id) == 30_000
+    assert await held(engine, tenant_id) == 45_000  # krea-2-medium's sale price
 
     response = await client.post(f"/v1/tasks/{task['id']}/cancel", headers=bearer(key))
     assert response.status_code == 200, response.text

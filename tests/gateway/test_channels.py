@@ -34,6 +34,7 @@ VIEW_FIELDS = {
     "weight",
     "max_concurrency",
     "enabled",
+    "upstream_costs",
     "created_at",
     "updated_at",
 }

@@ -241,18 +241,18 @@ async def test_billing_is_the_unified_endpoints_hold_then_capture_at_catalogue_p
     client: Client, tenant_key: tuple[str, str], engine: AsyncEngine
 ) -> None:
     _, key = tenant_key
-    cases = [  # (path, unified model, extra fields, price in micro-credits)
-        (MEDIUM, "krea-2-medium", {}, 30_000),
-        (MEDIUM, "krea-2-medium", {"image_style_references": STYLE}, 35_000),
-        (MEDIUM, "krea-2-medium", {"moodboards": MOODBOARD}, 40_000),
+    cases = [  # (path, unified model, extra fields, shipped sale price in micro-credits)
+        (MEDIUM, "krea-2-medium", {}, 45_000),
+        (MEDIUM, "krea-2-medium", {"image_style_references": STYLE}, 52_500),
+        (MEDIUM, "krea-2-medium", {"moodboards": MOODBOARD}, 60_000),
         (
             MEDIUM,
             "krea-2-medium",
             {"moodboards": MOODBOARD, "image_style_references": STYLE},
-            40_000,
+            60_000,
         ),
-        (LARGE, "krea-2-large", {}, 60_000),
-        (LARGE, "krea-2-large", {"image_style_references": STYLE}, 65_000),
+        (LARGE, "krea-2-large", {}, 90_000),
+        (LARGE, "krea-2-large", {"image_style_references": STYLE}, 97_500),
     ]
     pairs = []
     for path, model, extra, price in cases:
@@ -508,7 +508,7 @@ async def test_a_failed_job_carries_an_error_message_and_costs_nothing(
     assert job["completed_at"] is not None
     assert job["error"]["message"]
     assert job["error"]["code"] == "generation_failed"
-    assert await ledger_of(engine, job_id) == [("hold", 30_000), ("release", 30_000)]
+    assert await ledger_of(engine, job_id) == [("hold", 45_000), ("release", 45_000)]
 
 
 async def test_the_openapi_document_lists_the_krea_routes(client: Client) -> None:

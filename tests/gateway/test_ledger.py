@@ -31,8 +31,8 @@ from gateway.tasks import lifecycle
 
 Client = AsyncTestClient[Any]
 
-FLUX_IMAGE = 370_000  # flux-1-pro, per image, in micro-credits
-KREA_MEDIUM = 30_000  # krea-2-medium, per call
+FLUX_IMAGE = 77_700  # flux-1-pro, per image, in micro-credits (¥0.37 × 0.14 × 1.5)
+KREA_MEDIUM = 45_000  # krea-2-medium, per call ($0.030 × 1.5)
 GENERATIONS = "/v1/images/generations"
 
 
@@ -242,21 +242,21 @@ async def test_credits_reserved_is_what_the_tenant_holds(
         },
     )
     assert turbo.status_code == 200, turbo.text
-    assert '"credits_reserved":0.0064' in turbo.text
+    assert '"credits_reserved":0.001344' in turbo.text  # 0.5 MP × 4 steps × 0.000672
     flux = await submit(client, key, {"model": "flux-1-pro", "prompt": "a cat", "n": 2})
     assert flux.status_code == 200, flux.text
-    assert '"credits_reserved":0.74' in flux.text
+    assert '"credits_reserved":0.1554' in flux.text
 
-    assert await totals(engine, tenant_id) == (1_000_000_000, 6_400 + 740_000)
+    assert await totals(engine, tenant_id) == (1_000_000_000, 1_344 + 155_400)
     shown = await client.get(f"/admin/tenants/{tenant_id}/balance", headers=admin(settings))
     assert shown.status_code == 200
     balance = shown.json()
-    assert '"held":0.7464' in shown.text
-    assert balance["held_micros"] == 746_400
-    assert balance["available_micros"] == 1_000_000_000 - 746_400
+    assert '"held":0.156744' in shown.text
+    assert balance["held_micros"] == 156_744
+    assert balance["available_micros"] == 1_000_000_000 - 156_744
     assert {(h["task_id"], h["amount_micros"]) for h in balance["open_holds"]} == {
-        (turbo.json()["id"], 6_400),
-        (flux.json()["id"], 740_000),
+        (turbo.json()["id"], 1_344),
+        (flux.json()["id"], 155_400),
     }
 
 
@@ -407,18 +407,18 @@ async def test_adjust_needs_a_reason_and_never_uncovers_holds(
     assert up.json()["balance_micros"] == 8_750_000
 
     await submitted(client, key, {"model": "flux-1-pro", "prompt": "held", "n": 2})
-    # 8.75 balance, 0.74 held: taking 8.010001 would leave the hold uncovered.
+    # 8.75 balance, 0.1554 held: taking 8.594601 would leave the hold uncovered.
     uncovered = await client.post(
-        url, json={"amount": "-8.010001", "reason": "too much"}, headers=admin(settings)
+        url, json={"amount": "-8.594601", "reason": "too much"}, headers=admin(settings)
     )
     assert_error(uncovered, 409, "conflict", "uncovered")
-    assert await totals(engine, tenant_id) == (8_750_000, 740_000)
+    assert await totals(engine, tenant_id) == (8_750_000, 155_400)
     exact = await client.post(
-        url, json={"amount": "-8.01", "reason": "all that is free"}, headers=admin(settings)
+        url, json={"amount": "-8.5946", "reason": "all that is free"}, headers=admin(settings)
     )
     assert exact.status_code == 200, exact.text
     assert exact.json()["available_micros"] == 0
-    assert await totals(engine, tenant_id) == (740_000, 740_000)
+    assert await totals(engine, tenant_id) == (155_400, 155_400)
     reasons = await scalar(
         engine,
         "SELECT STRING_AGG(reason, '|' ORDER BY id) FROM ledger_entries "
@@ -460,19 +460,21 @@ async def test_refund_gives_back_part_or_all_of_a_charge_and_never_more(
     url = f"/admin/tasks/{task_id}/refund"
 
     no_reason = await client.post(
-        url, json={"amount": "0.1", "reason": " "}, headers=admin(settings)
+        url, json={"amount": "0.01", "reason": " "}, headers=admin(settings)
     )
     assert_error(no_reason, 400, "invalid_request", "reason")
     part = await client.post(
-        url, json={"amount": "0.1", "reason": "blurry"}, headers=admin(settings)
+        url, json={"amount": "0.01", "reason": "blurry"}, headers=admin(settings)
     )
     assert part.status_code == 200, part.text
-    assert part.json() == {"task_id": task_id, "refunded": 0.1}
-    over = await client.post(url, json={"amount": "0.3", "reason": "more"}, headers=admin(settings))
-    assert_error(over, 409, "conflict", "270000")
+    assert part.json() == {"task_id": task_id, "refunded": 0.01}
+    over = await client.post(
+        url, json={"amount": "0.07", "reason": "more"}, headers=admin(settings)
+    )
+    assert_error(over, 409, "conflict", "67700")
     rest = await client.post(url, json={"reason": "all of it"}, headers=admin(settings))
     assert rest.status_code == 200, rest.text
-    assert rest.json()["refunded"] == 0.27
+    assert rest.json()["refunded"] == 0.0677
     nothing_left = await client.post(url, json={"reason": "again"}, headers=admin(settings))
     assert_error(nothing_left, 409, "conflict")
     assert await totals(engine, tenant_id) == (1_000_000, 0)
@@ -518,9 +520,11 @@ async def test_usage_reports_a_tenants_own_tasks_as_json_and_csv(
     assert (flux_row["tasks"], flux_row["completed"], flux_row["failed"]) == (2, 1, 0)
     assert flux_row["images"] == 2
     assert flux_row["charged_micros"] == 2 * FLUX_IMAGE
-    assert '"charged":0.74' in report.text
+    assert '"charged":0.1554' in report.text
     for row in rows.values():
+        assert row["refunded_micros"] == 0
         assert row["margin_micros"] == row["charged_micros"] - row["upstream_cost_micros"]
+        assert 0 < row["upstream_cost_micros"] < row["charged_micros"]  # the markup
     assert sum(r["upstream_cost_micros"] for r in rows.values()) == await scalar(
         engine,
         "SELECT COALESCE(SUM(upstream_cost_micros), 0) FROM tasks WHERE tenant_id = :t",
@@ -539,13 +543,16 @@ async def test_usage_reports_a_tenants_own_tasks_as_json_and_csv(
         "failed",
         "images",
         "charged",
+        "refunded",
+        "adjusted",
+        "net",
         "upstream_cost",
         "margin",
     ]
     assert tuple(header) == COLUMNS
     by_model = {line[1]: line for line in lines}
-    assert by_model["flux-1-pro"][2:7] == ["2", "1", "0", "2", "0.74"]
-    assert by_model["krea-2-medium"][2:7] == ["2", "1", "1", "1", "0.03"]
+    assert by_model["flux-1-pro"][2:7] == ["2", "1", "0", "2", "0.1554"]
+    assert by_model["krea-2-medium"][2:7] == ["2", "1", "1", "1", "0.045"]
 
     other = (await client.get(f"/admin/tenants/{b}/usage", headers=admin(settings))).json()
     assert [(r["model"], r["tasks"], r["charged_micros"]) for r in other["data"]] == [
@@ -592,7 +599,9 @@ async def test_cli_tops_up_shows_reports_and_checks_the_ledger(
     assert code == 0, err
     header, *lines = list(csv.reader(io.StringIO(out)))
     assert tuple(header) == COLUMNS
-    assert [line[1:7] for line in lines] == [["krea-2-medium", "1", "1", "0", "1", "0.03"]]
+    assert [line[1:7] for line in lines] == [["krea-2-medium", "1", "1", "0", "1", "0.045"]]
+    # The refund counts: charged 0.045, refunded 0.01, cost $0.030, margin 0.005.
+    assert lines[0][7:] == ["0.01", "0", "0.035", "0.03", "0.005"]
     code, out, err = await tollgate(settings, "usage", tenant_id)
     assert code == 0, err
     assert [row["tasks"] for row in json.loads(out)] == [1]

@@ -54,7 +54,7 @@ Client = AsyncTestClient[Any]
 MODELS = "/v1/models"
 GENERATIONS = "/v1/images/generations"
 CHEAP = {"model": "krea-2-medium", "prompt": "a slot"}  # 0.03 per call
-FLUX_IMAGE = 370_000  # flux-1-pro, per image, in micro-credits
+FLUX_IMAGE = 77_700  # flux-1-pro, per image, in micro-credits (the shipped sale price)
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -643,17 +643,17 @@ async def test_a_daily_budget_refuses_the_reservation_that_would_cross_it(
     settings: Settings, client: Client, engine: AsyncEngine
 ) -> None:
     caller = await new_caller(settings, engine)
-    shown = await patch_key(client, settings, caller.key_id, budget_daily="0.74")
-    assert shown["budgets"]["daily"]["budget"] == Decimal("0.74")
+    shown = await patch_key(client, settings, caller.key_id, budget_daily="0.1554")
+    assert shown["budgets"]["daily"]["budget"] == Decimal("0.1554")
     flux = {"model": "flux-1-pro", "prompt": "budget", "n": 1}
     first = await submitted(client, caller, flux)
     second = await submitted(client, caller, flux)
 
     refused = await client.post(GENERATIONS, json=flux, headers=caller.auth)
-    error = assert_error(refused, 402, "key_budget_exceeded", "daily budget of 0.74 credits")
+    error = assert_error(refused, 402, "key_budget_exceeded", "daily budget of 0.1554 credits")
     message = error["message"]
     assert refused.json()["error"]["type"] == "insufficient_quota"
-    assert "0.74 already reserved" in message
+    assert "0.1554 already reserved" in message
     assert await rows_of(engine, caller.tenant_id) == {"topup": 1, "hold": 2, "tasks": 2}
     assert await in_flight(engine, caller.tenant_id) == 2
     held = await scalar(engine, "SELECT held_micros FROM tenants WHERE id = :t", t=caller.tenant_id)
@@ -663,14 +663,14 @@ async def test_a_daily_budget_refuses_the_reservation_that_would_cross_it(
     shown = decimals(
         await client.get(f"/admin/keys/{caller.key_id}/limits", headers=admin(settings))
     )
-    assert shown["budgets"]["daily"]["spent"] == Decimal("0.37")
+    assert shown["budgets"]["daily"]["spent"] == Decimal("0.0777")
     third = await submitted(client, caller, flux)
 
     shown = decimals(
         await client.get(f"/admin/keys/{caller.key_id}/limits", headers=admin(settings))
     )
     for period in ("total", "daily", "monthly"):
-        assert shown["budgets"][period]["spent"] == Decimal("0.74")
+        assert shown["budgets"][period]["spent"] == Decimal("0.1554")
     assert shown["budgets"]["total"]["budget"] is None
     assert shown["budgets"]["daily"]["period"].startswith("day:")
     for task_id in (second, third):
@@ -681,7 +681,7 @@ async def test_parallel_submissions_never_reserve_past_a_key_budget(
     settings: Settings, client: Client, engine: AsyncEngine, redis: Redis
 ) -> None:
     caller = await new_caller(settings, engine)
-    await patch_key(client, settings, caller.key_id, budget_daily="1.85")  # 5 × 0.37
+    await patch_key(client, settings, caller.key_id, budget_daily="0.3885")  # 5 × 0.0777
     async with served(settings) as http:
         responses = await asyncio.gather(
             *(
@@ -695,11 +695,11 @@ async def test_parallel_submissions_never_reserve_past_a_key_budget(
         )
     assert Counter(r.status_code for r in responses) == {200: 5, 402: 25}
     for refused in (r for r in responses if r.status_code == 402):
-        assert_error(refused, 402, "key_budget_exceeded", "daily budget of 1.85 credits")
+        assert_error(refused, 402, "key_budget_exceeded", "daily budget of 0.3885 credits")
     shown = decimals(
         await client.get(f"/admin/keys/{caller.key_id}/limits", headers=admin(settings))
     )
-    assert shown["budgets"]["daily"]["spent"] == Decimal("1.85")
+    assert shown["budgets"]["daily"]["spent"] == Decimal("0.3885")
     assert await rows_of(engine, caller.tenant_id) == {"topup": 1, "hold": 5, "tasks": 5}
     for response in responses:
         if response.status_code == 200:
@@ -712,13 +712,13 @@ async def test_a_total_budget_takes_a_reservation_exactly_at_it_and_not_one_micr
 ) -> None:
     exact = await new_caller(settings, engine)
     short = await second_key(client, settings, exact)
-    await patch_key(client, settings, exact.key_id, budget_total="0.74")
-    await patch_key(client, settings, short.key_id, budget_total="0.739999")
-    two = {"model": "flux-1-pro", "prompt": "edge", "n": 2}  # 0.74
+    await patch_key(client, settings, exact.key_id, budget_total="0.1554")
+    await patch_key(client, settings, short.key_id, budget_total="0.155399")
+    two = {"model": "flux-1-pro", "prompt": "edge", "n": 2}  # 0.1554
 
     task_id = await submitted(client, exact, two)
     refused = await client.post(GENERATIONS, json=two, headers=short.auth)
-    assert_error(refused, 402, "key_budget_exceeded", "total budget of 0.739999 credits")
+    assert_error(refused, 402, "key_budget_exceeded", "total budget of 0.155399 credits")
     assert_error(
         await client.post(GENERATIONS, json={**two, "n": 1}, headers=exact.auth),
         402,
@@ -729,8 +729,8 @@ async def test_a_total_budget_takes_a_reservation_exactly_at_it_and_not_one_micr
         await client.get(f"/admin/keys/{exact.key_id}/limits", headers=admin(settings))
     )
     assert shown["budgets"]["total"] == {
-        "budget": Decimal("0.74"),
-        "spent": Decimal("0.74"),
+        "budget": Decimal("0.1554"),
+        "spent": Decimal("0.1554"),
         "period": "total",
     }
 
@@ -741,7 +741,7 @@ async def test_a_total_budget_takes_a_reservation_exactly_at_it_and_not_one_micr
     shown = decimals(
         await client.get(f"/admin/keys/{exact.key_id}/limits", headers=admin(settings))
     )
-    assert shown["budgets"]["total"]["spent"] == Decimal("0.37")
+    assert shown["budgets"]["total"]["spent"] == Decimal("0.0777")
     assert await in_flight(engine, exact.tenant_id) == 0
 
     # A budget of 0 is a budget (nothing may be spent), not "no limit": null removes one.

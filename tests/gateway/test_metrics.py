@@ -382,7 +382,7 @@ async def test_tenant_labels_on_the_credits_counters_only_when_asked(
             assert response.status_code == 200, response.text
             found = await scrape(c)
             reserved = found.get("tollgate_credits_reserved_microcredits_total", tenant=tenant_id)
-            assert reserved == 2_000_000  # krea-2-turbo: 2 credits a call
+            assert reserved == 6_000  # krea-2-turbo: 0.006 credits a call (2 KCU × 0.002 × 1.5)
             assert found.get("tollgate_tasks_submitted_total", model=MODEL) >= 1
             assert not any(
                 ("tenant", tenant_id) in labels

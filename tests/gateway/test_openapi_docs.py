@@ -119,7 +119,9 @@ async def test_every_admin_route_documents_401_and_lookups_their_404(client: Cli
         for method, operation in operations.items():
             statuses = set(operation["responses"])
             assert "401" in statuses, (method, path)
-            if "{" in path:
+            # Setting a currency's rate creates it: there is nothing to look up.
+            upsert = (method, path) == ("put", "/admin/exchange-rates/{currency}")
+            if "{" in path and not upsert:
                 assert {"400", "404"} <= statuses, (method, path)
 
 

@@ -51,19 +51,19 @@ async def test_account_shows_tenant_group_credits_limits_and_budgets(
     client: Client, settings: Settings
 ) -> None:
     tenant_id, key = await make_tenant_key(settings, credits_micros=5_000_000)
-    await submit(client, key)  # holds 0.03
+    await submit(client, key)  # holds 0.045 (krea-2-medium)
     account = await client.get("/v1/account", headers=bearer(key))
     assert account.status_code == 200, account.text
     body = account.json()
     assert body["tenant"]["id"] == tenant_id
     assert body["user_group"] == "default"
     assert body["suspended"] is False
-    assert (body["balance"], body["held"], body["available"]) == (5, 0.03, 4.97)
-    assert body["available_micros"] == 4_970_000
+    assert (body["balance"], body["held"], body["available"]) == (5, 0.045, 4.955)
+    assert body["available_micros"] == 4_955_000
     assert set(body["limits"]) == {"tenant", "key", "allowed_models"}
     assert body["limits"]["tenant"]["in_flight"] == 1
     assert set(body["budgets"]) == {"total", "daily", "monthly"}
-    assert body["budgets"]["total"]["spent"] == 0.03
+    assert body["budgets"]["total"]["spent"] == 0.045
     assert body["key"]["can_manage_keys"] is True
     assert_error(await client.get("/v1/account"), 401, "unauthorized")
 

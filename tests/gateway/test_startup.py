@@ -105,7 +105,7 @@ def test_a_malformed_catalogue_stops_the_app_naming_entry_and_field(
     bad = tmp_path / "catalog.toml"
     shipped = (ROOT / "pricing" / "catalog.toml").read_text()
     bad.write_text(shipped.replace('amount = "0.37"', "amount = 0.37"))
-    with pytest.raises(CatalogError, match=r"flux-1-pro\)\.price\.amount"):
+    with pytest.raises(CatalogError, match=r"flux-1-pro\)\.upstream_cost\.amount"):
         create_app(settings.model_copy(update={"catalog_path": bad}))
 
 

@@ -1,6 +1,7 @@
 """The unified endpoint over HTTP: the task object, errors, isolation, models."""
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
@@ -54,7 +55,7 @@ async def test_submit_returns_the_contract_task_object(
 
 
 async def test_credits_reserved_is_the_seed_worked_example(
-    client: Client, tenant_key: tuple[str, str]
+    client: Client, settings: Settings, tenant_key: tuple[str, str]
 ) -> None:
     _, key = tenant_key
     body = {
@@ -65,9 +66,22 @@ async def test_credits_reserved_is_the_seed_worked_example(
     }
     response = await submit(client, key, body)
     assert response.status_code == 200, response.text
+    # The shipped sale price: 0.5 MP × 4 steps × 0.000672 (¥0.0032 × 0.14 × 1.5).
+    assert '"credits_reserved":0.001344' in response.text
+    # A group sold at the seed's own figures pays the seed's examples, exactly.
+    admin = bearer(settings.admin_token)
+    group = f"seed-{uuid.uuid4().hex[:8]}"
+    assert (await client.post("/admin/groups", json={"name": group}, headers=admin)).is_success
+    for model, amount in (("stable-diffusion-3-5-large-turbo", "0.0032"), ("flux-1-pro", "0.37")):
+        path = f"/admin/groups/{group}/prices/{model}"
+        assert (await client.put(path, json={"amount": amount}, headers=admin)).is_success
+    _, seed_key = await make_tenant_key(settings, group=group)
+    await asyncio.sleep(settings.key_cache_ttl_seconds + 0.1)
+    response = await submit(client, seed_key, body)
+    assert response.status_code == 200, response.text
     # Rendered from exact decimals: the JSON text itself says 0.0064.
     assert '"credits_reserved":0.0064' in response.text
-    flux = await submit(client, key, {"model": "flux-1-pro", "prompt": "a cat", "n": 2})
+    flux = await submit(client, seed_key, {"model": "flux-1-pro", "prompt": "a cat", "n": 2})
     assert '"credits_reserved":0.74' in flux.text
 
 

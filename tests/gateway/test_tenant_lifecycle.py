@@ -87,7 +87,7 @@ async def test_a_suspended_tenant_reads_and_its_open_task_finishes_but_it_cannot
 
     done = await wait_for_status(client, key, task_id, {"completed", "failed"})
     assert done["status"] == "completed", done
-    assert done["usage"]["credits_charged"] == 0.03
+    assert done["usage"]["credits_charged"] == 0.045  # krea-2-medium at its shipped sale price
     assert await scalar(engine, "SELECT held_micros FROM tenants WHERE id = :t", t=tenant_id) == 0
     assert (
         await scalar(engine, "SELECT COUNT(*) FROM tasks WHERE tenant_id = :t", t=tenant_id) == 1

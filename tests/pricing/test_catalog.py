@@ -14,6 +14,8 @@ from pricing.catalog import (
     Catalog,
     CatalogError,
     ModelEntry,
+    Price,
+    derive_price,
     load_catalog,
     parse_catalog,
 )
@@ -199,7 +201,9 @@ def test_chatgpt_image_is_the_seeds_model_at_openai_sizes() -> None:
     # seeds/000: two images, 183 compute units and about 60 s per generation.
     assert (entry.images_per_generation, entry.max_images()) == (2, 2)
     assert entry.estimated_seconds == 60
-    assert (entry.price.rule, entry.price.amount) == ("per_call", Decimal(183))
+    assert entry.upstream_cost is not None
+    assert (entry.upstream_cost.rule, entry.upstream_cost.amount) == ("per_call", Decimal(183))
+    assert entry.upstream_cost.currency == "KCU"
 
 
 @pytest.mark.parametrize(
@@ -214,7 +218,9 @@ def test_bfl_models_make_one_image_at_half_a_krea_generation(
     assert "one image per request" in entry.description
     assert entry.estimated_seconds == seconds
     # seeds/000's compute units buy two images; one Black Forest Labs request makes one.
-    assert (entry.price.rule, entry.price.amount) == ("per_image", Decimal(units) / 2)
+    assert entry.upstream_cost is not None
+    cost = entry.upstream_cost
+    assert (cost.rule, cost.amount, cost.currency) == ("per_image", Decimal(units) / 2, "KCU")
     assert entry.upstream_size == form
 
 
@@ -286,26 +292,59 @@ def test_siliconflow_models_batch_at_most_four_images() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model_id", "rule", "amount"),
+    ("model_id", "rule", "amount", "currency", "sale"),
     [
-        ("krea-1", "per_call", "8"),
-        ("krea-2-turbo", "per_call", "2"),
-        ("krea-2-medium", "per_call", "0.030"),
-        ("krea-2-large", "per_call", "0.060"),
-        ("flux-1-pro", "per_image", "0.37"),
-        ("stable-diffusion-3-5-large-turbo", "per_megapixel_step", "0.0032"),
+        ("krea-1", "per_call", "8", "KCU", "0.024"),
+        ("krea-2-turbo", "per_call", "2", "KCU", "0.006"),
+        ("krea-2-medium", "per_call", "0.030", "USD", "0.045"),
+        ("krea-2-large", "per_call", "0.060", "USD", "0.09"),
+        ("flux-1-pro", "per_image", "0.37", "CNY", "0.0777"),
+        ("stable-diffusion-3-5-large-turbo", "per_megapixel_step", "0.0032", "CNY", "0.000672"),
+        ("chatgpt-image", "per_call", "183", "KCU", "0.549"),
     ],
 )
-def test_shipped_prices_are_the_seeds_figures(model_id: str, rule: str, amount: str) -> None:
-    price = shipped_model(model_id).price
-    assert price.rule == rule
-    assert price.amount == Decimal(amount)
+def test_shipped_upstream_costs_are_the_seeds_figures_in_their_own_currency(
+    model_id: str, rule: str, amount: str, currency: str, sale: str
+) -> None:
+    entry = shipped_model(model_id)
+    cost = entry.upstream_cost
+    assert cost is not None
+    assert (cost.rule, cost.amount, cost.currency) == (rule, Decimal(amount), currency)
+    # The default sale price, in credits (USD): cost × rate × markup 1.5, rounded up.
+    assert (entry.price.rule, entry.price.amount) == (rule, Decimal(sale))
 
 
-def test_shipped_upstream_cost_defaults_to_the_price() -> None:
-    for entry in load_catalog().models:
-        assert entry.upstream_cost is None, entry.id
-        assert entry.cost == entry.price, entry.id
+def test_shipped_sale_prices_follow_the_documented_rule() -> None:
+    catalog = load_catalog()
+    assert catalog.credit_currency == "USD"
+    assert catalog.default_markup == Decimal("1.5")
+    assert catalog.exchange_rates == {
+        "USD": Decimal(1),
+        "CNY": Decimal("0.14"),
+        "KCU": Decimal("0.002"),
+    }
+    for entry in catalog.models:
+        cost = entry.upstream_cost
+        assert cost is not None, entry.id
+        assert cost.currency is not None, entry.id
+        rate = catalog.default_rates()[cost.currency]
+        expected = derive_price(cost.model_dump(mode="json"), rate, catalog.default_markup)
+        assert entry.price.model_dump(mode="json") == Price.model_validate(expected).model_dump(
+            mode="json"
+        ), entry.id
+        # Every modifier is priced too, in the same rule.
+        assert set(entry.price.by_quality) == set(cost.by_quality), entry.id
+        assert (entry.price.with_moodboard is None) == (cost.with_moodboard is None), entry.id
+
+
+def test_a_given_price_is_kept_and_a_currency_without_a_rate_is_refused() -> None:
+    model = wxh_model("priced")
+    model["upstream_cost"] = {"currency": "EUR", "rule": "per_image", "amount": "1"}
+    message = refusal(catalog_of(model))
+    assert "upstream currency 'EUR' has no rate" in message
+    del model["price"]
+    message = refusal(catalog_of(model))
+    assert "no rate in `exchange_rates` for its upstream currency 'EUR'" in message
 
 
 def test_every_per_megapixel_step_model_prices_steps_it_always_has() -> None:
@@ -652,3 +691,14 @@ def test_shipped_catalogue_without_flux_dev_steps_names_flux_dev() -> None:
     message = refusal(edited)
     assert f"models[{position}] (flux-1-dev)" in message
     assert "num_inference_steps" in message
+
+
+def test_a_malformed_upstream_cost_figure_is_named_at_its_field() -> None:
+    model = wxh_model("costly")
+    del model["price"]
+    model["upstream_cost"] = {"currency": "USD", "rule": "per_image", "amount": 0.5}
+    raw = catalog_of(model)
+    raw["exchange_rates"] = {"USD": "1"}
+    message = refusal(raw)
+    assert "models[0] (costly).upstream_cost.amount" in message
+    assert "not a TOML number" in message

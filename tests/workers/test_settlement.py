@@ -14,7 +14,16 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Sim, bearer, make_settings, make_tenant_key, start_worker, stop_worker, totals
+from conftest import (
+    Sim,
+    bearer,
+    make_settings,
+    make_tenant_key,
+    scalar,
+    start_worker,
+    stop_worker,
+    totals,
+)
 from conftest import wait_for_status as wait_for
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
@@ -34,8 +43,8 @@ from workers.routing import Directory
 Client = AsyncTestClient[Any]
 
 START = 1_000_000_000  # what make_tenant_key tops up
-KREA_MEDIUM = 30_000
-FLUX_IMAGE = 370_000
+KREA_MEDIUM = 45_000  # the shipped sale price: $0.030 × 1.5
+FLUX_IMAGE = 77_700  # ¥0.37 × 0.14 × 1.5
 BATCH = 500
 
 
@@ -108,10 +117,16 @@ async def assert_ledger_clean(engine: AsyncEngine) -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "charge", "shown"),
+    ("body", "charge", "shown", "cost"),
     [
-        ({"model": "krea-2-medium", "prompt": "per call"}, KREA_MEDIUM, "0.03"),
-        ({"model": "flux-1-pro", "prompt": "two images", "n": 2}, 2 * FLUX_IMAGE, "0.74"),
+        # Upstream cost: $0.030, in credits 0.03; ¥0.74 at 0.14, 0.1036.
+        ({"model": "krea-2-medium", "prompt": "per call"}, KREA_MEDIUM, "0.045", (30_000, "USD")),
+        (
+            {"model": "flux-1-pro", "prompt": "two images", "n": 2},
+            2 * FLUX_IMAGE,
+            "0.1554",
+            (103_600, "CNY"),
+        ),
     ],
     ids=["krea-2-medium-per-call", "flux-1-pro-n2"],
 )
@@ -123,6 +138,7 @@ async def test_a_completed_task_is_charged_its_reservation(
     body: dict[str, Any],
     charge: int,
     shown: str,
+    cost: tuple[int, str],
 ) -> None:
     tenant_id, key = await make_tenant_key(settings)
     task = await submit(client, key, body)
@@ -138,9 +154,12 @@ async def test_a_completed_task_is_charged_its_reservation(
         ("hold", charge, None),
         ("capture", charge, charge),
     ]
-    status, _, charged, cost, images, _ = await task_row(engine, task["id"])
+    status, _, charged, cost_micros, images, _ = await task_row(engine, task["id"])
     assert (status, charged, images) == ("completed", charge, body.get("n", 1))
-    assert cost is not None
+    currency = await scalar(
+        engine, "SELECT upstream_cost_currency FROM tasks WHERE id = :id", id=task["id"]
+    )
+    assert (cost_micros, currency) == cost
     await assert_ledger_clean(engine)
 
 
@@ -238,8 +257,8 @@ async def test_fewer_images_than_quoted_cost_their_share_and_free_the_rest(
     _, _, charged, _, images, _ = await task_row(engine, task["id"])
     assert (charged, images) == (charge, 2)
     shown = await client.get(f"/v1/tasks/{task['id']}", headers=bearer(key))
-    assert '"credits_charged":0.74' in shown.text
-    assert '"credits_reserved":1.11' in shown.text
+    assert '"credits_charged":0.1554' in shown.text
+    assert '"credits_reserved":0.2331' in shown.text
     await assert_ledger_clean(engine)
 
 
