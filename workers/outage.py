@@ -234,12 +234,15 @@ class ResilientWorker(Worker):
         if self._wake_channel is not None:
             self._listener = asyncio.create_task(self._listen(self._wake_channel))
         while True:
+            # Cleared before the queue is read: a wake-up during the read is not lost.
+            self._wake.clear()
             await self._poll_iteration()
             await self._idle(self.poll_delay_s)
 
     async def _idle(self, seconds: float) -> None:
-        """Sleep ``seconds``, or less if a wake-up message or a recovery comes first."""
-        self._wake.clear()
+        """Sleep ``seconds``, or less if a wake-up message comes first."""
+        if self._wake.is_set():
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 

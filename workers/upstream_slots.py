@@ -2,13 +2,15 @@
 
 An upstream account (``settings.upstreams[name]``) takes at most
 ``max_concurrency`` jobs at once; every worker process shares one counting
-semaphore per account in Redis. Rules (docs/architecture.md, "Upstream slots"):
+semaphore per account in Redis. Rules (docs/architecture.md, "Upstream concurrency"):
 
-- **Holders.** A slot is held from before the submit until the last poll and
-  the result download. Holders (``<task>:<attempt>``) are members of a sorted
-  set scored by their lease's expiry in Redis's own clock (``TIME``), never a
-  worker's. Renewing goes with the task's lease heartbeat, so a killed worker's
-  slot frees itself within ``lease_seconds``.
+- **Holders.** A slot is held from before the submit until the upstream job's
+  end (its last poll); fetching and storing the results runs outside it, so
+  the cap counts jobs on the account, and a slot never idles on our side.
+  Holders (``<task>:<attempt>``) are members of a sorted set scored by their
+  lease's expiry in Redis's own clock (``TIME``), never a worker's. Renewing
+  goes with the task's lease heartbeat, so a killed worker's slot frees itself
+  within ``lease_seconds``.
 - **Acquiring** is one Lua script: drop expired holders, join the line (placed
   by the task's submission time), then hand the free slots to the head of the
   line. A holder asking again keeps its slot (a repeated delivery of the same

@@ -69,9 +69,7 @@ async def upstream(redis: Redis) -> AsyncIterator[str]:
     await redis.delete(*keys_of(name))
 
 
-def slots_for(
-    redis: Redis, upstream: str, lease: float = 5.0, poll: float = 0.1
-) -> UpstreamSlots:
+def slots_for(redis: Redis, upstream: str, lease: float = 5.0, poll: float = 0.1) -> UpstreamSlots:
     """Slots whose wake-up jobs go to a queue named after the test's upstream."""
     return UpstreamSlots(redis, lease_seconds=lease, poll_seconds=poll, queue_name=upstream)
 
