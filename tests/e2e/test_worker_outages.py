@@ -149,13 +149,14 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def worker_process(
-    settings: Settings, log: Path
+    settings: Settings, log: Path, *args: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     with log.open("ab") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "workers",
+            *args,
             cwd=ROOT,
             env=worker_env(settings),
             stdout=out,
@@ -308,6 +309,50 @@ async def test_a_worker_survives_postgres_cut_and_serves_after(
         if proxy.server is not None:
             await proxy.cut()
         await engine.dispose()
+
+
+async def test_the_callback_worker_survives_redis_killed_and_postgres_cut(
+    database_url: str, simulator_url: str, tmp_path: Path, own_redis: RedisServer
+) -> None:
+    direct = settings_for(database_url, simulator_url, tmp_path, own_redis.url)
+    proxy = TcpProxy(make_url(database_url).port or 5432)
+    await proxy.start()
+    through_proxy = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
+    settings = direct.model_copy(
+        update={"database_url": through_proxy.render_as_string(hide_password=False)}
+    )
+    log = tmp_path / "callbacks.log"
+    try:
+        async with worker_process(settings, log, "--callbacks") as proc:
+            deadline = time.monotonic() + 30
+            while "worker for" not in log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, log.read_text()
+                assert proc.returncode is None, log.read_text()
+                await asyncio.sleep(0.1)
+            own_redis.kill()
+            await asyncio.sleep(3)
+            assert proc.returncode is None, log.read_text()
+            assert await gauge(settings.metrics_port, "redis") == 0
+            own_redis.start()
+            await proxy.cut()
+            deadline = time.monotonic() + 20
+            while await gauge(settings.metrics_port, "postgres") != 0:
+                assert time.monotonic() < deadline, "the outage was never noticed"
+                assert proc.returncode is None, log.read_text()
+                await asyncio.sleep(0.2)
+            await proxy.start()
+            deadline = time.monotonic() + 20
+            while outage_lines(log, "postgres")[1] == 0 or outage_lines(log, "redis")[1] == 0:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                await asyncio.sleep(0.2)
+            assert proc.returncode is None
+            assert await gauge(settings.metrics_port, "redis") == 1
+            assert await gauge(settings.metrics_port, "postgres") == 1
+        assert outage_lines(log, "redis") == (1, 1), log.read_text()[-3000:]
+        assert outage_lines(log, "postgres") == (1, 1), log.read_text()[-3000:]
+    finally:
+        if proxy.server is not None:
+            await proxy.cut()
 
 
 # ---------------------------------------------------------------- backlogs
