@@ -47,6 +47,7 @@ from workers.admission import Admission
 from workers.deps import WorkerDeps
 from workers.failover import Failover
 from workers.lease import DeadlineExceeded, Lease, LeaseLost
+from workers.outage import is_database_outage, is_redis_outage
 from workers.providers.base import UpstreamError
 from workers.result_store import ResultsNotStored
 from workers.routing import Route
@@ -101,6 +102,12 @@ class GenerationRun:
             self.route, shared = entered
         try:
             return await self._claim_and_run(shared)
+        except Exception as exc:
+            if is_database_outage(exc) or is_redis_outage(exc):
+                # arq runs the job again: its upstream job may run on meanwhile, so the
+                # slot stays held until the run takes it back or its lease ends.
+                self.admission.forget_slot()
+            raise
         finally:
             await self.admission.leave()
 
