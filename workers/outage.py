@@ -20,7 +20,8 @@ Rules (docs/operations.md, "Outages"):
 - **Wake-ups.** The poll loop sleeps ``poll_delay`` or until a message on the
   queue's wake channel (``gateway/redis_keys.queue_wake_channel``), which the
   enqueue and the slot hand-off publish: a new job starts within milliseconds,
-  not a poll interval.
+  not a poll interval. A job is started by one script (``_START_JOB``) where
+  arq spends four round trips on it.
 """
 
 import asyncio
@@ -32,6 +33,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq.connections import create_pool, log_redis_info
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -54,6 +57,17 @@ JOB_RETRY_SECONDS = 1.0
 PROBE_UP_SECONDS = 5.0
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# arq's job start in one round trip. KEYS: the job's in-progress key, the queue.
+# ARGV: job id, now (ms), in-progress timeout (ms). Returns the job's score, or nil when
+# the job runs elsewhere already, has finished, or is not due.
+_START_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+return score
+"""
 
 
 def is_redis_outage(exc: BaseException) -> bool:
@@ -207,7 +221,7 @@ class ResilientWorker(Worker):
         self._wake = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._backoff = BACKOFF_MIN
-        self._shut_down = False
+        self._start_script: Any = None
 
     async def main(self) -> None:
         while self._pool is None:
@@ -276,13 +290,35 @@ class ResilientWorker(Worker):
                     logger.warning("job %s ended with %r", job_id, task.exception())
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        try:
-            await super().start_jobs(job_ids)
-        except REDIS_ERRORS:
-            # arq counted the job it was starting when Redis went away: uncount it.
-            self.job_counter -= 1
-            self.sem.release()
-            raise
+        """arq's ``start_jobs`` with its WATCH / EXISTS / ZSCORE / MULTI-EXEC (four round
+        trips per job) done by one script, and a lost connection uncounting the job."""
+        if self._start_script is None:
+            self._start_script = self.pool.register_script(_START_JOB)
+        in_progress_ms = int(self.in_progress_timeout_s * 1000)
+        for raw in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = raw.decode()
+            try:
+                score = await self._start_script(
+                    keys=[in_progress_key_prefix + job_id, self.queue_name],
+                    args=[job_id, timestamp_ms(), in_progress_ms],
+                )
+            except BaseException:
+                self.job_counter -= 1
+                self.sem.release()
+                raise
+            if score is None:
+                # Started elsewhere, finished, or deferred again meanwhile.
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     async def _listen(self, channel: str) -> None:
         """Set the wake-up event on every message on ``channel``; reconnect when lost."""

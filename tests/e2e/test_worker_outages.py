@@ -427,10 +427,11 @@ async def test_a_backlog_drains_at_the_upstream_capacity_and_waiting_costs_no_cp
     assert parked > 100, "the backlog was not waiting parked"
     # Capacity is slots / job time. What a slot spends beyond the upstream's job (the
     # hand-off, ~20 ms; claim to submit, ~25 ms; noticing the job's end at the next poll,
-    # ~30 ms) is 0.08 s of each 0.5 s job on this shared 2-core machine under load, 86-87 %
-    # of capacity there (docs/performance.md); assert 80 % so that load cannot flake it.
-    # Polling through the queue drained nowhere near it, and stopped under a backlog.
-    assert elapsed <= ideal / 0.8, (elapsed, ideal)
+    # ~30 ms) is 0.08 s of each 0.5 s job on this shared 2-core machine: 80-87 % of
+    # capacity measured there at load averages 4-8 (docs/performance.md). Asserted: 70 %,
+    # so that the machine's load cannot flake it; polling through the queue drained
+    # nowhere near it, and stopped under a backlog.
+    assert elapsed <= ideal / 0.7, (elapsed, ideal)
     # 4 tasks run and ~190 wait: the worker's CPU is for the 4 runs (8 tasks/s), not the
     # waiting ones. Polling through the queue used a whole core for far fewer waiters.
     assert waiting_cpu < 0.5, waiting_cpu
