@@ -517,12 +517,13 @@ def worker_phase(
     wait_until("worker warm", lambda: completed(batch) >= early, run, 120)
     rss_before = rss_kib(worker.popen.pid)
     done_before = completed(batch)
-    wait_until(
-        "worker batch",
-        lambda: completed(batch) + failed(batch) >= len(batch),
-        run,
-        args.tasks + 120,
-    )
+    with profiled(args, worker, "worker_batch"):
+        wait_until(
+            "worker batch",
+            lambda: completed(batch) + failed(batch) >= len(batch),
+            run,
+            args.tasks + 120,
+        )
     rss_after = rss_kib(worker.popen.pid)
     span = fetch(
         db,
@@ -731,6 +732,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--latency-rate", type=float, default=20, help="paced submits per second")
     parser.add_argument("--smoke", action="store_true", help="about a second per step")
+    parser.add_argument(
+        "--worker-only",
+        action="store_true",
+        help="only the worker figures (tasks/s, enqueue to start), no HTTP paths or callbacks",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--profile",
@@ -799,6 +805,14 @@ def main(argv: list[str] | None = None) -> int:
             # of their own, so the worker's figure starts from an empty queue.
             start_gateway(stack, args.gateway_workers, queues[0])
             keys = seed_tenants(stack, TENANTS)
+            if args.worker_only:
+                assert stack.gateway is not None
+                run.stop(stack.gateway)
+                start_gateway(stack, args.gateway_workers, queues[1])
+                worker = worker_phase(args, stack, keys[1], receiver)
+                task_ids += worker.pop("all_tasks")
+                print(json.dumps(worker, indent=2))
+                return 0
             http = http_phase(args, stack, bare, bare_url, keys)
             assert stack.gateway is not None
             run.stop(stack.gateway)

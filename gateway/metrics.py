@@ -149,6 +149,13 @@ RESULTS_DELETED_BYTES = Counter(
     "Bytes of result files deleted by retention, by storage backend (file, s3).",
     ["backend"],
 )
+DEPENDENCY_UP = Gauge(
+    "tollgate_dependency_up",
+    "1 while this worker process reaches the dependency (redis, postgres), 0 during an outage",
+    ["dependency"],
+    # Summed over processes it would count them: show the worst one.
+    multiprocess_mode="livemin",
+)
 STORAGE_ERRORS = Counter(
     "tollgate_storage_errors_total",
     "Result store calls that failed (unreachable, refused, timed out), by operation (put, delete).",
@@ -327,6 +334,10 @@ def ledger_checked(problems: int, at: float | None = None) -> None:
 def results_deleted(backend: str, files: int, size: int) -> None:
     RESULTS_DELETED_FILES.labels(backend).inc(files)
     RESULTS_DELETED_BYTES.labels(backend).inc(size)
+
+
+def dependency_up(dependency: str, up: bool) -> None:
+    DEPENDENCY_UP.labels(dependency).set(1 if up else 0)
 
 
 def storage_failed(backend: str, operation: str) -> None:

@@ -22,16 +22,19 @@ from gateway.redis_keys import (
     callback_job_id,
     cancel_job_id,
     generate_job_id,
+    queue_wake_channel,
 )
 
 logger = logging.getLogger("tollgate.queue")
 
 
-# KEYS: the job's key, its result's key, the queue. ARGV: expiry ms, payload, score, job id.
+# KEYS: the job's key, its result's key, the queue. ARGV: expiry ms, payload, score, job id,
+# the queue's wake channel (its workers look for the job at once, not at their next poll).
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('PUBLISH', ARGV[5], '1')
 return 1
 """
 _EXPIRES_EXTRA_MS = 86_400_000  # arq's default: a job not started within a day is dropped
@@ -44,7 +47,14 @@ async def enqueue_generation(redis: Redis, queue_name: str, task_id: str, attemp
     payload = serialize_job(GENERATE_JOB, (task_id, attempt), {}, None, now_ms)
     script = redis.register_script(_ENQUEUE)
     keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
-    added = await script(keys=keys, args=[_EXPIRES_EXTRA_MS, payload, now_ms, job_id])
+    args: list[bytes | str | int] = [
+        _EXPIRES_EXTRA_MS,
+        payload,
+        now_ms,
+        job_id,
+        queue_wake_channel(queue_name),
+    ]
+    added = await script(keys=keys, args=args)
     return bool(added)
 
 

@@ -55,8 +55,35 @@ def upstream_line_key(upstream: str) -> str:
 
 
 def upstream_line_seen_key(upstream: str) -> str:
-    """The same waiters, scored by when they stop counting unless they ask again (Redis ms)."""
+    """The same waiters' wake-up jobs (a hash: holder → arq payload; "" once handed a slot)."""
     return f"tollgate:upstream:{upstream}:line:seen"
+
+
+def upstream_cap_key(upstream: str) -> str:
+    """The account's cap as last asked with, for hand-offs made by a release or a sweep."""
+    return f"tollgate:upstream:{upstream}:cap"
+
+
+def slot_lines_key(queue_name: str) -> str:
+    """The slot names whose line may have waiters: what the hand-off sweep visits."""
+    return f"{queue_name}:slot-lines"
+
+
+def parked_key(queue_name: str) -> str:
+    """Holders (``<task>:<attempt>``) waiting in a line, with how many lines: a parked
+    task has no job in the queue, and the reconciler leaves it alone."""
+    return f"{queue_name}:parked"
+
+
+def slots_epoch_key(queue_name: str) -> str:
+    """Present while Redis still holds the slots: its absence tells the reconciler
+    that Redis lost its state, and that the slots must be rebuilt from PostgreSQL."""
+    return f"{queue_name}:slots-epoch"
+
+
+def queue_wake_channel(queue_name: str) -> str:
+    """Pub/sub: a message here wakes the queue's workers to look for jobs at once."""
+    return f"{queue_name}:wake"
 
 
 def upstream_backoff_key(upstream: str) -> str:

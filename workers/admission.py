@@ -12,11 +12,14 @@ Two things admit a run to a channel, both shared by every worker through Redis:
   task's submission time.
 
 Upstream concurrency: a run takes a slot on its first channel before it claims
-the task (``enter_first``). Refused everywhere, it leaves the task pending and
-has arq run it again later (``Retry``), keeping its places in the lines, so
-waiting holds no worker and fails nothing. Moving to another channel mid-run
-takes a slot there first (``admit_next``); the caller waits while keeping the
-task's lease.
+the task (``enter_first``). Refused everywhere, it parks: it leaves the task
+pending, its places in the lines and a wake-up job with each, and ends. The
+first line to hand it a slot queues that job (``workers/upstream_slots.py``),
+so waiting holds no worker, polls nothing and fails nothing. Only a run whose
+every channel has an open circuit (so it waits in no line) is run again later
+by arq (``Retry``), after the circuit's cool-down. Moving to another channel
+mid-run takes a slot there first (``admit_next``); the caller waits while
+keeping the task's lease, asking again.
 
 One ``Admission`` per run holds what the run has taken: at most one slot, the
 lines it waits in, and the half-open probes it holds. ``leave()`` gives all of
@@ -54,8 +57,10 @@ class Admission:
 
     async def enter_first(
         self, routes: list[Route], *, ticket_ms: int, running_on: str | None
-    ) -> tuple[Route, bool]:
-        """A slot on the first of ``routes`` that admits this run, or ``Retry`` when none does.
+    ) -> tuple[Route, bool] | None:
+        """A slot on the first of ``routes`` that admits this run; None when the run
+        parked in their lines (a slot handed to it queues its job again), or ``Retry``
+        when every channel's circuit is open.
 
         ``running_on`` is the channel the task's upstream job already runs on: it
         is let in past its circuit and its cap (``upstream_slots``' resuming rule).
@@ -66,7 +71,7 @@ class Admission:
         if self._slots is None:
             return routes[0], False
         waits: list[float] = []
-        tried: list[Route] = []
+        parked = False
         for route in routes:
             resuming = route.id == running_on
             if not resuming:
@@ -83,13 +88,17 @@ class Admission:
             )
             if grant.acquired:
                 self._slot = self._name(route)
-                await self.leave_lines(tried)
+                # It may wait in the other lines (parked there by an earlier run).
+                if len(routes) > 1:
+                    await self.leave_lines([r for r in routes if r.id != route.id])
                 return route, grant.already_held
             await self.give_up_probe(route)
-            tried.append(route)
-            waits.append(grant.wait_seconds)
+            parked = True
+        if parked:
+            logger.debug("%s parked in the lines of %d channel(s)", self.holder, len(routes))
+            return None
         wait = max(min(waits), MIN_WAIT_SECONDS)
-        logger.debug("%s waits %.2fs for a channel", self.holder, wait)
+        logger.debug("%s waits %.2fs for a channel's circuit", self.holder, wait)
         raise Retry(defer=wait)
 
     async def admit_next(self, routes: list[Route]) -> Route | float:
@@ -126,7 +135,7 @@ class Admission:
             return None
         name = self._name(route)
         grant = await self._slots.acquire(
-            name, self.holder, cap=route.max_concurrency, ticket_ms=self._ticket_ms
+            name, self.holder, cap=route.max_concurrency, ticket_ms=self._ticket_ms, wake=False
         )
         if not grant.acquired:
             self._lines.add(name)

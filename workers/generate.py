@@ -14,7 +14,8 @@ re-queues a task whose worker went silent). The job is safe to repeat:
 - every write is fenced by ``attempt`` (``gateway/tasks/lifecycle.py``).
 
 A run, in order: a slot on the first channel that admits it
-(``workers/admission.py``; refused everywhere, arq runs the job again later),
+(``workers/admission.py``; refused everywhere, the run parks in the lines and
+ends, and the slot handed to it later queues its job again),
 the claim and its lease and deadline (``workers/lease.py``), the generation
 with failover across channels (``workers/failover.py``), then the task's end:
 completed, or failed with the error that ended it.
@@ -47,6 +48,7 @@ from workers.admission import Admission
 from workers.deps import WorkerDeps
 from workers.failover import Failover
 from workers.lease import DeadlineExceeded, Lease, LeaseLost
+from workers.outage import is_database_outage, is_redis_outage
 from workers.providers.base import UpstreamError
 from workers.result_store import ResultsNotStored
 from workers.routing import Route
@@ -55,6 +57,7 @@ from workers.upstream_calls import UpstreamCalls
 logger = logging.getLogger("tollgate.generate")
 
 SKIPPED = "skipped: task final or owned by another attempt"
+PARKED = "parked: waits in the line for an upstream slot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +93,22 @@ class GenerationRun:
         routes = await self._ordered_routes(task)
         shared = False
         if routes:
-            self.route, shared = await self.admission.enter_first(
+            entered = await self.admission.enter_first(
                 routes,
                 ticket_ms=int(task.created_at.timestamp() * 1000),
                 running_on=task.channel_id if task.upstream_job_id is not None else None,
             )
+            if entered is None:
+                return PARKED
+            self.route, shared = entered
         try:
             return await self._claim_and_run(shared)
+        except Exception as exc:
+            if is_database_outage(exc) or is_redis_outage(exc):
+                # arq runs the job again: its upstream job may run on meanwhile, so the
+                # slot stays held until the run takes it back or its lease ends.
+                self.admission.forget_slot()
+            raise
         finally:
             await self.admission.leave()
 
@@ -207,7 +219,9 @@ async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
         logs.bind(task_id=task_id)
         run = GenerationRun(deps, task_id, attempt)
         outcome = await run.execute()
-        logger.info("task %s attempt %d: %s", task_id, attempt, outcome)
+        # Parking is routine under a backlog: one line per task at info, not per park.
+        log = logger.debug if outcome == PARKED else logger.info
+        log("task %s attempt %d: %s", task_id, attempt, outcome)
         if run.callback_url and outcome.startswith(("completed", "failed")):
             # The delivery row was committed with the task's end; queue its first attempt
             # now (the callback reconciler would otherwise find it, later).

@@ -12,6 +12,10 @@
 - **Lost.** A write that finds the lease gone raises ``LeaseLost``: another
   attempt owns the task now (or it was cancelled), and the run stops without
   writing anything more.
+- **Outages.** A heartbeat that cannot reach PostgreSQL is skipped while the
+  last renewal still covers two thirds of a lease; past that the run stops as
+  if the lease were lost, since another attempt may own the task by the time
+  the database is back. Never is a lease claimed that could not be renewed.
 - **Deadline.** ``task_deadline_seconds`` counted from the task's submission,
   not its claim. ``check_deadline`` raises ``DeadlineExceeded`` past it, and
   every wait (``sleep``) ends by it.
@@ -30,6 +34,7 @@ from gateway.db import utcnow
 from gateway.tasks import lifecycle
 from workers.admission import Admission
 from workers.deps import WorkerDeps
+from workers.outage import is_database_outage
 
 logger = logging.getLogger("tollgate.generate")
 
@@ -89,15 +94,28 @@ class Lease:
         await self._renewed(alive)
 
     async def beat(self, *, progress: int | None = None) -> None:
-        """Renew the lease (and the slot), recording ``progress`` if given."""
-        async with self._engine.begin() as conn:
-            alive = await lifecycle.heartbeat(
-                conn,
-                self.task_id,
-                self.attempt,
-                self._settings.lease_seconds,
-                progress=progress,
-            )
+        """Renew the lease (and the slot), recording ``progress`` if given.
+
+        PostgreSQL out of reach: the run goes on while its last renewal still covers
+        two thirds of a lease, then stops as if the lease were lost (it may be, by the
+        time the database is back: the reconciler hands such a task on).
+        """
+        try:
+            async with self._engine.begin() as conn:
+                alive = await lifecycle.heartbeat(
+                    conn,
+                    self.task_id,
+                    self.attempt,
+                    self._settings.lease_seconds,
+                    progress=progress,
+                )
+        except Exception as exc:
+            if not is_database_outage(exc):
+                raise
+            if time.monotonic() - self._last_beat < self._settings.lease_seconds * 2 / 3:
+                logger.debug("task %s: lease not renewed (database unavailable)", self.task_id)
+                return
+            raise LeaseLost from exc
         await self._renewed(alive)
 
     async def _renewed(self, alive: bool) -> None:

@@ -4,20 +4,27 @@ Builds its settings from the environment at start-up, never at import time,
 then runs an arq worker with the generation job and the reconciler cron.
 """
 
+import asyncio
+import contextlib
 import logging
-import math
 import sys
 from typing import Any
 
 import httpx
 from arq import cron
 from arq.connections import RedisSettings
-from arq.worker import Worker
+from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_factory
 from gateway.logs import configure_logging
-from gateway.redis_keys import CALLBACK_JOB, CANCEL_JOB, GENERATE_JOB, task_events_channel
+from gateway.redis_keys import (
+    CALLBACK_JOB,
+    CANCEL_JOB,
+    GENERATE_JOB,
+    queue_wake_channel,
+    task_events_channel,
+)
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.storage import build_signer, build_storage
 from gateway.tasks import events
@@ -27,13 +34,29 @@ from workers.circuits import Circuits
 from workers.deps import WorkerDeps
 from workers.generate import cancel_upstream, generate_task
 from workers.ledger_audit import ledger_check_cron
+from workers.outage import (
+    Health,
+    ResilientWorker,
+    is_database_outage,
+    is_redis_outage,
+    retry_on_outage,
+    wait_for_database,
+    watch_database,
+)
 from workers.providers import ADAPTERS
 from workers.reconciler import reconcile
 from workers.retention import retention_cron
 from workers.routing import Directory
-from workers.upstream_slots import MIN_WAIT_SECONDS, UpstreamSlots
+from workers.upstream_slots import UpstreamSlots
 
 logger = logging.getLogger("tollgate.worker")
+
+# The poll loop's fallback sleep: a new job wakes it at once (the queue's wake channel);
+# this bounds only deferred jobs, crons and a missed wake-up.
+POLL_DELAY = 0.05
+
+# How often each worker hands on the slots that expired leases and lapsed back-offs freed.
+SWEEP_SECONDS = 0.2
 
 
 def check_upstreams(settings: Settings) -> None:
@@ -45,7 +68,7 @@ def check_upstreams(settings: Settings) -> None:
             )
 
 
-def create_worker(settings: Settings, **overrides: Any) -> Worker:
+def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
     catalog = load_catalog(settings.catalog_path)
     if catalog.credit_currency != settings.credit_currency:
         raise CatalogError(
@@ -55,8 +78,11 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     check_upstreams(settings)
     storage = build_storage(settings)
 
+    health = Health("worker")
+
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
+        await wait_for_database(engine, health)
         await check_migrated(engine)
         # Task changes this worker commits signal the gateways' waiting requests.
         publisher = events.Publisher(ctx["redis"], task_events_channel(settings.queue_name))
@@ -80,6 +106,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
                 ctx["redis"],
                 lease_seconds=settings.lease_seconds,
                 poll_seconds=settings.poll_interval_seconds,
+                queue_name=settings.queue_name,
             ),
             circuits=Circuits(
                 ctx["redis"],
@@ -90,8 +117,13 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
             ),
             image_allowed_hosts=frozenset(settings.outbound_allowed_hosts),
         )
+        ctx["background"] = [
+            asyncio.create_task(watch_database(engine, health)),
+            asyncio.create_task(_sweep_slots(ctx["deps"].slots)),
+        ]
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        await _stop_background(ctx)
         publisher: events.Publisher | None = ctx.get("task_events_publisher")
         if publisher is not None:
             await publisher.close()
@@ -103,13 +135,12 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
             await deps.engine.dispose()
 
     interval = settings.reconcile_interval_seconds
-    # A job refused an upstream slot is run again later (arq's Retry, which counts as a
-    # try); the task's deadline ends such waits, so the count must never end them first.
-    slot_waits = math.ceil(settings.task_deadline_seconds / MIN_WAIT_SECONDS)
     options: dict[str, Any] = {
         "functions": [
-            _named(generate_task, GENERATE_JOB, max_tries=slot_waits + 1000),
-            _named(cancel_upstream, CANCEL_JOB, max_tries=3),
+            # A job waiting for an upstream slot parks and is queued again when handed one;
+            # arq retries it only for open circuits and outages, which the deadline ends.
+            _named(retry_on_outage(health, generate_task), GENERATE_JOB, max_tries=100_000),
+            _named(retry_on_outage(health, cancel_upstream), CANCEL_JOB, max_tries=3),
         ],
         "cron_jobs": [
             cron(
@@ -133,21 +164,26 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         "job_timeout": settings.task_deadline_seconds + 60,
         "keep_result": 0,
         "max_tries": 1000,
-        "poll_delay": 0.05,
+        "poll_delay": POLL_DELAY,
         "handle_signals": True,
         # SIGTERM: stop taking jobs, let running ones finish, then cancel (hand back) the rest.
         "job_completion_wait": settings.worker_shutdown_grace_seconds,
     }
     options.update(overrides)
-    return Worker(**options)
+    return ResilientWorker(
+        health=health, wake_channel=queue_wake_channel(settings.queue_name), **options
+    )
 
 
-def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
+def create_callback_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
     """A worker for the callback queue: deliveries and their reconciler."""
     signer = build_signer(settings)  # callbacks carry the task's result links
 
+    health = Health("callback worker")
+
     async def startup(ctx: dict[str, Any]) -> None:
         engine = create_engine(settings)
+        await wait_for_database(engine, health)
         await check_migrated(engine)
         ctx["callback_deps"] = CallbackDeps(
             settings=settings,
@@ -155,14 +191,16 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
             sessions=session_factory(engine),
             signer=signer,
         )
+        ctx["background"] = [asyncio.create_task(watch_database(engine, health))]
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        await _stop_background(ctx)
         deps: CallbackDeps | None = ctx.get("callback_deps")
         if deps is not None:
             await deps.engine.dispose()
 
     options: dict[str, Any] = {
-        "functions": [_named(deliver_callback, CALLBACK_JOB)],
+        "functions": [_named(retry_on_outage(health, deliver_callback), CALLBACK_JOB)],
         "cron_jobs": [
             cron(
                 reconcile_callbacks,
@@ -182,13 +220,37 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
         "job_timeout": settings.callback_timeout_seconds + 30,
         "keep_result": 0,
         "max_tries": 3,
-        "poll_delay": 0.05,
+        "poll_delay": POLL_DELAY,
         "handle_signals": True,
         # SIGTERM: stop taking jobs, let running ones finish, then cancel (hand back) the rest.
         "job_completion_wait": settings.worker_shutdown_grace_seconds,
     }
     options.update(overrides)
-    return Worker(**options)
+    return ResilientWorker(
+        health=health, wake_channel=queue_wake_channel(settings.callback_queue_name), **options
+    )
+
+
+async def _sweep_slots(slots: UpstreamSlots | None) -> None:
+    """Hand on slots freed by expired leases and lapsed back-offs (a release hands its own)."""
+    if slots is None:
+        return
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        try:
+            await slots.sweep()
+        except RedisError:
+            pass  # the poll loop logs the outage
+        except Exception as exc:
+            if not (is_redis_outage(exc) or is_database_outage(exc)):
+                logger.exception("slot sweep failed")
+
+
+async def _stop_background(ctx: dict[str, Any]) -> None:
+    for task in ctx.pop("background", []):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _named(fn: Any, name: str, **options: Any) -> Any:

@@ -21,6 +21,13 @@ workers). Each tick:
    So a task stranded that way runs again within
    ``requeue_pending_after_seconds + reconcile_interval_seconds`` of its
    submission, or one reconcile interval of the worker's death if later.
+
+A pending task parked in an upstream slot's line has no job on purpose
+(``workers/upstream_slots.py``): steps 3 and 4 leave it alone, and page past
+it, so a backlog of any size is looked through. When Redis has lost its state
+(its slots marker is gone), the tick first puts the running tasks' slots back
+from PostgreSQL, so the tasks queued again, which park again in submission
+order, cannot overrun the caps.
 """
 
 import logging
@@ -30,23 +37,73 @@ from arq.connections import ArqRedis
 
 from gateway.callbacks import service as callbacks
 from gateway.queue import enqueue_generation, enqueue_upstream_cancel, generation_in_progress
+from gateway.redis_keys import parked_key, slot_name, slots_epoch_key, upstream_slots_key
 from gateway.tasks import lifecycle
 from workers.deps import WorkerDeps
 
 logger = logging.getLogger("tollgate.reconciler")
 
 BATCH = 500
+# Pages of stale pending tasks looked through per tick (parked ones are skipped).
+MAX_PAGES = 40
+
+# KEYS: a channel's slots. ARGV: holder, lease ms. A running task's slot, put back.
+_RESTORE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZADD', KEYS[1], 'NX', now + tonumber(ARGV[2]), ARGV[1])
+"""
+
+
+async def restore_slots(deps: WorkerDeps, redis: ArqRedis) -> int | None:
+    """Redis lost its state (no slots marker): put the running tasks' slots back from
+    PostgreSQL. None when Redis still has them."""
+    queue = deps.settings.queue_name
+    if not await redis.set(slots_epoch_key(queue), b"1", nx=True):
+        return None
+    async with deps.engine.connect() as conn:
+        holding = await lifecycle.holding_slots(conn)
+    script = redis.register_script(_RESTORE_SLOT)
+    lease_ms = round(deps.settings.lease_seconds * 1000)
+    restored = 0
+    for task_id, attempt, channel_id in holding:
+        key = upstream_slots_key(slot_name(queue, channel_id))
+        restored += int(await script(keys=[key], args=[f"{task_id}:{attempt}", lease_ms]))
+    if restored:
+        logger.warning("redis had lost the upstream slots: %d restored from PostgreSQL", restored)
+    return restored
+
+
+async def _stale_unparked(deps: WorkerDeps, redis: ArqRedis) -> list[tuple[str, int]]:
+    """Stale pending tasks, oldest first, but those parked in a slot's line."""
+    settings = deps.settings
+    found: list[tuple[str, int]] = []
+    for page in range(MAX_PAGES):
+        async with deps.engine.connect() as conn:
+            rows = await lifecycle.stale_pending(
+                conn, settings.requeue_pending_after_seconds, BATCH, offset=page * BATCH
+            )
+        if rows:
+            async with redis.pipeline(transaction=False) as pipe:
+                for task_id, attempt in rows:
+                    pipe.hexists(parked_key(settings.queue_name), f"{task_id}:{attempt}")
+                parked = await pipe.execute()
+            found += [row for row, is_parked in zip(rows, parked, strict=True) if not is_parked]
+        if len(rows) < BATCH or len(found) >= BATCH:
+            break
+    return found[:BATCH]
 
 
 async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     deps: WorkerDeps = ctx["deps"]
     redis: ArqRedis = ctx["redis"]
     settings = deps.settings
+    await restore_slots(deps, redis)
     async with deps.engine.begin() as conn:
         overdue = await lifecycle.fail_overdue(conn, settings.task_deadline_seconds, BATCH)
         abandoned = await lifecycle.upstream_jobs(conn, overdue)
         reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
-        pending = await lifecycle.stale_pending(conn, settings.requeue_pending_after_seconds, BATCH)
+    pending = await _stale_unparked(deps, redis)
     for task_id in overdue:
         await callbacks.queue_first_attempts(
             redis, settings.callback_queue_name, deps.engine, task_id

@@ -85,6 +85,9 @@ class UpstreamCalls:
     ) -> list[Stored]:
         """Run (or resume, given ``job_id``) the generation on one channel; its stored results."""
         state = await self._upstream_result(route, entry, request, job_id)
+        # The upstream job is over: its slot goes to the next task in line now. Fetching
+        # and storing the results is no job on the account, and must not idle its cap.
+        await self.admission.release_slot()
         if state.status == "failed":
             raise UpstreamJobFailed(state.error or "The upstream could not generate the image")
         if state.status == "cancelled":

@@ -2,27 +2,37 @@
 
 An upstream account (``settings.upstreams[name]``) takes at most
 ``max_concurrency`` jobs at once; every worker process shares one counting
-semaphore per account in Redis. Rules:
+semaphore per account in Redis. Rules (docs/architecture.md, "Upstream concurrency"):
 
-- **Holders.** A slot is held from before the submit until the last poll and
-  the result download. Holders (``<task>:<attempt>``) are members of a sorted
-  set scored by their lease's expiry in Redis's own clock (``TIME``), never a
-  worker's. Renewing goes with the task's lease heartbeat, so a killed worker's
-  slot frees itself within ``lease_seconds``.
-- **Acquiring** is one Lua script: drop expired holders; grant a slot if one
-  is free and nobody waits ahead; otherwise say how long to wait. A holder
-  asking again keeps its slot (a repeated delivery of the same job).
-- **Waiting is in order.** A refused job joins a line ordered by its task's
-  submission time and asks again later (the job is re-queued, it holds no
-  worker); a freed slot goes to the head of the line. A waiter that stops
-  asking for ``waiter_ttl`` leaves the line, and gets its place back if it
-  asks again, since its place is its task's submission time.
+- **Holders.** A slot is held from before the submit until the upstream job's
+  end (its last poll); fetching and storing the results runs outside it, so
+  the cap counts jobs on the account, and a slot never idles on our side.
+  Holders (``<task>:<attempt>``) are members of a sorted set scored by their
+  lease's expiry in Redis's own clock (``TIME``), never a worker's. Renewing
+  goes with the task's lease heartbeat, so a killed worker's slot frees itself
+  within ``lease_seconds``.
+- **Acquiring** is one Lua script: drop expired holders, join the line (placed
+  by the task's submission time), then hand the free slots to the head of the
+  line. A holder asking again keeps its slot (a repeated delivery of the same
+  job).
+- **Parking, not polling.** A refused job leaves its wake-up job (arq's
+  payload) with its place in the line and ends: a waiting task holds no worker
+  and no retry loop, and costs nothing per second. Whoever frees a slot (a
+  release, or the sweep that finds an expired lease or a lapsed back-off) runs
+  the same hand-off in the same script: the head of the line gets the slot and
+  its wake-up job is put in the queue, and the queue's workers are woken by a
+  pub/sub message. The woken job finds the slot its own.
 - **Back-off.** An upstream 429 blocks new slots on that account for its
-  Retry-After (1 s without one); holders wait it out too.
+  Retry-After (1 s without one); holders wait it out too. The sweep hands the
+  slots on once it lapses.
 - **Resuming.** An upstream job that already runs (a new attempt of a task
   whose worker died) takes its slot at once, even past the cap: it loads the
   upstream whether counted or not, so new submits wait until the count is
   back under the cap.
+- **Lost state.** If Redis loses the lines and the slots, the reconciler
+  rebuilds them from PostgreSQL (``workers/reconciler.py``): the running
+  tasks' slots first, then the pending tasks, queued again, park again in
+  submission order.
 
 What the cap cannot see: a worker that dies holding a slot frees it after one
 lease while its upstream job may still run, and a job given up at its deadline
@@ -30,14 +40,22 @@ may still run upstream. Both are bounded by the upstream's own job time.
 """
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.redis_keys import (
+    GENERATE_JOB,
+    parked_key,
+    queue_wake_channel,
+    slot_lines_key,
     upstream_backoff_key,
+    upstream_cap_key,
     upstream_line_key,
     upstream_line_seen_key,
     upstream_slots_key,
@@ -50,52 +68,110 @@ DEFAULT_BACKOFF_SECONDS = 1.0
 MIN_BACKOFF_SECONDS = 0.1
 # A Retry-After longer than this is likelier a bug than a plan; tasks would time out anyway.
 MAX_BACKOFF_SECONDS = 600.0
-# arq polls its queue every 50 ms: asking again sooner gains nothing.
+# The shortest wait a run that must ask again is told (mid-run moves, open circuits).
 MIN_WAIT_SECONDS = 0.05
-# Waiters far back in the line ask less often, up to this many poll intervals apart.
-MAX_WAIT_STEPS = 5
+# A wake-up job not started within a day is dropped (arq's default expiry).
+_WAKE_EXPIRES_MS = 86_400_000
 
-# KEYS: slots, line, line seen, back-off.
-# ARGV: holder, cap, lease ms, ticket (task submission, ms), waiter ttl ms, running (0/1).
-# Returns {status, back-off ms, rank in line, free slots, ms until the earliest expiry};
-# status 1 = granted, 2 = already held (renewed), 0 = refused.
-_ACQUIRE = """
+# Shared by every script. KEYS: 1 slots, 2 line, 3 wake-up jobs, 4 back-off, 5 cap,
+# 6 the arq queue, 7 parked holders, 8 lines with waiters.
+# ARGV: 1 slot name, 2 lease ms, 3 arq job key prefix, 4 wake-up expiry ms, 5 wake channel.
+_COMMON = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local holder, cap, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = redis.call('ZSCORE', KEYS[1], holder)
-if held or ARGV[6] == '1' then
-  redis.call('ZADD', KEYS[1], now + lease, holder)
-  redis.call('ZREM', KEYS[2], holder)
-  redis.call('ZREM', KEYS[3], holder)
-  return {held and 2 or 1, 0, 0, 0, 0}
+local lease = tonumber(ARGV[2])
+
+local function unpark(h)
+  if redis.call('ZREM', KEYS[2], h) == 1 then
+    if redis.call('HINCRBY', KEYS[7], h, -1) <= 0 then redis.call('HDEL', KEYS[7], h) end
+  end
 end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
-if #gone > 0 then
-  redis.call('ZREM', KEYS[2], unpack(gone))
-  redis.call('ZREM', KEYS[3], unpack(gone))
+
+local function expire()
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+  for _, h in ipairs(gone) do
+    if redis.call('HGET', KEYS[3], h) == '' then redis.call('HDEL', KEYS[3], h) end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+end
+
+-- Hand the free slots to the head of the line, waking each new holder's job;
+-- returns whether `me` was handed one (it is asking now: no job to wake).
+local function hand(me)
+  expire()
+  if redis.call('PTTL', KEYS[4]) > 0 then return false end
+  local free = tonumber(redis.call('GET', KEYS[5]) or '0') - redis.call('ZCARD', KEYS[1])
+  local got, woke = false, false
+  while free > 0 do
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0)
+    if #head == 0 then break end
+    local h = head[1]
+    unpark(h)
+    redis.call('ZADD', KEYS[1], now + lease, h)
+    local payload = redis.call('HGET', KEYS[3], h)
+    redis.call('HSET', KEYS[3], h, '')
+    if h == me then
+      got = true
+    elseif payload and payload ~= '' then
+      local id = h .. ':w' .. now
+      redis.call('PSETEX', ARGV[3] .. id, ARGV[4], payload)
+      redis.call('ZADD', KEYS[6], now, id)
+      woke = true
+    end
+    free = free - 1
+  end
+  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[8], ARGV[1]) end
+  if woke then redis.call('PUBLISH', ARGV[5], '1') end
+  return got
+end
+"""
+
+# ARGV 6..10: holder, cap, ticket (task submission, ms), running (0/1), wake-up payload
+# ("" for a run that asks again by itself). Returns {status, back-off ms};
+# status 1 = granted, 2 = already held (renewed), 0 = waiting in the line.
+_ACQUIRE = (
+    _COMMON
+    + """
+local holder = ARGV[6]
+redis.call('SET', KEYS[5], ARGV[7])
+expire()
+local held = redis.call('ZSCORE', KEYS[1], holder)
+if held or ARGV[9] == '1' then
+  redis.call('ZADD', KEYS[1], now + lease, holder)
+  unpark(holder)
+  local handed = redis.call('HGET', KEYS[3], holder) == ''
+  redis.call('HDEL', KEYS[3], holder)
+  return {(held and not handed) and 2 or 1, 0}
+end
+if redis.call('ZADD', KEYS[2], 'NX', ARGV[8], holder) == 1 then
+  redis.call('HINCRBY', KEYS[7], holder, 1)
+end
+redis.call('HSET', KEYS[3], holder, ARGV[10])
+redis.call('SADD', KEYS[8], ARGV[1])
+if hand(holder) then
+  redis.call('HDEL', KEYS[3], holder)
+  return {1, 0}
 end
 local backoff = redis.call('PTTL', KEYS[4])
 if backoff < 0 then backoff = 0 end
-local free = cap - redis.call('ZCARD', KEYS[1])
-local rank = 0
-if backoff > 0 or free <= 0 or redis.call('ZCARD', KEYS[2]) > 0 then
-  redis.call('ZADD', KEYS[2], 'NX', ARGV[4], holder)
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), holder)
-  rank = redis.call('ZRANK', KEYS[2], holder)
-end
-if backoff == 0 and rank < free then
-  redis.call('ZADD', KEYS[1], now + lease, holder)
-  redis.call('ZREM', KEYS[2], holder)
-  redis.call('ZREM', KEYS[3], holder)
-  return {1, 0, 0, 0, 0}
-end
-local earliest = -1
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if #first > 0 then earliest = tonumber(first[2]) - now end
-return {0, backoff, rank, free, earliest}
+return {0, backoff}
 """
+)
+
+# ARGV 6: holder. Gives its slot back and leaves the line, then hands free slots on.
+_RELEASE = (
+    _COMMON
+    + """
+redis.call('ZREM', KEYS[1], ARGV[6])
+unpark(ARGV[6])
+redis.call('HDEL', KEYS[3], ARGV[6])
+hand('')
+return 1
+"""
+)
+
+# Hands on the slots freed by expired leases or a lapsed back-off.
+_SWEEP = _COMMON + "\nhand('')\nreturn redis.call('ZCARD', KEYS[2])\n"
 
 # KEYS: slots. ARGV: holder, lease ms. Returns 1 if the slot was still held.
 # A slot that expired under a stalled worker is added back: its upstream job still runs.
@@ -111,7 +187,8 @@ return (expiry and tonumber(expiry) > now) and 1 or 0
 @dataclass(frozen=True, slots=True)
 class Grant:
     acquired: bool
-    # Refused: when to ask again.
+    # Refused: the run waits in the line. A parked run is woken by a job of its own; a
+    # run that asks again by itself (``wake=False``) asks after this many seconds.
     wait_seconds: float = 0.0
     # Granted to a holder that had the slot already: another delivery of the same job
     # may be running it, so a run that then finds the task taken must not release it.
@@ -124,51 +201,79 @@ def backoff_seconds(retry_after: float | None) -> float:
     return min(max(wait, MIN_BACKOFF_SECONDS), MAX_BACKOFF_SECONDS)
 
 
+def wake_payload(holder: str) -> bytes:
+    """The wake-up job of a parked holder (``<task>:<attempt>``): its generation job."""
+    task_id, _, attempt = holder.rpartition(":")
+    now_ms = round(time.time() * 1000)
+    return serialize_job(GENERATE_JOB, (task_id, int(attempt)), {}, None, now_ms)
+
+
 class UpstreamSlots:
-    def __init__(self, redis: Redis, *, lease_seconds: float, poll_seconds: float) -> None:
+    def __init__(
+        self, redis: Redis, *, lease_seconds: float, poll_seconds: float, queue_name: str
+    ) -> None:
         self._redis = redis
         self._acquire = redis.register_script(_ACQUIRE)
+        self._release = redis.register_script(_RELEASE)
+        self._sweep = redis.register_script(_SWEEP)
         self._renew = redis.register_script(_RENEW)
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._step = max(MIN_WAIT_SECONDS, poll_seconds)
-        self._max_wait = self._step * MAX_WAIT_STEPS
-        self.waiter_ttl = max(lease_seconds, 4 * self._max_wait)
+        self.queue_name = queue_name
+
+    def _keys(self, upstream: str) -> list[str]:
+        return [
+            upstream_slots_key(upstream),
+            upstream_line_key(upstream),
+            upstream_line_seen_key(upstream),
+            upstream_backoff_key(upstream),
+            upstream_cap_key(upstream),
+            self.queue_name,
+            parked_key(self.queue_name),
+            slot_lines_key(self.queue_name),
+        ]
+
+    def _args(self, upstream: str) -> list[Any]:
+        return [
+            upstream,
+            self._lease_ms,
+            job_key_prefix,
+            _WAKE_EXPIRES_MS,
+            queue_wake_channel(self.queue_name),
+        ]
 
     async def acquire(
-        self, upstream: str, holder: str, *, cap: int, ticket_ms: int, running: bool = False
+        self,
+        upstream: str,
+        holder: str,
+        *,
+        cap: int,
+        ticket_ms: int,
+        running: bool = False,
+        wake: bool = True,
     ) -> Grant:
-        """Take a slot on ``upstream`` for ``holder``, or learn how long to wait for one.
+        """Take a slot on ``upstream`` for ``holder``, or wait in its line for one.
 
         ``ticket_ms`` places the holder in the line (its task's submission time);
         ``running`` says its upstream job already runs (see the module's rules).
+        Refused with ``wake``, the holder's generation job is queued when a slot is
+        handed to it; without, the caller asks again after ``wait_seconds``.
         """
         raw: list[Any] = await self._acquire(
-            keys=[
-                upstream_slots_key(upstream),
-                upstream_line_key(upstream),
-                upstream_line_seen_key(upstream),
-                upstream_backoff_key(upstream),
-            ],
+            keys=self._keys(upstream),
             args=[
+                *self._args(upstream),
                 holder,
                 cap,
-                self._lease_ms,
                 ticket_ms,
-                round(self.waiter_ttl * 1000),
                 1 if running else 0,
+                wake_payload(holder) if wake else b"",
             ],
         )
-        status, backoff_ms, rank, free, earliest_ms = (int(v) for v in raw)
+        status, backoff_ms = (int(v) for v in raw)
         if status:
             return Grant(acquired=True, already_held=status == 2)
-        if backoff_ms > 0:
-            wait = backoff_ms / 1000
-        else:
-            # Those ahead take the free slots first; the rest of the line waits in rounds of cap.
-            ahead = max(0, rank - max(free, 0))
-            wait = min(self._step * (1 + ahead // max(cap, 1)), self._max_wait)
-            if free <= 0 and earliest_ms >= 0:
-                wait = min(wait, earliest_ms / 1000)
+        wait = backoff_ms / 1000 if backoff_ms > 0 else self._step
         return Grant(acquired=False, wait_seconds=max(wait, MIN_WAIT_SECONDS))
 
     async def renew(self, upstream: str, holder: str) -> bool:
@@ -179,21 +284,27 @@ class UpstreamSlots:
             )
         except RedisError as exc:
             # The slot expires on its own if this keeps failing; the task itself goes on.
-            logger.warning("could not renew the %s slot of %s: %s", upstream, holder, exc)
+            logger.debug("could not renew the %s slot of %s: %s", upstream, holder, exc)
             return True
         return bool(held)
 
     async def release(self, upstream: str, holder: str) -> None:
-        """Give the slot back and leave the line; a no-op for a holder that has neither."""
+        """Give the slot back and leave the line, handing the slot to the head of the
+        line; a no-op for a holder that has neither."""
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(upstream_slots_key(upstream), holder)
-                pipe.zrem(upstream_line_key(upstream), holder)
-                pipe.zrem(upstream_line_seen_key(upstream), holder)
-                await pipe.execute()
+            await self._release(keys=self._keys(upstream), args=[*self._args(upstream), holder])
         except RedisError as exc:
             # The lease frees the slot anyway; never hide the job's own outcome behind this.
-            logger.warning("could not release the %s slot of %s: %s", upstream, holder, exc)
+            logger.debug("could not release the %s slot of %s: %s", upstream, holder, exc)
+
+    async def sweep(self) -> int:
+        """Hand on the slots that expired leases and lapsed back-offs freed, on every line
+        of this queue with waiters; returns how many wait."""
+        waiting = 0
+        for raw in await self._redis.smembers(slot_lines_key(self.queue_name)):  # type: ignore[misc]
+            upstream = raw.decode() if isinstance(raw, bytes) else str(raw)
+            waiting += int(await self._sweep(keys=self._keys(upstream), args=self._args(upstream)))
+        return waiting
 
     async def back_off(self, upstream: str, retry_after: float | None) -> float:
         """Block new slots on ``upstream`` after a 429; returns the back-off in seconds."""

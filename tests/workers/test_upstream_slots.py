@@ -26,7 +26,10 @@ from sqlalchemy import text
 from gateway.app import create_app
 from gateway.db import create_engine
 from gateway.redis_keys import (
+    parked_key,
+    slot_lines_key,
     upstream_backoff_key,
+    upstream_cap_key,
     upstream_line_key,
     upstream_line_seen_key,
     upstream_slots_key,
@@ -43,6 +46,11 @@ def keys_of(upstream: str) -> list[str]:
         upstream_line_key(upstream),
         upstream_line_seen_key(upstream),
         upstream_backoff_key(upstream),
+        upstream_cap_key(upstream),
+        # The test's own queue (named after its upstream) and its bookkeeping.
+        upstream,
+        parked_key(upstream),
+        slot_lines_key(upstream),
     ]
 
 
@@ -61,8 +69,13 @@ async def upstream(redis: Redis) -> AsyncIterator[str]:
     await redis.delete(*keys_of(name))
 
 
-def slots_for(redis: Redis, lease: float = 5.0, poll: float = 0.1) -> UpstreamSlots:
-    return UpstreamSlots(redis, lease_seconds=lease, poll_seconds=poll)
+def slots_for(redis: Redis, upstream: str, lease: float = 5.0, poll: float = 0.1) -> UpstreamSlots:
+    """Slots whose wake-up jobs go to a queue named after the test's upstream."""
+    return UpstreamSlots(redis, lease_seconds=lease, poll_seconds=poll, queue_name=upstream)
+
+
+async def queued_wakeups(redis: Redis, queue: str) -> list[str]:
+    return [job.decode() for job in await redis.zrange(queue, 0, -1)]
 
 
 # ---------------------------------------------------------------- the semaphore
@@ -71,7 +84,7 @@ def slots_for(redis: Redis, lease: float = 5.0, poll: float = 0.1) -> UpstreamSl
 async def test_slots_are_granted_up_to_the_cap_then_refused_with_a_wait(
     redis: Redis, upstream: str
 ) -> None:
-    slots = slots_for(redis)
+    slots = slots_for(redis, upstream)
     assert (await slots.acquire(upstream, "a:0", cap=2, ticket_ms=1)).acquired
     assert (await slots.acquire(upstream, "b:0", cap=2, ticket_ms=2)).acquired
     refused = await slots.acquire(upstream, "c:0", cap=2, ticket_ms=3)
@@ -81,7 +94,7 @@ async def test_slots_are_granted_up_to_the_cap_then_refused_with_a_wait(
 
 
 async def test_a_released_slot_goes_to_the_next_asker(redis: Redis, upstream: str) -> None:
-    slots = slots_for(redis)
+    slots = slots_for(redis, upstream)
     assert (await slots.acquire(upstream, "a:0", cap=1, ticket_ms=1)).acquired
     assert not (await slots.acquire(upstream, "b:0", cap=1, ticket_ms=2)).acquired
     await slots.release(upstream, "a:0")
@@ -91,7 +104,7 @@ async def test_a_released_slot_goes_to_the_next_asker(redis: Redis, upstream: st
 
 
 async def test_a_holder_asking_again_keeps_its_one_slot(redis: Redis, upstream: str) -> None:
-    slots = slots_for(redis)
+    slots = slots_for(redis, upstream)
     first = await slots.acquire(upstream, "a:0", cap=1, ticket_ms=1)
     again = await slots.acquire(upstream, "a:0", cap=1, ticket_ms=1)
     assert (first.acquired, first.already_held) == (True, False)
@@ -102,7 +115,7 @@ async def test_a_holder_asking_again_keeps_its_one_slot(redis: Redis, upstream: 
 async def test_a_holder_that_stops_renewing_loses_its_slot_after_the_lease(
     redis: Redis, upstream: str
 ) -> None:
-    slots = slots_for(redis, lease=0.3)
+    slots = slots_for(redis, upstream, lease=0.3)
     assert (await slots.acquire(upstream, "dead:0", cap=1, ticket_ms=1)).acquired
     refused = await slots.acquire(upstream, "b:0", cap=1, ticket_ms=2)
     assert not refused.acquired
@@ -113,7 +126,7 @@ async def test_a_holder_that_stops_renewing_loses_its_slot_after_the_lease(
 
 
 async def test_renewing_extends_the_lease(redis: Redis, upstream: str) -> None:
-    slots = slots_for(redis, lease=0.4)
+    slots = slots_for(redis, upstream, lease=0.4)
     assert (await slots.acquire(upstream, "a:0", cap=1, ticket_ms=1)).acquired
     await asyncio.sleep(0.25)
     assert await slots.renew(upstream, "a:0")
@@ -126,7 +139,7 @@ async def test_renewing_extends_the_lease(redis: Redis, upstream: str) -> None:
 
 
 async def test_a_back_off_refuses_every_slot_until_it_lapses(redis: Redis, upstream: str) -> None:
-    slots = slots_for(redis)
+    slots = slots_for(redis, upstream)
     assert await slots.back_off(upstream, 0.3) == 0.3
     refused = await slots.acquire(upstream, "a:0", cap=5, ticket_ms=1)
     assert not refused.acquired
@@ -143,7 +156,7 @@ def test_back_off_lasts_the_retry_after_within_bounds() -> None:
 
 
 async def test_waiters_are_served_in_submission_order(redis: Redis, upstream: str) -> None:
-    slots = slots_for(redis)
+    slots = slots_for(redis, upstream)
     assert (await slots.acquire(upstream, "holder:0", cap=1, ticket_ms=1)).acquired
     # The later task happens to ask first; the earlier one still goes first.
     assert not (await slots.acquire(upstream, "late:0", cap=1, ticket_ms=3000)).acquired
@@ -155,34 +168,51 @@ async def test_waiters_are_served_in_submission_order(redis: Redis, upstream: st
     assert (await slots.acquire(upstream, "late:0", cap=1, ticket_ms=3000)).acquired
 
 
-async def test_waiters_far_back_in_the_line_ask_less_often(redis: Redis, upstream: str) -> None:
-    slots = slots_for(redis, poll=0.1)
+async def test_a_freed_slot_is_handed_to_the_head_of_the_line_and_its_job_queued(
+    redis: Redis, upstream: str
+) -> None:
+    slots = slots_for(redis, upstream)
     assert (await slots.acquire(upstream, "holder:0", cap=1, ticket_ms=0)).acquired
-    waits = [
-        (await slots.acquire(upstream, f"w{i}:0", cap=1, ticket_ms=i + 1)).wait_seconds
-        for i in range(8)
-    ]
-    assert waits == sorted(waits)
-    assert waits[0] == pytest.approx(0.1)
-    assert waits[-1] == pytest.approx(0.5)  # at most five poll intervals apart
-
-
-async def test_a_waiter_that_stops_asking_leaves_the_line(redis: Redis, upstream: str) -> None:
-    slots = slots_for(redis, lease=0.2, poll=0.05)
-    assert slots.waiter_ttl == pytest.approx(1.0)
-    assert (await slots.acquire(upstream, "holder:0", cap=1, ticket_ms=0)).acquired
-    assert not (await slots.acquire(upstream, "gone:0", cap=1, ticket_ms=1)).acquired
+    for i in range(3):
+        assert not (await slots.acquire(upstream, f"w{i}:0", cap=1, ticket_ms=i + 1)).acquired
+    # Parked: each waiter is in the line and in the parked set, and nothing is queued.
+    assert await redis.zcard(upstream_line_key(upstream)) == 3
+    assert await redis.hlen(parked_key(upstream)) == 3
+    assert await queued_wakeups(redis, upstream) == []
     await slots.release(upstream, "holder:0")
-    # The head of the line is gone for good: the next one waits only until it is forgotten.
-    assert not (await slots.acquire(upstream, "next:0", cap=1, ticket_ms=2)).acquired
-    await asyncio.sleep(slots.waiter_ttl + 0.05)
-    assert (await slots.acquire(upstream, "next:0", cap=1, ticket_ms=2)).acquired
+    # The head holds the slot now, and its generation job is queued to run.
+    assert await redis.zrange(upstream_slots_key(upstream), 0, -1) == [b"w0:0"]
+    [woken] = await queued_wakeups(redis, upstream)
+    assert woken.startswith("w0:0:w")
+    assert await redis.exists(f"arq:job:{woken}")
+    assert not await redis.hexists(parked_key(upstream), "w0:0")
+    # Its job asks and finds the slot its own: granted, not "already held".
+    grant = await slots.acquire(upstream, "w0:0", cap=1, ticket_ms=1)
+    assert (grant.acquired, grant.already_held) == (True, False)
+    # Leaving the line hands nothing on while the slot is taken.
+    await slots.release(upstream, "w2:0")
+    assert await redis.zrange(upstream_line_key(upstream), 0, -1) == [b"w1:0"]
+    assert len(await queued_wakeups(redis, upstream)) == 1
+
+
+async def test_a_sweep_hands_on_the_slot_of_an_expired_lease(redis: Redis, upstream: str) -> None:
+    slots = slots_for(redis, upstream, lease=0.2)
+    assert (await slots.acquire(upstream, "dead:0", cap=1, ticket_ms=0)).acquired
+    assert not (await slots.acquire(upstream, "next:0", cap=1, ticket_ms=1)).acquired
+    assert await redis.smembers(slot_lines_key(upstream)) == {upstream.encode()}
+    assert await slots.sweep() == 1  # still held: nothing to hand on
+    await asyncio.sleep(0.25)
+    assert await slots.sweep() == 0
+    assert await redis.zrange(upstream_slots_key(upstream), 0, -1) == [b"next:0"]
+    assert len(await queued_wakeups(redis, upstream)) == 1
+    # No waiter left: the line is no longer swept.
+    assert await redis.smembers(slot_lines_key(upstream)) == set()
 
 
 async def test_an_upstream_job_already_running_takes_its_slot_past_the_cap(
     redis: Redis, upstream: str
 ) -> None:
-    slots = slots_for(redis)
+    slots = slots_for(redis, upstream)
     assert (await slots.acquire(upstream, "a:0", cap=1, ticket_ms=1)).acquired
     assert (await slots.acquire(upstream, "resumed:1", cap=1, ticket_ms=2, running=True)).acquired
     await slots.release(upstream, "a:0")
@@ -304,7 +334,10 @@ async def test_a_slot_left_by_a_killed_worker_frees_itself_after_a_lease(
 ) -> None:
     settings = capped(database_url, simulator_url, tmp_path / "storage", cap=1)
     slots = UpstreamSlots(
-        redis, lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_interval_seconds
+        redis,
+        lease_seconds=settings.lease_seconds,
+        poll_seconds=settings.poll_interval_seconds,
+        queue_name=settings.queue_name,
     )
     # A worker takes the only slot and dies: nobody releases or renews it.
     assert (await slots.acquire(krea_slots(settings), "killed:0", cap=1, ticket_ms=0)).acquired
