@@ -38,7 +38,7 @@ from arq.connections import ArqRedis
 from gateway.callbacks import service as callbacks
 from gateway.queue import enqueue_generation, enqueue_upstream_cancel, generation_in_progress
 from gateway.redis_keys import parked_key, slot_name, slots_epoch_key, upstream_slots_key
-from gateway.tasks import lifecycle
+from gateway.tasks import lifecycle, recovery
 from workers.deps import WorkerDeps
 
 logger = logging.getLogger("tollgate.reconciler")
@@ -62,7 +62,7 @@ async def restore_slots(deps: WorkerDeps, redis: ArqRedis) -> int | None:
     if not await redis.set(slots_epoch_key(queue), b"1", nx=True):
         return None
     async with deps.engine.connect() as conn:
-        holding = await lifecycle.holding_slots(conn)
+        holding = await recovery.holding_slots(conn)
     script = redis.register_script(_RESTORE_SLOT)
     lease_ms = round(deps.settings.lease_seconds * 1000)
     restored = 0
@@ -80,7 +80,7 @@ async def _stale_unparked(deps: WorkerDeps, redis: ArqRedis) -> list[tuple[str, 
     found: list[tuple[str, int]] = []
     for page in range(MAX_PAGES):
         async with deps.engine.connect() as conn:
-            rows = await lifecycle.stale_pending(
+            rows = await recovery.stale_pending(
                 conn, settings.requeue_pending_after_seconds, BATCH, offset=page * BATCH
             )
         if rows:
@@ -101,7 +101,7 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     await restore_slots(deps, redis)
     async with deps.engine.begin() as conn:
         overdue = await lifecycle.fail_overdue(conn, settings.task_deadline_seconds, BATCH)
-        abandoned = await lifecycle.upstream_jobs(conn, overdue)
+        abandoned = await recovery.upstream_jobs(conn, overdue)
         reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
     pending = await _stale_unparked(deps, redis)
     for task_id in overdue:
