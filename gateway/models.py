@@ -4,6 +4,7 @@ from sqlmodel import SQLModel
 
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery
 from gateway.channels.models import Channel
+from gateway.console.models import ConsoleUser, Invitation, TenantConsoleSettings
 from gateway.ledger.models import LedgerEntry
 from gateway.tasks.models import IdempotencyKey, Task
 from gateway.tenants.models import ApiKey, KeySpend, Tenant
@@ -15,10 +16,13 @@ __all__ = [
     "CallbackAttempt",
     "CallbackDelivery",
     "Channel",
+    "ConsoleUser",
     "IdempotencyKey",
+    "Invitation",
     "KeySpend",
     "LedgerEntry",
     "Task",
     "Tenant",
+    "TenantConsoleSettings",
     "metadata",
 ]

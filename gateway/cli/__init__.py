@@ -22,6 +22,7 @@ from gateway.cli.secrets import secrets
 from gateway.cli.server import migrate, serve
 from gateway.cli.tasks import tasks
 from gateway.cli.tenants import tenants
+from gateway.cli.users import users
 
 
 @click.group()
@@ -41,5 +42,6 @@ for command in (
     ledger_group,
     channels,
     secrets,
+    users,
 ):
     main.add_command(command)

@@ -1,0 +1,25 @@
+// The console's few behaviours: copy buttons, and drawing the spend chart with uPlot.
+document.addEventListener("click", function (event) {
+  var button = event.target.closest("[data-copy]");
+  if (!button) return;
+  var source = document.getElementById(button.getAttribute("data-copy"));
+  if (!source) return;
+  navigator.clipboard.writeText(source.textContent.trim()).then(function () {
+    button.textContent = "Copied";
+  }, function () {
+    button.textContent = "Select and copy by hand";
+  });
+});
+
+function drawSpendChart(elementId, data) {
+  var element = document.getElementById(elementId);
+  if (!element || typeof uPlot === "undefined") return;
+  var xs = data.days.map(function (d) { return Date.parse(d + "T00:00:00Z") / 1000; });
+  var width = Math.max(280, element.clientWidth - 8);
+  new uPlot({
+    width: width, height: 220,
+    series: [{}, { label: "credits", stroke: "#1f5fbf", fill: "rgba(31,95,191,0.12)", paths: uPlot.paths.bars({ size: [0.7, 40] }) }],
+    axes: [{}, { size: 60 }],
+    scales: { x: { time: true } },
+  }, [xs, data.credits], element);
+}

@@ -1,0 +1,125 @@
+"""A tenant's tasks: the list (thumbnails, filters), one task's detail with its request,
+price, charge and callback deliveries, its live status (an htmx fragment polled until
+the task ends), and redelivering its callback."""
+
+from datetime import date
+from typing import Any
+
+from litestar import Request, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect, Template
+
+from gateway.callbacks import service as callbacks
+from gateway.callbacks.routes import redeliver_and_queue
+from gateway.console import queries
+from gateway.console.web import PREFIX, ViewerDep, is_htmx, render
+from gateway.deps import ServicesDep, UnitOfWorkDep
+from gateway.errors import InvalidRequest
+from gateway.storage import UrlSigner
+from gateway.tasks.models import Task, TaskStatus
+from gateway.tasks.service import render_task
+from pricing.money import credits_from_micros
+
+TENANT = {"role": "tenant"}
+STATUSES = tuple(s.value for s in TaskStatus)
+
+
+def _day(value: str | None, field: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(field, "must be a date, YYYY-MM-DD") from None
+
+
+def task_view(task: Task, signer: UrlSigner) -> dict[str, Any]:
+    """What the pages show of a task: the API's own rendering plus the money in credits."""
+    shown = render_task(task, signer)
+    return {
+        "task": task,
+        "api": shown,
+        "images": shown.results or [],
+        "reserved": credits_from_micros(task.credits_reserved_micros),
+        "charged": (
+            credits_from_micros(task.credits_charged_micros)
+            if task.credits_charged_micros is not None
+            else None
+        ),
+        "final": task.status not in queries.OPEN,
+    }
+
+
+@get("/tasks", opt=TENANT)
+async def tasks_page(
+    request: Request[Any, Any, State],
+    viewer: ViewerDep,
+    services: ServicesDep,
+    status: FromQuery[str | None] = None,
+    model: FromQuery[str | None] = None,
+    since: FromQuery[str | None] = None,
+    until: FromQuery[str | None] = None,
+) -> Template:
+    if status and status not in STATUSES:
+        raise InvalidRequest("status", f"must be one of {', '.join(STATUSES)}")
+    filters = queries.TaskFilters(
+        status=status or None,
+        model=model or None,
+        since=_day(since, "since"),
+        until=_day(until, "until"),
+    )
+    async with services.sessions() as db:
+        found = await queries.tenant_tasks(db, viewer.tenant_id, filters)
+    rows = [task_view(t, services.signer) for t in found]
+    template = "tasks_rows.html" if is_htmx(request) else "tasks.html"
+    return render(
+        viewer,
+        template,
+        rows=rows,
+        statuses=STATUSES,
+        models=[m.id for m in services.catalog.models],
+        filters=filters,
+        since=since or "",
+        until=until or "",
+        operator=False,
+    )
+
+
+async def _detail(viewer: ViewerDep, services: ServicesDep, task_id: str, **extra: Any) -> Template:
+    async with services.sessions() as db:
+        task = await queries.tenant_task(db, viewer.tenant_id, task_id)
+        deliveries = await callbacks.list_deliveries(db, task.id)
+    return render(
+        viewer,
+        "task.html",
+        **task_view(task, services.signer),
+        deliveries=deliveries,
+        **extra,
+    )
+
+
+@get("/tasks/{task_id:str}", opt=TENANT)
+async def task_page(task_id: FromPath[str], viewer: ViewerDep, services: ServicesDep) -> Template:
+    return await _detail(viewer, services, task_id)
+
+
+@get("/tasks/{task_id:str}/status", opt=TENANT)
+async def task_status(task_id: FromPath[str], viewer: ViewerDep, services: ServicesDep) -> Template:
+    """The live part of a task's page: polled every second while the task is open."""
+    async with services.sessions() as db:
+        task = await queries.tenant_task(db, viewer.tenant_id, task_id)
+    return render(viewer, "task_status.html", **task_view(task, services.signer))
+
+
+@post("/tasks/{task_id:str}/redeliver", opt=TENANT, status_code=303)
+async def redeliver(
+    task_id: FromPath[str], viewer: ViewerDep, services: ServicesDep, uow: UnitOfWorkDep
+) -> Redirect:
+    """Queue the callback again (after the commit), then show the task with the new delivery."""
+    await queries.tenant_task(uow.session, viewer.tenant_id, task_id)
+    await redeliver_and_queue(uow, services, viewer.tenant_id, task_id)
+    return Redirect(f"{PREFIX}/tasks/{task_id}", status_code=303)
+
+
+ROUTES = [tasks_page, task_page, task_status, redeliver]
