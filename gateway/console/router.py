@@ -8,7 +8,14 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
-from gateway.console import auth_pages, playground, tenant_pages, tenant_tasks
+from gateway.console import (
+    auth_pages,
+    operator_channels,
+    operator_pages,
+    playground,
+    tenant_pages,
+    tenant_tasks,
+)
 from gateway.console.web import (
     PREFIX,
     NotLoggedIn,
@@ -37,6 +44,8 @@ def console_router() -> Router:
             *tenant_pages.ROUTES,
             *tenant_tasks.ROUTES,
             *playground.ROUTES,
+            *operator_pages.ROUTES,
+            *operator_channels.ROUTES,
         ],
         guards=[console_guard],
         dependencies={"viewer": Provide(provide_viewer), "uow": Provide(provide_uow)},
