@@ -154,7 +154,11 @@ async def all_tasks(
         raise InvalidRequest("status", f"must be one of {', '.join(STATUSES)}")
     async with services.sessions() as db:
         found = await list_tasks(db, tenant_id=tenant or None, status=status or None, limit=100)
-    rows = [task_view(t, services.signer) for t in found if not model or t.model == model]
+    rows = [
+        task_view(t, services.signer, services.settings.public_base_url)
+        for t in found
+        if not model or t.model == model
+    ]
     return render(
         viewer,
         "tasks_rows.html" if is_htmx(request) else "tasks.html",

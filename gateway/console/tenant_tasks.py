@@ -34,13 +34,21 @@ def _day(value: str | None, field: str) -> date | None:
         raise InvalidRequest(field, "must be a date, YYYY-MM-DD") from None
 
 
-def task_view(task: Task, signer: UrlSigner) -> dict[str, Any]:
+def same_origin(url: str, public_base_url: str) -> str:
+    """A result link on the gateway itself, made relative: the page loads it from the host
+    the console was reached on, whatever ``TOLLGATE_PUBLIC_BASE_URL`` says. Links to an
+    object store (presigned) stay as they are."""
+    base = public_base_url.rstrip("/")
+    return url[len(base) :] if url.startswith(base + "/") else url
+
+
+def task_view(task: Task, signer: UrlSigner, public_base_url: str = "") -> dict[str, Any]:
     """What the pages show of a task: the API's own rendering plus the money in credits."""
     shown = render_task(task, signer)
     return {
         "task": task,
         "api": shown,
-        "images": shown.results or [],
+        "images": [same_origin(u, public_base_url) for u in shown.results or []],
         "reserved": credits_from_micros(task.credits_reserved_micros),
         "charged": (
             credits_from_micros(task.credits_charged_micros)
@@ -71,7 +79,7 @@ async def tasks_page(
     )
     async with services.sessions() as db:
         found = await queries.tenant_tasks(db, viewer.tenant_id, filters)
-    rows = [task_view(t, services.signer) for t in found]
+    rows = [task_view(t, services.signer, services.settings.public_base_url) for t in found]
     template = "tasks_rows.html" if is_htmx(request) else "tasks.html"
     return render(
         viewer,
@@ -93,7 +101,7 @@ async def _detail(viewer: ViewerDep, services: ServicesDep, task_id: str, **extr
     return render(
         viewer,
         "task.html",
-        **task_view(task, services.signer),
+        **task_view(task, services.signer, services.settings.public_base_url),
         deliveries=deliveries,
         **extra,
     )
@@ -109,7 +117,11 @@ async def task_status(task_id: FromPath[str], viewer: ViewerDep, services: Servi
     """The live part of a task's page: polled every second while the task is open."""
     async with services.sessions() as db:
         task = await queries.tenant_task(db, viewer.tenant_id, task_id)
-    return render(viewer, "task_status.html", **task_view(task, services.signer))
+    return render(
+        viewer,
+        "task_status.html",
+        **task_view(task, services.signer, services.settings.public_base_url),
+    )
 
 
 @post("/tasks/{task_id:str}/redeliver", opt=TENANT, status_code=303)
