@@ -97,7 +97,6 @@ async def test_a_tenant_owner_generates_an_image_and_pays_for_it(
     before = credits(await page.locator("#balance").inner_text())
     assert before == Decimal(100)
     await expect(page.locator("#spend-chart canvas")).to_have_count(1)  # uPlot drew the chart
-    await snap(page, shots, "tenant-overview")
 
     # A key, shown once with a copy button.
     await page.get_by_role("link", name="Keys").click()
@@ -143,6 +142,8 @@ async def test_a_tenant_owner_generates_an_image_and_pays_for_it(
     await page.get_by_role("link", name="Overview").click()
     after = credits(await page.locator("#balance").inner_text())
     assert after == before - charged
+    await expect(page.locator("#spend-chart canvas")).to_have_count(1)
+    await snap(page, shots, "tenant-overview")
     for name in ("Webhooks", "Usage", "Users"):
         await page.get_by_role("link", name=name).click()
         await expect(page.locator("h1")).to_contain_text(name)
