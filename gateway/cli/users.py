@@ -1,14 +1,17 @@
 """``tollgate users``: console accounts (operators, tenant owners and members)."""
 
+import asyncio
 import sys
 from typing import Any
 
 import click
+from redis.asyncio import Redis
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.cli.common import emit, run_in_session
+from gateway.cli.common import emit, run_in_session, settings_or_exit
 from gateway.console import accounts
 from gateway.console.models import ROLES, ConsoleUser
+from gateway.console.sessions import SessionStore
 from gateway.errors import NotFound
 from gateway.tenants.service import find_tenant
 
@@ -75,7 +78,7 @@ def users_list(tenant: str | None) -> None:
 @click.argument("email")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin's first line.")
 def users_set_password(email: str, password_stdin: bool) -> None:
-    """Set EMAIL's password (its console sessions end within their next request's check)."""
+    """Set EMAIL's password; every console session of EMAIL ends."""
     password = _password(password_stdin)
 
     async def run(session: AsyncSession) -> dict[str, Any]:
@@ -85,4 +88,15 @@ def users_set_password(email: str, password_stdin: bool) -> None:
         await accounts.set_password(session, user, password)
         return user_json(user)
 
-    emit(run_in_session(run))
+    changed = run_in_session(run)
+    ended = asyncio.run(_end_sessions(changed["id"]))
+    emit({**changed, "sessions_ended": ended})
+
+
+async def _end_sessions(user_id: str) -> int:
+    settings = settings_or_exit()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        return await SessionStore(redis, settings.queue_name).end_all(user_id)
+    finally:
+        await redis.aclose()
