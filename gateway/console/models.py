@@ -18,6 +18,13 @@ class ConsoleUser(SQLModel, table=True):
     """A person who logs in to the console: an operator, or a tenant's owner or member."""
 
     __tablename__ = "console_users"
+    __table_args__ = (
+        sa.CheckConstraint("role IN ('operator', 'owner', 'member')", name="ck_console_role"),
+        sa.CheckConstraint(
+            "(role = 'operator') = (tenant_id IS NULL)", name="ck_console_user_tenant"
+        ),
+        sa.Index("ix_console_users_tenant", "tenant_id"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     email: str = Field(sa_column_kwargs={"unique": True}, max_length=320)
