@@ -6,8 +6,10 @@ tenant in a URL is "not found", never that tenant's data.
 
 import json
 from datetime import date
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery
@@ -20,6 +22,7 @@ from gateway.deps import ServicesDep
 from gateway.errors import ApiError, InvalidRequest
 from gateway.ledger import reports
 from gateway.ledger.service import balance
+from gateway.limits.overrides import KeyLimits, set_key_limits
 from gateway.tenants.models import Tenant, new_webhook_secret
 from gateway.tenants.service import issue_key, list_keys
 from pricing.money import credits_from_micros
@@ -56,13 +59,47 @@ async def _keys_page(viewer: ViewerDep, services: ServicesDep, **extra: Any) -> 
     async with services.sessions() as db:
         keys = await list_keys(db, viewer.tenant_id)
         members = await accounts.members_manage_keys(db, viewer.tenant_id)
+    tenant = viewer.tenant
+    assert tenant is not None
+    usable = [
+        m.id
+        for m in services.catalog.models
+        if tenant.allowed_models is None or m.id in tenant.allowed_models
+    ]
     context: dict[str, Any] = {
-        "keys": keys,
+        "keys": [k for k in keys if k.name != queries.CONSOLE_KEY_NAME],
+        "usable_models": usable,
+        "credits": credits_from_micros,
         "members_manage_keys": members,
         "issued": None,
         "error": None,
     }
     return render(viewer, "keys.html", **{**context, **extra})
+
+
+async def key_limits_from_form(request: Request[Any, Any, State], tenant: Tenant) -> KeyLimits:
+    """A new key's models and budgets: never a model the tenant itself may not use."""
+    form = await request.form()
+    models = sorted({m for m in form.getall("models", []) if isinstance(m, str) and m})
+    if tenant.allowed_models is not None:
+        wider = sorted(set(models) - set(tenant.allowed_models))
+        if wider:
+            raise InvalidRequest("models", f"your tenant may not use {', '.join(wider)}")
+    budgets: dict[str, Decimal | msgspec.UnsetType] = {}
+    for period in ("total", "daily", "monthly"):
+        text = form.get(f"budget_{period}")
+        budgets[period] = msgspec.UNSET
+        if isinstance(text, str) and text.strip():
+            try:
+                budgets[period] = Decimal(text.strip())
+            except InvalidOperation:
+                raise InvalidRequest(f"budget_{period}", "must be a number of credits") from None
+    return KeyLimits(
+        allowed_models=models or msgspec.UNSET,
+        budget_total=budgets["total"],
+        budget_daily=budgets["daily"],
+        budget_monthly=budgets["monthly"],
+    )
 
 
 @get("/keys", opt=TENANT)
@@ -79,7 +116,9 @@ async def create_key(
         async with services.sessions() as db, db.begin():
             tenant = await db.get(Tenant, viewer.tenant_id)
             assert tenant is not None
+            limits = await key_limits_from_form(request, tenant)
             issued = await issue_key(db, tenant, name=form.get("name", "").strip())
+            await set_key_limits(db, services.catalog, issued.key.id, limits)
     except ApiError as exc:
         return await _keys_page(viewer, services, error=exc.message)
     return await _keys_page(viewer, services, issued=issued.secret)

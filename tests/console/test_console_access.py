@@ -4,6 +4,7 @@ A tenant's user sees only its own tenant (pages, htmx fragments and direct URLs)
 console cookie is no credential for /v1 or /admin; a bearer key is no console login.
 """
 
+import re
 from typing import Any
 
 import pytest
@@ -12,7 +13,11 @@ from console_helpers import PASSWORD, csrf_in, log_in, make_user
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from gateway.console.sessions import MAX_FAILURES_PER_ACCOUNT, SESSION_COOKIE
+from gateway.console.sessions import (
+    MAX_FAILURES_PER_ACCOUNT,
+    MAX_FAILURES_PER_ADDRESS,
+    SESSION_COOKIE,
+)
 from gateway.settings import Settings
 
 Client = AsyncTestClient[Any]
@@ -169,8 +174,6 @@ async def test_a_tenant_sees_only_its_own(client: Client, settings: Settings, wo
     my_keys = (await client.get("/console/keys")).text
     their_prefixes = [p for p in ("tg_",) if p in their_keys]
     assert their_prefixes
-    import re
-
     their_key_ids = re.findall(r"/console/keys/(key_[0-9a-f]+)/revoke", their_keys)
     assert their_key_ids
     for key_id in their_key_ids:
@@ -242,8 +245,6 @@ async def test_an_invitation_link_makes_an_account_once(
         data={"email": f"new-{role}@example.com", "role": role, "_csrf": token},
     )
     assert invited.status_code == 200, invited.text
-    import re
-
     link = re.search(r"http://testserver.local(/console/invite/[A-Za-z0-9_\-]+)", invited.text)
     assert link
     async with await new_client(settings) as newcomer:
@@ -257,3 +258,62 @@ async def test_an_invitation_link_makes_an_account_once(
         assert made.status_code == 303
         assert (await newcomer.get("/console/overview")).status_code == 200
         assert (await newcomer.get(link.group(1))).status_code == 404  # used up
+
+
+async def test_a_new_key_carries_models_and_budgets_never_wider_than_the_tenant(
+    client: Client, settings: Settings, tenant_key: tuple[str, str]
+) -> None:
+    tenant_id = tenant_key[0]
+    token = await log_in(client, await make_user(settings, "owner", tenant_id))
+    made = await client.post(
+        "/console/keys",
+        data={
+            "name": "limited",
+            "models": ["krea-2-turbo", "flux-1-schnell"],
+            "budget_daily": "1.5",
+            "_csrf": token,
+        },
+    )
+    assert made.status_code == 200, made.text
+    secret = re.search(r'id="new-key">([^<]+)<', made.text)
+    assert secret
+    assert "models: flux-1-schnell, krea-2-turbo" in made.text
+    assert "daily budget 1.5" in made.text
+    # The API enforces them: another model is refused.
+    refused = await client.post(
+        "/v1/images/generations",
+        json={"model": "flux-1-dev", "prompt": "x"},
+        headers=bearer(secret.group(1)),
+    )
+    assert refused.status_code == 403, refused.text
+    bad = await client.post("/console/keys", data={"budget_total": "lots", "_csrf": token})
+    assert "budget_total: must be a number of credits" in bad.text
+
+    # A tenant limited to one model cannot give a key another.
+    admin = bearer(settings.admin_token)
+    limited = await client.patch(
+        f"/admin/tenants/{tenant_id}/limits",
+        json={"allowed_models": ["krea-2-turbo"]},
+        headers=admin,
+    )
+    assert limited.status_code == 200, limited.text
+    wider = await client.post(
+        "/console/keys", data={"name": "wide", "models": ["flux-1-dev"], "_csrf": token}
+    )
+    assert "your tenant may not use flux-1-dev" in wider.text
+    assert "shown this once" not in wider.text
+
+
+async def test_many_failures_from_one_address_lock_it(client: Client, settings: Settings) -> None:
+    token = csrf_in((await client.get("/console/login")).text)
+    for n in range(MAX_FAILURES_PER_ADDRESS):
+        wrong = await client.post(
+            "/console/login",
+            data={"email": f"nobody-{n}@example.com", "password": "wrong password", "_csrf": token},
+        )
+        assert wrong.status_code == 401
+    operator = await make_user(settings, "operator")
+    locked = await client.post(
+        "/console/login", data={"email": operator.email, "password": PASSWORD, "_csrf": token}
+    )
+    assert locked.status_code == 429
