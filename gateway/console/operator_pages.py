@@ -182,4 +182,46 @@ async def invite(
     return await _tenant_page(viewer, services, tenant_id, link=link)
 
 
-ROUTES = [tenants_page, create, tenant_page, credits, settings, invite]
+def _operators_page(viewer: ViewerDep, users: list[Any], **extra: Any) -> Template:
+    return render(
+        viewer,
+        "users.html",
+        **{
+            "users": users,
+            "link": None,
+            "error": None,
+            "invite_action": f"{PREFIX}/operator/users/invite",
+            "invite_roles": ["operator"],
+            "page": "Operators",
+            **extra,
+        },
+    )
+
+
+@get("/operator/users", opt=OPERATOR)
+async def operators(viewer: ViewerDep, services: ServicesDep) -> Template:
+    async with services.sessions() as db:
+        found = await accounts.list_users(db, None)
+    return _operators_page(viewer, found)
+
+
+@post("/operator/users/invite", opt=OPERATOR, status_code=200)
+async def invite_operator(
+    request: Request[Any, Any, State], viewer: ViewerDep, services: ServicesDep
+) -> Template:
+    form = await form_of(request)
+    link, error = None, None
+    try:
+        async with services.sessions() as db, db.begin():
+            token = await accounts.invite(
+                db, viewer.user, email=form.get("email", ""), role="operator", tenant_id=None
+            )
+        link = f"{str(request.base_url).rstrip('/')}{PREFIX}/invite/{token}"
+    except ApiError as exc:
+        error = exc.message
+    async with services.sessions() as db:
+        found = await accounts.list_users(db, None)
+    return _operators_page(viewer, found, link=link, error=error)
+
+
+ROUTES = [tenants_page, create, tenant_page, credits, settings, invite, operators, invite_operator]

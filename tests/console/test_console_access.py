@@ -317,3 +317,55 @@ async def test_many_failures_from_one_address_lock_it(client: Client, settings: 
         "/console/login", data={"email": operator.email, "password": PASSWORD, "_csrf": token}
     )
     assert locked.status_code == 429
+
+
+async def test_an_operator_invites_an_operator_and_an_owner_cannot(
+    client: Client, settings: Settings, tenant_key: tuple[str, str]
+) -> None:
+    token = await log_in(client, await make_user(settings, "operator"))
+    invited = await client.post(
+        "/console/operator/users/invite", data={"email": "second-op@example.com", "_csrf": token}
+    )
+    link = re.search(r"http://testserver.local(/console/invite/[A-Za-z0-9_\-]+)", invited.text)
+    assert link, invited.text
+    async with await new_client(settings) as newcomer:
+        page = await newcomer.get(link.group(1))
+        assert "operator" in page.text
+        made = await newcomer.post(
+            link.group(1), data={"password": "operator number two", "_csrf": csrf_in(page.text)}
+        )
+        assert made.status_code == 200
+        assert "<h1>Tenants</h1>" in made.text
+    async with await new_client(settings) as owner:
+        owner_token = await log_in(owner, await make_user(settings, "owner", tenant_key[0]))
+        assert (await owner.get("/console/operator/users")).status_code == 403
+        refused = await owner.post(
+            "/console/users/invite",
+            data={"email": "sneaky@example.com", "role": "operator", "_csrf": owner_token},
+        )
+        assert "only an operator may invite an operator" in refused.text
+
+
+async def test_the_playground_shows_the_api_s_refusals_on_its_page(
+    client: Client, settings: Settings
+) -> None:
+    broke, _ = await make_tenant_key(settings, credits_micros=0)
+    token = await log_in(client, await make_user(settings, "owner", broke))
+    page = await client.get("/console/playground?model=krea-2-turbo")
+    assert 'name="size"' in page.text
+    assert "2 credits" in page.text  # the price before submitting
+    price = await client.post(
+        "/console/playground/price",
+        data={"model": "krea-2-turbo", "prompt": "x", "_csrf": token},
+    )
+    assert price.text.strip() == "2 credits"
+    empty = await client.post(
+        "/console/playground", data={"model": "krea-2-turbo", "prompt": "", "_csrf": token}
+    )
+    assert empty.status_code == 400
+    assert "prompt: is required" in empty.text
+    poor = await client.post(
+        "/console/playground", data={"model": "krea-2-turbo", "prompt": "a cat", "_csrf": token}
+    )
+    assert poor.status_code == 402
+    assert "Playground" in poor.text
