@@ -64,8 +64,17 @@ def shots(tmp_path: Path) -> Path:
     return folder
 
 
+UNLABELLED = """() => Array.from(document.querySelectorAll("input, select, textarea, button"))
+  .filter(el => el.type !== "hidden")
+  .filter(el => !(el.labels && el.labels.length) && !el.getAttribute("aria-label")
+                && !(el.tagName === "BUTTON" && el.textContent.trim()))
+  .map(el => el.outerHTML.slice(0, 120))"""
+
+
 async def snap(page: "Page", shots: Path, name: str) -> None:
+    """Save the page's screenshot, and check every control on it has a label."""
     await page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+    assert await page.evaluate(UNLABELLED) == [], f"controls without a label on {name}"
 
 
 async def log_in(page: "Page", base: str, login: Login) -> None:
@@ -169,7 +178,16 @@ async def test_an_operator_onboards_a_tenant_and_a_channel(
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    await log_in(page, gateway, operator)
+    # With the keyboard alone: skip link, email, password, then Enter.
+    await page.goto(f"{gateway}/console/login")
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_label("Email")).to_be_focused()
+    await page.keyboard.type(operator.email)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(operator.password)
+    await page.keyboard.press("Enter")
     await expect(page.locator("h1")).to_have_text("Tenants")
 
     name = f"browser-co-{os.getpid()}-{id(page) % 10_000}"
@@ -213,5 +231,10 @@ async def test_an_operator_onboards_a_tenant_and_a_channel(
     await page.get_by_role("button", name="Run the check").click()
     await expect(page.locator("#ledger-result")).to_contain_text("consistent")
     await snap(page, shots, "operator-ledger")
+    await page.get_by_role("link", name="Operators").click()
+    await expect(page.get_by_role("cell", name=operator.email)).to_be_visible()
+    await snap(page, shots, "operator-operators")
+    await page.get_by_role("link", name="Account").click()
+    await snap(page, shots, "account")
     assert errors == []
     await context.close()
