@@ -20,6 +20,6 @@ function drawSpendChart(elementId, data) {
     width: width, height: 220,
     series: [{}, { label: "credits", stroke: "#1f5fbf", fill: "rgba(31,95,191,0.12)", paths: uPlot.paths.bars({ size: [0.7, 40] }) }],
     axes: [{}, { size: 60 }],
-    scales: { x: { time: true } },
+    scales: { x: { time: true, range: function (u, min, max) { return [min - 43200, max + 43200]; } } },
   }, [xs, data.credits], element);
 }
