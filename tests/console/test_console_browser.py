@@ -146,6 +146,12 @@ async def test_a_tenant_owner_generates_an_image_and_pays_for_it(
 
     await page.get_by_role("link", name="Tasks").click()
     await expect(page.locator(".thumbs img")).to_have_count(2)
+    # Filters update the list in place (htmx) and the address with them.
+    await page.get_by_label("Status").select_option("failed")
+    await expect(page.locator("#task-rows")).to_contain_text("No tasks match")
+    assert "status=failed" in page.url
+    await page.get_by_label("Status").select_option("completed")
+    await expect(page.locator(".thumbs img")).to_have_count(2)
     await snap(page, shots, "tenant-tasks")
 
     await page.get_by_role("link", name="Overview").click()

@@ -130,3 +130,14 @@ async def test_credits_limits_tasks_and_the_ledger_check(
     assert "The ledger is consistent" in check.text
     search = await client.get(f"/console/operator/tenants?q={tenant_id}")
     assert tenant_id in search.text
+
+
+async def test_names_are_shown_as_text_never_as_markup(client: Client, settings: Settings) -> None:
+    token = await log_in(client, await make_user(settings, "operator"))
+    made = await client.post(
+        "/console/operator/tenants",
+        data={"name": '<script>alert("x")</script>', "_csrf": token},
+    )
+    assert made.status_code == 200
+    assert '<script>alert("x")</script>' not in made.text
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in made.text
