@@ -3,12 +3,13 @@ price, charge and callback deliveries, its live status (an htmx fragment polled 
 the task ends), and redelivering its callback."""
 
 from datetime import date
+from functools import partial
 from typing import Any
 
 from litestar import Request, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery
-from litestar.response import Redirect, Template
+from litestar.response import Redirect, Stream, Template
 
 from gateway.callbacks import service as callbacks
 from gateway.callbacks.routes import redeliver_and_queue
@@ -17,6 +18,7 @@ from gateway.console.web import PREFIX, ViewerDep, is_htmx, render
 from gateway.deps import ServicesDep, UnitOfWorkDep
 from gateway.errors import InvalidRequest
 from gateway.storage import UrlSigner
+from gateway.tasks import waiting
 from gateway.tasks.models import Task, TaskStatus
 from gateway.tasks.service import render_task
 from pricing.money import credits_from_micros
@@ -124,6 +126,27 @@ async def task_status(task_id: FromPath[str], viewer: ViewerDep, services: Servi
     )
 
 
+@get("/tasks/{task_id:str}/events", opt=TENANT)
+async def task_events(task_id: FromPath[str], viewer: ViewerDep, services: ServicesDep) -> Stream:
+    """The task's changes as server-sent events: the API's own stream (``/v1/tasks/{id}/events``)
+    for the viewer's tenant, with the console's cookie instead of a key. The page refreshes
+    its status part on each event."""
+    # Read once before answering, so another tenant's task is a 404, not an empty stream.
+    await waiting.read_task(services, viewer.tenant_id, task_id)
+    events = waiting.task_events(
+        services,
+        viewer.tenant_id,
+        task_id,
+        None,
+        partial(render_task, signer=services.signer),
+    )
+    return Stream(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 @post("/tasks/{task_id:str}/redeliver", opt=TENANT, status_code=303)
 async def redeliver(
     task_id: FromPath[str], viewer: ViewerDep, services: ServicesDep, uow: UnitOfWorkDep
@@ -134,4 +157,4 @@ async def redeliver(
     return Redirect(f"{PREFIX}/tasks/{task_id}", status_code=303)
 
 
-ROUTES = [tasks_page, task_page, task_status, redeliver]
+ROUTES = [tasks_page, task_page, task_status, task_events, redeliver]

@@ -151,6 +151,10 @@ async def test_a_tenant_sees_only_its_own(client: Client, settings: Settings, wo
     async with await new_client(settings) as other:
         await log_in(other, await make_user(settings, "owner", theirs))
         assert task_id in (await other.get("/console/tasks")).text
+        stream = await other.get(f"/console/tasks/{task_id}/events")
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert "event: task\ndata: " in stream.text
+        assert '"status":"completed"' in stream.text
         assert (
             image.split("?")[0].rsplit("/", 1)[1]
             in (await other.get(f"/console/tasks/{task_id}")).text
@@ -163,7 +167,11 @@ async def test_a_tenant_sees_only_its_own(client: Client, settings: Settings, wo
     assert task_id not in listing.text
     fragment = await client.get("/console/tasks", headers={"HX-Request": "true"})
     assert task_id not in fragment.text
-    for path in (f"/console/tasks/{task_id}", f"/console/tasks/{task_id}/status"):
+    for path in (
+        f"/console/tasks/{task_id}",
+        f"/console/tasks/{task_id}/status",
+        f"/console/tasks/{task_id}/events",
+    ):
         answer = await client.get(path)
         assert answer.status_code == 404, path
         assert "their secret cat" not in answer.text

@@ -131,9 +131,12 @@ async def test_a_tenant_owner_generates_an_image_and_pays_for_it(
     await expect(page.locator("#price")).to_have_text(f"{single * 2} credits")
     price = single * 2
     await snap(page, shots, "tenant-playground")
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if r.url.endswith("/events") else None)
     await page.get_by_role("button", name="Generate").click()
     await expect(page.locator("h1")).to_contain_text("Task ")
     await expect(page.locator("#status-text")).to_have_text("completed", timeout=30_000)
+    assert streams, "the task page did not follow the task's event stream"
     await expect(page.locator(".images img")).to_have_count(2)
     image = page.locator(".images img").first
     await expect(image).to_be_visible()

@@ -23,3 +23,17 @@ function drawSpendChart(elementId, data) {
     scales: { x: { time: true, range: function (u, min, max) { return [min - 43200, max + 43200]; } } },
   }, [xs, data.credits], element);
 }
+
+// A running task's page: its status part is refreshed on each event of the task's stream
+// (server-sent events), with a slow poll (hx-trigger "every 5s") as the fallback.
+document.addEventListener("DOMContentLoaded", function () {
+  var box = document.getElementById("task-status");
+  if (!box || !box.dataset.events || typeof EventSource === "undefined") return;
+  var source = new EventSource(box.dataset.events);
+  source.addEventListener("task", function (event) {
+    var current = document.getElementById("task-status");
+    if (current && window.htmx) window.htmx.trigger(current, "taskchange");
+    var status = JSON.parse(event.data).status;
+    if (status !== "pending" && status !== "processing") source.close();
+  });
+});
