@@ -152,7 +152,13 @@ def session_cookie(request: Request[Any, Any, Any], session: ConsoleSession | No
         path=PREFIX,
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=_secure(request),
+    )
+
+
+def _secure(request: Request[Any, Any, Any]) -> bool:
+    return (
+        request.url.scheme == "https" or services(request.app.state).settings.console_secure_cookies
     )
 
 
@@ -164,7 +170,7 @@ def login_cookie(request: Request[Any, Any, Any]) -> tuple[str, Cookie]:
         path=PREFIX,
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=_secure(request),
     )
     return token, cookie
 

@@ -377,3 +377,30 @@ async def test_the_playground_shows_the_api_s_refusals_on_its_page(
     )
     assert poor.status_code == 402
     assert "Playground" in poor.text
+
+
+async def test_cookies_are_secure_over_https_or_when_configured(
+    settings: Settings, tenant_key: tuple[str, str]
+) -> None:
+    owner = await make_user(settings, "owner", tenant_key[0])
+    async with AsyncTestClient(
+        app=create_app(settings), base_url="https://testserver.local"
+    ) as client:
+        page = await client.get("/console/login")
+        assert "Secure" in page.headers["set-cookie"]
+        answer = await client.post(
+            "/console/login",
+            data={"email": owner.email, "password": PASSWORD, "_csrf": csrf_in(page.text)},
+            follow_redirects=False,
+        )
+        assert answer.status_code == 303
+        cookie = next(h for h in answer.headers.get_list("set-cookie") if SESSION_COOKIE in h)
+        assert "Secure" in cookie
+        assert "HttpOnly" in cookie
+    # Behind a proxy that ends TLS, the gateway sees plain HTTP: the setting says Secure.
+    behind_proxy = settings.model_copy(update={"console_secure_cookies": True})
+    async with AsyncTestClient(
+        app=create_app(behind_proxy), base_url="http://testserver.local"
+    ) as client:
+        page = await client.get("/console/login")
+        assert "Secure" in page.headers["set-cookie"]
