@@ -17,12 +17,19 @@ from arq.worker import Worker
 from gateway import metrics
 from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_factory
 from gateway.logs import configure_logging
-from gateway.redis_keys import CALLBACK_JOB, CANCEL_JOB, GENERATE_JOB, task_events_channel
+from gateway.redis_keys import (
+    CALLBACK_JOB,
+    CANCEL_JOB,
+    CHANNEL_TEST_JOB,
+    GENERATE_JOB,
+    task_events_channel,
+)
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.storage import build_signer, build_storage
 from gateway.tasks import events
 from pricing.catalog import CatalogError, load_catalog
 from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
+from workers.channel_test import test_channel
 from workers.circuits import Circuits
 from workers.deps import WorkerDeps
 from workers.generate import cancel_upstream, generate_task
@@ -105,6 +112,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
         "functions": [
             _named(generate_task, GENERATE_JOB, max_tries=slot_waits + 1000),
             _named(cancel_upstream, CANCEL_JOB, max_tries=3),
+            _named(test_channel, CHANNEL_TEST_JOB, max_tries=1),
         ],
         "cron_jobs": [
             cron(

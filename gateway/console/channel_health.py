@@ -10,30 +10,26 @@ queue and the ledger: it tells the operator whether the upstream answers with an
 and how long it took, without charging any tenant.
 """
 
-import asyncio
-import time
+import json
+import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.channels.models import Channel
 from gateway.db import utcnow
-from gateway.redis_keys import circuit_key
+from gateway.queue import enqueue_channel_test
+from gateway.redis_keys import channel_test_key, circuit_key
 from gateway.settings import Settings
 from gateway.tasks.models import Task, TaskStatus
-from pricing.catalog import Catalog, ModelEntry
-from pricing.request import resolve_request
-from workers.providers import ADAPTERS
-from workers.providers.base import Endpoint, UpstreamError
 
 RECENT = timedelta(hours=1)
-TEST_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,65 +93,20 @@ async def health(
     return found
 
 
-def cheapest(channel: Channel, catalog: Catalog) -> ModelEntry:
-    entries = [e for m in channel.models if (e := catalog.model(m)) is not None]
-    if not entries:
-        raise ValueError("the channel serves no model of the catalogue")
-    return min(entries, key=lambda e: (e.price.amount, e.images_per_generation))
+async def start_test(redis: ArqRedis, queue_name: str, channel_id: str) -> str:
+    """Queue a test of the channel on a worker; the id to read its outcome by."""
+    test_id = secrets.token_hex(8)
+    await enqueue_channel_test(redis, queue_name, channel_id, test_id)
+    return test_id
 
 
-@dataclass(frozen=True, slots=True)
-class TestResult:
-    ok: bool
-    model: str
-    seconds: float
-    detail: str
-
-
-async def run_test(channel: Channel, catalog: Catalog, settings: Settings) -> TestResult:
-    started = time.monotonic()
-    try:
-        entry = cheapest(channel, catalog)
-    except ValueError as exc:
-        return TestResult(False, "—", 0.0, str(exc))
-    request = resolve_request(entry, {"prompt": "a small red circle on white, test image"})
-    build = ADAPTERS.get(channel.adapter)
-    if build is None:
-        return TestResult(False, entry.id, 0.0, f"unknown adapter {channel.adapter!r}")
-    endpoint = Endpoint(
-        base_url=channel.base_url.rstrip("/"),
-        api_key=channel.api_key,
-        submit_timeout=settings.upstream_timeout_seconds,
-        poll_timeout=settings.upstream_poll_timeout_seconds,
-        max_body_bytes=settings.upstream_max_body_bytes,
-        max_image_bytes=settings.max_image_bytes,
-    )
-    upstream_model = channel.models.get(entry.id) or entry.upstream_model
-    try:
-        async with httpx.AsyncClient(timeout=settings.upstream_timeout_seconds) as client:
-            adapter = build(client, endpoint)
-            async with asyncio.timeout(TEST_TIMEOUT_SECONDS):
-                submitted = await adapter.submit(upstream_model, request)
-                state = submitted.state
-                while state is None or state.status in ("pending", "processing"):
-                    if state is not None:
-                        await asyncio.sleep(max(settings.poll_interval_seconds, 0.2))
-                    assert submitted.job_id is not None
-                    state = await adapter.poll(submitted.job_id)
-    except TimeoutError:
-        return _result(False, entry, started, f"no result within {TEST_TIMEOUT_SECONDS:.0f} s")
-    except UpstreamError as exc:
-        return _result(False, entry, started, f"{exc.code}: {exc.message}")
-    except httpx.HTTPError as exc:
-        return _result(False, entry, started, f"could not reach the upstream: {type(exc).__name__}")
-    if state.status != "completed":
-        return _result(False, entry, started, f"the job ended {state.status}: {state.error or ''}")
-    images = len(state.urls) + len(state.images)
-    return _result(images > 0, entry, started, f"completed with {images} image(s)")
-
-
-def _result(ok: bool, entry: ModelEntry, started: float, detail: str) -> TestResult:
-    return TestResult(ok, entry.id, round(time.monotonic() - started, 2), detail)
+async def test_outcome(redis: Redis, queue_name: str, test_id: str) -> dict[str, Any] | None:
+    """The test's outcome, or None while it runs (or if no worker has taken it yet)."""
+    raw = await redis.get(channel_test_key(queue_name, test_id))
+    if raw is None:
+        return None
+    found: dict[str, Any] = json.loads(raw)
+    return found
 
 
 def models_from_text(text: str) -> dict[str, Any]:

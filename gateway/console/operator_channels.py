@@ -135,10 +135,25 @@ async def set_enabled(
 
 @post("/operator/channels/{ref:str}/test", opt=OPERATOR, status_code=200)
 async def test_channel(ref: FromPath[str], viewer: ViewerDep, services: ServicesDep) -> Template:
+    """Queue a test generation on a worker; the fragment polls for its outcome."""
     async with services.sessions() as db:
         channel = await channels.get_channel(db, ref)
-    result = await channel_health.run_test(channel, services.catalog, services.settings)
-    return render(viewer, "op_channel_test.html", channel=channel, result=result)
+    test_id = await channel_health.start_test(
+        services.redis, services.settings.queue_name, channel.id
+    )
+    return render(viewer, "op_channel_test.html", channel=channel, test_id=test_id, result=None)
+
+
+@get("/operator/channels/{ref:str}/test/{test_id:str}", opt=OPERATOR)
+async def test_result(
+    ref: FromPath[str], test_id: FromPath[str], viewer: ViewerDep, services: ServicesDep
+) -> Template:
+    async with services.sessions() as db:
+        channel = await channels.get_channel(db, ref)
+    result = await channel_health.test_outcome(
+        services.redis, services.settings.queue_name, test_id
+    )
+    return render(viewer, "op_channel_test.html", channel=channel, test_id=test_id, result=result)
 
 
 @get("/operator/tasks", opt=OPERATOR)
@@ -204,6 +219,7 @@ ROUTES = [
     edit_channel,
     set_enabled,
     test_channel,
+    test_result,
     all_tasks,
     deliveries,
     ledger_page,

@@ -1,6 +1,7 @@
 """The operator's pages over HTTP: channels with their circuit as the workers keep it,
 editing a channel, tenants' credits and limits, tasks across tenants, the ledger check."""
 
+import asyncio
 import re
 from typing import Any
 
@@ -16,7 +17,7 @@ Client = AsyncTestClient[Any]
 
 
 async def test_channels_show_the_workers_circuit_and_can_be_edited(
-    client: Client, settings: Settings, simulator_url: str
+    client: Client, settings: Settings, simulator_url: str, worker: None
 ) -> None:
     token = await log_in(client, await make_user(settings, "operator"))
     fields = {
@@ -34,6 +35,34 @@ async def test_channels_show_the_workers_circuit_and_can_be_edited(
     ch = channel_id.group(1)
     assert 'data-health="sim-edit">closed' in added.text
     assert SIM_KEY not in added.text  # the key is never shown
+
+    # "Test": a worker runs one generation through the channel; the fragment polls for it.
+    started = await client.post(f"/console/operator/channels/{ch}/test", data={"_csrf": token})
+    poll = re.search(r'hx-get="(/console/operator/channels/[^"]+/test/[0-9a-f]+)"', started.text)
+    assert poll, started.text
+    for _ in range(100):
+        outcome = await client.get(poll.group(1), headers={"HX-Request": "true"})
+        if "Testing" not in outcome.text:
+            break
+        await asyncio.sleep(0.1)
+    assert "passed — completed with 1 image(s)" in outcome.text
+    broken = await client.post(
+        "/console/operator/channels",
+        data={**fields, "name": "sim-wrong-key", "api_key": "not-the-key"},
+    )
+    wrong = re.search(r'/console/operator/channels/(ch_[0-9a-f]+)"[^>]*>sim-wrong-key', broken.text)
+    assert wrong, broken.text
+    started = await client.post(
+        f"/console/operator/channels/{wrong.group(1)}/test", data={"_csrf": token}
+    )
+    poll = re.search(r'hx-get="(/console/operator/channels/[^"]+/test/[0-9a-f]+)"', started.text)
+    assert poll
+    for _ in range(100):
+        outcome = await client.get(poll.group(1), headers={"HX-Request": "true"})
+        if "Testing" not in outcome.text:
+            break
+        await asyncio.sleep(0.1)
+    assert "failed" in outcome.text
 
     # The workers' own circuit breaker opens it: the page says so (its htmx refresh too).
     redis = Redis.from_url(settings.redis_url)
