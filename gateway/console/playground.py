@@ -20,6 +20,8 @@ from pricing.quote import quote
 from pricing.request import InvalidField, resolve_request
 
 TENANT = {"role": "tenant"}
+# Labels for parameters whose name says little on its own (the field name follows).
+LABELS = {"n": "Images (n)", "nsfw_check": "NSFW check"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +62,7 @@ def controls(entry: ModelEntry) -> list[Control]:
     for name, spec in entry.params.items():
         if spec.fixed is not None or spec.type == "list":
             continue  # fixed by the model, or a list of uploads the playground does not offer
-        label = name.replace("_", " ").capitalize()
+        label = LABELS.get(name) or name.replace("_", " ").capitalize()
         if spec.type == "int":
             found.append(
                 Control(

@@ -121,7 +121,7 @@ async def test_a_tenant_owner_generates_an_image_and_pays_for_it(
     # The playground: a model's settings from the catalogue, its price, then the run.
     await page.get_by_role("link", name="Playground").click()
     await page.get_by_label("Model").select_option("flux-1-schnell")
-    images = page.get_by_label("N", exact=True)
+    images = page.get_by_label("Images (n)")
     await expect(images).to_have_value("1")  # the catalogue's default
     assert await images.get_attribute("max") == "4"  # and its range
     await page.get_by_label("Prompt", exact=True).fill("a lighthouse at dawn")
