@@ -31,6 +31,8 @@ class TaskFilters:
     model: str | None = None
     since: date | None = None
     until: date | None = None
+    # The cursor: tasks older than this one of the tenant's (the last of the page before).
+    before: str | None = None
 
 
 async def tenant_tasks(
@@ -39,7 +41,7 @@ async def tenant_tasks(
     query = (
         select(Task)
         .where(Task.tenant_id == tenant_id)
-        .order_by(col(Task.created_at).desc())
+        .order_by(col(Task.created_at).desc(), col(Task.id).desc())
         .limit(limit)
     )
     if filters.status:
@@ -50,6 +52,13 @@ async def tenant_tasks(
         query = query.where(col(Task.created_at) >= _start(filters.since))
     if filters.until:
         query = query.where(col(Task.created_at) < _start(filters.until + timedelta(days=1)))
+    if filters.before:
+        cursor = await session.get(Task, filters.before)
+        if cursor is None or cursor.tenant_id != tenant_id:
+            raise NotFound(f"no task {filters.before}")
+        query = query.where(
+            sa.tuple_(col(Task.created_at), col(Task.id)) < sa.tuple_(cursor.created_at, cursor.id)
+        )
     return list((await session.exec(query)).all())
 
 

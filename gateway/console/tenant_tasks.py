@@ -5,6 +5,7 @@ the task ends), and redelivering its callback."""
 from datetime import date
 from functools import partial
 from typing import Any
+from urllib.parse import urlencode
 
 from litestar import Request, get, post
 from litestar.datastructures import State
@@ -24,6 +25,7 @@ from gateway.tasks.service import render_task
 from pricing.money import credits_from_micros
 
 TENANT = {"role": "tenant"}
+PAGE = 50
 STATUSES = tuple(s.value for s in TaskStatus)
 
 
@@ -42,6 +44,17 @@ def same_origin(url: str, public_base_url: str) -> str:
     object store (presigned) stay as they are."""
     base = public_base_url.rstrip("/")
     return url[len(base) :] if url.startswith(base + "/") else url
+
+
+def _older_link(
+    filters: queries.TaskFilters, since: str | None, until: str | None, more: str | None
+) -> str | None:
+    """The next page's address: the same filters, tasks older than the last one shown."""
+    if more is None:
+        return None
+    shown = {"status": filters.status, "model": filters.model, "since": since, "until": until}
+    query = {k: v for k, v in shown.items() if v}
+    return f"{PREFIX}/tasks?" + urlencode({**query, "before": more})
 
 
 def task_view(task: Task, signer: UrlSigner, public_base_url: str = "") -> dict[str, Any]:
@@ -70,6 +83,7 @@ async def tasks_page(
     model: FromQuery[str | None] = None,
     since: FromQuery[str | None] = None,
     until: FromQuery[str | None] = None,
+    before: FromQuery[str | None] = None,
 ) -> Template:
     if status and status not in STATUSES:
         raise InvalidRequest("status", f"must be one of {', '.join(STATUSES)}")
@@ -78,9 +92,12 @@ async def tasks_page(
         model=model or None,
         since=_day(since, "since"),
         until=_day(until, "until"),
+        before=before or None,
     )
     async with services.sessions() as db:
-        found = await queries.tenant_tasks(db, viewer.tenant_id, filters)
+        found = await queries.tenant_tasks(db, viewer.tenant_id, filters, PAGE + 1)
+    more = found[PAGE - 1].id if len(found) > PAGE else None
+    found = found[:PAGE]
     rows = [task_view(t, services.signer, services.settings.public_base_url) for t in found]
     template = "tasks_rows.html" if is_htmx(request) else "tasks.html"
     return render(
@@ -93,6 +110,7 @@ async def tasks_page(
         since=since or "",
         until=until or "",
         operator=False,
+        older=_older_link(filters, since, until, more),
     )
 
 

@@ -404,3 +404,36 @@ async def test_cookies_are_secure_over_https_or_when_configured(
     ) as client:
         page = await client.get("/console/login")
         assert "Secure" in page.headers["set-cookie"]
+
+
+async def test_the_task_list_pages_back_in_time_within_the_tenant(
+    client: Client, settings: Settings
+) -> None:
+    tenant_id, key = await make_tenant_key(settings)
+    _, their_key = await make_tenant_key(settings)
+    ids = []
+    for n in range(52):
+        made = await client.post(
+            "/v1/images/generations",
+            json={"model": "krea-2-turbo", "prompt": f"picture {n}"},
+            headers=bearer(key),
+        )
+        assert made.status_code in (200, 202), made.text
+        ids.append(made.json()["id"])
+    theirs = await client.post(
+        "/v1/images/generations",
+        json={"model": "krea-2-turbo", "prompt": "x"},
+        headers=bearer(their_key),
+    )
+    await log_in(client, await make_user(settings, "owner", tenant_id))
+    first = await client.get("/console/tasks?status=pending")
+    shown = re.findall(r'href="/console/tasks/(task-[^"]+)"', first.text)
+    assert shown == ids[::-1][:50]
+    older = re.search(r'href="(/console/tasks\?[^"]+)">Older tasks', first.text)
+    assert older
+    assert "status=pending" in older.group(1)
+    second = await client.get(older.group(1).replace("&amp;", "&"))
+    assert re.findall(r'href="/console/tasks/(task-[^"]+)"', second.text) == ids[1::-1]
+    assert "Older tasks" not in second.text
+    foreign = await client.get(f"/console/tasks?before={theirs.json()['id']}")
+    assert foreign.status_code == 404

@@ -37,3 +37,13 @@ document.addEventListener("DOMContentLoaded", function () {
     if (status !== "pending" && status !== "processing") source.close();
   });
 });
+
+// A refused htmx request (4xx, 5xx) swaps nothing: say why at the top of the page.
+document.addEventListener("htmx:responseError", function (event) {
+  var box = document.getElementById("console-alert");
+  if (!box) return;
+  var page = new DOMParser().parseFromString(event.detail.xhr.responseText || "", "text/html");
+  var reason = page.querySelector(".error");
+  box.className = "error";
+  box.textContent = reason ? reason.textContent : "The request failed (" + event.detail.xhr.status + ").";
+});
