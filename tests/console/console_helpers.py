@@ -2,14 +2,34 @@
 
 import re
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+import pytest
+from sqlalchemy import text
 
 from gateway.console import accounts
 from gateway.db import create_engine, session_factory, transaction
 from gateway.settings import Settings
 
 PASSWORD = "correct horse battery"
+# Channels these tests make are named with this prefix and removed afterwards: the table
+# is shared with the routing and worker tests of the same run.
+CHANNEL_PREFIX = "console-test-"
+
+
+@pytest.fixture
+async def remove_console_channels(settings: Settings) -> AsyncIterator[None]:
+    yield
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("DELETE FROM channels WHERE name LIKE :p"), {"p": f"{CHANNEL_PREFIX}%"}
+            )
+    finally:
+        await engine.dispose()
 
 
 @dataclass(frozen=True)

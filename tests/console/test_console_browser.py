@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SIM_KEY, make_tenant_key, serve_app
-from console_helpers import Login, make_user
+from console_helpers import CHANNEL_PREFIX, Login, make_user, remove_console_channels
 
 from gateway.settings import Settings
 
@@ -179,6 +179,7 @@ async def test_a_tenant_owner_generates_an_image_and_pays_for_it(
     await context.close()
 
 
+@pytest.mark.usefixtures(remove_console_channels.__name__)
 async def test_an_operator_onboards_a_tenant_and_a_channel(
     browser: "Browser", gateway: str, settings: Settings, simulator_url: str, shots: Path
 ) -> None:
@@ -217,7 +218,7 @@ async def test_an_operator_onboards_a_tenant_and_a_channel(
     await snap(page, shots, "operator-tenants")
 
     await page.get_by_role("link", name="Channels").click()
-    channel = f"sim-{id(page) % 100_000}"
+    channel = f"{CHANNEL_PREFIX}{id(page) % 100_000}"
     await page.get_by_label("Name", exact=True).fill(channel)
     await page.get_by_label("Adapter").select_option("siliconflow")
     await page.get_by_label("Base URL").fill(simulator_url)

@@ -5,8 +5,9 @@ import asyncio
 import re
 from typing import Any
 
+import pytest
 from conftest import SIM_KEY, bearer, make_tenant_key, wait_for_status
-from console_helpers import log_in, make_user
+from console_helpers import CHANNEL_PREFIX, log_in, make_user, remove_console_channels
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 
@@ -14,6 +15,8 @@ from gateway.settings import Settings
 from workers.circuits import Circuits
 
 Client = AsyncTestClient[Any]
+pytestmark = pytest.mark.usefixtures(remove_console_channels.__name__)
+EDIT, WRONG = f"{CHANNEL_PREFIX}edit", f"{CHANNEL_PREFIX}wrong-key"
 
 
 async def test_channels_show_the_workers_circuit_and_can_be_edited(
@@ -21,7 +24,8 @@ async def test_channels_show_the_workers_circuit_and_can_be_edited(
 ) -> None:
     token = await log_in(client, await make_user(settings, "operator"))
     fields = {
-        "name": "sim-edit",
+        "name": EDIT,
+        "priority": "-1000",  # last: no task of the run is routed to it meanwhile
         "adapter": "siliconflow",
         "base_url": simulator_url,
         "api_key": SIM_KEY,
@@ -30,10 +34,10 @@ async def test_channels_show_the_workers_circuit_and_can_be_edited(
     }
     added = await client.post("/console/operator/channels", data=fields)
     assert added.status_code == 200
-    channel_id = re.search(r"/console/operator/channels/(ch_[0-9a-f]+)/test", added.text)
+    channel_id = re.search(rf'/console/operator/channels/(ch_[0-9a-f]+)">{EDIT}<', added.text)
     assert channel_id
     ch = channel_id.group(1)
-    assert 'data-health="sim-edit">closed' in added.text
+    assert f'data-health="{EDIT}">closed' in added.text
     assert SIM_KEY not in added.text  # the key is never shown
 
     # "Test": a worker runs one generation through the channel; the fragment polls for it.
@@ -48,9 +52,9 @@ async def test_channels_show_the_workers_circuit_and_can_be_edited(
     assert "passed — completed with 1 image(s)" in outcome.text
     broken = await client.post(
         "/console/operator/channels",
-        data={**fields, "name": "sim-wrong-key", "api_key": "not-the-key"},
+        data={**fields, "name": WRONG, "api_key": "not-the-key"},
     )
-    wrong = re.search(r'/console/operator/channels/(ch_[0-9a-f]+)"[^>]*>sim-wrong-key', broken.text)
+    wrong = re.search(rf'/console/operator/channels/(ch_[0-9a-f]+)">{WRONG}<', broken.text)
     assert wrong, broken.text
     started = await client.post(
         f"/console/operator/channels/{wrong.group(1)}/test", data={"_csrf": token}
@@ -75,7 +79,7 @@ async def test_channels_show_the_workers_circuit_and_can_be_edited(
     finally:
         await redis.aclose()
     fragment = await client.get("/console/operator/channels", headers={"HX-Request": "true"})
-    assert re.search(r'data-health="sim-edit">open \((29|30)\.\d+ s\)', fragment.text)
+    assert re.search(rf'data-health="{EDIT}">open \((29|30)\.\d+ s\)', fragment.text)
     assert "<h1>" not in fragment.text  # the table alone
 
     duplicate = await client.post("/console/operator/channels", data=fields)
@@ -86,7 +90,7 @@ async def test_channels_show_the_workers_circuit_and_can_be_edited(
         f"/console/operator/channels/{ch}", data={"weight": "7", "models": "", "_csrf": token}
     )
     assert saved.status_code == 200
-    assert "0 / 7" in saved.text
+    assert "-1000 / 7" in saved.text
     bad = await client.post(
         f"/console/operator/channels/{ch}", data={"weight": "0", "_csrf": token}
     )
@@ -95,7 +99,7 @@ async def test_channels_show_the_workers_circuit_and_can_be_edited(
     off = await client.post(
         f"/console/operator/channels/{ch}/enabled", data={"enabled": "false", "_csrf": token}
     )
-    assert "Enable sim-edit" in off.text
+    assert f"Enable {EDIT}" in off.text
 
 
 async def test_credits_limits_tasks_and_the_ledger_check(
