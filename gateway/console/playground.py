@@ -183,6 +183,8 @@ async def playground_submit(
         fields = fields_from_form(entry, form)
         async with services.sessions() as db, db.begin():
             principal = await queries.console_principal(db, tenant)
+        # Counted like an API request: the key's and the tenant's rate limits apply.
+        await services.limiter.check(principal)
         task = await submit_and_queue(
             services, principal, fields=fields, webhook_url=None, idempotency_key=None
         )

@@ -437,3 +437,22 @@ async def test_the_task_list_pages_back_in_time_within_the_tenant(
     assert "Older tasks" not in second.text
     foreign = await client.get(f"/console/tasks?before={theirs.json()['id']}")
     assert foreign.status_code == 404
+
+
+async def test_playground_submits_count_against_the_tenant_s_rate_limit(
+    client: Client, settings: Settings
+) -> None:
+    tenant_id, _ = await make_tenant_key(settings)
+    admin = bearer(settings.admin_token)
+    limited = await client.patch(
+        f"/admin/tenants/{tenant_id}/limits",
+        json={"rate_limit_per_minute": 1, "rate_limit_burst": 1},
+        headers=admin,
+    )
+    assert limited.status_code == 200, limited.text
+    token = await log_in(client, await make_user(settings, "owner", tenant_id))
+    form = {"model": "krea-2-turbo", "prompt": "a cat", "_csrf": token}
+    first = await client.post("/console/playground", data=form, follow_redirects=False)
+    assert first.status_code == 303
+    second = await client.post("/console/playground", data=form)
+    assert second.status_code == 429
