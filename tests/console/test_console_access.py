@@ -160,6 +160,17 @@ async def test_a_tenant_sees_only_its_own(client: Client, settings: Settings, wo
             in (await other.get(f"/console/tasks/{task_id}")).text
         )
         their_keys = (await other.get("/console/keys")).text
+        # Their owner may deliver the callback again: a new delivery on the task's page.
+        detail = await other.get(f"/console/tasks/{task_id}")
+        before = detail.text.count("https://example.com/hook</td>")
+        again = await other.post(
+            f"/console/tasks/{task_id}/redeliver",
+            data={"_csrf": csrf_in(detail.text)},
+            follow_redirects=False,
+        )
+        assert again.status_code == 303
+        after = (await other.get(f"/console/tasks/{task_id}")).text
+        assert after.count("https://example.com/hook</td>") == before + 1
 
     await log_in(client, await make_user(settings, "owner", mine))
     listing = await client.get("/console/tasks")
