@@ -28,6 +28,7 @@ from gateway.admin import admin_router
 from gateway.auth import KeyCache, bearer_token
 from gateway.callbacks.routes import WebhookController
 from gateway.catalog_view import ModelLists
+from gateway.console.router import console_router, static_router, template_config
 from gateway.db import (
     check_migrated,
     close_hot_pool,
@@ -319,6 +320,8 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             readyz,
             metrics_endpoint,
             docs_assets_router(),
+            console_router(),
+            static_router(),
         ],
         before_send=[add_rate_limit_headers, full_options_allow],
         plugins=[StrictStructSchemaPlugin()],
@@ -328,6 +331,8 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         state=State(),
         request_max_body_size=settings.max_body_bytes,
         request_class=GatewayRequest,
+        # The console's pages (gateway/console/); the API answers JSON only.
+        template_config=template_config(),
         # Logging is configured once per process (gateway/logs.py), never by the framework.
         logging_config=None,
         openapi_config=OpenAPIConfig(

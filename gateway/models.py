@@ -4,6 +4,7 @@ from sqlmodel import SQLModel
 
 from gateway.callbacks.models import CallbackAttempt, CallbackDelivery
 from gateway.channels.models import Channel
+from gateway.console.models import ConsoleUser, Invitation, TenantConsoleSettings
 from gateway.ledger.models import LedgerEntry
 from gateway.redemption.models import RedemptionBatch, RedemptionCode
 from gateway.tasks.models import IdempotencyKey, Task
@@ -16,12 +17,15 @@ __all__ = [
     "CallbackAttempt",
     "CallbackDelivery",
     "Channel",
+    "ConsoleUser",
     "IdempotencyKey",
+    "Invitation",
     "KeySpend",
     "LedgerEntry",
     "RedemptionBatch",
     "RedemptionCode",
     "Task",
     "Tenant",
+    "TenantConsoleSettings",
     "metadata",
 ]

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from gateway.redis_keys import (
     CALLBACK_JOB,
     CANCEL_JOB,
+    CHANNEL_TEST_JOB,
     GENERATE_JOB,
     arq_in_progress_key,
     callback_job_id,
@@ -97,6 +98,20 @@ async def enqueue_upstream_cancel(
         upstream_job_id,
         reason,
         _job_id=cancel_job_id(task_id),
+        _queue_name=queue_name,
+    )
+    return job is not None
+
+
+async def enqueue_channel_test(
+    redis: ArqRedis, queue_name: str, channel_id: str, test_id: str
+) -> bool:
+    """Ask a worker to run one test generation on a channel (``workers/channel_test.py``)."""
+    job = await redis.enqueue_job(
+        CHANNEL_TEST_JOB,
+        channel_id,
+        test_id,
+        _job_id=f"channel-test:{test_id}",
         _queue_name=queue_name,
     )
     return job is not None

@@ -97,6 +97,12 @@ def circuit_key(namespace: str, channel: str, part: str) -> str:
 
 
 CANCEL_JOB = "cancel_upstream"
+CHANNEL_TEST_JOB = "test_channel"
+
+
+def channel_test_key(queue_name: str, test_id: str) -> str:
+    """The outcome of an operator's channel test (the console's "Test" button)."""
+    return f"tollgate:channel-test:{queue_name}:{test_id}"
 
 
 def cancel_job_id(task_id: str) -> str:

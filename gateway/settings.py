@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     # Observability (docs/observability.md). Prompts are never logged unless this says so.
     log_prompts: bool = False
     access_log: bool = False
+    # The console's cookies carry Secure always (set it when TLS ends at a proxy in front);
+    # otherwise only when the request came over HTTPS (gateway/console/web.py).
+    console_secure_cookies: bool = False
     metrics_port: int = Field(default=9100, ge=0, le=65535)  # workers' /metrics; 0: off
     metrics_token: str | None = Field(default=None, min_length=16, repr=False)
     metrics_tenant_labels: bool = False

@@ -65,7 +65,12 @@ DEV_SECRETS = (
     "TOLLGATE_SIGNING_SECRET",
     "TOLLGATE_ENCRYPTION_KEYS",
     "TOLLGATE_DEV_SIM_KEY",
+    # The demo console logins (gateway/console/): an operator and the demo tenant's owner.
+    "TOLLGATE_DEV_OPERATOR_PASSWORD",
+    "TOLLGATE_DEV_OWNER_PASSWORD",
 )
+DEMO_OPERATOR = "operator@demo.test"
+DEMO_OWNER = "owner@demo.test"
 
 HEALTH_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
@@ -569,6 +574,12 @@ def cmd_test(args: list[str]) -> int:
         ensure_wrk()
     except DevError as exc:
         say(f"warning: {exc}; the benchmark's smoke test will fail")
+    # The console's browser tests drive Debian's chromium (tests/console/test_console_browser.py).
+    if ensure_apt_binary("chromium", "chromium") is None:
+        say(
+            "warning: chromium is missing (apt-get install chromium); the console's browser "
+            "tests skip, and fail under CI=true"
+        )
     services = resolve_services("test")
     env = {
         **os.environ,
@@ -592,20 +603,29 @@ def cmd_test(args: list[str]) -> int:
 # --- bench ----------------------------------------------------------------------------------
 
 
-def ensure_wrk() -> str:
-    """wrk's path, installing Debian's package when it is missing and we may (root, apt-get)."""
-    found = shutil.which("wrk")
+def ensure_apt_binary(binary: str, package: str) -> str | None:
+    """``binary``'s path, installing Debian's ``package`` when it is missing and we may
+    (root, apt-get); None when it is still missing."""
+    found = shutil.which(binary)
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        say("wrk is missing: installing it with apt-get")
+        say(f"{binary} is missing: installing {package} with apt-get")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if run_foreground(["apt-get", "install", "-y", "-q", "wrk"], env=env) != 0:
+        if run_foreground(["apt-get", "install", "-y", "-q", package], env=env) != 0:
             run_foreground(["apt-get", "update", "-q"], env=env)
-            run_foreground(["apt-get", "install", "-y", "-q", "wrk"], env=env)
-        found = shutil.which("wrk")
+            run_foreground(["apt-get", "install", "-y", "-q", package], env=env)
+        found = shutil.which(binary)
         if found:
             return found
+    return None
+
+
+def ensure_wrk() -> str:
+    """wrk's path, installing Debian's package when it is missing and we may (root, apt-get)."""
+    found = ensure_apt_binary("wrk", "wrk")
+    if found:
+        return found
     raise DevError(
         "the benchmark needs wrk (https://github.com/wg/wrk): install it with "
         "`apt-get install wrk` (Debian, Ubuntu) or `brew install wrk` (macOS)"
@@ -705,6 +725,23 @@ def seed_demo_tenant(env: dict[str, str]) -> str:
     issued = json.loads(_tollgate_ok(["keys", "issue", "demo", "--name", "dev-run"], env))
     key: str = issued["key"]
     return key
+
+
+def seed_demo_logins(env: dict[str, str], passwords: dict[str, str]) -> None:
+    """The demo console logins, created the first time (``--if-missing``) like the tenant."""
+    for email, role, extra, secret in (
+        (DEMO_OPERATOR, "operator", [], "TOLLGATE_DEV_OPERATOR_PASSWORD"),
+        (DEMO_OWNER, "owner", ["--tenant", "demo"], "TOLLGATE_DEV_OWNER_PASSWORD"),
+    ):
+        argv = [
+            str(Path(sys.executable).parent / "tollgate"), "users", "create", email,
+            "--role", role, *extra, "--password-stdin", "--if-missing",
+        ]  # fmt: skip
+        done = subprocess.run(
+            argv, cwd=REPO, env=env, input=passwords[secret] + "\n", capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise DevError(f"tollgate users create {email} failed:\n" + done.stderr.rstrip())
 
 
 @dataclass
@@ -863,6 +900,7 @@ def cmd_run(args: list[str]) -> int:
         return 0
 
     key = seed_demo_tenant(env)
+    seed_demo_logins(env, found)
     bin_dir = Path(sys.executable).parent
     children = [
         _spawn(
@@ -897,7 +935,7 @@ def cmd_run(args: list[str]) -> int:
     )
     admin_from_env = bool(os.environ.get("TOLLGATE_ADMIN_TOKEN"))
     try:
-        _print_banner(port, key, found["TOLLGATE_ADMIN_TOKEN"], admin_from_env=admin_from_env)
+        _print_banner(port, key, found, admin_from_env=admin_from_env)
         while True:
             for child in children:
                 if child.process.poll() is not None:
@@ -908,8 +946,11 @@ def cmd_run(args: list[str]) -> int:
         return 0
 
 
-def _print_banner(port: int, key: str, admin_token: str, *, admin_from_env: bool) -> None:
+def _print_banner(port: int, key: str, found: dict[str, str], *, admin_from_env: bool) -> None:
     base = f"http://127.0.0.1:{port}"
+    admin_token = found["TOLLGATE_ADMIN_TOKEN"]
+    operator = found["TOLLGATE_DEV_OPERATOR_PASSWORD"]
+    owner = found["TOLLGATE_DEV_OWNER_PASSWORD"]
     body = '{"model": "krea-2-turbo", "prompt": "a lighthouse at dawn", "size": "16:9"}'
     where = "from the environment" if admin_from_env else "in .tollgate/dev.env"
     print(
@@ -922,6 +963,9 @@ Try:
     -d '{body}'
 then poll: curl -s {base}/v1/tasks/<id> -H "Authorization: Bearer {key}"
 Admin token: {admin_token}  ({where})
+Console: {base}/console/
+  operator:            {DEMO_OPERATOR} / {operator}
+  demo tenant's owner: {DEMO_OWNER} / {owner}
 Logs: .tollgate/logs/gateway.log, worker.log, callbacks.log, simulator.log
 Press Ctrl-C to stop.
 """,

@@ -21,6 +21,7 @@ from gateway.logs import configure_logging
 from gateway.redis_keys import (
     CALLBACK_JOB,
     CANCEL_JOB,
+    CHANNEL_TEST_JOB,
     GENERATE_JOB,
     queue_wake_channel,
     task_events_channel,
@@ -30,6 +31,7 @@ from gateway.storage import build_signer, build_storage
 from gateway.tasks import events
 from pricing.catalog import CatalogError, load_catalog
 from workers.callbacks import CallbackDeps, deliver_callback, reconcile_callbacks
+from workers.channel_test import test_channel
 from workers.circuits import Circuits
 from workers.deps import WorkerDeps
 from workers.generate import cancel_upstream, generate_task
@@ -141,6 +143,7 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             # arq retries it only for open circuits and outages, which the deadline ends.
             _named(retry_on_outage(health, generate_task), GENERATE_JOB, max_tries=100_000),
             _named(retry_on_outage(health, cancel_upstream), CANCEL_JOB, max_tries=3),
+            _named(test_channel, CHANNEL_TEST_JOB, max_tries=1),
         ],
         "cron_jobs": [
             cron(

@@ -83,6 +83,18 @@ def weighted_order(routes: list[Route], rng: random.Random) -> list[Route]:
     return [k[3] for k in keyed]
 
 
+def channel_endpoint(settings: Settings, base_url: str, api_key: str) -> Endpoint:
+    """Where and how a channel's adapter calls its upstream, with the settings' limits."""
+    return Endpoint(
+        base_url=base_url.rstrip("/"),
+        api_key=api_key,
+        submit_timeout=settings.upstream_timeout_seconds,
+        poll_timeout=settings.upstream_poll_timeout_seconds,
+        max_body_bytes=settings.upstream_max_body_bytes,
+        max_image_bytes=settings.max_image_bytes,
+    )
+
+
 class Directory:
     """The channels this worker can route to, cached for ``channel_cache_ttl_seconds``."""
 
@@ -109,15 +121,7 @@ class Directory:
         self._env = self._env_routes()
 
     def _endpoint(self, base_url: str, api_key: str) -> Endpoint:
-        settings = self._settings
-        return Endpoint(
-            base_url=base_url.rstrip("/"),
-            api_key=api_key,
-            submit_timeout=settings.upstream_timeout_seconds,
-            poll_timeout=settings.upstream_poll_timeout_seconds,
-            max_body_bytes=settings.upstream_max_body_bytes,
-            max_image_bytes=settings.max_image_bytes,
-        )
+        return channel_endpoint(self._settings, base_url, api_key)
 
     def _env_routes(self) -> dict[str, Route]:
         routes = {}

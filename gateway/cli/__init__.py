@@ -24,6 +24,7 @@ from gateway.cli.secrets import secrets
 from gateway.cli.server import migrate, serve
 from gateway.cli.tasks import tasks
 from gateway.cli.tenants import tenants
+from gateway.cli.users import users
 
 
 @click.group()
@@ -48,5 +49,6 @@ for command in (
     rates,
     price_changes,
     usage_export,
+    users,
 ):
     main.add_command(command)
