@@ -263,7 +263,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             publisher.start()
             events.attach(engine, publisher)
             sessions = session_factory(engine)
-            task_events = events.TaskEvents(settings.redis_url, channel, sessions)
+            task_events = events.TaskEvents(settings.redis_url, channel, pg)
             task_events.start()
             app.state.services = Services(
                 settings=settings,

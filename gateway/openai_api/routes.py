@@ -27,8 +27,9 @@ from gateway.openai_api.schemas import (
 )
 from gateway.responses import JSON, error_responses, exception_handler, json_response
 from gateway.tasks import service, waiting
-from gateway.tasks.models import Task, TaskStatus
+from gateway.tasks.models import TaskStatus
 from gateway.tasks.routes import cancel_and_queue, submit_and_queue
+from gateway.tasks.service import TaskRecord
 from pricing.catalog import DEFAULT_CATALOG_PATH
 from pricing.money import credits_from_micros
 
@@ -90,7 +91,7 @@ def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[by
     )
 
 
-def _ended_without_images(task: Task) -> GenerationEnded:
+def _ended_without_images(task: TaskRecord) -> GenerationEnded:
     if task.status == TaskStatus.CANCELLED.value:
         return GenerationEnded(
             409,
@@ -151,7 +152,7 @@ async def _client_gone(request: Request[Any, Any, Any]) -> None:
 
 async def _wait_or_leave(
     request: Request[Any, Any, State], services: Services, tenant_id: str, task_id: str
-) -> tuple[Task, bool]:
+) -> tuple[TaskRecord, bool]:
     """The task when it ends, or as it is when the wait runs out or the client leaves
     (then True)."""
     seconds = services.settings.openai_wait_seconds
@@ -245,7 +246,7 @@ class OpenAIController(Controller):
         return await self._images(services, task, mapped.response_format)
 
     async def _images(
-        self, services: Services, task: Task, response_format: str
+        self, services: Services, task: TaskRecord, response_format: str
     ) -> Response[OpenAIImagesResponse]:
         rendered = service.render_task(task, services.signer)
         keys = task.results or []
@@ -265,11 +266,10 @@ class OpenAIController(Controller):
                 images.append(OpenAIImage(b64_json=base64.b64encode(data).decode()))
         else:
             images = [OpenAIImage(url=url) for url in rendered.results or []]
-        request_json = task.request or {}
         body = OpenAIImagesResponse(
             created=int(task.created_at.timestamp()),
             data=images,
-            size=f"{request_json.get('width')}x{request_json.get('height')}",
+            size=_size_of(task.result_sizes),
             output_format=_format_of(keys),
         )
         headers = {
@@ -302,6 +302,15 @@ class OpenAIController(Controller):
             if allowed is None or entry.id in allowed
         ]
         return json_response(OpenAIModelList(object="list", data=models))
+
+
+def _size_of(sizes: list[list[int]] | None) -> str | None:
+    """``WxH`` of the images made (as the worker measured them), when they share one."""
+    found = {(width, height) for width, height in sizes or ()}
+    if len(found) != 1:
+        return None
+    width, height = found.pop()
+    return f"{width}x{height}"
 
 
 def _format_of(keys: list[str]) -> str | None:
