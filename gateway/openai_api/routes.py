@@ -11,6 +11,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.openapi import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody
 
 from gateway.auth import Principal
@@ -89,6 +90,31 @@ def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[by
     return Response(
         content=_encoder.encode(body), status_code=status, media_type=JSON, headers=headers
     )
+
+
+# What this door's error answers mean where they differ from the unified door's.
+_DESCRIBED = {
+    409: "Conflict: an Idempotency-Key reused with another body, or the generation was "
+    "cancelled (the message names the task)",
+    429: "A rate limit or the cap on tasks in flight (see Retry-After), or out of credits "
+    "or budget (`insufficient_quota`, not to be retried)",
+    500: "The generation failed (the message names the task); nothing was charged",
+    504: "The generation did not finish in time or the client left; the message says "
+    "whether the task was cancelled or runs on (and names it)",
+}
+
+
+def openai_error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for this door's error answers, in OpenAI's shape (``openai_error``)."""
+    unified = error_responses(*(s for s in statuses if s not in _DESCRIBED))
+    return {
+        status: ResponseSpec(
+            data_container=OpenAIErrorBody,
+            description=_DESCRIBED[status] if status in _DESCRIBED else unified[status].description,
+            generate_examples=False,
+        )
+        for status in statuses
+    }
 
 
 def _ended_without_images(task: TaskRecord) -> GenerationEnded:
@@ -185,7 +211,7 @@ class OpenAIController(Controller):
         "/images/generations",
         status_code=200,
         summary="Create images (OpenAI Images API)",
-        responses=error_responses(400, 401, 403, 404, 409, 413, 429, 503),
+        responses=openai_error_responses(400, 401, 403, 404, 409, 413, 429, 500, 503, 504),
         description="OpenAI's request body, mapped onto the catalogue (docs/openai.md); the "
         "same limits, hold, Idempotency-Key and callbacks as `POST /v1/images/generations`. "
         "Answers when the generation ends, with `data[].url` (this gateway's signed links) or "
@@ -284,7 +310,7 @@ class OpenAIController(Controller):
     @get(
         "/models",
         summary="List models (OpenAI Images API)",
-        responses=error_responses(401, 429, 503),
+        responses=openai_error_responses(401, 429, 503),
         description="The models this key may use, in OpenAI's list shape.",
     )
     async def list_models(
