@@ -55,6 +55,7 @@ from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import Storage, StorageUnavailable, build_signer, build_storage
 from gateway.tasks import events
+from gateway.tasks.reads import TaskReads
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
 from gateway.tasks.service import FinishedTasks
@@ -280,6 +281,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 model_lists=ModelLists(catalog),
                 finished=FinishedTasks(),
                 task_events=task_events,
+                task_reads=TaskReads(pg),
             )
             yield
         finally:

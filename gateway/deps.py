@@ -25,6 +25,7 @@ from gateway.limits.service import RateLimiter
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
 from gateway.tasks.events import TaskEvents
+from gateway.tasks.reads import TaskReads
 from gateway.tasks.service import FinishedTasks
 from pricing.catalog import Catalog
 
@@ -47,6 +48,7 @@ class Services:
     model_lists: ModelLists
     finished: FinishedTasks
     task_events: TaskEvents  # the process's one subscription to task signals
+    task_reads: TaskReads  # reads of tasks by id that arrive together, in one query
 
 
 @dataclass

@@ -163,7 +163,7 @@ class TaskController(Controller):
         if wait is None:
             body = services.finished.get(principal.tenant_id, task_id)
             if body is None:
-                found = await service.read_task(services.pg, principal.tenant_id, task_id)
+                found = await services.task_reads.read(principal.tenant_id, task_id)
                 body = _task_body(services, found)
             return encoded_response(body)
         task = await waiting.wait_for_task(services, principal.tenant_id, task_id, wait)

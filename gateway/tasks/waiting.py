@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from gateway.deps import Services
 from gateway.errors import InvalidRequest
-from gateway.tasks import service
 from gateway.tasks.models import FINAL_STATES, TaskStatus
 from gateway.tasks.schemas import encode_json
 from gateway.tasks.service import TaskRecord, TaskView
@@ -67,9 +66,10 @@ def requested_wait(prefer: str | None) -> int | None:
 
 
 async def read_task(services: Services, tenant_id: str, task_id: str) -> TaskRecord:
-    """The tenant's task (404 otherwise): one query on the hot pool (as the plain
-    ``GET /v1/tasks/{id}``), its connection given back at once."""
-    return await service.read_task(services.pg, tenant_id, task_id)
+    """The tenant's task (404 otherwise), read on the hot pool as the plain
+    ``GET /v1/tasks/{id}`` reads it (``gateway/tasks/reads.py``), its connection
+    given back at once."""
+    return await services.task_reads.read(tenant_id, task_id)
 
 
 async def wait_for_task(
