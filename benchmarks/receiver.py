@@ -48,10 +48,11 @@ class Receiver:
             raise RuntimeError("the callback receiver did not start")
 
     def stop(self) -> None:
-        if not self._thread.is_alive():  # never started (the run failed before it): nothing to stop
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        if self._thread.is_alive():  # else never started (the run failed before it)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
     def url(self, path: str = "/callback") -> str:
         return f"https://{HOST}:{self.port}{path}"

@@ -23,6 +23,10 @@ does and installs wrk) runs ``python -m benchmarks.run --database-url … --redi
 4. Callbacks: one ``tollgate-worker --callbacks`` delivers every finished task's callback
    to a real HTTPS receiver on loopback (``benchmarks/receiver.py``): deliveries/s.
 5. RSS of the gateway, the worker and the callback worker, early and at the end of their load.
+6. Waiting requests (``benchmarks/waiters.py``, its own database and gateway process):
+   ``--waiters`` long-polls (``Prefer: wait=60``) at once on one gateway, their memory,
+   the database connections they use while they wait, and how long after their tasks'
+   ends they are answered. ``--waiters 0`` leaves this step out.
 
 It prints a table and then the same figures as JSON (``--json PATH`` writes them too).
 Absolute figures depend on the machine and on what else runs there; the ratios to the bare
@@ -686,7 +690,41 @@ def table(result: dict[str, Any]) -> str:
             f"| {name} RSS MiB before → after ({figure[between]:,} {between.split('_')[0]}) | "
             f"{figure['before']} → {figure['after']} ({figure['change_pct']:+} %) |"
         )
+    if "waiters" in result:
+        rows += waiters_rows(result["waiters"])
     return "\n".join(rows)
+
+
+def waiters_rows(found: dict[str, Any]) -> list[str]:
+    n = f"{found['waiters']:,} waiting"
+    return [
+        f"| gateway RSS MiB before → while {n} (KiB per waiter) | {found['rss_before_mib']} → "
+        f"{found['rss_waiting_mib']} ({found['kib_per_waiter']}) |",
+        f"| PostgreSQL connections in use while {n} | "
+        f"{found['db_connections_busy_while_waiting']} |",
+        f"| {n}: answered after their task's commit p50 / p99 / max ms | "
+        f"{found['latency_p50_ms']} / {found['latency_p99_ms']} / {found['latency_max_ms']} |",
+        f"| {n}: answered after the signal reached subscribers p50 / p99 / max ms | "
+        f"{found['after_signal_p50_ms']} / {found['after_signal_p99_ms']} / "
+        f"{found['after_signal_max_ms']} |",
+        f"| {n}: answered within 100 ms of their task's commit | "
+        f"{found['answered_within_100ms_pct']} % |",
+    ]
+
+
+def waiters_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """``benchmarks.waiters`` in its own process, with its own database and gateway."""
+    with tempfile.TemporaryDirectory(prefix="tollgate-bench-waiters-") as tmp:
+        figures_path = Path(tmp) / "waiters.json"
+        argv = [
+            sys.executable, "-m", "benchmarks.waiters", "--database-url", args.database_url,
+            "--redis-url", args.redis_url, "--json", str(figures_path),
+        ]  # fmt: skip
+        argv += ["--smoke"] if args.smoke else ["--waiters", str(args.waiters)]
+        say(f"waiters: {'smoke' if args.smoke else args.waiters} long-polls on one gateway")
+        subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        found: dict[str, Any] = json.loads(figures_path.read_text())
+        return found
 
 
 # --- cleanup ----------------------------------------------------------------------------
@@ -731,6 +769,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=2000, help="tasks for the worker figure")
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--latency-rate", type=float, default=20, help="paced submits per second")
+    parser.add_argument(
+        "--waiters", type=int, default=10_000, help="long-polls waiting at once (0: no such step)"
+    )
     parser.add_argument("--smoke", action="store_true", help="about a second per step")
     parser.add_argument(
         "--worker-only",
@@ -846,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 clean_redis(args.redis_url, queues, task_ids)
             asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    if args.waiters:
+        result["waiters"] = waiters_phase(args)
     print(table(result))
     print()
     print(json.dumps(result, indent=2))

@@ -17,7 +17,10 @@
    transaction), sampled every 100 ms.
 6. The tasks end at a steady ``--end-rate`` per second, each in one transaction through
    ``gateway/tasks/lifecycle.py`` on an engine that signals like a worker's
-   (``events.attach``). For each request: answer received − its task's commit.
+   (``events.attach``). For each request: answer received − its task's commit; and
+   answer received − its task's signal as a subscriber of the channel (this process)
+   received it, which leaves out Redis's part: the gateway's read, render and send,
+   and this client's read.
 
 It prints the figures as a table, then as JSON (``--json PATH`` writes them too).
 ``--smoke`` waits a few hundred requests: it proves the benchmark works and measures
@@ -260,6 +263,24 @@ async def connections(conn: asyncpg.Connection, database: str) -> tuple[int, int
     return int(row["all"]), int(row["busy"])
 
 
+async def record_signals(
+    redis_url: str, channel: str, into: dict[str, float], subscribed: asyncio.Event
+) -> None:
+    """The time each task's first signal reached a subscriber (as the gateway's does)."""
+    client = AsyncRedis.from_url(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(channel)
+        subscribed.set()
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None and message["type"] == "message":
+                into.setdefault(message["data"].decode(), time.time())
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
 async def end_tasks(engine: AsyncEngine, task_ids: list[str], rate: float) -> dict[str, float]:
     """End every task in its own transaction, ``rate`` per second: its commit times."""
     from gateway.tasks import lifecycle
@@ -363,6 +384,13 @@ async def measure(
 
         samples_during: list[tuple[int, int]] = []
         sampler = asyncio.create_task(sample_while_ending())
+        signalled: dict[str, float] = {}
+        subscribed = asyncio.Event()
+        listener = asyncio.create_task(
+            record_signals(args.redis_url, task_events_channel(queue), signalled, subscribed)
+        )
+        async with asyncio.timeout(30):
+            await subscribed.wait()
         committed = await end_tasks(engine, task_ids, args.end_rate)
         say("all tasks ended; waiting for the last answers")
         done, pending = await asyncio.wait(readers, timeout=WAIT)
@@ -371,11 +399,17 @@ async def measure(
         failed = sum(1 for reader in done if reader.exception() is not None)
         sampling = False
         await sampler
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
         answered = [w for w in waiters if w.answered]
         rss_peak = rss_kib(pid)
         latencies = [w.answered - committed[w.task_id] for w in answered] or [float("inf")]
         statuses = {w.status for w in answered}
         within = sum(1 for latency in latencies if latency <= 0.1)
+        after_signal = [
+            w.answered - signalled[w.task_id] for w in answered if w.task_id in signalled
+        ] or [float("inf")]
         return {
             "waiters": args.waiters,
             "tasks": args.tasks,
@@ -396,6 +430,9 @@ async def measure(
             "latency_p50_ms": round(percentile(latencies, 50) * 1000, 1),
             "latency_p99_ms": round(percentile(latencies, 99) * 1000, 1),
             "latency_max_ms": round(max(latencies) * 1000, 1),
+            "after_signal_p50_ms": round(percentile(after_signal, 50) * 1000, 1),
+            "after_signal_p99_ms": round(percentile(after_signal, 99) * 1000, 1),
+            "after_signal_max_ms": round(max(after_signal) * 1000, 1),
             "answered_within_100ms": within,
             "answered_within_100ms_pct": round(100 * within / args.waiters, 2),
         }
@@ -433,6 +470,11 @@ def table(result: dict[str, Any]) -> str:
             "answered after their task's commit",
             f"p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms, "
             f"max {result['latency_max_ms']} ms",
+        ),
+        (
+            "answered after the signal reached Redis subscribers",
+            f"p50 {result['after_signal_p50_ms']} ms, p99 {result['after_signal_p99_ms']} ms, "
+            f"max {result['after_signal_max_ms']} ms",
         ),
         (
             "answered within 100 ms",

@@ -58,6 +58,7 @@ from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import Storage, StorageUnavailable, build_signer, build_storage
 from gateway.tasks import events
+from gateway.tasks.reads import TaskReads
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
 from gateway.tasks.service import FinishedTasks
@@ -272,7 +273,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             publisher.start()
             events.attach(engine, publisher)
             sessions = session_factory(engine)
-            task_events = events.TaskEvents(settings.redis_url, channel, sessions)
+            task_events = events.TaskEvents(settings.redis_url, channel, pg)
             task_events.start()
             app.state.services = Services(
                 settings=settings,
@@ -290,6 +291,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 prices=PriceBook(catalog, pg, settings.key_cache_ttl_seconds),
                 finished=FinishedTasks(),
                 task_events=task_events,
+                task_reads=TaskReads(pg),
             )
             yield
         finally:

@@ -26,6 +26,7 @@ from gateway.prices.book import PriceBook
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
 from gateway.tasks.events import TaskEvents
+from gateway.tasks.reads import TaskReads
 from gateway.tasks.service import FinishedTasks
 from pricing.catalog import Catalog
 
@@ -49,6 +50,7 @@ class Services:
     prices: PriceBook  # the prices in force: catalogue, groups, rates (gateway/prices)
     finished: FinishedTasks
     task_events: TaskEvents  # the process's one subscription to task signals
+    task_reads: TaskReads  # reads of tasks by id that arrive together, in one query
 
 
 @dataclass

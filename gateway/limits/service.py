@@ -42,6 +42,7 @@ from gateway import metrics
 from gateway.auth import Principal
 from gateway.errors import ApiError, ServiceUnavailable
 from gateway.ledger.service import Db, connection
+from gateway.limits.batch import ScriptBatch
 from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
 from gateway.settings import Settings
 from gateway.tenants.models import KeySpend, Tenant
@@ -191,6 +192,8 @@ class RateLimiter:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(_GCRA)
         self._settings = settings
+        # Checks that arrive together share one round trip (gateway/limits/batch.py).
+        self.batch = ScriptBatch(redis, self._script, settings.redis_timeout_seconds)
 
     async def check(self, principal: Principal) -> RateDecision:
         """Count one request against every rate limit that applies, or raise RateLimited."""
@@ -203,9 +206,7 @@ class RateLimiter:
         try:
             # A Redis that accepts connections but never answers must not hang requests.
             async with asyncio.timeout(self._settings.redis_timeout_seconds):
-                raw: list[Any] = await self._script(
-                    keys=[lim.redis_key for lim in limits], args=args
-                )
+                raw: list[Any] = await self.batch.run([lim.redis_key for lim in limits], args)
         except (RedisError, TimeoutError):
             raise ServiceUnavailable(
                 "Rate limits cannot be checked right now; please retry",

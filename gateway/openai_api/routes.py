@@ -11,6 +11,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.openapi import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody
 
 from gateway.auth import Principal
@@ -27,8 +28,9 @@ from gateway.openai_api.schemas import (
 )
 from gateway.responses import JSON, error_responses, exception_handler, json_response
 from gateway.tasks import service, waiting
-from gateway.tasks.models import Task, TaskStatus
+from gateway.tasks.models import TaskStatus
 from gateway.tasks.routes import cancel_and_queue, submit_and_queue
+from gateway.tasks.service import TaskRecord
 from pricing.catalog import DEFAULT_CATALOG_PATH
 from pricing.money import credits_from_micros
 
@@ -90,7 +92,32 @@ def openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[by
     )
 
 
-def _ended_without_images(task: Task) -> GenerationEnded:
+# What this door's error answers mean where they differ from the unified door's.
+_DESCRIBED = {
+    409: "Conflict: an Idempotency-Key reused with another body, or the generation was "
+    "cancelled (the message names the task)",
+    429: "A rate limit or the cap on tasks in flight (see Retry-After), or out of credits "
+    "or budget (`insufficient_quota`, not to be retried)",
+    500: "The generation failed (the message names the task); nothing was charged",
+    504: "The generation did not finish in time or the client left; the message says "
+    "whether the task was cancelled or runs on (and names it)",
+}
+
+
+def openai_error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for this door's error answers, in OpenAI's shape (``openai_error``)."""
+    unified = error_responses(*(s for s in statuses if s not in _DESCRIBED))
+    return {
+        status: ResponseSpec(
+            data_container=OpenAIErrorBody,
+            description=_DESCRIBED[status] if status in _DESCRIBED else unified[status].description,
+            generate_examples=False,
+        )
+        for status in statuses
+    }
+
+
+def _ended_without_images(task: TaskRecord) -> GenerationEnded:
     if task.status == TaskStatus.CANCELLED.value:
         return GenerationEnded(
             409,
@@ -151,7 +178,7 @@ async def _client_gone(request: Request[Any, Any, Any]) -> None:
 
 async def _wait_or_leave(
     request: Request[Any, Any, State], services: Services, tenant_id: str, task_id: str
-) -> tuple[Task, bool]:
+) -> tuple[TaskRecord, bool]:
     """The task when it ends, or as it is when the wait runs out or the client leaves
     (then True)."""
     seconds = services.settings.openai_wait_seconds
@@ -184,7 +211,7 @@ class OpenAIController(Controller):
         "/images/generations",
         status_code=200,
         summary="Create images (OpenAI Images API)",
-        responses=error_responses(400, 401, 403, 404, 409, 413, 429, 503),
+        responses=openai_error_responses(400, 401, 403, 404, 409, 413, 429, 500, 503, 504),
         description="OpenAI's request body, mapped onto the catalogue (docs/openai.md); the "
         "same limits, hold, Idempotency-Key and callbacks as `POST /v1/images/generations`. "
         "Answers when the generation ends, with `data[].url` (this gateway's signed links) or "
@@ -245,7 +272,7 @@ class OpenAIController(Controller):
         return await self._images(services, task, mapped.response_format)
 
     async def _images(
-        self, services: Services, task: Task, response_format: str
+        self, services: Services, task: TaskRecord, response_format: str
     ) -> Response[OpenAIImagesResponse]:
         rendered = service.render_task(task, services.signer)
         keys = task.results or []
@@ -265,11 +292,10 @@ class OpenAIController(Controller):
                 images.append(OpenAIImage(b64_json=base64.b64encode(data).decode()))
         else:
             images = [OpenAIImage(url=url) for url in rendered.results or []]
-        request_json = task.request or {}
         body = OpenAIImagesResponse(
             created=int(task.created_at.timestamp()),
             data=images,
-            size=f"{request_json.get('width')}x{request_json.get('height')}",
+            size=_size_of(task.result_sizes),
             output_format=_format_of(keys),
         )
         headers = {
@@ -284,7 +310,7 @@ class OpenAIController(Controller):
     @get(
         "/models",
         summary="List models (OpenAI Images API)",
-        responses=error_responses(401, 429, 503),
+        responses=openai_error_responses(401, 429, 503),
         description="The models this key may use, in OpenAI's list shape.",
     )
     async def list_models(
@@ -302,6 +328,15 @@ class OpenAIController(Controller):
             if allowed is None or entry.id in allowed
         ]
         return json_response(OpenAIModelList(object="list", data=models))
+
+
+def _size_of(sizes: list[list[int]] | None) -> str | None:
+    """``WxH`` of the images made (as the worker measured them), when they share one."""
+    found = {(width, height) for width, height in sizes or ()}
+    if len(found) != 1:
+        return None
+    width, height = found.pop()
+    return f"{width}x{height}"
 
 
 def _format_of(keys: list[str]) -> str | None:

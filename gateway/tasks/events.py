@@ -18,7 +18,7 @@ Rules:
 - **Who listens.** ``TaskEvents``, one per gateway process: ONE subscription,
   whatever the number of waiting requests. A request waiting on a task registers
   a ``Watch``; a signal for a watched task is turned into one read of the task
-  row per process (signals that arrive together are read together, in one
+  row per process, on the hot asyncpg pool (signals that arrive together are read together, in one
   query), and the fresh row is handed to every watch of that task. No waiting
   request queries the database or holds a connection while it waits, and
   nothing polls.
@@ -41,17 +41,20 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import Pool
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.tasks.models import Task
+from gateway.tasks.service import TaskRecord
 
 logger = logging.getLogger("tollgate.events")
 
 # Ids read per query when many watched tasks changed at once (well under asyncpg's limit).
 READ_CHUNK = 1000
+# The rows of signalled tasks, as ``GET /v1/tasks/{id}`` reads one (whatever their tenant:
+# each watch's request read its task as its tenant's before it waited).
+_READ_MANY = (
+    f"SELECT {', '.join(TaskRecord.__dataclass_fields__)} FROM tasks WHERE id = ANY($1::text[])"
+)
 # Pauses between attempts to (re)connect the subscription: doubling up to the cap.
 RECONNECT_FIRST_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 2.0
@@ -191,14 +194,14 @@ class Watch:
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
-        self.task: Task | None = None
+        self.task: TaskRecord | None = None
         self._changed = asyncio.Event()
 
-    def deliver(self, task: Task) -> None:
+    def deliver(self, task: TaskRecord) -> None:
         self.task = task
         self._changed.set()
 
-    async def changed(self, within: float) -> Task | None:
+    async def changed(self, within: float) -> TaskRecord | None:
         """The task once it is read fresh, or None when ``within`` seconds pass first."""
         if not self._changed.is_set():
             try:
@@ -217,13 +220,13 @@ class TaskEvents:
         self,
         redis_url: str,
         channel: str,
-        sessions: async_sessionmaker[AsyncSession],
+        pg: Any,
         *,
         health_check_seconds: int = 5,
     ) -> None:
         self.redis_url = redis_url
         self.channel = channel
-        self.sessions = sessions
+        self.pg = pg  # asyncpg.Pool (untyped): the hot paths' pool, gateway/db.create_hot_pool
         self.health_check_seconds = health_check_seconds
         # A name to find this subscription by in CLIENT LIST (operators, tests).
         self.client_name = f"tollgate-events-{uuid.uuid4().hex[:12]}"
@@ -345,8 +348,6 @@ class TaskEvents:
                     for watch in list(self._watches.get(task.id, ())):
                         watch.deliver(task)
 
-    async def _read(self, task_ids: list[str]) -> list[Task]:
+    async def _read(self, task_ids: list[str]) -> list[TaskRecord]:
         self.reads += 1
-        async with self.sessions() as session:
-            found = await session.exec(select(Task).where(col(Task.id).in_(task_ids)))
-            return list(found.all())
+        return [TaskRecord(*row) for row in await self.pg.fetch(_READ_MANY, task_ids)]

@@ -102,6 +102,13 @@ async def cancel_and_queue(
     return cancellation.task
 
 
+def _task_body(services: Services, task: service.TaskView) -> bytes:
+    """The task object's JSON; a final task's is kept for the next reader."""
+    body = encode_json(service.render_task(task, services.signer))
+    services.finished.keep(task, body)
+    return body
+
+
 logger = logging.getLogger("tollgate.files")
 
 
@@ -157,12 +164,14 @@ class TaskController(Controller):
         if wait is None:
             body = services.finished.get(principal.tenant_id, task_id)
             if body is None:
-                found = await service.read_task(services.pg, principal.tenant_id, task_id)
-                body = encode_json(service.render_task(found, services.signer))
-                services.finished.keep(found, body)
+                found = await services.task_reads.read(principal.tenant_id, task_id)
+                body = _task_body(services, found)
             return encoded_response(body)
         task = await waiting.wait_for_task(services, principal.tenant_id, task_id, wait)
-        response = json_response(service.render_task(task, services.signer))
+        # The many waiters of one task wake together: the first renders its end, the
+        # others answer the same bytes (kept in ``services.finished``).
+        body = services.finished.get(principal.tenant_id, task_id) or _task_body(services, task)
+        response = encoded_response(body)
         response.headers["Preference-Applied"] = f"wait={wait}"
         return response
 

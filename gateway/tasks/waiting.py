@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from gateway.deps import Services
 from gateway.errors import InvalidRequest
-from gateway.tasks import service
-from gateway.tasks.models import FINAL_STATES, Task, TaskStatus
+from gateway.tasks.models import FINAL_STATES, TaskStatus
 from gateway.tasks.schemas import encode_json
+from gateway.tasks.service import TaskRecord, TaskView
 
 MAX_WAIT_SECONDS = 60
 KEEPALIVE_SECONDS = 15.0
@@ -43,7 +43,7 @@ _RANK = {
 }
 
 
-def is_final(task: Task) -> bool:
+def is_final(task: TaskView) -> bool:
     return task.status in FINAL_STATES
 
 
@@ -65,13 +65,16 @@ def requested_wait(prefer: str | None) -> int | None:
     return None
 
 
-async def read_task(services: Services, tenant_id: str, task_id: str) -> Task:
-    """The tenant's task (404 otherwise), on a connection given back at once."""
-    async with services.sessions() as session:
-        return await service.get_tenant_task(session, tenant_id, task_id)
+async def read_task(services: Services, tenant_id: str, task_id: str) -> TaskRecord:
+    """The tenant's task (404 otherwise), read on the hot pool as the plain
+    ``GET /v1/tasks/{id}`` reads it (``gateway/tasks/reads.py``), its connection
+    given back at once."""
+    return await services.task_reads.read(tenant_id, task_id)
 
 
-async def wait_for_task(services: Services, tenant_id: str, task_id: str, seconds: float) -> Task:
+async def wait_for_task(
+    services: Services, tenant_id: str, task_id: str, seconds: float
+) -> TaskRecord:
     """The task once it is final, or as it is after ``seconds``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -98,7 +101,7 @@ class State:
     status: str
 
     @classmethod
-    def of(cls, task: Task) -> "State":
+    def of(cls, task: TaskView) -> "State":
         return cls(_RANK[task.status], task.progress, task.status)
 
     @property
@@ -121,7 +124,7 @@ def parse_event_id(value: str | None) -> State | None:
     return State(_RANK[status], int(progress), status)
 
 
-def sse_event(task: Task, render: Callable[[Task], object]) -> bytes:
+def sse_event(task: TaskView, render: Callable[[TaskView], object]) -> bytes:
     state = State.of(task)
     data = encode_json(render(task)).decode()
     return f"id: {state.event_id}\nevent: task\ndata: {data}\n\n".encode()
@@ -132,7 +135,7 @@ async def task_events(
     tenant_id: str,
     task_id: str,
     last: State | None,
-    render: Callable[[Task], object],
+    render: Callable[[TaskView], object],
 ) -> AsyncIterator[bytes]:
     """The event stream of one task, from the state after ``last`` to its end."""
     loop = asyncio.get_running_loop()

@@ -68,4 +68,11 @@ def test_smoke_run_prints_every_figure() -> None:
         assert rss["after"] > 0
         assert f"| {process} RSS MiB" in table
     assert "worker tasks/s" in table
+    waiters = result["waiters"]  # benchmarks/waiters.py --smoke, hooked in
+    assert waiters["waiters"] == 200
+    assert waiters["statuses"] == ["completed"]
+    assert waiters["db_connections_busy_while_waiting"] == 0
+    for figure in ("latency_p99_ms", "after_signal_p99_ms", "kib_per_waiter"):
+        assert isinstance(waiters[figure], float | int), figure
+    assert "answered after their task's commit" in table
     assert "callback deliveries/s" in table

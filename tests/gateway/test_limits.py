@@ -10,6 +10,7 @@ tasks final, so the suite's ledger check (in flight == open tasks) stays clean.
 import asyncio
 import contextlib
 import json
+import secrets
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -42,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
 from gateway.ledger import service as ledger
-from gateway.limits.service import RateLimit
+from gateway.limits.service import RateLimit, RateLimiter
 from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
 from gateway.settings import Settings
 from gateway.tasks import lifecycle
@@ -279,6 +280,28 @@ async def test_a_key_passes_its_burst_then_gets_429_until_one_interval_has_passe
     again = [await client.get(MODELS, headers=caller.auth) for _ in range(2)]
     assert [r.status_code for r in again] == [200, 429]
     assert rate_state(again[0])["key"]["r"] == 0
+
+
+async def test_checks_that_arrive_together_share_round_trips_and_each_counts_once(
+    settings: Settings,
+) -> None:
+    """Concurrent checks go to Redis in pipelines (gateway/limits/batch.py), each still its
+    own GCRA run: of 60 at once against a burst of 20, exactly 20 pass."""
+    redis = Redis.from_url(settings.redis_url)
+    limiter = RateLimiter(redis, settings)
+    limit = RateLimit("key", rate_key_for_key(f"batch-{secrets.token_hex(6)}"), 1, 20)
+    try:
+        answers = await asyncio.gather(
+            *(
+                limiter.batch.run([limit.redis_key], [limit.interval_us, limit.tolerance_us])
+                for _ in range(60)
+            )
+        )
+        assert Counter(int(answer[0]) for answer in answers) == {1: 20, 0: 40}
+        assert limiter.batch.batches < 60
+    finally:
+        await redis.delete(limit.redis_key)
+        await redis.aclose()
 
 
 async def test_a_rate_set_without_a_burst_caps_the_burst_at_the_rate(

@@ -13,6 +13,7 @@ Client = AsyncTestClient[Any]
 
 ENVELOPE = "#/components/schemas/ErrorResponse"
 KREA_ENVELOPE = "#/components/schemas/KreaErrorBody"
+OPENAI_ENVELOPE = "#/components/schemas/OpenAIErrorBody"
 
 
 async def document(client: Client) -> dict[str, Any]:
@@ -93,11 +94,15 @@ def error_refs(doc: dict[str, Any], prefix: str) -> dict[tuple[str, str, str], s
     return found
 
 
-@pytest.mark.parametrize("prefix", ["/v1/", "/jobs/", "/generate/", "/admin/"])
+@pytest.mark.parametrize("prefix", ["/v1/", "/jobs/", "/generate/", "/admin/", "/openai/v1/"])
 async def test_every_error_answer_is_documented_as_the_envelope_sent(
     client: Client, prefix: str
 ) -> None:
-    expected = KREA_ENVELOPE if prefix in ("/jobs/", "/generate/") else ENVELOPE
+    expected = {
+        "/jobs/": KREA_ENVELOPE,
+        "/generate/": KREA_ENVELOPE,
+        "/openai/v1/": OPENAI_ENVELOPE,
+    }.get(prefix, ENVELOPE)
     refs = error_refs(await document(client), prefix)
     assert refs
     wrong = {where: ref for where, ref in refs.items() if ref != expected}

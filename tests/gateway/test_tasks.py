@@ -8,7 +8,10 @@ import pytest
 from conftest import assert_error, bearer, make_tenant_key
 from litestar.testing import AsyncTestClient
 
+from gateway.db import close_hot_pool, create_hot_pool
+from gateway.errors import NotFound
 from gateway.settings import Settings
+from gateway.tasks.reads import TaskReads
 
 TASK_FIELDS = {
     "created",
@@ -249,3 +252,29 @@ async def test_openapi_document_describes_the_endpoint(client: Client) -> None:
     assert set(schema["required"]) == {"model", "prompt"}
     assert {"size", "quality", "seed", "callback_url", "n"} <= set(schema["properties"])
     assert "/v1/tasks/{task_id}" in spec["paths"]
+
+
+async def test_reads_that_arrive_together_share_a_query_and_keep_to_their_tenant(
+    client: Client, settings: Settings, tenant_key: tuple[str, str]
+) -> None:
+    """gateway/tasks/reads.py: 30 reads of 3 tasks at once, in fewer than 30 queries; each
+    answers its own task; another tenant's read of it is 404 and an unknown id too."""
+    tenant_id, key = tenant_key
+    ids = [
+        (await submit(client, key, {"model": "krea-1", "prompt": f"x{n}"})).json()["id"]
+        for n in range(3)
+    ]
+    pool = await create_hot_pool(settings)
+    reads = TaskReads(pool)
+    try:
+        found = await asyncio.gather(*(reads.read(tenant_id, ids[n % 3]) for n in range(30)))
+        assert [task.id for task in found] == [ids[n % 3] for n in range(30)]
+        assert {task.tenant_id for task in found} == {tenant_id}
+        assert reads.queries < 30
+        with pytest.raises(NotFound):
+            await reads.read("another-tenant", ids[0])
+        with pytest.raises(NotFound):
+            await reads.read(tenant_id, "task-unified-0-nosuchtask")
+    finally:
+        await reads.close()
+        await close_hot_pool(pool)

@@ -193,7 +193,9 @@ async def test_the_fleet_runs_retention_once_per_interval(deps: WorkerDeps) -> N
         await redis.aclose()
 
 
-def test_the_worker_schedules_retention_unless_it_is_off(settings: Settings) -> None:
+async def test_the_worker_schedules_retention_unless_it_is_off(settings: Settings) -> None:
+    # Async, so arq's Worker takes the running loop: built with no loop running, it makes
+    # an event loop of its own that nothing closes (the suite's one unclosed loop).
     names = [job.name for job in create_worker(settings).cron_jobs]
     assert "retention" in names
     off = settings.model_copy(update={"retention_interval_seconds": 0})
