@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     task_deadline_seconds: int = Field(default=600, ge=5)
     lease_seconds: float = Field(default=30.0, gt=0)
     reconcile_interval_seconds: int = Field(default=10, ge=1, le=60)
-    requeue_pending_after_seconds: float = Field(default=30.0, ge=0)
+    requeue_pending_after_seconds: float = Field(default=20.0, ge=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     # Per-phase limits on one upstream call: a submit (for a synchronous upstream, the whole
