@@ -55,6 +55,7 @@ from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import Storage, StorageUnavailable, build_signer, build_storage
 from gateway.tasks import events
+from gateway.tasks.backlog import Backlog
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
 from gateway.tasks.service import FinishedTasks
@@ -251,6 +252,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         storage = build_storage(settings)
         publisher = None
         task_events = None
+        backlog: Backlog | None = None
         try:
             if check_schema:
                 await check_migrated(engine)
@@ -265,6 +267,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             sessions = session_factory(engine)
             task_events = events.TaskEvents(settings.redis_url, channel, sessions)
             task_events.start()
+            backlog = Backlog(engine, redis, settings, catalog)
             app.state.services = Services(
                 settings=settings,
                 catalog=catalog,
@@ -280,9 +283,12 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 model_lists=ModelLists(catalog),
                 finished=FinishedTasks(),
                 task_events=task_events,
+                backlog=backlog,
             )
             yield
         finally:
+            if backlog is not None:
+                await backlog.close()
             if task_events is not None:
                 await task_events.close()
             if publisher is not None:

@@ -24,6 +24,7 @@ from gateway.catalog_view import ModelLists
 from gateway.limits.service import RateLimiter
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
+from gateway.tasks.backlog import Backlog
 from gateway.tasks.events import TaskEvents
 from gateway.tasks.service import FinishedTasks
 from pricing.catalog import Catalog
@@ -47,6 +48,7 @@ class Services:
     model_lists: ModelLists
     finished: FinishedTasks
     task_events: TaskEvents  # the process's one subscription to task signals
+    backlog: Backlog  # each model's backlog estimate: overload refused at submit
 
 
 @dataclass

@@ -92,3 +92,9 @@ def task_events_channel(queue_name: str) -> str:
     """The pub/sub channel of task signals (gateway/tasks/events.py): a task id per
     visible change. One per deployment, which is one generation queue."""
     return f"{queue_name}:task-events"
+
+
+def job_times_key(queue_name: str, model: str) -> str:
+    """The latest upstream job times of a model (seconds, newest first), which workers push
+    and gateways read to estimate a backlog (gateway/tasks/backlog.py)."""
+    return f"{queue_name}:job-times:{model}"

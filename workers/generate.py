@@ -31,6 +31,7 @@ no job to resume and is submitted again, so keep the grace period at least
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,7 @@ from sqlalchemy import select
 from gateway import logs, metrics
 from gateway.callbacks import service as callbacks
 from gateway.tasks import lifecycle
+from gateway.tasks.backlog import record_job_time
 from gateway.tasks.models import OPEN_STATES
 from pricing.request import ImageRequest
 from workers.admission import Admission
@@ -79,6 +81,7 @@ class GenerationRun:
         self.lease = Lease(deps, task_id, attempt, self.admission)
         self.route: Route | None = None  # the first channel this run works on
         self.callback_url: str | None = None  # set once the task is claimed
+        self.job_time: tuple[str, float] | None = None  # (model, seconds) once completed
 
     async def execute(self) -> str:
         task = await self._peek()
@@ -169,7 +172,10 @@ class GenerationRun:
         job_id = claimed.upstream_job_id if claimed.channel_id == route.id else None
         calls = UpstreamCalls(self.deps, self.task_id, self.admission, self.lease)
         self.calls = calls
+        began = time.monotonic()
         stored = await Failover(calls).generate(route, entry, request, job_id)
+        # The upstream job's time, images stored: gateways estimate backlogs from it.
+        self.job_time = (claimed.model, time.monotonic() - began)
         async with self.deps.engine.begin() as conn:
             done = await lifecycle.complete(
                 conn,
@@ -201,6 +207,8 @@ async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
         run = GenerationRun(deps, task_id, attempt)
         outcome = await run.execute()
         logger.info("task %s attempt %d: %s", task_id, attempt, outcome)
+        if run.job_time is not None and ctx.get("redis") is not None:
+            await record_job_time(ctx["redis"], deps.settings.queue_name, *run.job_time)
         if run.callback_url and outcome.startswith(("completed", "failed")):
             # The delivery row was committed with the task's end; queue its first attempt
             # now (the callback reconciler would otherwise find it, later).

@@ -76,6 +76,7 @@ CONTRACT: dict[str, Family] = {
     "tollgate_rate_limit_refusals_total": _family(
         "counter", "scope", scope="key tenant in_flight key_budget"
     ),
+    "tollgate_model_backlog_seconds": _family("gauge", "model"),
     "tollgate_ledger_check_problems": _family("gauge"),
     "tollgate_ledger_check_last_run_timestamp_seconds": _family("gauge"),
     "tollgate_results_deleted_files_total": _family("counter", "backend", backend="file s3"),
