@@ -6,6 +6,8 @@
     python3 scripts/dev.py test [--all] [ARGS]  ruff format --check, ruff check, mypy, pytest ARGS
     python3 scripts/dev.py stop                 stop embedded servers a --print-env left running
     python3 scripts/dev.py bench [--smoke] [ARGS]  the benchmark (benchmarks/run.py --help)
+    python3 scripts/dev.py soak [--short] [ARGS]   kills parts under load, then checks the books
+                                                (benchmarks/soak.py --help)
 
 Rules this script keeps (docs/development.md has the long version):
 
@@ -623,6 +625,14 @@ def cmd_bench(args: list[str]) -> int:
     return run_foreground(argv)
 
 
+# --- soak -----------------------------------------------------------------------------------
+
+
+def cmd_soak(args: list[str]) -> int:
+    """The soak (benchmarks/soak.py --help): its own PostgreSQL and Redis, which it kills."""
+    return run_foreground([sys.executable, "-m", "benchmarks.soak", *args])
+
+
 # --- run ------------------------------------------------------------------------------------
 
 
@@ -1005,6 +1015,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "test": cmd_test,
     "stop": cmd_stop,
     "bench": cmd_bench,
+    "soak": cmd_soak,
 }
 
 
