@@ -28,6 +28,9 @@ completions per second over time against the upstream capacity, and after each k
 seconds until a submit was accepted and a task completed again. ``--short`` is the test
 suite's mode (about a minute, one kill of each part). Exit status 1 when an invariant
 fails: a task lost or open, a 500, a second settlement, a duplicate, the ledger check.
+
+Over 450 lines because it is one command an operator reads end to end: the stack it
+supervises, the load, the kill schedule and the books stay together, as in run.py.
 """
 
 import argparse
