@@ -24,8 +24,9 @@ It prints a table, then the same figures as JSON (``--json PATH`` writes them to
 accepted, refused by status and code, connection errors, final states, still open,
 duplicates per key, tasks the client never heard of, holds, captures and releases per
 task, upstream jobs per completed task, the slowest task from submit to final state,
-completions per second over time against the upstream capacity, and after each kill the
-seconds until a submit was accepted and a task completed again. ``--short`` is the test
+completions per second over time against the upstream capacity, callbacks delivered, and
+after each kill the seconds until a submit was accepted, a task completed and a callback
+was delivered again. ``--short`` is the test
 suite's mode (about a minute, one kill of each part). Exit status 1 when an invariant
 fails: a task lost or open, a 500, a second settlement, a duplicate, the ledger check.
 
@@ -376,6 +377,7 @@ def report(
     kills: list[tuple[str, float]],
     started: float,
     settled_in: float,
+    deliveries: list[float],
 ) -> dict[str, Any]:
     url = plain(stack.pg.url())
     tasks = asyncio.run(
@@ -452,7 +454,8 @@ def report(
             {"from": i * bucket, "per_second": round(timeline.get(i, 0) / bucket, 2)}
             for i in range(max(timeline, default=-1) + 1)
         ],
-        "kills": [recovery(name, at, submits, completed) for name, at in kills],
+        "callbacks_delivered": len(deliveries),
+        "kills": [recovery(name, at, submits, completed, deliveries) for name, at in kills],
         "restarts": {name: part.restarts for name, part in stack.parts.items()},
     }
     result["ok"] = bool(
@@ -468,9 +471,14 @@ def report(
 
 
 def recovery(
-    name: str, at: float, submits: list[Submit], completed: list[asyncpg.Record]
+    name: str,
+    at: float,
+    submits: list[Submit],
+    completed: list[asyncpg.Record],
+    deliveries: list[float],
 ) -> dict[str, Any]:
-    """Seconds from a kill to the next accepted submit and the next completed task."""
+    """Seconds from a kill to the next accepted submit, completed task, delivered callback."""
+    delivered = min((t for t in deliveries if t > at), default=None)
     accepted = min(
         (a.at for s in submits for a in s.attempts if a.outcome == "ok" and a.at > at), default=None
     )
@@ -481,6 +489,7 @@ def recovery(
         "submit_accepted_after": None if accepted is None else round(accepted - at, 1),
         "task_completed_after": None if done is None else round(done - at, 1),
         "recovered_after": round(max(after) - at, 1) if len(after) == 2 else None,
+        "callback_delivered_after": None if delivered is None else round(delivered - at, 1),
     }
 
 
@@ -518,9 +527,13 @@ def table(result: dict[str, Any]) -> str:
         f" offered {c['rate']}/s):"
     )
     lines += [f"  t={p['from']:>4}s  {p['per_second']}" for p in result["completions_per_second"]]
-    lines.append("recovery after each kill (s): part, submit accepted, task completed")
+    lines.append(f"callbacks delivered: {result['callbacks_delivered']}")
+    lines.append(
+        "recovery after each kill (s): part, submit accepted, task completed, callback delivered"
+    )
     lines += [
         f"  {k['part']:<10} {k['submit_accepted_after']}  {k['task_completed_after']}"
+        f"  {k['callback_delivered_after']}"
         for k in result["kills"]
     ]
     lines.append("invariants: " + ("ok" if result["ok"] else "FAILED"))
@@ -566,7 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         submits, kills = asyncio.run(load(args, stack, token, receiver.url()))
         say("settling")
         settled_in = asyncio.run(settle(args, stack, started))
-        result = report(args, stack, submits, kills, started, settled_in)
+        # The receiver's clock is monotonic; the kills' and the database's are wall clocks.
+        offset = time.time() - time.monotonic()
+        deliveries = [offset + t for t in receiver.arrivals]
+        result = report(args, stack, submits, kills, started, settled_in, deliveries)
     finally:
         stack.stop()
         receiver.stop()

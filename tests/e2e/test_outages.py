@@ -23,10 +23,12 @@ from conftest import (
     cli_env,
     free_port,
     make_tenant_key,
+    rows_of,
     start_worker,
     stop_worker,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from benchmarks.servers import RedisServer, TcpProxy
 from gateway.settings import Settings
@@ -142,7 +144,8 @@ async def test_postgres_and_redis_outages_answer_503_with_retry_after(
         TOLLGATE_REDIS_TIMEOUT_SECONDS="0.5",
     )
     env.update(TOLLGATE_DATABASE_URL=proxied, TOLLGATE_REDIS_URL=redis.url)
-    _, key = await make_tenant_key(settings)
+    tenant_id, key = await make_tenant_key(settings)
+    engine = create_async_engine(settings.database_url)
     try:
         async with (
             gateway(env, tmp_path / "gateway.log") as base,
@@ -155,16 +158,24 @@ async def test_postgres_and_redis_outages_answer_503_with_retry_after(
             await proxy.cut()  # PostgreSQL gone: established connections dropped too
             await asyncio.sleep(1)  # past the key cache
             assert await all_unavailable(http, task_id, key) == []
+            assert (await http.get("/readyz")).status_code == 503
+            assert (await http.get("/healthz")).status_code == 200
+            assert (
+                await http.get("/metrics")
+            ).status_code == 200  # the state it cannot read is left out
             await proxy.restore()
             await eventually_serving(http, key)
 
+            before = await rows_of(engine, tenant_id)
             redis.kill()  # every authenticated route counts against rate limits in Redis
             assert await all_unavailable(http, task_id, key, admin=False) == []
+            assert await rows_of(engine, tenant_id) == before  # the 503 submits held nothing
             redis.start()  # empty, on the same port
             await eventually_serving(http, key)
         log = (tmp_path / "gateway.log").read_text()
         assert "unhandled error" not in log, log[-3000:]
     finally:
+        await engine.dispose()
         redis.stop()
         await proxy.cut()
 
