@@ -142,3 +142,16 @@ def test_back_off_grows_while_a_part_keeps_dying(
     assert child.process is not process
     child.process.wait()
     assert child.process.returncode == 3
+
+
+def test_the_soak_command_runs_the_soak() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "dev.py"), "soak", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for option in ("--rate", "--duration", "--kills", "--short", "--json"):
+        assert option in done.stdout
