@@ -175,10 +175,14 @@ class Backlog:
     async def refresh(self) -> None:
         """Count open tasks, sum slots, read job times; replace the estimate."""
         started = time.monotonic()
+        # Submits this process accepts while the count runs may be missing from it: keep
+        # counting them (counted twice at worst, which errs on the side of refusing).
+        before = dict(self._accepted)
         async with self._engine.connect() as conn:
             open_tasks = {str(m): int(n) for m, n in (await conn.execute(_OPEN)).all()}
             channels = [(m, c) for m, c in (await conn.execute(_CHANNELS)).all()]
-        models = sorted(open_tasks)
+        # Every model, open tasks or not: a burst from idle is counted from the first submit.
+        models = sorted({entry.id for entry in self._catalog.models} | set(open_tasks))
         slots = self._slots(models, channels)
         times = await self._job_times(models)
         loads = {}
@@ -186,13 +190,15 @@ class Backlog:
             entry = self._catalog.model(model)
             job = times.get(model) or (float(entry.estimated_seconds) if entry else 0.0)
             if slots.get(model) and job > 0:
-                loads[model] = ModelLoad(open_tasks[model], slots[model], job)
+                loads[model] = ModelLoad(open_tasks.get(model, 0), slots[model], job)
         for gone in self._loads.keys() - loads.keys():
             metrics.MODEL_BACKLOG.labels(gone).set(0)
         for model, load in loads.items():
             metrics.MODEL_BACKLOG.labels(model).set(load.finish_seconds(0))
         self._loads = loads
-        self._accepted = {}
+        self._accepted = {
+            m: n - before.get(m, 0) for m, n in self._accepted.items() if n > before.get(m, 0)
+        }
         self._counted = started
 
     def _slots(self, models: list[str], channels: list[tuple[object, object]]) -> dict[str, int]:
