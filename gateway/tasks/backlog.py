@@ -4,9 +4,10 @@ deadline answers 503 ``overloaded`` with ``Retry-After``, before anything is hel
 The rule (docs/operations.md, "Overload"): for a model with ``open`` tasks (pending or
 processing), ``slots`` upstream slots across the channels that serve it, and a recent
 upstream job time ``T``, a new task should finish after about
-``ceil((open + 1) / slots) × T`` seconds. When that exceeds
-``TOLLGATE_OVERLOAD_DEADLINE_FRACTION`` of ``TOLLGATE_TASK_DEADLINE_SECONDS``, the submit
-is refused; ``Retry-After`` is the time the excess needs to drain (1–60 s).
+``ceil((open + 1) / slots) × T`` seconds. When every slot is taken (``open >= slots``)
+and that exceeds ``TOLLGATE_OVERLOAD_DEADLINE_FRACTION`` of
+``TOLLGATE_TASK_DEADLINE_SECONDS``, the submit is refused; ``Retry-After`` is the time the
+excess needs to drain (1–60 s). A model with a free slot always takes the task.
 
 Cheap per request: each gateway process keeps one estimate per model, refreshed in the
 background at most every ``TOLLGATE_OVERLOAD_REFRESH_SECONDS`` (one grouped count over the
@@ -130,10 +131,11 @@ class Backlog:
         load = self._loads.get(model)
         if load is None:
             return None
+        ahead = load.open_tasks + self._accepted.get(model, 0)
         finish = load.finish_seconds(self._accepted.get(model, 0))
         limit = self._settings.overload_deadline_fraction * self._settings.task_deadline_seconds
-        if finish <= limit:
-            return None
+        if ahead < load.slots or finish <= limit:
+            return None  # a free slot takes the task, whatever the estimate says
         return finish, min(60, max(1, math.ceil(finish - limit)))
 
     def _stale(self) -> bool:
