@@ -81,7 +81,7 @@ class GenerationRun:
         self.lease = Lease(deps, task_id, attempt, self.admission)
         self.route: Route | None = None  # the first channel this run works on
         self.callback_url: str | None = None  # set once the task is claimed
-        self.job_time: tuple[str, float] | None = None  # (model, seconds) once completed
+        self.job_time: tuple[str, float] | None = None  # (model, seconds): images stored
 
     async def execute(self) -> str:
         task = await self._peek()
