@@ -58,6 +58,7 @@ from gateway.responses import exception_handler
 from gateway.settings import Settings, load_settings
 from gateway.storage import Storage, StorageUnavailable, build_signer, build_storage
 from gateway.tasks import events
+from gateway.tasks.backlog import Backlog
 from gateway.tasks.reads import TaskReads
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
@@ -261,6 +262,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         storage = build_storage(settings)
         publisher = None
         task_events = None
+        backlog: Backlog | None = None
         try:
             if check_schema:
                 await check_migrated(engine)
@@ -275,6 +277,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             sessions = session_factory(engine)
             task_events = events.TaskEvents(settings.redis_url, channel, pg)
             task_events.start()
+            backlog = Backlog(engine, redis, settings, catalog)
             app.state.services = Services(
                 settings=settings,
                 catalog=catalog,
@@ -292,9 +295,12 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 finished=FinishedTasks(),
                 task_events=task_events,
                 task_reads=TaskReads(pg),
+                backlog=backlog,
             )
             yield
         finally:
+            if backlog is not None:
+                await backlog.close()
             if task_events is not None:
                 await task_events.close()
             if publisher is not None:

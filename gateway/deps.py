@@ -25,6 +25,7 @@ from gateway.limits.service import RateLimiter
 from gateway.prices.book import PriceBook
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
+from gateway.tasks.backlog import Backlog
 from gateway.tasks.events import TaskEvents
 from gateway.tasks.reads import TaskReads
 from gateway.tasks.service import FinishedTasks
@@ -51,6 +52,7 @@ class Services:
     finished: FinishedTasks
     task_events: TaskEvents  # the process's one subscription to task signals
     task_reads: TaskReads  # reads of tasks by id that arrive together, in one query
+    backlog: Backlog  # each model's backlog estimate: overload refused at submit
 
 
 @dataclass

@@ -134,6 +134,13 @@ LEDGER_PROBLEMS = Gauge(
     "Problems the last periodic ledger check found (0: the ledger adds up).",
     multiprocess_mode="mostrecent",
 )
+MODEL_BACKLOG = Gauge(
+    "tollgate_model_backlog_seconds",
+    "Estimated seconds until a task submitted now would finish, by model: open tasks over "
+    "the model's upstream slots times its recent job time (gateway/tasks/backlog.py).",
+    ["model"],
+    multiprocess_mode="livemax",
+)
 LEDGER_LAST_RUN = Gauge(
     "tollgate_ledger_check_last_run_timestamp_seconds",
     "Unix time the last periodic ledger check finished.",

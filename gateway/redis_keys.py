@@ -131,3 +131,9 @@ def redeem_attempts_key(who: str, window: int) -> str:
     """Redemption attempts of one caller (``key:<id>``) in one minute (Unix time // 60);
     expires after two minutes."""
     return f"tollgate:redeem:{who}:{window}"
+
+
+def job_times_key(queue_name: str, model: str) -> str:
+    """The latest upstream job times of a model (seconds, newest first), which workers push
+    and gateways read to estimate a backlog (gateway/tasks/backlog.py)."""
+    return f"{queue_name}:job-times:{model}"

@@ -3,20 +3,26 @@
 ``json_response`` encodes with ``encode_json`` (exact decimals). ``exception_handler``
 renders every error as the envelope of ``gateway/errors.py``: an ``ApiError`` by its
 own status, code and message; the framework's own exceptions (validation, unknown
-route, method, body too large) by their status. An unexpected exception is logged
-with its trace and answered 500 ``internal_error`` with a fixed message: no trace
-reaches a client. Only route modules and ``app.py`` import this (it loads litestar).
+route, method, body too large) by their status. A dependency that cannot be reached
+(PostgreSQL or Redis down, restarting, refusing connections, a pool timing out) is
+503 ``service_unavailable`` with ``Retry-After``, never a 500. An unexpected exception
+is logged with its trace and answered 500 ``internal_error`` with a fixed message: no
+trace reaches a client. Only route modules and ``app.py`` import this (it loads litestar).
 """
 
 import logging
 import re
+from types import TracebackType
 from typing import Any
 
+import asyncpg
 import msgspec
+import redis.exceptions
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from gateway.errors import ApiError, ErrorResponse, ServiceUnavailable
 from gateway.tasks.schemas import encode_json
@@ -53,7 +59,11 @@ _FRAMEWORK_CODES: dict[int, tuple[str, str]] = {
 
 
 def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the error statuses a route can answer."""
+    """OpenAPI entries for the error statuses a route can answer.
+
+    Every route that uses this reads PostgreSQL or Redis, so 503 (a dependency down) is
+    always among them.
+    """
     described = {
         400: "Invalid request: the message names the field",
         401: "Missing, unknown or revoked key",
@@ -64,13 +74,14 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
         410: "The link has expired",
         413: "Request body too large",
         429: "A rate limit or the cap on tasks in flight was hit; see Retry-After",
-        503: "A dependency (Redis) is unreachable; retry",
+        503: "A dependency (PostgreSQL, Redis) is unreachable, or the model is "
+        "overloaded; retry after Retry-After seconds",
     }
     return {
         status: ResponseSpec(
             data_container=ErrorResponse, description=described[status], generate_examples=False
         )
-        for status in statuses
+        for status in sorted({*statuses, 503})
     }
 
 
@@ -135,9 +146,84 @@ def _is_data_exception(exc: Exception) -> bool:
     return isinstance(sqlstate, str) and sqlstate.startswith("22")
 
 
+# Seconds a client is told to wait when PostgreSQL or Redis cannot be reached.
+UNAVAILABLE_RETRY_AFTER = "2"
+
+# SQLSTATE classes that mean "the server is not there for you right now": 08 connection
+# exception, 53 insufficient resources (too many connections), 57P operator intervention
+# (shutting down, starting up, crash recovery).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+# Modules whose OSError (refused, reset, no such socket file, timed out) is a dependency's.
+_CLIENT_MODULES = ("asyncpg", "sqlalchemy", "redis", "gateway.db")
+
+
+def _raised_in_a_client(tb: TracebackType | None) -> bool:
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.startswith(_CLIENT_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, the DBAPI error SQLAlchemy wraps, and their causes and contexts."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(seen) < 16:
+        found = todo.pop()
+        if found is None or any(found is s for s in seen):
+            continue
+        seen.append(found)
+        todo += [getattr(found, "orig", None), found.__cause__, found.__context__]
+    return seen
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says PostgreSQL or Redis cannot be reached (not a bug, not bad input)."""
+    for found in _chain(exc):
+        if isinstance(found, PoolTimeout):
+            return True
+        if isinstance(found, DBAPIError) and found.connection_invalidated:
+            return True
+        if isinstance(found, asyncpg.PostgresConnectionError):
+            return True  # 08xxx
+        closed = "clos" in str(found)  # "connection is closed", "pool is closing"
+        if isinstance(found, asyncpg.InterfaceError) and closed:
+            return True
+        if isinstance(found, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            return True
+        sqlstate = getattr(found, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        if isinstance(found, OSError) and _raised_in_a_client(found.__traceback__):
+            return True  # refused, reset, the unix socket gone, a connect timing out
+    return False
+
+
+def _unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    logger.warning(
+        "dependency unavailable on %s %s: %s: %s",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
+    )
+    return error_response(
+        503,
+        "service_unavailable",
+        ServiceUnavailable.default_message,
+        "api_error",
+        {"Retry-After": UNAVAILABLE_RETRY_AFTER},
+    )
+
+
 def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.type, exc.headers)
+        headers = exc.headers
+        if exc.status == 503 and "Retry-After" not in headers:
+            headers = {**headers, "Retry-After": UNAVAILABLE_RETRY_AFTER}
+        return error_response(exc.status, exc.code, exc.message, exc.type, headers)
     if isinstance(exc, ValidationException):
         return error_response(
             400, "invalid_request", _validation_message(exc), "invalid_request_error"
@@ -156,9 +242,9 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
         headers = dict(exc.headers or {})
         return error_response(exc.status_code, code, message, type_, headers or None)
     if isinstance(exc, HTTPException) and exc.status_code == 503:
-        return error_response(
-            503, "service_unavailable", ServiceUnavailable.default_message, "api_error"
-        )
+        return _unavailable(request, exc)
+    if is_unavailable(exc):
+        return _unavailable(request, exc)
     if _is_data_exception(exc):
         # A value PostgreSQL cannot store (too long, invalid characters) that a
         # check upstream missed: the client's input, so a 400, never a 500.

@@ -124,7 +124,11 @@ class Settings(BaseSettings):
     task_deadline_seconds: int = Field(default=600, ge=5)
     lease_seconds: float = Field(default=30.0, gt=0)
     reconcile_interval_seconds: int = Field(default=10, ge=1, le=60)
-    requeue_pending_after_seconds: float = Field(default=30.0, ge=0)
+    requeue_pending_after_seconds: float = Field(default=20.0, ge=0)
+    # Overload (gateway/tasks/backlog.py): refuse a submit whose model's backlog would make
+    # it finish later than this fraction of the deadline (0 turns the check off).
+    overload_deadline_fraction: float = Field(default=0.8, ge=0, le=1)
+    overload_refresh_seconds: float = Field(default=0.5, gt=0, le=60)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     # Per-phase limits on one upstream call: a submit (for a synchronous upstream, the whole

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """The README's two commands: run Tollgate on this machine, or run its whole test suite.
 
-    python3 scripts/dev.py run [--print-env]    gateway + worker + simulator, embedded servers
+    python3 scripts/dev.py run [--print-env]    gateway + workers + simulator, embedded servers;
+                                                a part that dies is restarted (with back-off)
     python3 scripts/dev.py test [--all] [ARGS]  ruff format --check, ruff check, mypy, pytest ARGS
     python3 scripts/dev.py stop                 stop embedded servers a --print-env left running
     python3 scripts/dev.py bench [--smoke] [ARGS]  the benchmark (benchmarks/run.py --help)
+    python3 scripts/dev.py soak [--short] [ARGS]   kills parts under load, then checks the books
+                                                (benchmarks/soak.py --help)
 
 Rules this script keeps (docs/development.md has the long version):
 
@@ -642,6 +645,14 @@ def cmd_bench(args: list[str]) -> int:
     return run_foreground(argv)
 
 
+# --- soak -----------------------------------------------------------------------------------
+
+
+def cmd_soak(args: list[str]) -> int:
+    """The soak (benchmarks/soak.py --help): its own PostgreSQL and Redis, which it kills."""
+    return run_foreground([sys.executable, "-m", "benchmarks.soak", *args])
+
+
 # --- run ------------------------------------------------------------------------------------
 
 
@@ -749,6 +760,17 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    argv: list[str]
+    env: dict[str, str]
+    started: float = 0.0  # time.monotonic() of the latest start
+    restarts: int = 0  # in a row: back to 0 once it has run RESTART_STABLE_SECONDS
+    restart_at: float | None = None  # when a dead child is due to start again
+
+
+# The supervisor's back-off between restarts of a part that keeps dying: 1, 2, 4 … 30 s.
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# A part that ran this long before dying is restarted after the shortest back-off again.
+RESTART_STABLE_SECONDS = 30.0
 
 
 def _callback_metrics_port(env: dict[str, str]) -> int:
@@ -757,13 +779,11 @@ def _callback_metrics_port(env: dict[str, str]) -> int:
     return port + 1 if port else 0
 
 
-def _spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
-    LOGS.mkdir(parents=True, exist_ok=True)
-    log = LOGS / f"{name}.log"
-    with log.open("wb") as out:
+def _popen(argv: list[str], env: dict[str, str], log: Path, mode: str) -> subprocess.Popen[bytes]:
+    with log.open(mode) as out:
         # Sessions of their own: on Ctrl-C we stop them in order (gateway, worker, simulator),
         # then the servers they use.
-        process = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             cwd=REPO,
             env=env,
@@ -772,9 +792,46 @@ def _spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    child = Child(name, process, log)
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"{name}.log"
+    child = Child(name, _popen(argv, env, log, "wb"), log, argv, env, time.monotonic())
+    say(f"started the {name} (pid {child.process.pid})")
     on_exit(f"stop the {name}", lambda: _stop_child(child))
     return child
+
+
+def _how_it_ended(child: Child) -> str:
+    code = child.process.returncode
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+
+
+def supervise(children: list[Child], now: float | None = None) -> None:
+    """One round of the supervisor: a part that died is started again after a back-off.
+
+    Says so on stderr, with the last lines of its log; a part that keeps dying waits
+    longer each time (``RESTART_BACKOFF_SECONDS``), one that ran for a while starts over.
+    Its log is appended to, so the lines of the run that died stay.
+    """
+    now = time.monotonic() if now is None else now
+    for child in children:
+        if child.restart_at is None and child.process.poll() is not None:
+            if now - child.started >= RESTART_STABLE_SECONDS:
+                child.restarts = 0
+            delay = RESTART_BACKOFF_SECONDS[min(child.restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
+            child.restart_at = now + delay
+            say(
+                f"the {child.name} {_how_it_ended(child)}; restarting it in {delay:.0f}s "
+                f"(restart {child.restarts + 1} in a row); last lines of "
+                f"{child.log.relative_to(REPO)}:\n{_tail(child.log, 10)}"
+            )
+        if child.restart_at is not None and now >= child.restart_at:
+            child.process = _popen(child.argv, child.env, child.log, "ab")
+            child.started, child.restart_at = now, None
+            child.restarts += 1
+            say(f"restarted the {child.name} (pid {child.process.pid})")
 
 
 def _stop_child(child: Child) -> None:
@@ -801,10 +858,9 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def _child_died(child: Child) -> DevError:
-    code = child.process.returncode
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
     return DevError(
-        f"the {child.name} {how}; last lines of {child.log.relative_to(REPO)}:\n{_tail(child.log)}"
+        f"the {child.name} {_how_it_ended(child)}; last lines of "
+        f"{child.log.relative_to(REPO)}:\n{_tail(child.log)}"
     )
 
 
@@ -936,10 +992,10 @@ def cmd_run(args: list[str]) -> int:
     admin_from_env = bool(os.environ.get("TOLLGATE_ADMIN_TOKEN"))
     try:
         _print_banner(port, key, found, admin_from_env=admin_from_env)
+        # Supervise, as a process manager would in production: a part that dies is
+        # restarted (with back-off), and the others keep running.
         while True:
-            for child in children:
-                if child.process.poll() is not None:
-                    raise _child_died(child)
+            supervise(children)
             time.sleep(0.5)
     except Stop as stop:
         say(f"{stop}: stopping")
@@ -1003,6 +1059,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "test": cmd_test,
     "stop": cmd_stop,
     "bench": cmd_bench,
+    "soak": cmd_soak,
 }
 
 

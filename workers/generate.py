@@ -32,6 +32,7 @@ no job to resume and is submitted again, so keep the grace period at least
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -41,6 +42,7 @@ from sqlalchemy import select
 from gateway import logs, metrics
 from gateway.callbacks import service as callbacks
 from gateway.tasks import lifecycle
+from gateway.tasks.backlog import record_job_time
 from gateway.tasks.models import OPEN_STATES
 from pricing.quote import upstream_cost
 from pricing.request import ImageRequest
@@ -83,6 +85,7 @@ class GenerationRun:
         self.lease = Lease(deps, task_id, attempt, self.admission)
         self.route: Route | None = None  # the first channel this run works on
         self.callback_url: str | None = None  # set once the task is claimed
+        self.job_time: tuple[str, float] | None = None  # (model, seconds): images stored
 
     async def execute(self) -> str:
         task = await self._peek()
@@ -182,8 +185,11 @@ class GenerationRun:
         job_id = claimed.upstream_job_id if claimed.channel_id == route.id else None
         calls = UpstreamCalls(self.deps, self.task_id, self.admission, self.lease)
         self.calls = calls
+        began = time.monotonic()
         failover = Failover(calls)
         stored = await failover.generate(route, entry, request, job_id)
+        # The upstream job's time, images stored: gateways estimate backlogs from it.
+        self.job_time = (claimed.model, time.monotonic() - began)
         made_by = failover.route or route
         # The cost of the channel that made the images: its own, or the catalogue's.
         cost = upstream_cost(claimed.quote, len(stored), made_by.costs.get(entry.id), request)
@@ -222,6 +228,8 @@ async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
         # Parking is routine under a backlog: one line per task at info, not per park.
         log = logger.debug if outcome == PARKED else logger.info
         log("task %s attempt %d: %s", task_id, attempt, outcome)
+        if run.job_time is not None and ctx.get("redis") is not None:
+            await record_job_time(ctx["redis"], deps.settings.queue_name, *run.job_time)
         if run.callback_url and outcome.startswith(("completed", "failed")):
             # The delivery row was committed with the task's end; queue its first attempt
             # now (the callback reconciler would otherwise find it, later).

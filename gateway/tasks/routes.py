@@ -52,9 +52,14 @@ async def submit_and_queue(
 ) -> service.TaskView:
     """Submit a generation (one database call that commits it); then queue its job.
 
-    An Idempotency-Key retry answers with the first task and queues nothing.
+    An Idempotency-Key retry answers with the first task and queues nothing. A model whose
+    backlog could not finish before the task's deadline is 503 ``overloaded`` first
+    (``gateway/tasks/backlog.py``).
     """
     settings = services.settings
+    model = fields.get("model")
+    if isinstance(model, str):
+        await services.backlog.check(model)  # 503 overloaded before anything is held
     submission = await service.submit_generation(
         services.pg,
         catalog=services.catalog,
@@ -68,6 +73,7 @@ async def submit_and_queue(
     )
     task = submission.task
     if submission.created:
+        services.backlog.accepted(task.model)
         await service.queue_new_task(services.quick_redis, settings.queue_name, task)
     return task
 

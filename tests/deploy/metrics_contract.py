@@ -77,6 +77,7 @@ CONTRACT: dict[str, Family] = {
         "counter", "scope", scope="key tenant in_flight key_budget"
     ),
     "tollgate_dependency_up": _family("gauge", "dependency", dependency="redis postgres"),
+    "tollgate_model_backlog_seconds": _family("gauge", "model"),
     "tollgate_ledger_check_problems": _family("gauge"),
     "tollgate_ledger_check_last_run_timestamp_seconds": _family("gauge"),
     "tollgate_results_deleted_files_total": _family("counter", "backend", backend="file s3"),
