@@ -127,6 +127,11 @@ async def update_group(
         new["multiplier"] = decimal_text("multiplier", changes["multiplier"], positive=True)
     if "description" in changes:
         new["description"] = check_description(changes["description"])
+    if (
+        Decimal(new["multiplier"]) == current.multiplier
+        and new["description"] == old["description"]
+    ):
+        return {"name": name, **old}  # nothing changes: nothing to store or record
     row = await session.get(PriceGroup, name)
     if row is None:  # a catalogue group, set at run time from now on
         row = PriceGroup(name=name, multiplier=new["multiplier"])
@@ -178,7 +183,8 @@ def check_price(catalog: Catalog, model: str, body: dict[str, Any], *, cost: boo
         where = ".".join(str(p) for p in first["loc"]) or "price"
         raise InvalidRequest(where, first["msg"]) from None
     except ValueError as exc:
-        raise InvalidRequest("rule", str(exc)) from None
+        where = "by_quality" if "quality" in str(exc) else "rule"
+        raise InvalidRequest(where, str(exc)) from None
     return price
 
 

@@ -112,6 +112,18 @@ async def test_groups_are_created_listed_and_changed_with_a_record(
     assert all(c["changed_at"] for c in mine_changes)
 
 
+async def test_a_patch_that_changes_nothing_is_not_recorded(
+    client: Client, settings: Settings
+) -> None:
+    name = await new_group(client, settings, "0.8")
+    for body in ({}, {"multiplier": "0.80"}, {"description": "test group"}):
+        same = await client.patch(f"/admin/groups/{name}", json=body, headers=admin(settings))
+        assert same.status_code == 200, same.text
+        assert same.json() == {"name": name, "multiplier": "0.8", "description": "test group"}
+    changes = (await client.get("/admin/price-changes", headers=admin(settings))).json()["data"]
+    assert [c["old"] for c in changes if c["subject"] == name] == [None]
+
+
 async def test_bad_group_input_is_a_400_naming_the_field(
     client: Client, settings: Settings
 ) -> None:
@@ -127,7 +139,7 @@ async def test_bad_group_input_is_a_400_naming_the_field(
             "PUT",
             f"/admin/groups/{name}/prices/krea-1",
             {"amount": "1", "by_quality": {"8K": "2"}},
-            "rule",
+            "by_quality",
         ),
         (
             "PUT",
@@ -540,6 +552,8 @@ async def test_the_margin_export_and_the_usage_report_count_a_refund(
         "/admin/usage/tasks?from=2000-01-02&to=2000-01-01", headers=admin(settings)
     )
     assert_error(backwards, 400, "invalid_request", "from")
+    not_a_day = await client.get("/admin/usage/tasks?from=2026-13-01", headers=admin(settings))
+    assert assert_error(not_a_day, 400, "invalid_request")["message"].startswith("from: ")
 
     report = await client.get(f"/admin/tenants/{tenant_id}/usage", headers=admin(settings))
     day = report.json()["data"][0]
