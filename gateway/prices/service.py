@@ -21,7 +21,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.prices.book import SessionRows, Snapshot, load_snapshot
 from gateway.prices.models import ExchangeRate, GroupPrice, PriceChange, PriceGroup
 from pricing.catalog import CURRENCY_PATTERN, Catalog, Cost, Price
-from pricing.money import MoneyError, parse_credits
+from pricing.money import MoneyError, parse_credits, plain
 
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_DESCRIPTION = 1000
@@ -145,15 +145,23 @@ async def update_group(
     return {"name": name, **new}
 
 
-def price_json(price: Price) -> dict[str, Any]:
-    """A price as the API shows and stores it: decimal strings, no empty modifiers."""
-    shown: dict[str, Any] = {"rule": price.rule, "amount": str(price.amount)}
+def price_json(price: Price, *, canonical: bool = False) -> dict[str, Any]:
+    """A price as the API shows and stores it: decimal strings, no empty modifiers.
+
+    Stored as given ("0.30"); ``canonical`` drops the trailing zeros a product leaves
+    (0.006 × 0.75 is 0.00450, shown "0.0045"), as ``GET /v1/models`` shows it.
+    """
+
+    def text(value: Decimal) -> str:
+        return str(plain(value) if canonical else value)
+
+    shown: dict[str, Any] = {"rule": price.rule, "amount": text(price.amount)}
     if price.by_quality:
-        shown["by_quality"] = {k: str(v) for k, v in price.by_quality.items()}
+        shown["by_quality"] = {k: text(v) for k, v in price.by_quality.items()}
     for name in ("with_style_references", "with_moodboard"):
         value = getattr(price, name)
         if value is not None:
-            shown[name] = str(value)
+            shown[name] = text(value)
     return shown
 
 
@@ -201,8 +209,8 @@ def model_prices(snapshot: Snapshot, group: str) -> list[dict[str, Any]]:
                 "source": source,
                 "set_at_run_time": entry.id in snapshot.run_time_prices.get(group, ()),
                 "currency": currency,
-                **price_json(price),
-                "catalogue_price": price_json(entry.price),
+                **price_json(price, canonical=True),
+                "catalogue_price": price_json(entry.price, canonical=True),
                 "multiplier": str(snapshot.groups[group].multiplier),
             }
         )

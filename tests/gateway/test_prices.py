@@ -190,7 +190,7 @@ async def test_group_prices_say_where_each_price_comes_from(
     assert by_model["flux-1-pro"]["currency"] == "USD"
     # The others: the catalogue's price × 2, exact.
     assert by_model["krea-2-medium"]["source"] == "group_multiplier"
-    assert by_model["krea-2-medium"]["amount"] == "0.090"
+    assert by_model["krea-2-medium"]["amount"] == "0.09"  # 0.045 × 2, no trailing zero
     assert by_model["krea-2-medium"]["with_moodboard"] == "0.12"
     assert by_model["krea-2-medium"]["catalogue_price"]["amount"] == "0.045"
     default = (await client.get("/admin/groups/default/prices", headers=admin(settings))).json()
