@@ -562,6 +562,47 @@ async def test_the_margin_export_and_the_usage_report_count_a_refund(
     assert day["margin_micros"] == 125_400 - cost
 
 
+async def test_an_adjustment_naming_a_task_is_counted_as_adjusted(
+    client: Client, settings: Settings, engine: AsyncEngine
+) -> None:
+    tenant_id, key = await make_tenant_key(settings)
+    made = await client.post(
+        GENERATIONS, json={"model": "flux-1-pro", "prompt": "p"}, headers=bearer(key)
+    )
+    task_id = made.json()["id"]
+    await finish(engine, task_id)
+    goodwill = await client.post(
+        f"/admin/tenants/{tenant_id}/adjust",
+        json={"amount": "0.01", "reason": "late", "task_id": task_id},
+        headers=admin(settings),
+    )
+    assert goodwill.status_code == 200, goodwill.text
+    code, _, err = await run_cli(
+        settings, "credits", "adjust", tenant_id, "0.002", "--reason", "x", "--task", task_id
+    )
+    assert code == 0, err
+
+    export = await client.get("/admin/usage/tasks", headers=admin(settings))
+    row = next(r for r in exact(export)["data"] if r["task_id"] == task_id)
+    assert (row["charged_micros"], row["adjusted_micros"]) == (77_700, 12_000)
+    assert row["net_micros"] == 65_700
+    report = await client.get(f"/admin/tenants/{tenant_id}/usage", headers=admin(settings))
+    assert report.json()["data"][0]["adjusted_micros"] == 12_000
+
+    other_tenant, _ = await make_tenant_key(settings)
+    for path, body in [
+        (
+            f"/admin/tenants/{other_tenant}/adjust",
+            {"amount": "1", "reason": "r", "task_id": task_id},
+        ),
+        (f"/admin/tenants/{tenant_id}/adjust", {"amount": "1", "reason": "r", "task_id": "nope"}),
+        (f"/admin/tenants/{tenant_id}/topup", {"amount": "1", "task_id": task_id}),
+    ]:
+        refused = await client.post(path, json=body, headers=admin(settings))
+        assert_error(refused, 400, "invalid_request", "task_id")
+    assert await ledger_problems(engine) == []
+
+
 # ---------------------------------------------------------------- the CLI
 
 
