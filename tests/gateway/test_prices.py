@@ -26,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
+from gateway.ledger import reports
 from gateway.ledger import service as ledger
 from gateway.prices.book import build_snapshot
 from gateway.settings import Settings
@@ -601,6 +602,25 @@ async def test_an_adjustment_naming_a_task_is_counted_as_adjusted(
         refused = await client.post(path, json=body, headers=admin(settings))
         assert_error(refused, 400, "invalid_request", "task_id")
     assert await ledger_problems(engine) == []
+
+
+async def test_an_export_over_its_cap_is_refused_not_cut_short(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key = await make_tenant_key(settings)
+    for _ in range(2):
+        made = await client.post(
+            GENERATIONS, json={"model": "krea-1", "prompt": "p"}, headers=bearer(key)
+        )
+        assert made.status_code < 300, made.text
+    today = datetime.now(UTC).date().isoformat()
+    monkeypatch.setattr(reports, "MAX_EXPORT_ROWS", 1)
+    over = await client.get(f"/admin/usage/tasks?from={today}", headers=admin(settings))
+    assert assert_error(over, 400, "invalid_request")["message"].startswith("from: ")
+    code, _, err = await run_cli(
+        settings, "usage-export", "--from", "2026-12-31", "--to", "2026-12-01"
+    )
+    assert (code, "from: must not be after `to`" in err) == (1, True), err
 
 
 # ---------------------------------------------------------------- the CLI
