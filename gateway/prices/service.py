@@ -42,7 +42,8 @@ def decimal_text(field: str, value: object, *, positive: bool = False) -> str:
         raise InvalidRequest(field, "at most 12 decimal places")
     if number >= Decimal(10) ** 12:
         raise InvalidRequest(field, "must be less than 10^12")
-    return str(number)
+    # As given ("0.30" stays), but never in exponent form: "1E+2" and 1e2 are "100".
+    return format(number, "f")
 
 
 def check_group_name(value: object) -> str:

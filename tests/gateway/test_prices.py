@@ -11,6 +11,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -123,6 +124,39 @@ async def test_a_patch_that_changes_nothing_is_not_recorded(
         assert same.json() == {"name": name, "multiplier": "0.8", "description": "test group"}
     changes = (await client.get("/admin/price-changes", headers=admin(settings))).json()["data"]
     assert [c["old"] for c in changes if c["subject"] == name] == [None]
+
+
+async def test_figures_in_exponent_form_are_stored_and_shown_as_plain_decimals(
+    client: Client, settings: Settings
+) -> None:
+    name = await new_group(client, settings)
+    changed = await client.patch(
+        f"/admin/groups/{name}",
+        content=b'{"multiplier": "1E+2"}',
+        headers={**admin(settings), "Content-Type": "application/json"},
+    )
+    assert changed.json()["multiplier"] == "100"
+    as_number = await client.patch(
+        f"/admin/groups/{name}",
+        content=b'{"multiplier": 2e2}',
+        headers={**admin(settings), "Content-Type": "application/json"},
+    )
+    assert "E" not in as_number.json()["multiplier"].upper()
+    assert Decimal(as_number.json()["multiplier"]) == 200
+    price = await client.put(
+        f"/admin/groups/{name}/prices/krea-1", json={"amount": "5E-2"}, headers=admin(settings)
+    )
+    assert price.json()["amount"] == "0.05"
+    rate = await client.put(
+        "/admin/exchange-rates/KCU", json={"rate": "2E-3"}, headers=admin(settings)
+    )
+    assert rate.json()["rate"] == "0.002"
+    rows = (await client.get(f"/admin/groups/{name}/prices", headers=admin(settings))).json()
+    figures = [
+        json.dumps([row["amount"], row["catalogue_price"], row.get("by_quality")])
+        for row in rows["data"]
+    ]
+    assert not [f for f in figures if re.search(r"\d[eE][-+]?\d", f)], figures
 
 
 async def test_bad_group_input_is_a_400_naming_the_field(
