@@ -131,7 +131,9 @@ def _validation_message(exc: ValidationException) -> str:
         if found := _MISSING_FIELD.search(message):
             return f"{found[1]}: is required"
         if key and key != "data":
-            return f"{key}: {message}"
+            # A parameter named after a Python keyword (``from_``, aliased ``from``)
+            # is reported by its name on the wire.
+            return f"{key.removesuffix('_')}: {message}"
         return f"body: {message}"
     return exc.detail or "Invalid request"
 

@@ -100,7 +100,7 @@ class AccountController(Controller):
 
     @get(
         "/usage",
-        summary="Usage per UTC day and model: tasks, images, credits charged",
+        summary="Usage per UTC day and model: tasks, images, credits charged, refunded, net",
         description="The last 30 days unless `since`/`until` (UTC days, both included) say. "
         "CSV with `Accept: text/csv` or `format=csv`.",
         operation_class=JsonOrCsvOperation,

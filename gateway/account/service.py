@@ -150,7 +150,21 @@ async def list_tasks(
 
 
 # What a tenant sees of the usage report: not the upstream cost or the margin.
-USAGE_COLUMNS = ("day", "model", "tasks", "completed", "failed", "images", "charged")
+# What the tenant was charged and given back (refunds, adjustments naming a task); the
+# operator's upstream cost and margin stay out.
+USAGE_COLUMNS = (
+    "day",
+    "model",
+    "tasks",
+    "completed",
+    "failed",
+    "images",
+    "charged",
+    "refunded",
+    "adjusted",
+    "net",
+)
+_MICROS = tuple(f"{name}_micros" for name in ("charged", "refunded", "adjusted", "net"))
 
 
 async def usage(
@@ -160,7 +174,7 @@ async def usage(
     if since and until and since > until:
         raise InvalidRequest("since", "must not be after until")
     rows = await reports.usage(session, tenant_id, since, until)
-    return [{k: row[k] for k in (*USAGE_COLUMNS, "charged_micros")} for row in rows]
+    return [{k: row[k] for k in (*USAGE_COLUMNS, *_MICROS)} for row in rows]
 
 
 def usage_csv(rows: list[dict[str, Any]]) -> str:

@@ -20,7 +20,12 @@ def credits() -> None:
 
 
 def _credit_command(
-    tenant: str, amount: str, reason: str, key: str | None, kind: EntryKind
+    tenant: str,
+    amount: str,
+    reason: str,
+    key: str | None,
+    kind: EntryKind,
+    task_id: str | None = None,
 ) -> None:
     try:
         value = Decimal(amount)
@@ -31,7 +36,7 @@ def _credit_command(
 
     async def run(session: AsyncSession) -> dict[str, Any]:
         found = await find_tenant(session, tenant)
-        change = CreditChange(amount=value, reason=reason, idempotency_key=key)
+        change = CreditChange(amount=value, reason=reason, idempotency_key=key, task_id=task_id)
         return await ledger.change_credits(session, found.id, change, kind)
 
     emit(run_in_session(run))
@@ -53,9 +58,12 @@ def credits_topup(tenant: str, amount: str, reason: str, idempotency_key: str | 
 @click.argument("amount")
 @click.option("--reason", required=True, help="Why: kept in the ledger.")
 @click.option("--idempotency-key", default=None)
-def credits_adjust(tenant: str, amount: str, reason: str, idempotency_key: str | None) -> None:
+@click.option("--task", "task_id", default=None, help="The task it is for (usage `adjusted`).")
+def credits_adjust(
+    tenant: str, amount: str, reason: str, idempotency_key: str | None, task_id: str | None
+) -> None:
     """Change TENANT's credits by AMOUNT, which may be negative (acme -2.5 --reason …)."""
-    _credit_command(tenant, amount, reason, idempotency_key, EntryKind.ADJUSTMENT)
+    _credit_command(tenant, amount, reason, idempotency_key, EntryKind.ADJUSTMENT, task_id)
 
 
 @credits.command("show")

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from gateway.errors import InvalidRequest
 from gateway.ledger.service import Db, connection
 from pricing.money import credits_from_micros
 
@@ -139,12 +140,23 @@ async def usage(
 
 
 async def task_export(
-    db: Db, since: date | None, until: date | None, limit: int = MAX_EXPORT_ROWS
+    db: Db, since: date | None, until: date | None, limit: int | None = None
 ) -> list[dict[str, Any]]:
-    """One row per task of every tenant created in [since, until] (UTC days)."""
+    """One row per task of every tenant created in [since, until] (UTC days).
+
+    A range with more than ``limit`` tasks (``MAX_EXPORT_ROWS``) is refused rather than
+    cut short: a margin export that silently lost rows would be wrong.
+    """
+    if since is not None and until is not None and since > until:
+        raise InvalidRequest("from", "must not be after `to`")
+    most = MAX_EXPORT_ROWS if limit is None else limit
     start, end = _bounds(since, until)
     conn = await connection(db)
-    rows = await conn.execute(_TASKS, {"since": start, "until": end, "limit": limit})
+    rows = (await conn.execute(_TASKS, {"since": start, "until": end, "limit": most + 1})).all()
+    if len(rows) > most:
+        raise InvalidRequest(
+            "from", f"the range holds more than {most:,} tasks: export shorter ranges"
+        )
     export = []
     for r in rows:
         charged, refunded, adjusted, cost = int(r[11]), int(r[12]), int(r[13]), int(r[14])

@@ -86,7 +86,8 @@ class LedgerAdminController(Controller):
         description="One row per task created from `from` to `to` (UTC days, inclusive; "
         "default the last 30): the quoted price, the charge, refunds and adjustments naming "
         "the task, the net, the upstream cost in credits and in its own currency, and the "
-        "margin (net − cost). `format=csv` answers text/csv. At most 100,000 rows.",
+        "margin (net − cost). `format=csv` answers text/csv. At most 100,000 rows: a range "
+        "holding more is a 400 naming `from`.",
         operation_class=JsonOrCsvOperation,
         responses=admin_error_responses(400, 401),
     )

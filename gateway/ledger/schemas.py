@@ -14,6 +14,9 @@ class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
     amount: Decimal
     reason: Reason = ""
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=120)] | None = None
+    # An adjustment may name one of the tenant's tasks: the usage report and the
+    # per-task export count it in the task's `adjusted` column.
+    task_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
 class Refund(msgspec.Struct, forbid_unknown_fields=True):

@@ -205,8 +205,22 @@ async def change_credits(
     if data.idempotency_key is not None and not 0 < len(data.idempotency_key) <= 120:
         raise InvalidRequest("idempotency_key", "must be 1 to 120 characters")
     key = f"op:{tenant_id}:{kind.value}:{data.idempotency_key or uuid.uuid4()}"
+    if data.task_id is not None:
+        if kind != EntryKind.ADJUSTMENT:
+            raise InvalidRequest("task_id", "only an adjustment names a task")
+        owner = (
+            await _exec(session, select(tasks.c.tenant_id).where(tasks.c.id == data.task_id))
+        ).scalar_one_or_none()
+        if owner != tenant_id:
+            raise InvalidRequest("task_id", f"no task {data.task_id} of tenant {tenant_id}")
     applied = await credit(
-        session, tenant_id, amount, kind=kind, idempotency_key=key, reason=data.reason
+        session,
+        tenant_id,
+        amount,
+        kind=kind,
+        idempotency_key=key,
+        reason=data.reason,
+        task_id=data.task_id,
     )
     result = balance_json(tenant_id, await balance(session, tenant_id))
     result["applied"] = applied

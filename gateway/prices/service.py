@@ -21,7 +21,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.prices.book import SessionRows, Snapshot, load_snapshot
 from gateway.prices.models import ExchangeRate, GroupPrice, PriceChange, PriceGroup
 from pricing.catalog import CURRENCY_PATTERN, Catalog, Cost, Price
-from pricing.money import MoneyError, parse_credits
+from pricing.money import MoneyError, parse_credits, plain
 
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_DESCRIPTION = 1000
@@ -42,7 +42,8 @@ def decimal_text(field: str, value: object, *, positive: bool = False) -> str:
         raise InvalidRequest(field, "at most 12 decimal places")
     if number >= Decimal(10) ** 12:
         raise InvalidRequest(field, "must be less than 10^12")
-    return str(number)
+    # As given ("0.30" stays), but never in exponent form: "1E+2" and 1e2 are "100".
+    return format(number, "f")
 
 
 def check_group_name(value: object) -> str:
@@ -127,6 +128,11 @@ async def update_group(
         new["multiplier"] = decimal_text("multiplier", changes["multiplier"], positive=True)
     if "description" in changes:
         new["description"] = check_description(changes["description"])
+    if (
+        Decimal(new["multiplier"]) == current.multiplier
+        and new["description"] == old["description"]
+    ):
+        return {"name": name, **old}  # nothing changes: nothing to store or record
     row = await session.get(PriceGroup, name)
     if row is None:  # a catalogue group, set at run time from now on
         row = PriceGroup(name=name, multiplier=new["multiplier"])
@@ -140,15 +146,23 @@ async def update_group(
     return {"name": name, **new}
 
 
-def price_json(price: Price) -> dict[str, Any]:
-    """A price as the API shows and stores it: decimal strings, no empty modifiers."""
-    shown: dict[str, Any] = {"rule": price.rule, "amount": str(price.amount)}
+def price_json(price: Price, *, canonical: bool = False) -> dict[str, Any]:
+    """A price as the API shows and stores it: decimal strings, no empty modifiers.
+
+    Stored as given ("0.30"); ``canonical`` drops the trailing zeros a product leaves
+    (0.006 × 0.75 is 0.00450, shown "0.0045"), as ``GET /v1/models`` shows it.
+    """
+
+    def text(value: Decimal) -> str:
+        return str(plain(value) if canonical else value)
+
+    shown: dict[str, Any] = {"rule": price.rule, "amount": text(price.amount)}
     if price.by_quality:
-        shown["by_quality"] = {k: str(v) for k, v in price.by_quality.items()}
+        shown["by_quality"] = {k: text(v) for k, v in price.by_quality.items()}
     for name in ("with_style_references", "with_moodboard"):
         value = getattr(price, name)
         if value is not None:
-            shown[name] = str(value)
+            shown[name] = text(value)
     return shown
 
 
@@ -178,7 +192,8 @@ def check_price(catalog: Catalog, model: str, body: dict[str, Any], *, cost: boo
         where = ".".join(str(p) for p in first["loc"]) or "price"
         raise InvalidRequest(where, first["msg"]) from None
     except ValueError as exc:
-        raise InvalidRequest("rule", str(exc)) from None
+        where = "by_quality" if "quality" in str(exc) else "rule"
+        raise InvalidRequest(where, str(exc)) from None
     return price
 
 
@@ -195,8 +210,8 @@ def model_prices(snapshot: Snapshot, group: str) -> list[dict[str, Any]]:
                 "source": source,
                 "set_at_run_time": entry.id in snapshot.run_time_prices.get(group, ()),
                 "currency": currency,
-                **price_json(price),
-                "catalogue_price": price_json(entry.price),
+                **price_json(price, canonical=True),
+                "catalogue_price": price_json(entry.price, canonical=True),
                 "multiplier": str(snapshot.groups[group].multiplier),
             }
         )

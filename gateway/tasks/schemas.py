@@ -52,6 +52,9 @@ class TaskInfo(msgspec.Struct):
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
+    # Encoded as JSON numbers (``encode_json``): documented so (gateway/openapi_docs.py).
+    __json_numbers__: ClassVar[tuple[str, ...]] = ("credits_reserved", "credits_charged")
+
     billing_rule: str
     credits_reserved: Decimal
     user_group: str

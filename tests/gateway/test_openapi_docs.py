@@ -134,3 +134,9 @@ async def test_usage_documents_its_csv_answer(client: Client) -> None:
     doc = await document(client)
     ok = doc["paths"]["/admin/tenants/{tenant_id}/usage"]["get"]["responses"]["200"]
     assert set(ok["content"]) == {"application/json", "text/csv"}
+
+
+async def test_a_tasks_credits_are_documented_as_the_numbers_sent(client: Client) -> None:
+    usage = (await document(client))["components"]["schemas"]["Usage"]["properties"]
+    assert usage["credits_reserved"] == {"type": "number"}
+    assert {s["type"] for s in usage["credits_charged"]["oneOf"]} == {"number", "null"}

@@ -11,6 +11,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
+from gateway.ledger import reports
 from gateway.ledger import service as ledger
 from gateway.prices.book import build_snapshot
 from gateway.settings import Settings
@@ -112,6 +114,51 @@ async def test_groups_are_created_listed_and_changed_with_a_record(
     assert all(c["changed_at"] for c in mine_changes)
 
 
+async def test_a_patch_that_changes_nothing_is_not_recorded(
+    client: Client, settings: Settings
+) -> None:
+    name = await new_group(client, settings, "0.8")
+    for body in ({}, {"multiplier": "0.80"}, {"description": "test group"}):
+        same = await client.patch(f"/admin/groups/{name}", json=body, headers=admin(settings))
+        assert same.status_code == 200, same.text
+        assert same.json() == {"name": name, "multiplier": "0.8", "description": "test group"}
+    changes = (await client.get("/admin/price-changes", headers=admin(settings))).json()["data"]
+    assert [c["old"] for c in changes if c["subject"] == name] == [None]
+
+
+async def test_figures_in_exponent_form_are_stored_and_shown_as_plain_decimals(
+    client: Client, settings: Settings
+) -> None:
+    name = await new_group(client, settings)
+    changed = await client.patch(
+        f"/admin/groups/{name}",
+        content=b'{"multiplier": "1E+2"}',
+        headers={**admin(settings), "Content-Type": "application/json"},
+    )
+    assert changed.json()["multiplier"] == "100"
+    as_number = await client.patch(
+        f"/admin/groups/{name}",
+        content=b'{"multiplier": 2e2}',
+        headers={**admin(settings), "Content-Type": "application/json"},
+    )
+    assert "E" not in as_number.json()["multiplier"].upper()
+    assert Decimal(as_number.json()["multiplier"]) == 200
+    price = await client.put(
+        f"/admin/groups/{name}/prices/krea-1", json={"amount": "5E-2"}, headers=admin(settings)
+    )
+    assert price.json()["amount"] == "0.05"
+    rate = await client.put(
+        "/admin/exchange-rates/KCU", json={"rate": "2E-3"}, headers=admin(settings)
+    )
+    assert rate.json()["rate"] == "0.002"
+    rows = (await client.get(f"/admin/groups/{name}/prices", headers=admin(settings))).json()
+    figures = [
+        json.dumps([row["amount"], row["catalogue_price"], row.get("by_quality")])
+        for row in rows["data"]
+    ]
+    assert not [f for f in figures if re.search(r"\d[eE][-+]?\d", f)], figures
+
+
 async def test_bad_group_input_is_a_400_naming_the_field(
     client: Client, settings: Settings
 ) -> None:
@@ -127,7 +174,7 @@ async def test_bad_group_input_is_a_400_naming_the_field(
             "PUT",
             f"/admin/groups/{name}/prices/krea-1",
             {"amount": "1", "by_quality": {"8K": "2"}},
-            "rule",
+            "by_quality",
         ),
         (
             "PUT",
@@ -178,7 +225,7 @@ async def test_group_prices_say_where_each_price_comes_from(
     assert by_model["flux-1-pro"]["currency"] == "USD"
     # The others: the catalogue's price × 2, exact.
     assert by_model["krea-2-medium"]["source"] == "group_multiplier"
-    assert by_model["krea-2-medium"]["amount"] == "0.090"
+    assert by_model["krea-2-medium"]["amount"] == "0.09"  # 0.045 × 2, no trailing zero
     assert by_model["krea-2-medium"]["with_moodboard"] == "0.12"
     assert by_model["krea-2-medium"]["catalogue_price"]["amount"] == "0.045"
     default = (await client.get("/admin/groups/default/prices", headers=admin(settings))).json()
@@ -540,12 +587,74 @@ async def test_the_margin_export_and_the_usage_report_count_a_refund(
         "/admin/usage/tasks?from=2000-01-02&to=2000-01-01", headers=admin(settings)
     )
     assert_error(backwards, 400, "invalid_request", "from")
+    not_a_day = await client.get("/admin/usage/tasks?from=2026-13-01", headers=admin(settings))
+    assert assert_error(not_a_day, 400, "invalid_request")["message"].startswith("from: ")
 
     report = await client.get(f"/admin/tenants/{tenant_id}/usage", headers=admin(settings))
     day = report.json()["data"][0]
     assert day["charged_micros"] == 155_400
     assert day["refunded_micros"] == 30_000
     assert day["margin_micros"] == 125_400 - cost
+
+
+async def test_an_adjustment_naming_a_task_is_counted_as_adjusted(
+    client: Client, settings: Settings, engine: AsyncEngine
+) -> None:
+    tenant_id, key = await make_tenant_key(settings)
+    made = await client.post(
+        GENERATIONS, json={"model": "flux-1-pro", "prompt": "p"}, headers=bearer(key)
+    )
+    task_id = made.json()["id"]
+    await finish(engine, task_id)
+    goodwill = await client.post(
+        f"/admin/tenants/{tenant_id}/adjust",
+        json={"amount": "0.01", "reason": "late", "task_id": task_id},
+        headers=admin(settings),
+    )
+    assert goodwill.status_code == 200, goodwill.text
+    code, _, err = await run_cli(
+        settings, "credits", "adjust", tenant_id, "0.002", "--reason", "x", "--task", task_id
+    )
+    assert code == 0, err
+
+    export = await client.get("/admin/usage/tasks", headers=admin(settings))
+    row = next(r for r in exact(export)["data"] if r["task_id"] == task_id)
+    assert (row["charged_micros"], row["adjusted_micros"]) == (77_700, 12_000)
+    assert row["net_micros"] == 65_700
+    report = await client.get(f"/admin/tenants/{tenant_id}/usage", headers=admin(settings))
+    assert report.json()["data"][0]["adjusted_micros"] == 12_000
+
+    other_tenant, _ = await make_tenant_key(settings)
+    for path, body in [
+        (
+            f"/admin/tenants/{other_tenant}/adjust",
+            {"amount": "1", "reason": "r", "task_id": task_id},
+        ),
+        (f"/admin/tenants/{tenant_id}/adjust", {"amount": "1", "reason": "r", "task_id": "nope"}),
+        (f"/admin/tenants/{tenant_id}/topup", {"amount": "1", "task_id": task_id}),
+    ]:
+        refused = await client.post(path, json=body, headers=admin(settings))
+        assert_error(refused, 400, "invalid_request", "task_id")
+    assert await ledger_problems(engine) == []
+
+
+async def test_an_export_over_its_cap_is_refused_not_cut_short(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, key = await make_tenant_key(settings)
+    for _ in range(2):
+        made = await client.post(
+            GENERATIONS, json={"model": "krea-1", "prompt": "p"}, headers=bearer(key)
+        )
+        assert made.status_code < 300, made.text
+    today = datetime.now(UTC).date().isoformat()
+    monkeypatch.setattr(reports, "MAX_EXPORT_ROWS", 1)
+    over = await client.get(f"/admin/usage/tasks?from={today}", headers=admin(settings))
+    assert assert_error(over, 400, "invalid_request")["message"].startswith("from: ")
+    code, _, err = await run_cli(
+        settings, "usage-export", "--from", "2026-12-31", "--to", "2026-12-01"
+    )
+    assert (code, "from: must not be after `to`" in err) == (1, True), err
 
 
 # ---------------------------------------------------------------- the CLI

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.errors import InvalidRequest
 from gateway.settings import Settings
+from gateway.tasks import lifecycle
 
 Client = AsyncTestClient[Any]
 GENERATIONS = "/v1/images/generations"
@@ -156,6 +157,33 @@ async def test_usage_per_day_and_model_as_json_and_csv(client: Client, settings:
         "invalid_request",
         "since",
     )
+
+
+async def test_usage_shows_the_tenant_its_refunds(
+    client: Client, settings: Settings, engine: AsyncEngine
+) -> None:
+    _, key = await make_tenant_key(settings)
+    task_id = await submit(client, key)
+    async with engine.begin() as conn:
+        assert await lifecycle.claim(conn, task_id, 0, 30) is not None
+        assert await lifecycle.complete(conn, task_id, 0, [f"{task_id}/0.png"], 3600)
+    refund = await client.post(
+        f"/admin/tasks/{task_id}/refund",
+        json={"amount": "0.015", "reason": "blurry"},
+        headers=admin(settings),
+    )
+    assert refund.status_code == 200, refund.text
+    row = (await client.get("/v1/usage", headers=bearer(key))).json()["data"][0]
+    assert (row["charged_micros"], row["refunded_micros"], row["net_micros"]) == (
+        45_000,
+        15_000,
+        30_000,
+    )
+    sheet = (await client.get("/v1/usage?format=csv", headers=bearer(key))).text
+    assert sheet.splitlines() == [
+        "day,model,tasks,completed,failed,images,charged,refunded,adjusted,net",
+        f"{row['day']},krea-2-medium,1,1,0,1,0.045,0.015,0,0.03",
+    ]
 
 
 async def test_a_tenant_never_sees_another_tenants_tasks_keys_or_usage(
