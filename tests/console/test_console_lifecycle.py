@@ -123,6 +123,7 @@ async def test_an_operator_suspends_resumes_and_deletes_a_tenant(
         assert "Resume tenant" in suspended.text
         refused = await tenant.post("/console/playground", data=form)
         assert refused.status_code == 403
+        assert refused.headers["content-type"].startswith("text/html"), refused.headers
         assert "tenant_suspended" in refused.text
         assert 'id="suspended"' in (await tenant.get("/console/overview")).text
         # Reads go on.
