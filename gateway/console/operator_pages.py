@@ -20,7 +20,6 @@ from gateway.ledger.models import EntryKind
 from gateway.ledger.schemas import CreditChange
 from gateway.ledger.service import balance, change_credits
 from gateway.limits.overrides import TenantLimits, set_tenant_limits
-from gateway.tenants.models import Tenant
 from gateway.tenants.service import create_tenant, delete_tenant, get_tenant, update_tenant
 from pricing.money import credits_from_micros
 
@@ -148,10 +147,7 @@ async def settings(
         async with services.sessions() as db, db.begin():
             await set_tenant_limits(db, services.catalog, tenant_id, limits)
             if group:
-                tenant = await db.get(Tenant, tenant_id)
-                assert tenant is not None
-                tenant.user_group = group
-                db.add(tenant)
+                await update_tenant(db, tenant_id, user_group=group)
     except ApiError as exc:
         return await _tenant_page(viewer, services, tenant_id, error=exc.message)
     return await _tenant_page(viewer, services, tenant_id, message="Group and limits saved.")
