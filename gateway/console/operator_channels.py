@@ -9,11 +9,11 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 from sqlmodel import col, select
 
+from gateway.account.service import TaskFilter
 from gateway.callbacks.models import CallbackDelivery
 from gateway.channels import service as channels
 from gateway.channels.models import ADAPTER_NAMES
 from gateway.console import channel_health
-from gateway.console.queries import TaskFilters
 from gateway.console.tenant_tasks import STATUSES, task_view
 from gateway.console.web import PREFIX, ViewerDep, form_of, is_htmx, render
 from gateway.deps import ServicesDep
@@ -180,7 +180,7 @@ async def all_tasks(
         rows=rows,
         statuses=STATUSES,
         models=[m.id for m in services.catalog.models],
-        filters=TaskFilters(status=status or None, model=model or None),
+        filters=TaskFilter(status=status or None, model=model or None),
         since="",
         until="",
         operator=True,

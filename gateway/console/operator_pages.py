@@ -1,8 +1,6 @@
 """The operator's tenant pages: search and create tenants; one tenant's balance, top-ups
-and adjustments (with a reason), group, limits and users.
-
-Suspending a tenant is left out: it comes with the tenant self-service work (issue 16
-item 1, another branch), which adds the state it needs.
+and adjustments (with a reason), group, limits and users; suspend, resume and delete
+(``gateway/tenants/service.py``, as the admin API and the CLI).
 """
 
 from decimal import Decimal, InvalidOperation
@@ -22,8 +20,7 @@ from gateway.ledger.models import EntryKind
 from gateway.ledger.schemas import CreditChange
 from gateway.ledger.service import balance, change_credits
 from gateway.limits.overrides import TenantLimits, set_tenant_limits
-from gateway.tenants.models import Tenant
-from gateway.tenants.service import create_tenant, get_tenant
+from gateway.tenants.service import create_tenant, delete_tenant, get_tenant, update_tenant
 from pricing.money import credits_from_micros
 
 OPERATOR = {"role": "operator"}
@@ -150,10 +147,7 @@ async def settings(
         async with services.sessions() as db, db.begin():
             await set_tenant_limits(db, services.catalog, tenant_id, limits)
             if group:
-                tenant = await db.get(Tenant, tenant_id)
-                assert tenant is not None
-                tenant.user_group = group
-                db.add(tenant)
+                await update_tenant(db, tenant_id, user_group=group)
     except ApiError as exc:
         return await _tenant_page(viewer, services, tenant_id, error=exc.message)
     return await _tenant_page(viewer, services, tenant_id, message="Group and limits saved.")
@@ -181,6 +175,54 @@ async def invite(
         return await _tenant_page(viewer, services, tenant_id, error=exc.message)
     link = f"{str(request.base_url).rstrip('/')}{PREFIX}/invite/{token}"
     return await _tenant_page(viewer, services, tenant_id, link=link)
+
+
+@post("/operator/tenants/{tenant_id:str}/state", opt=OPERATOR, status_code=200)
+async def state(
+    request: Request[Any, Any, State],
+    tenant_id: FromPath[str],
+    viewer: ViewerDep,
+    services: ServicesDep,
+) -> Template:
+    """Suspend (``action=suspend``) or resume (``action=resume``) the tenant: reads go on,
+    submits are refused (403 ``tenant_suspended``) within the keys' cache time."""
+    form = await form_of(request)
+    action = form.get("action")
+    if action not in ("suspend", "resume"):
+        raise InvalidRequest("action", "must be suspend or resume")
+    try:
+        async with services.sessions() as db, db.begin():
+            await update_tenant(db, tenant_id, suspended=action == "suspend")
+    except ApiError as exc:
+        return await _tenant_page(viewer, services, tenant_id, error=exc.message)
+    done = "suspended" if action == "suspend" else "resumed"
+    return await _tenant_page(viewer, services, tenant_id, message=f"Tenant {done}.")
+
+
+@post("/operator/tenants/{tenant_id:str}/delete", opt=OPERATOR, status_code=200)
+async def delete(
+    request: Request[Any, Any, State],
+    tenant_id: FromPath[str],
+    viewer: ViewerDep,
+    services: ServicesDep,
+) -> Template:
+    """Delete the tenant for good (suspended, every key revoked; its ledger and tasks stay),
+    once its name is typed in ``confirm``."""
+    form = await form_of(request)
+    async with services.sessions() as db:
+        tenant = await get_tenant(db, tenant_id)
+    if form.get("confirm", "").strip() != tenant.name:
+        return await _tenant_page(
+            viewer,
+            services,
+            tenant_id,
+            error="confirm: type the tenant's name to delete it; nothing was changed",
+        )
+    async with services.sessions() as db, db.begin():
+        await delete_tenant(db, tenant_id)
+    return await _tenant_page(
+        viewer, services, tenant_id, message="Tenant deleted: suspended for good, keys revoked."
+    )
 
 
 def _operators_page(viewer: ViewerDep, users: list[Any], **extra: Any) -> Template:
@@ -225,4 +267,15 @@ async def invite_operator(
     return _operators_page(viewer, found, link=link, error=error)
 
 
-ROUTES = [tenants_page, create, tenant_page, credits, settings, invite, operators, invite_operator]
+ROUTES = [
+    tenants_page,
+    create,
+    tenant_page,
+    credits,
+    settings,
+    state,
+    delete,
+    invite,
+    operators,
+    invite_operator,
+]

@@ -202,7 +202,7 @@ async def playground_submit(
             entry=entry,
             controls=controls(entry),
             price="",
-            error=exc.message,
+            error=f"{exc.message} ({exc.code})",
             common=COMMON_FIELDS,
         )
     return Redirect(f"{PREFIX}/tasks/{task.id}", status_code=303)

@@ -1,11 +1,13 @@
-"""What the console's tenant pages read, as small query functions over the ORM models.
+"""What the console reads that the tenant self-service API has no service for.
 
-Stand-ins for the tenant self-service API's services (issue 16 item 1, built on
-another branch): each takes the tenant's id and filters by it, so a page can only
-ever show its own tenant's rows. When that API lands, these become calls into it.
+The tenant pages read the account, tasks, usage and keys through the API's own
+services (``gateway/account/service.py``, ``gateway/tenants/keys.py``,
+``gateway/redemption/service.py``), so the console and the API cannot disagree. What
+is left here is the console's own: the spend chart, the delivery log, the playground's
+caller and the operator's tenant search. Each tenant query takes the tenant's id and
+filters by it.
 """
 
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -13,71 +15,15 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.auth import Principal
+from gateway.auth import Principal, TenantSuspended
 from gateway.callbacks.models import CallbackDelivery
-from gateway.errors import NotFound
 from gateway.ledger.models import EntryKind, LedgerEntry
-from gateway.tasks.models import Task, TaskStatus
+from gateway.tasks.models import TaskStatus
 from gateway.tenants.models import ApiKey, Tenant
 from gateway.tenants.service import issue_key
 
 OPEN = (TaskStatus.PENDING.value, TaskStatus.PROCESSING.value)
 CONSOLE_KEY_NAME = "console"  # the key playground tasks are submitted under
-
-
-@dataclass(frozen=True, slots=True)
-class TaskFilters:
-    status: str | None = None
-    model: str | None = None
-    since: date | None = None
-    until: date | None = None
-    # The cursor: tasks older than this one of the tenant's (the last of the page before).
-    before: str | None = None
-
-
-async def tenant_tasks(
-    session: AsyncSession, tenant_id: str, filters: TaskFilters, limit: int = 50
-) -> list[Task]:
-    query = (
-        select(Task)
-        .where(Task.tenant_id == tenant_id)
-        .order_by(col(Task.created_at).desc(), col(Task.id).desc())
-        .limit(limit)
-    )
-    if filters.status:
-        query = query.where(Task.status == filters.status)
-    if filters.model:
-        query = query.where(Task.model == filters.model)
-    if filters.since:
-        query = query.where(col(Task.created_at) >= _start(filters.since))
-    if filters.until:
-        query = query.where(col(Task.created_at) < _start(filters.until + timedelta(days=1)))
-    if filters.before:
-        cursor = await session.get(Task, filters.before)
-        if cursor is None or cursor.tenant_id != tenant_id:
-            raise NotFound(f"no task {filters.before}")
-        query = query.where(
-            sa.tuple_(col(Task.created_at), col(Task.id)) < sa.tuple_(cursor.created_at, cursor.id)
-        )
-    return list((await session.exec(query)).all())
-
-
-async def tenant_task(session: AsyncSession, tenant_id: str, task_id: str) -> Task:
-    """The tenant's task; another tenant's is as unknown as one that does not exist."""
-    task = await session.get(Task, task_id)
-    if task is None or task.tenant_id != tenant_id:
-        raise NotFound(f"no task {task_id}")
-    return task
-
-
-async def in_flight(session: AsyncSession, tenant_id: str) -> list[Task]:
-    query = (
-        select(Task)
-        .where(Task.tenant_id == tenant_id, col(Task.status).in_(OPEN))
-        .order_by(col(Task.created_at).desc())
-        .limit(20)
-    )
-    return list((await session.exec(query)).all())
 
 
 def _start(day: date) -> datetime:
@@ -120,24 +66,31 @@ async def tenant_deliveries(session: AsyncSession, tenant_id: str, limit: int = 
     return list((await session.exec(query)).all())
 
 
-async def tenant_key(session: AsyncSession, tenant_id: str, key_id: str) -> ApiKey:
-    key = await session.get(ApiKey, key_id)
-    if key is None or key.tenant_id != tenant_id:
-        raise NotFound(f"no key {key_id}")
-    return key
-
-
 async def console_principal(session: AsyncSession, tenant: Tenant) -> Principal:
     """The caller a playground submit runs as: the tenant's own ``console`` key (issued the
-    first time, its secret discarded), with the key's and the tenant's limits as the API's."""
-    query = select(ApiKey).where(
-        ApiKey.tenant_id == tenant.id,
-        ApiKey.name == CONSOLE_KEY_NAME,
-        col(ApiKey.revoked_at).is_(None),
+    first time without an expiry or the key-management scope, its secret discarded), with
+    the key's and the tenant's limits and the tenant's suspension, as the API's.
+
+    A console key that was revoked or given an expiry (through the admin API) is not
+    used: a new one is issued, so the playground never stops on a key the tenant cannot
+    see. A deleted tenant gets none: 403 ``tenant_suspended``, like any of its keys' submits.
+    """
+    if tenant.deleted_at is not None:
+        raise TenantSuspended()
+    query = (
+        select(ApiKey)
+        .where(
+            ApiKey.tenant_id == tenant.id,
+            ApiKey.name == CONSOLE_KEY_NAME,
+            col(ApiKey.revoked_at).is_(None),
+            col(ApiKey.expires_at).is_(None),
+        )
+        .order_by(col(ApiKey.created_at))
     )
     key = (await session.exec(query)).first()
     if key is None:
-        key = (await issue_key(session, tenant, name=CONSOLE_KEY_NAME)).key
+        issued = await issue_key(session, tenant, name=CONSOLE_KEY_NAME, can_manage_keys=False)
+        key = issued.key
     lists = [frozenset(m) for m in (key.allowed_models, tenant.allowed_models) if m is not None]
     return Principal(
         tenant_id=tenant.id,
@@ -153,6 +106,9 @@ async def console_principal(session: AsyncSession, tenant: Tenant) -> Principal:
         budget_total_micros=key.budget_total_micros,
         budget_daily_micros=key.budget_daily_micros,
         budget_monthly_micros=key.budget_monthly_micros,
+        suspended=tenant.suspended_at is not None,
+        expires_at=None,
+        can_manage_keys=False,
     )
 
 

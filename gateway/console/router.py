@@ -12,8 +12,10 @@ from gateway.console import (
     auth_pages,
     operator_channels,
     operator_pages,
+    operator_prices,
     playground,
     tenant_pages,
+    tenant_redeem,
     tenant_tasks,
 )
 from gateway.console.web import (
@@ -42,10 +44,12 @@ def console_router() -> Router:
         route_handlers=[
             *auth_pages.ROUTES,
             *tenant_pages.ROUTES,
+            *tenant_redeem.ROUTES,
             *tenant_tasks.ROUTES,
             *playground.ROUTES,
             *operator_pages.ROUTES,
             *operator_channels.ROUTES,
+            *operator_prices.ROUTES,
         ],
         guards=[console_guard],
         dependencies={"viewer": Provide(provide_viewer), "uow": Provide(provide_uow)},

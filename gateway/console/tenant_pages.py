@@ -1,31 +1,29 @@
-"""A tenant's pages: overview, keys, webhooks, usage, and its users.
+"""A tenant's pages: overview, keys, webhooks, usage, and its users (redeeming a code:
+``tenant_redeem.py``). They read and change through the API's own services.
 
 Every query names the viewer's own tenant (``viewer.tenant_id``): an id from another
 tenant in a URL is "not found", never that tenant's data.
 """
 
 import json
-from datetime import date
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, date, datetime
 from typing import Any
 
-import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery
 from litestar.response import Template
 
+from gateway.account import service as account
 from gateway.console import accounts, queries
 from gateway.console.web import PREFIX, ViewerDep, form_of, render
 from gateway.db import utcnow
 from gateway.deps import ServicesDep
 from gateway.errors import ApiError, InvalidRequest
-from gateway.ledger import reports
-from gateway.ledger.service import balance
-from gateway.limits.overrides import KeyLimits, set_key_limits
+from gateway.tenants import keys
 from gateway.tenants.models import Tenant, new_webhook_secret
-from gateway.tenants.service import issue_key, list_keys
-from pricing.money import credits_from_micros
+from gateway.tenants.service import list_keys
+from pricing.money import MoneyError, credits_from_micros, micros_from_text
 
 TENANT = {"role": "tenant"}
 KEYS = {"role": "tenant", "keys": True}
@@ -34,10 +32,16 @@ OWNER = {"role": "tenant", "owner": True}
 
 @get("/overview", opt=TENANT)
 async def overview(viewer: ViewerDep, services: ServicesDep) -> Template:
+    """The API's account (``GET /v1/account``), the spend chart and the tasks in flight."""
     async with services.sessions() as db:
-        held = await balance(db, viewer.tenant_id)
+        found = await account.tenant_account(db, services.settings, viewer.tenant_id)
         spend = await queries.spend_per_day(db, viewer.tenant_id)
-        flying = await queries.in_flight(db, viewer.tenant_id)
+        flying: list[Any] = []
+        for status in queries.OPEN:
+            page, _ = await account.list_tasks(
+                db, viewer.tenant_id, account.TaskFilter(status=status), limit=20
+            )
+            flying += page
     chart = {
         "days": [d.isoformat() for d, _ in spend],
         "credits": [float(credits_from_micros(m)) for _, m in spend],  # for drawing only
@@ -45,19 +49,20 @@ async def overview(viewer: ViewerDep, services: ServicesDep) -> Template:
     return render(
         viewer,
         "overview.html",
-        balance=credits_from_micros(held.balance_micros),
-        held=credits_from_micros(held.held_micros),
-        available=credits_from_micros(held.available_micros),
+        balance=found["balance"],
+        held=found["held"],
+        available=found["available"],
+        suspended=found["suspended"],
         spend_total=credits_from_micros(sum(m for _, m in spend)),
         spend=spend,
         chart=json.dumps(chart),
-        in_flight=flying,
+        in_flight=sorted(flying, key=lambda t: (t.created_at, t.id), reverse=True)[:20],
     )
 
 
 async def _keys_page(viewer: ViewerDep, services: ServicesDep, **extra: Any) -> Template:
     async with services.sessions() as db:
-        keys = await list_keys(db, viewer.tenant_id)
+        found = await list_keys(db, viewer.tenant_id)
         members = await accounts.members_manage_keys(db, viewer.tenant_id)
     tenant = viewer.tenant
     assert tenant is not None
@@ -67,9 +72,10 @@ async def _keys_page(viewer: ViewerDep, services: ServicesDep, **extra: Any) -> 
         if tenant.allowed_models is None or m.id in tenant.allowed_models
     ]
     context: dict[str, Any] = {
-        "keys": [k for k in keys if k.name != queries.CONSOLE_KEY_NAME],
+        "keys": [k for k in found if k.name != queries.CONSOLE_KEY_NAME],
         "usable_models": usable,
         "credits": credits_from_micros,
+        "now": utcnow(),
         "members_manage_keys": members,
         "issued": None,
         "error": None,
@@ -77,28 +83,39 @@ async def _keys_page(viewer: ViewerDep, services: ServicesDep, **extra: Any) -> 
     return render(viewer, "keys.html", **{**context, **extra})
 
 
-async def key_limits_from_form(request: Request[Any, Any, State], tenant: Tenant) -> KeyLimits:
-    """A new key's models and budgets: never a model the tenant itself may not use."""
+def _budget(form: dict[str, str], period: str) -> int | None:
+    text = form.get(f"budget_{period}", "").strip()
+    if not text:
+        return None
+    try:
+        return micros_from_text(text)
+    except MoneyError:
+        raise InvalidRequest(f"budget_{period}", "must be a number of credits") from None
+
+
+def _expiry(text: str) -> datetime | None:
+    """The form's ``expires_at`` (a date and time in UTC, as ``datetime-local`` sends it)."""
+    if not text.strip():
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidRequest("expires_at", "must be a date and time, YYYY-MM-DDTHH:MM") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+async def key_request_from_form(request: Request[Any, Any, State]) -> keys.OwnKeyRequest:
+    """A new key as the API's ``POST /v1/keys`` takes it: name, models (none ticked: the
+    tenant's), budgets in credits, expiry, and the key-management scope."""
     form = await request.form()
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
     models = sorted({m for m in form.getall("models", []) if isinstance(m, str) and m})
-    if tenant.allowed_models is not None:
-        wider = sorted(set(models) - set(tenant.allowed_models))
-        if wider:
-            raise InvalidRequest("models", f"your tenant may not use {', '.join(wider)}")
-    budgets: dict[str, Decimal | msgspec.UnsetType] = {}
-    for period in ("total", "daily", "monthly"):
-        text = form.get(f"budget_{period}")
-        budgets[period] = msgspec.UNSET
-        if isinstance(text, str) and text.strip():
-            try:
-                budgets[period] = Decimal(text.strip())
-            except InvalidOperation:
-                raise InvalidRequest(f"budget_{period}", "must be a number of credits") from None
-    return KeyLimits(
-        allowed_models=models or msgspec.UNSET,
-        budget_total=budgets["total"],
-        budget_daily=budgets["daily"],
-        budget_monthly=budgets["monthly"],
+    return keys.OwnKeyRequest(
+        name=fields.get("name", "").strip(),
+        allowed_models=models or None,
+        budgets={period: _budget(fields, period) for period in keys.PERIODS},
+        expires_at=_expiry(fields.get("expires_at", "")),
+        can_manage_keys=fields.get("can_manage_keys") == "on",
     )
 
 
@@ -111,14 +128,10 @@ async def keys_page(viewer: ViewerDep, services: ServicesDep) -> Template:
 async def create_key(
     request: Request[Any, Any, State], viewer: ViewerDep, services: ServicesDep
 ) -> Template:
-    form = await form_of(request)
     try:
+        wanted = await key_request_from_form(request)
         async with services.sessions() as db, db.begin():
-            tenant = await db.get(Tenant, viewer.tenant_id)
-            assert tenant is not None
-            limits = await key_limits_from_form(request, tenant)
-            issued = await issue_key(db, tenant, name=form.get("name", "").strip())
-            await set_key_limits(db, services.catalog, issued.key.id, limits)
+            issued = await keys.create_tenant_key(db, services.catalog, viewer.tenant_id, wanted)
     except ApiError as exc:
         return await _keys_page(viewer, services, error=exc.message)
     return await _keys_page(viewer, services, issued=issued.secret)
@@ -127,10 +140,7 @@ async def create_key(
 @post("/keys/{key_id:str}/revoke", opt=KEYS, status_code=200)
 async def revoke_key(key_id: FromPath[str], viewer: ViewerDep, services: ServicesDep) -> Template:
     async with services.sessions() as db, db.begin():
-        key = await queries.tenant_key(db, viewer.tenant_id, key_id)
-        if key.revoked_at is None:
-            key.revoked_at = utcnow()
-            db.add(key)
+        await keys.revoke_tenant_key(db, viewer.tenant_id, key_id)
     return await _keys_page(viewer, services)
 
 
@@ -184,7 +194,7 @@ async def usage(
     until: FromQuery[str | None] = None,
 ) -> Template:
     async with services.sessions() as db:
-        report = await reports.usage(
+        report = await account.usage(
             db, viewer.tenant_id, _day(since, "since"), _day(until, "until")
         )
     return render(viewer, "usage.html", report=report, since=since or "", until=until or "")
@@ -198,11 +208,11 @@ async def usage_csv(
     until: FromQuery[str | None] = None,
 ) -> Response[str]:
     async with services.sessions() as db:
-        report = await reports.usage(
+        report = await account.usage(
             db, viewer.tenant_id, _day(since, "since"), _day(until, "until")
         )
     return Response(
-        reports.usage_csv(report),
+        account.usage_csv(report),
         media_type="text/csv",
         headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
     )

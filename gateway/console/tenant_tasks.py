@@ -12,16 +12,17 @@ from litestar.datastructures import State
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Stream, Template
 
+from gateway.account import service as account
 from gateway.callbacks import service as callbacks
 from gateway.callbacks.routes import redeliver_and_queue
-from gateway.console import queries
+from gateway.console.queries import OPEN
 from gateway.console.web import PREFIX, ViewerDep, is_htmx, render
 from gateway.deps import ServicesDep, UnitOfWorkDep
 from gateway.errors import InvalidRequest
 from gateway.storage import UrlSigner
 from gateway.tasks import waiting
 from gateway.tasks.models import Task, TaskStatus
-from gateway.tasks.service import render_task
+from gateway.tasks.service import get_tenant_task, render_task
 from pricing.money import credits_from_micros
 
 TENANT = {"role": "tenant"}
@@ -47,14 +48,14 @@ def same_origin(url: str, public_base_url: str) -> str:
 
 
 def _older_link(
-    filters: queries.TaskFilters, since: str | None, until: str | None, more: str | None
+    filters: account.TaskFilter, since: str | None, until: str | None, more: str | None
 ) -> str | None:
-    """The next page's address: the same filters, tasks older than the last one shown."""
+    """The next page's address: the same filters and the API's cursor (``next_cursor``)."""
     if more is None:
         return None
     shown = {"status": filters.status, "model": filters.model, "since": since, "until": until}
     query = {k: v for k, v in shown.items() if v}
-    return f"{PREFIX}/tasks?" + urlencode({**query, "before": more})
+    return f"{PREFIX}/tasks?" + urlencode({**query, "cursor": more})
 
 
 def task_view(task: Task, signer: UrlSigner, public_base_url: str = "") -> dict[str, Any]:
@@ -70,7 +71,7 @@ def task_view(task: Task, signer: UrlSigner, public_base_url: str = "") -> dict[
             if task.credits_charged_micros is not None
             else None
         ),
-        "final": task.status not in queries.OPEN,
+        "final": task.status not in OPEN,
     }
 
 
@@ -83,21 +84,19 @@ async def tasks_page(
     model: FromQuery[str | None] = None,
     since: FromQuery[str | None] = None,
     until: FromQuery[str | None] = None,
-    before: FromQuery[str | None] = None,
+    cursor: FromQuery[str | None] = None,
 ) -> Template:
-    if status and status not in STATUSES:
-        raise InvalidRequest("status", f"must be one of {', '.join(STATUSES)}")
-    filters = queries.TaskFilters(
+    """The API's task list (``GET /v1/tasks``: its filters, its cursor) for the viewer's tenant."""
+    filters = account.TaskFilter(
         status=status or None,
         model=model or None,
         since=_day(since, "since"),
         until=_day(until, "until"),
-        before=before or None,
     )
     async with services.sessions() as db:
-        found = await queries.tenant_tasks(db, viewer.tenant_id, filters, PAGE + 1)
-    more = found[PAGE - 1].id if len(found) > PAGE else None
-    found = found[:PAGE]
+        found, more = await account.list_tasks(
+            db, viewer.tenant_id, filters, limit=PAGE, cursor=cursor or None
+        )
     rows = [task_view(t, services.signer, services.settings.public_base_url) for t in found]
     template = "tasks_rows.html" if is_htmx(request) else "tasks.html"
     return render(
@@ -116,7 +115,7 @@ async def tasks_page(
 
 async def _detail(viewer: ViewerDep, services: ServicesDep, task_id: str, **extra: Any) -> Template:
     async with services.sessions() as db:
-        task = await queries.tenant_task(db, viewer.tenant_id, task_id)
+        task = await get_tenant_task(db, viewer.tenant_id, task_id)
         deliveries = await callbacks.list_deliveries(db, task.id)
     return render(
         viewer,
@@ -136,7 +135,7 @@ async def task_page(task_id: FromPath[str], viewer: ViewerDep, services: Service
 async def task_status(task_id: FromPath[str], viewer: ViewerDep, services: ServicesDep) -> Template:
     """The live part of a task's page: polled every second while the task is open."""
     async with services.sessions() as db:
-        task = await queries.tenant_task(db, viewer.tenant_id, task_id)
+        task = await get_tenant_task(db, viewer.tenant_id, task_id)
     return render(
         viewer,
         "task_status.html",
@@ -170,7 +169,7 @@ async def redeliver(
     task_id: FromPath[str], viewer: ViewerDep, services: ServicesDep, uow: UnitOfWorkDep
 ) -> Redirect:
     """Queue the callback again (after the commit), then show the task with the new delivery."""
-    await queries.tenant_task(uow.session, viewer.tenant_id, task_id)
+    await get_tenant_task(uow.session, viewer.tenant_id, task_id)
     await redeliver_and_queue(uow, services, viewer.tenant_id, task_id)
     return Redirect(f"{PREFIX}/tasks/{task_id}", status_code=303)
 

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from litestar import Request, Response
+from litestar import MediaType, Request, Response
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie, State
 from litestar.di import NamedDependency
@@ -140,6 +140,9 @@ def render(
         template_name=template,
         context={"viewer": viewer, "csrf": viewer.session.csrf if viewer else "", **context},
         status_code=status_code,
+        # Always HTML: a handler that may answer a redirect too (annotated ``Any``) would
+        # otherwise send its refusal page as application/json, shown as text by browsers.
+        media_type=MediaType.HTML,
     )
 
 

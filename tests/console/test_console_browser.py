@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import SIM_KEY, make_tenant_key, serve_app
 from console_helpers import CHANNEL_PREFIX, Login, make_user, remove_console_channels
@@ -248,3 +249,96 @@ async def test_an_operator_onboards_a_tenant_and_a_channel(
     await snap(page, shots, "account")
     assert errors == []
     await context.close()
+
+
+async def test_prices_codes_and_suspension_reach_the_tenant_s_pages(
+    browser: "Browser", gateway: str, settings: Settings, shots: Path
+) -> None:
+    """An operator sets a group's price → the tenant's playground quotes it; the tenant
+    redeems a code → its balance rises; the operator suspends it → the playground refuses."""
+    tenant_id, _ = await make_tenant_key(settings, credits_micros=10_000_000)  # 10 credits
+    owner = await make_user(settings, "owner", tenant_id)
+    operator = await make_user(settings, "operator")
+    async with httpx.AsyncClient(base_url=gateway) as api:
+        made = await api.post(
+            "/admin/redemption-codes",
+            json={"amount": "2.5", "count": 1, "note": "browser test"},
+            headers={"Authorization": f"Bearer {settings.admin_token}"},
+        )
+    assert made.status_code == 201, made.text
+    code = made.json()["codes"][0]
+    errors: list[str] = []
+    ops = await (await browser.new_context(viewport={"width": 1200, "height": 900})).new_page()
+    ops.on("pageerror", lambda exc: errors.append(str(exc)))
+    mine = await (await browser.new_context(viewport={"width": 1200, "height": 900})).new_page()
+    mine.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    # The operator makes a group, puts the tenant in it, and gives it its own price.
+    await log_in(ops, gateway, operator)
+    await ops.get_by_role("link", name="Prices").click()
+    group = f"browser-{os.getpid()}-{id(ops) % 10_000}"
+    await ops.get_by_label("Name", exact=True).fill(group)
+    await ops.get_by_label("Multiplier", exact=True).last.fill("2")
+    await ops.get_by_label("Description", exact=True).last.fill("resellers, twice the list")
+    await ops.get_by_role("button", name="Create group").click()
+    await expect(ops.get_by_role("link", name=group)).to_be_visible()
+    await ops.goto(f"{gateway}/console/operator/tenants/{tenant_id}")
+    await ops.get_by_label("Group", exact=True).select_option(group)
+    await ops.get_by_role("button", name="Save group and limits").click()
+    await expect(ops.locator("p.note")).to_contain_text("Group and limits saved")
+    await ops.goto(f"{gateway}/console/operator/prices/groups/{group}")
+    row = ops.locator("#price-krea-2-turbo")
+    await expect(row.locator(".source")).to_have_text("group_multiplier")
+    await row.get_by_label("Rule").select_option("per_call")
+    await row.get_by_label("Amount").fill("0.25")
+    await row.get_by_role("button", name="Set the price of krea-2-turbo").click()
+    await expect(ops.locator("#price-krea-2-turbo .source")).to_have_text("group_override")
+    await snap(ops, shots, "operator-group-prices")
+    await ops.get_by_role("link", name="All groups").click()
+    await expect(ops.get_by_role("cell", name=f"{group}/krea-2-turbo")).to_be_visible()
+    await snap(ops, shots, "operator-prices")
+    await ops.get_by_role("link", name="Rates").click()
+    await ops.get_by_label("Currency").fill("CNY")
+    await ops.get_by_label("Credits per unit").fill("0.14")
+    await ops.get_by_label("Note").fill("from the browser test")
+    await ops.get_by_role("button", name="Set rate").click()
+    await expect(ops.get_by_role("cell", name="from the browser test")).to_be_visible()
+    await snap(ops, shots, "operator-rates")
+
+    # The tenant's playground quotes the group's own price (every gateway within the
+    # price book's refresh time).
+    await log_in(mine, gateway, owner)
+    for _ in range(20):
+        await mine.goto(f"{gateway}/console/playground?model=krea-2-turbo")
+        if (await mine.locator("#price").inner_text()).strip() == "0.25 credits":
+            break
+        await mine.wait_for_timeout(500)
+    await expect(mine.locator("#price")).to_have_text("0.25 credits")
+
+    # A code: the balance rises by its amount.
+    await mine.get_by_role("link", name="Redeem").click()
+    await expect(mine.locator("#balance")).to_have_text("10")
+    await mine.get_by_label("Redemption code").fill(code)
+    await mine.get_by_role("button", name="Redeem").click()
+    await expect(mine.locator("#redeemed")).to_contain_text("2.5 credits added")
+    await expect(mine.locator("#balance")).to_have_text("12.5")
+    await snap(mine, shots, "tenant-redeem")
+    await mine.get_by_label("Redemption code").fill(code)
+    await mine.get_by_role("button", name="Redeem").click()
+    await expect(mine.locator("#redeem-error")).to_contain_text("redemption_code_used")
+    await mine.get_by_role("link", name="Overview").click()
+    await expect(mine.locator("#balance")).to_have_text("12.5")
+
+    # The operator suspends the tenant: the playground shows the API's refusal.
+    await ops.goto(f"{gateway}/console/operator/tenants/{tenant_id}")
+    await ops.get_by_role("button", name="Suspend tenant").click()
+    await expect(ops.locator("#tenant-state")).to_contain_text("suspended")
+    await snap(ops, shots, "operator-tenant-suspended")
+    await mine.goto(f"{gateway}/console/playground?model=krea-2-turbo")
+    await mine.get_by_label("Prompt", exact=True).fill("a lighthouse at dawn")
+    await mine.get_by_role("button", name="Generate").click()
+    await expect(mine.locator("#playground-error")).to_contain_text("tenant_suspended")
+    await snap(mine, shots, "tenant-playground-suspended")
+    await mine.get_by_role("link", name="Overview").click()
+    await expect(mine.locator("#suspended")).to_be_visible()
+    assert errors == []
