@@ -15,6 +15,7 @@ from sqlalchemy import text
 from gateway.app import create_app
 from gateway.db import create_engine
 from gateway.settings import Settings
+from pricing.catalog import load_catalog
 
 Client = AsyncTestClient[Any]
 
@@ -290,6 +291,12 @@ async def test_an_operator_manages_groups_prices_and_rates(
     assert "Rate for CNY set." in rates.text
     assert "<td>CNY</td><td>0.15</td><td>operator</td>" in rates.text
     assert "from the console" in rates.text
+    # Back to the catalogue's figure: the database is shared with the tests after this one.
+    catalogue_cny = str(load_catalog().exchange_rates["CNY"])
+    restored = await client.post(
+        "/console/operator/rates", data={"currency": "CNY", "rate": catalogue_cny, "_csrf": token}
+    )
+    assert restored.status_code == 200, restored.text
     refused = await client.post(
         "/console/operator/rates", data={"currency": "C", "rate": "1", "_csrf": token}
     )

@@ -343,15 +343,17 @@ async def test_exchange_rates_are_dated_kept_and_used_for_new_quotes(
         headers=admin(settings, "treasurer"),
     )
     assert future.status_code == 200, future.text
+    # A rate unlike the one in force (another test may have left 0.15 there).
+    new_rate = "0.16" if rates["CNY"] == "0.15" else "0.15"
     now = await client.put(
-        "/admin/exchange-rates/CNY", json={"rate": "0.15"}, headers=admin(settings, "treasurer")
+        "/admin/exchange-rates/CNY", json={"rate": new_rate}, headers=admin(settings, "treasurer")
     )
     assert now.status_code == 200, now.text
     shown = (await client.get("/admin/exchange-rates", headers=admin(settings))).json()
     cny = next(r for r in shown["rates"] if r["currency"] == "CNY")
-    assert (cny["rate"], cny["source"]) == ("0.15", "operator")
+    assert (cny["rate"], cny["source"]) == (new_rate, "operator")
     history = [h for h in shown["history"] if h["currency"] == "CNY"]
-    assert [h["rate"] for h in history][:2] == ["0.5", "0.15"]
+    assert [h["rate"] for h in history][:2] == ["0.5", new_rate]
     assert all(h["set_by"] == "treasurer" for h in history[:2])
 
     await asyncio.sleep(settings.key_cache_ttl_seconds + 0.1)
@@ -359,10 +361,10 @@ async def test_exchange_rates_are_dated_kept_and_used_for_new_quotes(
     after_quote = await scalar(
         engine, "SELECT quote FROM tasks WHERE id = :id", id=after.json()["id"]
     )
-    assert before_quote["rates"]["CNY"] != "0.15"
-    assert after_quote["rates"]["CNY"] == "0.15"
+    assert before_quote["rates"]["CNY"] != new_rate
+    assert after_quote["rates"]["CNY"] == new_rate
     assert after_quote["exact_cost_native"] == "0.37"
-    assert after_quote["cost_micros"] == 55_500  # ¥0.37 × 0.15
+    assert after_quote["cost_micros"] == {"0.15": 55_500, "0.16": 59_200}[new_rate]  # ¥0.37 × rate
     # The sale price does not move with the rate: it is the group's price.
     assert after_quote["amount_micros"] == before_quote["amount_micros"]
     # Back to the catalogue's figure for the tests after this one (the database is shared).
