@@ -579,7 +579,8 @@ def callback_phase(
     wait_until("callback worker warm", lambda: len(receiver.arrivals) >= early, run, 120)
     rss_before = rss_kib(worker.popen.pid)
     delivered_before = len(receiver.arrivals)
-    wait_until("deliveries", lambda: len(receiver.arrivals) >= expected, run, expected + 120)
+    with profiled(args, worker, "callbacks"):
+        wait_until("deliveries", lambda: len(receiver.arrivals) >= expected, run, expected + 120)
     rss_after = rss_kib(worker.popen.pid)
     run.stop(worker)
     arrivals = receiver.arrivals[:expected]

@@ -159,7 +159,7 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> Worker:
     async def shutdown(ctx: dict[str, Any]) -> None:
         deps: CallbackDeps | None = ctx.get("callback_deps")
         if deps is not None:
-            await deps.engine.dispose()
+            await deps.aclose()
 
     options: dict[str, Any] = {
         "functions": [_named(deliver_callback, CALLBACK_JOB)],
