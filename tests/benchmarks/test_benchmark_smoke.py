@@ -62,10 +62,16 @@ def test_smoke_run_prints_every_figure() -> None:
     assert worker["start_latency_p99_ms"] >= worker["start_latency_p50_ms"] >= 0
     assert result["callbacks"]["deliveries"] == 25
     assert result["callbacks"]["deliveries_per_s"] > 0
+    assert result["callbacks"]["cpu_ms_per_delivery"] > 0
     for process in ("gateway", "worker", "callback_worker"):
         rss = result["rss_mib"][process]
         assert rss["before"] > 0
         assert rss["after"] > 0
         assert f"| {process} RSS MiB" in table
     assert "worker tasks/s" in table
+    soak = result["soak"]  # --smoke makes the long run a token one
+    assert soak["requests"] > 0
+    assert soak["non_2xx"] == 0
+    assert result["rss_mib"]["gateway_soak"]["after"] > 0
+    assert "| gateway_soak RSS MiB" in table
     assert "callback deliveries/s" in table
