@@ -588,13 +588,20 @@ def worker_phase(
     wait_until("worker warm", lambda: completed(batch) >= early, run, 120)
     rss_before = rss_kib(worker.popen.pid)
     done_before = completed(batch)
-    wait_until(
-        "worker batch",
-        lambda: completed(batch) + failed(batch) >= len(batch),
-        run,
-        args.tasks + 120,
-    )
+    samples: list[tuple[int, float]] = [(done_before, round(rss_before / 1024, 1))]
+    last_sample = time.monotonic()
+
+    def batch_done() -> bool:
+        nonlocal last_sample
+        done = completed(batch)
+        if time.monotonic() - last_sample >= 5:  # the worker's RSS as the tasks go by
+            samples.append((done, round(rss_kib(worker.popen.pid) / 1024, 1)))
+            last_sample = time.monotonic()
+        return done + failed(batch) >= len(batch)
+
+    wait_until("worker batch", batch_done, run, args.tasks + 120)
     rss_after = rss_kib(worker.popen.pid)
+    samples.append((completed(batch), round(rss_after / 1024, 1)))
     span = fetch(
         db,
         "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks "
@@ -635,6 +642,7 @@ def worker_phase(
             "after_kib": rss_after,
             "tasks_between": finished - done_before,
         },
+        "rss_samples_mib": samples,  # (tasks completed, MiB), every 5 s
         "completed_task": finished_task,
         "all_tasks": ids,
     }

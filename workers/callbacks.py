@@ -77,6 +77,8 @@ async def _deliver(ctx: dict[str, Any], delivery_id: str, number: int) -> str:
         claimed = await callbacks.claim_attempt(
             conn, delivery_id, number, settings.callback_timeout_seconds
         )
+        # No round trip under autocommit; it runs the after-commit hooks (a give-up's metric).
+        await conn.commit()
         if claimed is None:
             return "skipped: not due"
         async with AsyncSession(bind=conn) as session:
