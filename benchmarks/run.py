@@ -492,6 +492,77 @@ def http_phase(
     }
 
 
+_SOAK_SCRIPT = """
+local keys = {KEYS}
+local body = {BODY}
+local ids = {{}}
+local i, n = 0, 0
+request = function()
+  i = i + 1
+  local key = keys[i % #keys + 1]
+  local headers = {{["Authorization"] = "Bearer " .. key}}
+  if #ids == 0 or i % {EVERY} == 0 then
+    headers["Content-Type"] = "application/json"
+    return wrk.format("POST", "/v1/images/generations", headers, body)
+  end
+  return wrk.format("GET", "/v1/tasks/" .. ids[math.random(#ids)], headers, nil)
+end
+response = function(status, headers, text)
+  local id = text and text:match('"id":%s*"(task[^"]+)"')
+  if status < 300 and id then
+    n = n % 5000 + 1
+    ids[n] = id
+  end
+end
+"""
+
+
+def soak_script(keys: list[str], submit_every: int) -> str:
+    """Submits (one request in ``submit_every``) and reads of the tasks they made.
+
+    The keys of one tenant only: a task is read with a key of the tenant that owns it.
+    The last 5,000 task ids are kept, so reads cover many tasks (each id a new label or
+    cache entry, if anything keeps one per task).
+    """
+    return (
+        _SOAK_SCRIPT.format(
+            KEYS="{" + ", ".join(_lua_string(k) for k in keys) + "}",
+            BODY=_lua_string(json.dumps(MODEL_BODY)),
+            EVERY=submit_every,
+        )
+        + _DONE
+    )
+
+
+def soak_phase(args: argparse.Namespace, stack: Stack, key: str) -> dict[str, Any]:
+    """``--soak-requests N``: N submits and task reads, the gateway's RSS every chunk."""
+    assert stack.gateway is not None
+    pid = stack.gateway.popen.pid
+    script = soak_script([key], args.soak_submit_every)
+    load = {"connections": args.connections, "threads": args.threads}
+    say(f"soak: {args.soak_requests:,} requests (1 submit in {args.soak_submit_every})")
+    served, samples, chunks = 0, [(0, rss_kib(pid))], []
+    while served < args.soak_requests:
+        chunk = wrk(stack.run, stack.gateway_url, script, seconds=args.soak_chunk, **load)
+        served += chunk.requests
+        chunks.append(chunk)
+        samples.append((served, rss_kib(pid)))
+        say(f"soak: {served:,} requests, gateway RSS {samples[-1][1] / 1024:.1f} MiB")
+    # The first chunk warms every cache up: the figure is from its end to the last.
+    start = samples[1] if len(samples) > 2 else samples[0]
+    return {
+        "requests": served,
+        "rps": round(served / sum(c.seconds for c in chunks), 1),
+        "non_2xx": sum(c.non_2xx + c.socket_errors for c in chunks),
+        "samples_mib": [(n, round(kib / 1024, 1)) for n, kib in samples],
+        "rss": {
+            "before_kib": start[1],
+            "after_kib": samples[-1][1],
+            "requests_between": served - start[0],
+        },
+    }
+
+
 def worker_phase(
     args: argparse.Namespace, stack: Stack, key: str, receiver: Receiver
 ) -> dict[str, Any]:
@@ -521,14 +592,21 @@ def worker_phase(
     wait_until("worker warm", lambda: completed(batch) >= early, run, 120)
     rss_before = rss_kib(worker.popen.pid)
     done_before = completed(batch)
+    samples: list[tuple[int, float]] = [(done_before, round(rss_before / 1024, 1))]
+    last_sample = time.monotonic()
+
+    def batch_done() -> bool:
+        nonlocal last_sample
+        done = completed(batch)
+        if time.monotonic() - last_sample >= 5:  # the worker's RSS as the tasks go by
+            samples.append((done, round(rss_kib(worker.popen.pid) / 1024, 1)))
+            last_sample = time.monotonic()
+        return done + failed(batch) >= len(batch)
+
     with profiled(args, worker, "worker_batch"):
-        wait_until(
-            "worker batch",
-            lambda: completed(batch) + failed(batch) >= len(batch),
-            run,
-            args.tasks + 120,
-        )
+        wait_until("worker batch", batch_done, run, args.tasks + 120)
     rss_after = rss_kib(worker.popen.pid)
+    samples.append((completed(batch), round(rss_after / 1024, 1)))
     span = fetch(
         db,
         "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks "
@@ -569,6 +647,7 @@ def worker_phase(
             "after_kib": rss_after,
             "tasks_between": finished - done_before,
         },
+        "rss_samples_mib": samples,  # (tasks completed, MiB), every 5 s
         "completed_task": finished_task,
         "all_tasks": ids,
     }
@@ -584,7 +663,11 @@ def callback_phase(
     wait_until("callback worker warm", lambda: len(receiver.arrivals) >= early, run, 120)
     rss_before = rss_kib(worker.popen.pid)
     delivered_before = len(receiver.arrivals)
-    wait_until("deliveries", lambda: len(receiver.arrivals) >= expected, run, expected + 120)
+    cpu_before = cpu_seconds(worker.popen.pid)
+    with profiled(args, worker, "callbacks"):
+        wait_until("deliveries", lambda: len(receiver.arrivals) >= expected, run, expected + 120)
+    cpu = cpu_seconds(worker.popen.pid) - cpu_before
+    delivered = len(receiver.arrivals) - delivered_before
     rss_after = rss_kib(worker.popen.pid)
     run.stop(worker)
     arrivals = receiver.arrivals[:expected]
@@ -592,6 +675,9 @@ def callback_phase(
     return {
         "deliveries": len(arrivals),
         "deliveries_per_s": round((len(arrivals) - 1) / span, 1) if span > 0 else None,
+        # The callback worker's CPU per delivery: 1000 / this is what one process would
+        # deliver per second with a core to itself, which a shared machine never gives.
+        "cpu_ms_per_delivery": round(cpu * 1000 / delivered, 3) if delivered else None,
         "rss": {
             "before_kib": rss_before,
             "after_kib": rss_after,
@@ -683,6 +769,7 @@ def table(result: dict[str, Any]) -> str:
         f"{worker['start_latency_p50_ms']} / {worker['start_latency_p99_ms']} |",
         f"| callback deliveries/s ({callbacks['deliveries']} deliveries) | "
         f"{callbacks['deliveries_per_s']} |",
+        f"| callback worker CPU ms per delivery | {callbacks['cpu_ms_per_delivery']} |",
     ]
     for name, figure in rss.items():
         between = next(k for k in figure if k.endswith("_between"))
@@ -772,6 +859,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--waiters", type=int, default=10_000, help="long-polls waiting at once (0: no such step)"
     )
+    parser.add_argument(
+        "--soak-requests",
+        type=int,
+        default=0,
+        help="a long run: this many submits and task reads on one tenant, the gateway's RSS "
+        "sampled every --soak-chunk seconds (0: none)",
+    )
+    parser.add_argument("--soak-chunk", type=float, default=30, help="seconds per soak sample")
+    parser.add_argument("--soak-submit-every", type=int, default=4, help="1 submit in N")
     parser.add_argument("--smoke", action="store_true", help="about a second per step")
     parser.add_argument(
         "--worker-only",
@@ -788,6 +884,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.duration, args.tasks, args.latency_samples = 1, 20, 5
+        args.soak_requests, args.soak_chunk = 1, 1
     return args
 
 
@@ -855,6 +952,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(worker, indent=2))
                 return 0
             http = http_phase(args, stack, bare, bare_url, keys)
+            soak = soak_phase(args, stack, keys[0]) if args.soak_requests else None
             assert stack.gateway is not None
             run.stop(stack.gateway)
             start_gateway(stack, args.gateway_workers, queues[1])
@@ -881,6 +979,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             callbacks = callback_phase(args, stack, receiver, len(worker["all_tasks"]))
             result = figures(http, completed_read, worker, callbacks, args)
+            if soak is not None:
+                result["soak"] = soak
+                result["rss_mib"]["gateway_soak"] = _mib(soak["rss"], "requests_between")
         finally:
             run.stop_all()
             receiver.stop()

@@ -89,11 +89,13 @@ class Receiver:
     ``on_arrival`` runs for each request before it is answered. ``connections``
     counts TCP connections before TLS, so a refused handshake still counts;
     ``server_names`` lists the TLS server name (SNI) of each handshake.
+    ``keep_alive``: serve further requests on a connection (default: close it after one).
     """
 
     def __init__(self, cert: Cert) -> None:
         self.cert = cert
         self.connections = 0
+        self.keep_alive = False
         self.server_names: list[str | None] = []
         self.arrivals: list[Arrival] = []
         self.on_arrival: Callable[[Arrival], Awaitable[None]] | None = None
@@ -145,33 +147,37 @@ class Receiver:
         try:
             async with asyncio.timeout(30):
                 await writer.start_tls(self._context)
-                head = await reader.readuntil(b"\r\n\r\n")
-                request_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
-                method, target, _ = request_line.split(" ")
-                headers = {}
-                for line in lines:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                path = target.split("?", 1)[0]
-                number = len(self.at(path))
-                arrival = Arrival(time.monotonic(), method, target, path, headers, body)
-                self.arrivals.append(arrival)
-                async with self._arrived:
-                    self._arrived.notify_all()
-                if self.on_arrival is not None:
-                    await self.on_arrival(arrival)
-                answer = self._answer_for(path, number)
-                if answer.delay:
-                    await asyncio.sleep(answer.delay)
-                location = f"Location: {answer.location}\r\n" if answer.location else ""
-                reason = _REASONS.get(answer.status, "Status")
-                writer.write(
-                    f"HTTP/1.1 {answer.status} {reason}\r\n{location}"
-                    f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n".encode()
-                    + answer.body
-                )
-                await writer.drain()
+                while True:  # one request, or with keep_alive as many as the client sends
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    request_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+                    method, target, _ = request_line.split(" ")
+                    headers = {}
+                    for line in lines:
+                        name, _, value = line.partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                    body = await reader.readexactly(int(headers.get("content-length", "0")))
+                    path = target.split("?", 1)[0]
+                    number = len(self.at(path))
+                    arrival = Arrival(time.monotonic(), method, target, path, headers, body)
+                    self.arrivals.append(arrival)
+                    async with self._arrived:
+                        self._arrived.notify_all()
+                    if self.on_arrival is not None:
+                        await self.on_arrival(arrival)
+                    answer = self._answer_for(path, number)
+                    if answer.delay:
+                        await asyncio.sleep(answer.delay)
+                    location = f"Location: {answer.location}\r\n" if answer.location else ""
+                    reason = _REASONS.get(answer.status, "Status")
+                    closing = "" if self.keep_alive else "Connection: close\r\n"
+                    writer.write(
+                        f"HTTP/1.1 {answer.status} {reason}\r\n{location}"
+                        f"Content-Length: {len(answer.body)}\r\n{closing}\r\n".encode()
+                        + answer.body
+                    )
+                    await writer.drain()
+                    if not self.keep_alive:
+                        break
         except (OSError, asyncio.IncompleteReadError, TimeoutError, asyncio.LimitOverrunError):
             pass  # a handshake the client refused, or a client that gave up (a timeout)
         finally:

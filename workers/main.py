@@ -200,7 +200,7 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> ResilientWor
         await _stop_background(ctx)
         deps: CallbackDeps | None = ctx.get("callback_deps")
         if deps is not None:
-            await deps.engine.dispose()
+            await deps.aclose()
 
     options: dict[str, Any] = {
         "functions": [_named(retry_on_outage(health, deliver_callback), CALLBACK_JOB)],

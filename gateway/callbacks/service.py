@@ -133,10 +133,63 @@ class Claimed:
     gap_seconds: int  # wait before the next attempt, if this one fails
 
 
+def _by_schedule(name: str) -> str:
+    """A SQL CASE on the delivery's schedule: the bind ``name_<schedule>`` (else standard's)."""
+    whens = " ".join(
+        f"WHEN '{schedule}' THEN CAST(:{name}_{schedule} AS integer)"
+        for schedule in SCHEDULES
+        if schedule != "standard"
+    )
+    return f"(CASE schedule {whens} ELSE CAST(:{name}_standard AS integer) END)"
+
+
+# The claim in one statement: due, pending, not past its schedule's last attempt.
+_CLAIM = text(
+    "UPDATE callback_deliveries SET attempts = :number, next_attempt_at = now() + "
+    f"make_interval(secs => CAST(:base AS double precision) + {_by_schedule('gap')}) "
+    "WHERE id = :id AND status = 'pending' AND attempts = :previous "
+    f"AND CAST(:number_again AS integer) <= {_by_schedule('last')} "
+    "RETURNING url, task_id, tenant_id, schedule"
+)
+
+
 async def claim_attempt(
     conn: AsyncConnection, delivery_id: str, number: int, timeout_seconds: float
 ) -> Claimed | None:
-    """Take attempt ``number`` of a pending delivery; None if it is not due to this job."""
+    """Take attempt ``number`` of a pending delivery; None if it is not due to this job.
+
+    One statement when the attempt is due (the usual case); otherwise the slow
+    path below finds out why, and gives up a delivery whose last attempt was
+    claimed by a worker that died.
+    """
+    params: dict[str, Any] = {
+        "id": delivery_id,
+        "number": number,
+        "number_again": number,
+        "previous": number - 1,
+        # If this worker dies mid-attempt, the reconciler finds the delivery due again.
+        "base": float(timeout_seconds + 5),
+    }
+    for name, gaps in SCHEDULES.items():
+        params[f"gap_{name}"] = gaps[number - 1] if number <= len(gaps) else 0
+        params[f"last_{name}"] = len(gaps) + 1
+    claimed = (await conn.execute(_CLAIM, params)).first()
+    if claimed is not None:
+        schedule = SCHEDULES.get(claimed[3], SCHEDULES["standard"])
+        return Claimed(
+            url=claimed[0],
+            task_id=claimed[1],
+            tenant_id=claimed[2],
+            number=number,
+            retries_left=max(0, len(schedule) - (number - 1)),
+            gap_seconds=schedule[number - 1] if number <= len(schedule) else 0,
+        )
+    return await _claim_slowly(conn, delivery_id, number, timeout_seconds)
+
+
+async def _claim_slowly(
+    conn: AsyncConnection, delivery_id: str, number: int, timeout_seconds: float
+) -> Claimed | None:
     row = (
         await conn.execute(
             select(deliveries.c.schedule).where(
@@ -192,16 +245,14 @@ async def record_attempt(
 ) -> str:
     """Store the attempt and the delivery's new state: delivered, failed (given up) or pending."""
     succeeded = status_code is not None and 200 <= status_code < 300
-    await conn.execute(
-        insert(attempts).values(
-            delivery_id=delivery_id,
-            number=claimed.number,
-            started_at=started_at,
-            duration_ms=duration_ms,
-            status_code=status_code,
-            error=(error or None) and error[:500],
-            succeeded=succeeded,
-        )
+    attempt = insert(attempts).values(
+        delivery_id=delivery_id,
+        number=claimed.number,
+        started_at=started_at,
+        duration_ms=duration_ms,
+        status_code=status_code,
+        error=(error or None) and error[:500],
+        succeeded=succeeded,
     )
     if succeeded:
         state, next_at = DeliveryStatus.DELIVERED.value, None
@@ -211,10 +262,12 @@ async def record_attempt(
         state = DeliveryStatus.PENDING.value
         next_at = func.now() + timedelta(seconds=claimed.gap_seconds)
     finished = func.now() if state != DeliveryStatus.PENDING.value else None
+    # One statement: the attempt's row (a CTE) and the delivery's new state, atomically.
     await conn.execute(
         update(deliveries)
         .where(deliveries.c.id == delivery_id)
         .values(status=state, next_attempt_at=next_at, finished_at=finished)
+        .add_cte(attempt.cte("attempt"))
     )
     return state
 

@@ -12,7 +12,10 @@ package, under these rules:
   embed).
 - **Connection** (``transport.py``): only to the addresses that were checked,
   TLS verified against the hostname, no proxy from the environment, no
-  redirects, one time budget, the answer's body cut.
+  redirects, one time budget, the answer's body cut. ``GuardedClient`` keeps
+  connections alive between requests, each request still checked, a kept
+  connection reused only while its host resolves to the addresses it was
+  pinned to.
 - ``allowed_hosts`` exempts chosen hosts from the internal-address refusal
   (the form rules still apply): for tests with local receivers only
   (``Settings.outbound_allowed_hosts``). ``ca_bundle`` adds CA certificates to
@@ -34,6 +37,7 @@ from gateway.outbound.addresses import (
 )
 from gateway.outbound.transport import (
     MAX_RESPONSE_BYTES,
+    GuardedClient,
     PinnedTransport,
     guarded_post,
     guarded_request,
@@ -44,6 +48,7 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "MAX_URL_LENGTH",
     "ForbiddenAddress",
+    "GuardedClient",
     "IPAddress",
     "PinnedTransport",
     "Resolver",

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -155,10 +156,14 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         *,
         ca_bundle: Path | None = None,
         network_backend: httpcore.AsyncNetworkBackend | None = None,
+        max_connections: int = 10,
+        keepalive_expiry: float | None = None,
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=_ssl_context(ca_bundle),
             network_backend=_PinnedBackend(pins, network_backend or httpcore.AnyIOBackend()),
+            max_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
             http1=True,
             http2=False,
             retries=0,
@@ -245,7 +250,123 @@ async def guarded_request(
     hostname, follows no redirect. The whole exchange, lookup included, has
     ``timeout`` seconds. The response comes back read, its body cut at
     ``max_response_bytes``. Raises ``ForbiddenAddress`` or an ``httpx.HTTPError``.
+    The connection is closed afterwards; ``GuardedClient`` keeps it for the next.
     """
+    target, connect_host, port = _checked_target(url, allowed_hosts)
+    try:
+        async with asyncio.timeout(timeout):
+            addresses = await _resolve(connect_host, port, resolver, allowed_hosts)
+            transport = PinnedTransport(
+                {connect_host: addresses}, ca_bundle=ca_bundle, network_backend=network_backend
+            )
+            async with _client(transport, timeout) as client:
+                return await _exchange(client, method, target, content, headers, max_response_bytes)
+    except TimeoutError:
+        raise httpx.TimeoutException(f"no answer within {timeout} s") from None
+
+
+class GuardedClient:
+    """``guarded_request`` with connections kept alive between requests to a host.
+
+    Every request is checked exactly as by ``guarded_request``: the URL's form,
+    one lookup, every address public. It then goes through the transport pinned
+    to exactly the addresses that lookup gave (for that host and port): a kept
+    connection is reused only while the host still resolves to those checked
+    addresses; a host whose answer changed gets a new transport, pinned to the
+    new ones. Up to ``max_hosts`` transports are kept (the least recently used
+    one is closed past that), each with up to ``connections_per_host`` connections
+    idle at most ``keepalive_seconds``. ``aclose`` closes them all.
+    """
+
+    def __init__(
+        self,
+        *,
+        resolver: Resolver | None = None,
+        allowed_hosts: frozenset[str] = frozenset(),
+        ca_bundle: Path | None = None,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+        max_hosts: int = 256,
+        connections_per_host: int = 32,
+        keepalive_seconds: float = 30.0,
+    ) -> None:
+        self._resolver = resolver
+        self._allowed_hosts = allowed_hosts
+        self._ca_bundle = ca_bundle
+        self._network_backend = network_backend
+        self._max_hosts = max_hosts
+        self._per_host = connections_per_host
+        self._keepalive = keepalive_seconds
+        self._clients: OrderedDict[tuple[str, int, tuple[IPAddress, ...]], httpx.AsyncClient]
+        self._clients = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float,  # noqa: ASYNC109 - one budget for lookup and exchange, applied below
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> httpx.Response:
+        """As ``guarded_request``, over a kept connection when there is one."""
+        target, connect_host, port = _checked_target(url, self._allowed_hosts)
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await _resolve(connect_host, port, self._resolver, self._allowed_hosts)
+                client = await self._client_for(connect_host, port, addresses)
+                return await _exchange(
+                    client, method, target, content, headers, max_response_bytes, timeout
+                )
+        except TimeoutError:
+            raise httpx.TimeoutException(f"no answer within {timeout} s") from None
+
+    async def post(
+        self,
+        url: str,
+        *,
+        content: bytes,
+        headers: Mapping[str, str],
+        timeout: float,  # noqa: ASYNC109 - passed on
+    ) -> httpx.Response:
+        return await self.request("POST", url, content=content, headers=headers, timeout=timeout)
+
+    async def _client_for(
+        self, host: str, port: int, addresses: Sequence[IPAddress]
+    ) -> httpx.AsyncClient:
+        key = (host_key(host), port, tuple(addresses))
+        client = self._clients.get(key)
+        if client is not None:
+            self._clients.move_to_end(key)
+            return client
+        # The host's checked addresses changed (or it is new): its old connections go.
+        stale = [k for k in self._clients if k[:2] == key[:2]]
+        while len(self._clients) - len(stale) >= self._max_hosts:
+            stale.append(next(k for k in self._clients if k not in stale))
+        for old in stale:
+            await self._clients.pop(old).aclose()
+        transport = PinnedTransport(
+            {host: addresses},
+            ca_bundle=self._ca_bundle,
+            network_backend=self._network_backend,
+            max_connections=self._per_host,
+            keepalive_expiry=self._keepalive,
+        )
+        client = _client(transport, None)
+        self._clients[key] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        for client in clients:
+            await client.aclose()
+
+
+def _checked_target(url: str, allowed_hosts: frozenset[str]) -> tuple[httpx.URL, str, int]:
+    """The URL as httpx will send it, after the form's checks: (URL, host, port)."""
     host = check_url(url, allowed_hosts=allowed_hosts)
     try:
         target = httpx.URL(url)
@@ -256,37 +377,47 @@ async def guarded_request(
     connect_host = target.raw_host.decode("ascii")
     if host_key(connect_host) != host_key(host):
         raise ForbiddenAddress("is not a valid URL")
-    port = target.port or 443
+    return target, connect_host, target.port or 443
+
+
+async def _resolve(
+    host: str, port: int, resolver: Resolver | None, allowed_hosts: frozenset[str]
+) -> list[IPAddress]:
     try:
-        async with asyncio.timeout(timeout):
-            try:
-                addresses = await resolve_public(
-                    connect_host, port, resolver=resolver, allowed_hosts=allowed_hosts
-                )
-            except OSError as exc:
-                raise httpx.ConnectError(f"could not resolve {connect_host}: {exc}") from exc
-            transport = PinnedTransport(
-                {connect_host: addresses}, ca_bundle=ca_bundle, network_backend=network_backend
-            )
-            async with (
-                httpx.AsyncClient(
-                    transport=transport, trust_env=False, follow_redirects=False, timeout=timeout
-                ) as client,
-                client.stream(
-                    method,
-                    target,
-                    content=content,
-                    # Compressed answers could expand without bound before the cut.
-                    headers={"accept-encoding": "identity", **(headers or {})},
-                ) as response,
-            ):
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) >= max_response_bytes:
-                        break
-    except TimeoutError:
-        raise httpx.TimeoutException(f"no answer within {timeout} s") from None
+        return await resolve_public(host, port, resolver=resolver, allowed_hosts=allowed_hosts)
+    except OSError as exc:
+        raise httpx.ConnectError(f"could not resolve {host}: {exc}") from exc
+
+
+def _client(transport: PinnedTransport, timeout: float | None) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=transport, trust_env=False, follow_redirects=False, timeout=timeout
+    )
+
+
+async def _exchange(
+    client: httpx.AsyncClient,
+    method: str,
+    target: httpx.URL,
+    content: bytes | None,
+    headers: Mapping[str, str] | None,
+    max_response_bytes: int,
+    timeout: float | None = None,  # noqa: ASYNC109 - httpx's own, under the caller's budget
+) -> httpx.Response:
+    """One request, its answer read up to ``max_response_bytes``."""
+    async with client.stream(
+        method,
+        target,
+        content=content,
+        # Compressed answers could expand without bound before the cut.
+        headers={"accept-encoding": "identity", **(headers or {})},
+        timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+    ) as response:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= max_response_bytes:
+                break
     return httpx.Response(
         status_code=response.status_code,
         headers=[

@@ -62,6 +62,7 @@ def test_smoke_run_prints_every_figure() -> None:
     assert worker["start_latency_p99_ms"] >= worker["start_latency_p50_ms"] >= 0
     assert result["callbacks"]["deliveries"] == 25
     assert result["callbacks"]["deliveries_per_s"] > 0
+    assert result["callbacks"]["cpu_ms_per_delivery"] > 0
     for process in ("gateway", "worker", "callback_worker"):
         rss = result["rss_mib"][process]
         assert rss["before"] > 0
@@ -75,4 +76,9 @@ def test_smoke_run_prints_every_figure() -> None:
     for figure in ("latency_p99_ms", "after_signal_p99_ms", "kib_per_waiter"):
         assert isinstance(waiters[figure], float | int), figure
     assert "answered after their task's commit" in table
+    soak = result["soak"]  # --smoke makes the long run a token one
+    assert soak["requests"] > 0
+    assert soak["non_2xx"] == 0
+    assert result["rss_mib"]["gateway_soak"]["after"] > 0
+    assert "| gateway_soak RSS MiB" in table
     assert "callback deliveries/s" in table

@@ -500,8 +500,8 @@ async def test_a_rebinding_name_is_looked_up_once_per_attempt_and_never_reaches_
     # First answer public, second loopback. The public address is only recorded:
     # the backend the guard connects through opens sockets to loopback alone.
     backend = LoopbackOnlyBackend()
-    guarded = functools.partial(outbound.guarded_post, network_backend=backend)
-    monkeypatch.setattr(outbound, "guarded_post", guarded)
+    guarded = functools.partial(outbound.GuardedClient, network_backend=backend)
+    monkeypatch.setattr(outbound, "GuardedClient", guarded)
     resolver = FakeResolver({"rebind.test": [[PUBLIC], [LOOPBACK]]})
     async with start_stack(resolver, outbound_allowed_hosts=[]) as stack:
         task_id = await stack.submit(receiver.url("/hook", host="rebind.test"))

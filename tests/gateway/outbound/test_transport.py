@@ -223,3 +223,79 @@ async def test_the_pinned_transport_refuses_a_host_it_has_no_addresses_for(
         with pytest.raises(ForbiddenAddress, match=re.escape("not checked: other.test")):
             await client.get(f"https://other.test:{receiver.port}/")
     assert receiver.connections == 1
+
+
+# --- GuardedClient: connections kept, every request still checked ------------
+
+
+async def test_a_guarded_client_checks_every_request_and_reuses_one_connection(
+    receiver: Receiver, cert: Cert
+) -> None:
+    receiver.keep_alive = True
+    resolver = ScriptedResolver([[LOOPBACK]])
+    client = outbound.GuardedClient(resolver=resolver, allowed_hosts=RECEIVER, ca_bundle=cert.cert)
+    try:
+        for n in range(3):
+            response = await client.post(
+                f"https://receiver.test:{receiver.port}/hook?n={n}",
+                content=b"{}",
+                headers={"webhook-id": f"d_{n}"},
+                timeout=5,
+            )
+            assert (response.status_code, response.content) == (200, b"ok")
+    finally:
+        await client.aclose()
+
+    assert resolver.lookups == ["receiver.test"] * 3  # one lookup per request
+    assert receiver.connections == 1  # one TLS handshake for all three
+    assert [a.target for a in receiver.arrivals] == ["/hook?n=0", "/hook?n=1", "/hook?n=2"]
+    assert receiver.server_names == ["receiver.test"]
+
+
+async def test_a_guarded_client_refuses_a_host_that_now_resolves_to_loopback(
+    listener: Listener,
+) -> None:
+    # The first answer is public (recorded, not contacted); the second, loopback, is
+    # refused before any connection, however the first request's transport is kept.
+    resolver = ScriptedResolver([["93.184.216.34"], [LOOPBACK]])
+    backend = LoopbackOnlyBackend()
+    client = outbound.GuardedClient(resolver=resolver, network_backend=backend)
+    url = f"https://rebind.test:{listener.port}/hook"
+    try:
+        with pytest.raises(httpx.ConnectError, match="recorded, not contacted"):
+            await client.post(url, content=b"{}", headers={}, timeout=5)
+        with pytest.raises(ForbiddenAddress, match="resolves to a loopback address"):
+            await client.post(url, content=b"{}", headers={}, timeout=5)
+    finally:
+        await client.aclose()
+    assert resolver.lookups == ["rebind.test", "rebind.test"]
+    assert backend.connects == [("93.184.216.34", listener.port)]
+    assert listener.connections == 0
+
+
+async def test_a_guarded_client_keeps_one_transport_per_answer_and_a_bounded_number(
+    listener: Listener,
+) -> None:
+    # A new answer for a host replaces its transport; past max_hosts the oldest goes.
+    resolver = ScriptedResolver(
+        [["93.184.216.34"], ["93.184.216.35"], ["93.184.216.36"], ["93.184.216.37"]]
+    )
+    backend = LoopbackOnlyBackend()
+    client = outbound.GuardedClient(resolver=resolver, network_backend=backend, max_hosts=2)
+    try:
+        for host in ("a.test", "a.test", "b.test", "c.test"):
+            with pytest.raises(httpx.ConnectError):
+                await client.post(
+                    f"https://{host}:{listener.port}/", content=b"", headers={}, timeout=5
+                )
+            assert len(client) <= 2
+        assert len(client) == 2
+    finally:
+        await client.aclose()
+    assert len(client) == 0
+    assert [address for address, _ in backend.connects] == [
+        "93.184.216.34",
+        "93.184.216.35",
+        "93.184.216.36",
+        "93.184.216.37",
+    ]
