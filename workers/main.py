@@ -6,6 +6,7 @@ then runs an arq worker with the generation job and the reconciler cron.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 from typing import Any
@@ -46,7 +47,7 @@ from workers.outage import (
     watch_database,
 )
 from workers.providers import ADAPTERS
-from workers.reconciler import reconcile
+from workers.reconciler import reconcile, restore_slots
 from workers.retention import retention_cron
 from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
@@ -109,6 +110,7 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
                 lease_seconds=settings.lease_seconds,
                 poll_seconds=settings.poll_interval_seconds,
                 queue_name=settings.queue_name,
+                restore=functools.partial(restore_slots, ctx["redis"], engine, settings),
             ),
             circuits=Circuits(
                 ctx["redis"],

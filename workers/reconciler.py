@@ -27,17 +27,21 @@ A pending task parked in an upstream slot's line has no job on purpose
 it, so a backlog of any size is looked through. When Redis has lost its state
 (its slots marker is gone), the tick first puts the running tasks' slots back
 from PostgreSQL, so the tasks queued again, which park again in submission
-order, cannot overrun the caps.
+order, cannot overrun the caps. A run asking for a slot before the tick does
+the same first (``restore_slots`` is the slots' ``restore``).
 """
 
 import logging
 from typing import Any
 
 from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.callbacks import service as callbacks
 from gateway.queue import enqueue_generation, enqueue_upstream_cancel, generation_in_progress
 from gateway.redis_keys import parked_key, slot_name, slots_epoch_key, upstream_slots_key
+from gateway.settings import Settings
 from gateway.tasks import lifecycle, recovery
 from workers.deps import WorkerDeps
 
@@ -55,20 +59,28 @@ return redis.call('ZADD', KEYS[1], 'NX', now + tonumber(ARGV[2]), ARGV[1])
 """
 
 
-async def restore_slots(deps: WorkerDeps, redis: ArqRedis) -> int | None:
+async def restore_slots(redis: Redis, engine: AsyncEngine, settings: Settings) -> int | None:
     """Redis lost its state (no slots marker): put the running tasks' slots back from
-    PostgreSQL. None when Redis still has them."""
-    queue = deps.settings.queue_name
-    if not await redis.set(slots_epoch_key(queue), b"1", nx=True):
+    PostgreSQL, then set the marker. None when Redis still has them.
+
+    The marker goes last: the acquire script grants nothing while it is missing (its
+    caller restores first, ``workers/upstream_slots.py``), so no slot is handed out
+    before the running jobs are counted again. Restorers running at once add the
+    same holders (``NX``), harmlessly.
+    """
+    queue = settings.queue_name
+    marker = slots_epoch_key(queue)
+    if await redis.exists(marker):
         return None
-    async with deps.engine.connect() as conn:
+    async with engine.connect() as conn:
         holding = await recovery.holding_slots(conn)
     script = redis.register_script(_RESTORE_SLOT)
-    lease_ms = round(deps.settings.lease_seconds * 1000)
+    lease_ms = round(settings.lease_seconds * 1000)
     restored = 0
     for task_id, attempt, channel_id in holding:
         key = upstream_slots_key(slot_name(queue, channel_id))
         restored += int(await script(keys=[key], args=[f"{task_id}:{attempt}", lease_ms]))
+    await redis.set(marker, b"1")
     if restored:
         logger.warning("redis had lost the upstream slots: %d restored from PostgreSQL", restored)
     return restored
@@ -98,7 +110,7 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     deps: WorkerDeps = ctx["deps"]
     redis: ArqRedis = ctx["redis"]
     settings = deps.settings
-    await restore_slots(deps, redis)
+    await restore_slots(redis, deps.engine, settings)
     async with deps.engine.begin() as conn:
         overdue = await lifecycle.fail_overdue(conn, settings.task_deadline_seconds, BATCH)
         abandoned = await recovery.upstream_jobs(conn, overdue)

@@ -29,18 +29,23 @@ semaphore per account in Redis. Rules (docs/architecture.md, "Upstream concurren
   whose worker died) takes its slot at once, even past the cap: it loads the
   upstream whether counted or not, so new submits wait until the count is
   back under the cap.
-- **Lost state.** If Redis loses the lines and the slots, the reconciler
-  rebuilds them from PostgreSQL (``workers/reconciler.py``): the running
-  tasks' slots first, then the pending tasks, queued again, park again in
-  submission order.
+- **Lost state.** If Redis loses the lines and the slots (its slots marker is
+  gone), no slot is granted before the running tasks' slots are back: the
+  acquire script answers "restore needed", and the caller puts them back from
+  PostgreSQL (``restore``, ``workers/reconciler.py``'s ``restore_slots``),
+  which sets the marker again last, before asking again. The reconciler
+  does the same on its tick, then queues the pending tasks again; they park
+  again in submission order.
 
 What the cap cannot see: a worker that dies holding a slot frees it after one
 lease while its upstream job may still run, and a job given up at its deadline
 may still run upstream. Both are bounded by the upstream's own job time.
 """
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +59,7 @@ from gateway.redis_keys import (
     parked_key,
     queue_wake_channel,
     slot_lines_key,
+    slots_epoch_key,
     upstream_backoff_key,
     upstream_cap_key,
     upstream_line_key,
@@ -74,7 +80,7 @@ MIN_WAIT_SECONDS = 0.05
 _WAKE_EXPIRES_MS = 86_400_000
 
 # Shared by every script. KEYS: 1 slots, 2 line, 3 wake-up jobs, 4 back-off, 5 cap,
-# 6 the arq queue, 7 parked holders, 8 lines with waiters.
+# 6 the arq queue, 7 parked holders, 8 lines with waiters, 9 the slots marker.
 # ARGV: 1 slot name, 2 lease ms, 3 arq job key prefix, 4 wake-up expiry ms, 5 wake channel.
 _COMMON = """
 local t = redis.call('TIME')
@@ -126,12 +132,14 @@ local function hand(me)
 end
 """
 
-# ARGV 6..10: holder, cap, ticket (task submission, ms), running (0/1), wake-up payload
-# ("" for a run that asks again by itself). Returns {status, back-off ms};
-# status 1 = granted, 2 = already held (renewed), 0 = waiting in the line.
+# ARGV 6..11: holder, cap, ticket (task submission, ms), running (0/1), wake-up payload
+# ("" for a run that asks again by itself), check the marker (0/1). Returns {status,
+# back-off ms}; status 1 = granted, 2 = already held (renewed), 0 = waiting in the line,
+# 3 = Redis lost its state (no marker): nothing done, the slots must be restored first.
 _ACQUIRE = (
     _COMMON
     + """
+if ARGV[11] == '1' and redis.call('EXISTS', KEYS[9]) == 0 then return {3, 0} end
 local holder = ARGV[6]
 redis.call('SET', KEYS[5], ARGV[7])
 expire()
@@ -208,11 +216,26 @@ def wake_payload(holder: str) -> bytes:
     return serialize_job(GENERATE_JOB, (task_id, int(attempt)), {}, None, now_ms)
 
 
+# Puts the running tasks' slots back after Redis lost them, setting the marker last.
+Restore = Callable[[], Awaitable[object]]
+_RESTORE_NEEDED = 3
+
+
 class UpstreamSlots:
     def __init__(
-        self, redis: Redis, *, lease_seconds: float, poll_seconds: float, queue_name: str
+        self,
+        redis: Redis,
+        *,
+        lease_seconds: float,
+        poll_seconds: float,
+        queue_name: str,
+        restore: Restore | None = None,
     ) -> None:
+        """``restore`` rebuilds the running tasks' slots when Redis lost them (and sets
+        the marker); without one (nothing is known to run), the marker is just set."""
         self._redis = redis
+        self._restore = restore
+        self._restoring = asyncio.Lock()
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._sweep = redis.register_script(_SWEEP)
@@ -231,6 +254,7 @@ class UpstreamSlots:
             self.queue_name,
             parked_key(self.queue_name),
             slot_lines_key(self.queue_name),
+            slots_epoch_key(self.queue_name),
         ]
 
     def _args(self, upstream: str) -> list[Any]:
@@ -259,22 +283,36 @@ class UpstreamSlots:
         Refused with ``wake``, the holder's generation job is queued when a slot is
         handed to it; without, the caller asks again after ``wait_seconds``.
         """
-        raw: list[Any] = await self._acquire(
-            keys=self._keys(upstream),
-            args=[
-                *self._args(upstream),
-                holder,
-                cap,
-                ticket_ms,
-                1 if running else 0,
-                wake_payload(holder) if wake else b"",
-            ],
-        )
+        args = [
+            *self._args(upstream),
+            holder,
+            cap,
+            ticket_ms,
+            1 if running else 0,
+            wake_payload(holder) if wake else b"",
+        ]
+        raw: list[Any] = await self._acquire(keys=self._keys(upstream), args=[*args, 1])
         status, backoff_ms = (int(v) for v in raw)
+        if status == _RESTORE_NEEDED:
+            # Redis lost the slots: count the running jobs again before granting any.
+            await self._restore_lost()
+            raw = await self._acquire(keys=self._keys(upstream), args=[*args, 0])
+            status, backoff_ms = (int(v) for v in raw)
         if status:
             return Grant(acquired=True, already_held=status == 2)
         wait = backoff_ms / 1000 if backoff_ms > 0 else self._step
         return Grant(acquired=False, wait_seconds=max(wait, MIN_WAIT_SECONDS))
+
+    async def _restore_lost(self) -> None:
+        """Put the running tasks' slots back (once, however many runs ask at once)."""
+        marker = slots_epoch_key(self.queue_name)
+        async with self._restoring:
+            if await self._redis.exists(marker):
+                return  # restored meanwhile, here or by another worker
+            if self._restore is not None:
+                await self._restore()
+            else:
+                await self._redis.set(marker, b"1")
 
     async def renew(self, upstream: str, holder: str) -> bool:
         """Extend the holder's slot by a lease; False if it had expired (it is held again now)."""

@@ -28,6 +28,7 @@ from gateway.db import create_engine
 from gateway.redis_keys import (
     parked_key,
     slot_lines_key,
+    slots_epoch_key,
     upstream_backoff_key,
     upstream_cap_key,
     upstream_line_key,
@@ -51,6 +52,7 @@ def keys_of(upstream: str) -> list[str]:
         upstream,
         parked_key(upstream),
         slot_lines_key(upstream),
+        slots_epoch_key(upstream),
     ]
 
 
@@ -91,6 +93,36 @@ async def test_slots_are_granted_up_to_the_cap_then_refused_with_a_wait(
     assert not refused.acquired
     assert 0 < refused.wait_seconds <= 0.5
     assert await redis.zcard(upstream_slots_key(upstream)) == 2
+
+
+async def test_after_redis_lost_the_slots_the_running_ones_are_restored_before_any_grant(
+    redis: Redis, upstream: str
+) -> None:
+    restores = 0
+
+    async def restore() -> None:
+        # As the reconciler's restore_slots does from PostgreSQL: the running job's
+        # slot back, then the marker, last.
+        nonlocal restores
+        restores += 1
+        await asyncio.sleep(0.05)  # others ask meanwhile
+        await redis.zadd(upstream_slots_key(upstream), {"running:0": time.time() * 1000 + 5000})
+        await redis.set(slots_epoch_key(upstream), b"1")
+
+    slots = UpstreamSlots(
+        redis, lease_seconds=5.0, poll_seconds=0.1, queue_name=upstream, restore=restore
+    )
+    # No marker (Redis lost its state): four runs ask at once for the cap of 2.
+    grants = await asyncio.gather(
+        *(slots.acquire(upstream, f"new{i}:0", cap=2, ticket_ms=i) for i in range(4))
+    )
+    assert restores == 1
+    # The running job is counted: one slot is left, for one of them.
+    assert sum(grant.acquired for grant in grants) == 1
+    assert await redis.zcard(upstream_slots_key(upstream)) == 2
+    # With the marker back, asking restores nothing again.
+    assert not (await slots.acquire(upstream, "new9:0", cap=2, ticket_ms=9)).acquired
+    assert restores == 1
 
 
 async def test_a_released_slot_goes_to_the_next_asker(redis: Redis, upstream: str) -> None:
