@@ -137,7 +137,8 @@ LEDGER_PROBLEMS = Gauge(
 MODEL_BACKLOG = Gauge(
     "tollgate_model_backlog_seconds",
     "Estimated seconds until a task submitted now would finish, by model: open tasks over "
-    "the model's upstream slots times its recent job time (gateway/tasks/backlog.py).",
+    "the model's upstream slots times its recent job time, or over its measured drain rate "
+    "when that is longer (gateway/tasks/backlog.py).",
     ["model"],
     multiprocess_mode="livemax",
 )

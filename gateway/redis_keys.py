@@ -137,3 +137,9 @@ def job_times_key(queue_name: str, model: str) -> str:
     """The latest upstream job times of a model (seconds, newest first), which workers push
     and gateways read to estimate a backlog (gateway/tasks/backlog.py)."""
     return f"{queue_name}:job-times:{model}"
+
+
+def jobs_done_key(queue_name: str, model: str) -> str:
+    """How many upstream jobs of a model ended with their images stored (a counter workers
+    increment and gateways sample to measure how fast a backlog really drains)."""
+    return f"{queue_name}:jobs-done:{model}"

@@ -37,6 +37,7 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -80,7 +81,8 @@ def is_database_outage(exc: BaseException) -> bool:
 
     seen: BaseException | None = exc
     for _ in range(6):
-        if seen is None:
+        if seen is None or isinstance(seen, RedisError):
+            # Redis's connection errors wrap an OSError too: that one is Redis's outage.
             return False
         if isinstance(seen, DBAPIError) and seen.connection_invalidated:
             return True

@@ -18,7 +18,18 @@ no estimate, or no job time yet and no catalogue estimate, nothing is refused.
 
 ``T`` is the median of the last ``JOB_TIMES_KEPT`` job times workers pushed
 (``record_job_time``, after an upstream job ends with its images stored), else the
-catalogue's ``estimated_seconds`` for the model. Plain Python: workers import it.
+catalogue's ``estimated_seconds`` for the model.
+
+Slots ÷ ``T`` is what the upstream can take, not what the workers manage: workers short of
+CPU (or of processes) start jobs slower than slots free up. So each process also samples
+a counter of the model's finished jobs (``jobs_done_key``, which ``record_job_time``
+increments) at every refresh; once the model has had a line (``open >= slots``) without a
+break for ``DRAIN_MIN_SPAN_SECONDS`` (within the last ``DRAIN_WINDOW_SECONDS``), the
+workers were busy all that time, and the counter's rate over it is the real drain rate.
+The estimate is then the larger of the two: ``max(ceil((open + 1) / slots) × T,
+(open + 1) ÷ drain)``. A drain of zero (a stall: an outage, every worker restarting) is
+not used: nothing is known about how fast the line will move once it ends. Plain Python:
+workers import it.
 """
 
 import asyncio
@@ -26,6 +37,7 @@ import logging
 import math
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -35,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import metrics
 from gateway.errors import ApiError
-from gateway.redis_keys import job_times_key
+from gateway.redis_keys import job_times_key, jobs_done_key
 from gateway.settings import Settings
 from pricing.catalog import Catalog
 
@@ -43,6 +55,9 @@ logger = logging.getLogger("tollgate.backlog")
 
 JOB_TIMES_KEPT = 32
 _JOB_TIMES_TTL_SECONDS = 3600
+# The drain rate is measured over at most this long, and only over a line this old.
+DRAIN_WINDOW_SECONDS = 60.0
+DRAIN_MIN_SPAN_SECONDS = 10.0
 
 
 class Overloaded(ApiError):
@@ -60,6 +75,7 @@ async def record_job_time(redis: Redis, queue_name: str, model: str, seconds: fl
             pipe.lpush(key, f"{seconds:.3f}")
             pipe.ltrim(key, 0, JOB_TIMES_KEPT - 1)
             pipe.expire(key, _JOB_TIMES_TTL_SECONDS)
+            pipe.incr(jobs_done_key(queue_name, model))
             await pipe.execute()
     except (RedisError, OSError) as exc:
         logger.debug("job time of %s not recorded: %s", model, exc)
@@ -70,10 +86,40 @@ class ModelLoad:
     open_tasks: int
     slots: int
     job_seconds: float
+    drain_per_second: float | None = None  # measured under a line; None: not known
 
     def finish_seconds(self, more: int) -> float:
         """When a new task would finish, with ``more`` tasks accepted since the count."""
-        return math.ceil((self.open_tasks + more + 1) / self.slots) * self.job_seconds
+        ahead = self.open_tasks + more + 1
+        by_slots = math.ceil(ahead / self.slots) * self.job_seconds
+        if self.drain_per_second:
+            return max(by_slots, ahead / self.drain_per_second)
+        return by_slots
+
+
+class DrainMeter:
+    """Samples of each model's finished-jobs counter; the rate under an unbroken line."""
+
+    def __init__(self) -> None:
+        self._samples: dict[str, deque[tuple[float, int, bool]]] = {}
+
+    def observe(self, model: str, at: float, done: int, line: bool) -> float | None:
+        """Add a sample (``line``: the model had ``open >= slots``); the drain rate, if known."""
+        samples = self._samples.setdefault(model, deque())
+        if samples and done < samples[-1][1]:
+            samples.clear()  # the counter restarted (Redis lost it)
+        samples.append((at, done, line))
+        while samples[0][0] < at - DRAIN_WINDOW_SECONDS:
+            samples.popleft()
+        first = None
+        for sample in reversed(samples):
+            if not sample[2]:
+                break
+            first = sample
+        if first is None or at - first[0] < DRAIN_MIN_SPAN_SECONDS:
+            return None
+        rate = (done - first[1]) / (at - first[0])
+        return rate if rate > 0 else None
 
 
 _OPEN = text(
@@ -91,6 +137,7 @@ class Backlog:
         self._settings = settings
         self._catalog = catalog
         self._loads: dict[str, ModelLoad] = {}
+        self._drain = DrainMeter()
         self._accepted: dict[str, int] = {}
         self._refreshed = -math.inf  # when the last refresh started
         self._counted = -math.inf  # when the estimate in use was counted
@@ -186,13 +233,16 @@ class Backlog:
         # Every model, open tasks or not: a burst from idle is counted from the first submit.
         models = sorted({entry.id for entry in self._catalog.models} | set(open_tasks))
         slots = self._slots(models, channels)
-        times = await self._job_times(models)
+        times, done = await self._job_times(models)
         loads = {}
         for model in models:
             entry = self._catalog.model(model)
             job = times.get(model) or (float(entry.estimated_seconds) if entry else 0.0)
+            count = open_tasks.get(model, 0)
             if slots.get(model) and job > 0:
-                loads[model] = ModelLoad(open_tasks.get(model, 0), slots[model], job)
+                line = count >= slots[model]
+                drain = self._drain.observe(model, started, done.get(model, 0), line)
+                loads[model] = ModelLoad(count, slots[model], job, drain)
         for gone in self._loads.keys() - loads.keys():
             metrics.MODEL_BACKLOG.labels(gone).set(0)
         for model, load in loads.items():
@@ -216,17 +266,20 @@ class Backlog:
             found[model] = total
         return found
 
-    async def _job_times(self, models: list[str]) -> dict[str, float]:
+    async def _job_times(self, models: list[str]) -> tuple[dict[str, float], dict[str, int]]:
+        """Each model's median job time, and its finished-jobs counter."""
         if not models:
-            return {}
+            return {}, {}
         queue = self._settings.queue_name
         async with self._redis.pipeline(transaction=False) as pipe:
             for model in models:
                 pipe.lrange(job_times_key(queue, model), 0, JOB_TIMES_KEPT - 1)
+                pipe.get(jobs_done_key(queue, model))
             raw = await pipe.execute()
-        found = {}
-        for model, values in zip(models, raw, strict=True):
-            seconds = [float(v) for v in values or []]
+        found, done = {}, {}
+        for i, model in enumerate(models):
+            seconds = [float(v) for v in raw[2 * i] or []]
             if seconds:
                 found[model] = statistics.median(seconds)
-        return found
+            done[model] = int(raw[2 * i + 1] or 0)
+        return found, done
