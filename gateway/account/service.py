@@ -149,21 +149,9 @@ async def list_tasks(
     return page, following
 
 
-# What a tenant sees of the usage report: not the upstream cost or the margin.
-# What the tenant was charged and given back (refunds, adjustments naming a task); the
-# operator's upstream cost and margin stay out.
-USAGE_COLUMNS = (
-    "day",
-    "model",
-    "tasks",
-    "completed",
-    "failed",
-    "images",
-    "charged",
-    "refunded",
-    "adjusted",
-    "net",
-)
+# What a tenant sees of the usage report: what it was charged and given back (refunds,
+# adjustments naming a task); the operator's upstream cost and margin stay out.
+USAGE_COLUMNS = reports.COLUMNS[: reports.COLUMNS.index("upstream_cost")]
 _MICROS = tuple(f"{name}_micros" for name in ("charged", "refunded", "adjusted", "net"))
 
 
