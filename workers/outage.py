@@ -350,6 +350,14 @@ class ResilientWorker(Worker):
             self._listener = None
         try:
             await super().close()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves
+            # arq cancels the running jobs and gathers them: a job cancelled before its own
+            # handler began (one just started, a cron tick) raises out of that gather.
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self._finish_close()
         except REDIS_ERRORS as exc:
             logger.warning("closing with redis unavailable: %s", exc)
             if self.on_shutdown:
@@ -360,3 +368,13 @@ class ResilientWorker(Worker):
             with contextlib.suppress(Exception):
                 await self.pool.close(close_connection_pool=True)
             self._pool = None
+
+    async def _finish_close(self) -> None:
+        """The rest of arq's ``close`` after its gather of the cancelled jobs."""
+        if self._pool is None:
+            return
+        await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.close(close_connection_pool=True)
+        self._pool = None
