@@ -40,6 +40,7 @@ from gateway.db import (
 )
 from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized
+from gateway.heap import freeze_startup_objects
 from gateway.json_body import GatewayRequest
 from gateway.krea.routes import KreaController
 from gateway.limits.service import RateLimiter
@@ -297,6 +298,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 task_reads=TaskReads(pg),
                 backlog=backlog,
             )
+            freeze_startup_objects()
             yield
         finally:
             if backlog is not None:

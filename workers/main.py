@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_factory
+from gateway.heap import freeze_startup_objects
 from gateway.logs import configure_logging
 from gateway.redis_keys import (
     CALLBACK_JOB,
@@ -125,6 +126,7 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             asyncio.create_task(watch_database(engine, health)),
             asyncio.create_task(_sweep_slots(ctx["deps"].slots)),
         ]
+        freeze_startup_objects()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await _stop_background(ctx)
@@ -197,6 +199,7 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> ResilientWor
             signer=signer,
         )
         ctx["background"] = [asyncio.create_task(watch_database(engine, health))]
+        freeze_startup_objects()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await _stop_background(ctx)

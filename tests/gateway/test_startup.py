@@ -187,3 +187,46 @@ async def test_an_older_schema_is_refused_and_a_newer_one_accepted(
         conn = await asyncpg.connect(server)
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
+
+
+_FREEZE_PROBE = """
+import asyncio, gc
+from litestar.testing import AsyncTestClient
+from gateway.app import app_from_env
+
+async def main() -> None:
+    before = gc.get_freeze_count()
+    async with AsyncTestClient(app=app_from_env()) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        print(before, gc.get_freeze_count())
+
+asyncio.run(main())
+"""
+
+
+async def test_a_started_gateway_exempts_its_start_up_objects_from_the_collector(
+    settings: Settings,
+) -> None:
+    """gateway/heap.py: the app's start-up heap is frozen once it has started, so full
+    collections no longer walk it (a 60–270 ms pause of the event loop each)."""
+    env = {
+        **os.environ,
+        "TOLLGATE_DATABASE_URL": settings.database_url,
+        "TOLLGATE_REDIS_URL": settings.redis_url,
+        "TOLLGATE_ADMIN_TOKEN": settings.admin_token,
+        "TOLLGATE_SIGNING_SECRET": settings.signing_secret,
+        "TOLLGATE_ENCRYPTION_KEYS": settings.encryption_keys,
+    }
+    probed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _FREEZE_PROBE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probed.returncode == 0, probed.stderr
+    before, after = (int(n) for n in probed.stdout.split())
+    assert before == 0
+    assert after > 50_000  # the app, its schemas, the catalogue and the libraries
