@@ -41,6 +41,7 @@ from gateway.db import (
 from gateway.deps import RATE_HEADERS, Services, ServicesDep, provide_services
 from gateway.errors import Unauthorized
 from gateway.heap import freeze_startup_objects
+from gateway.hot_reads import HotReads
 from gateway.json_body import GatewayRequest
 from gateway.krea.routes import KreaController
 from gateway.limits.service import RateLimiter
@@ -362,7 +363,9 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             ),
         ),
     )
-    app.asgi_handler = observe_requests(app.asgi_handler, access_log=settings.access_log)
+    # The polled reads are answered in front of litestar's routing (gateway/hot_reads.py).
+    app.state.hot_reads = HotReads(app, app.asgi_handler)
+    app.asgi_handler = observe_requests(app.state.hot_reads, access_log=settings.access_log)
     return app
 
 

@@ -108,14 +108,6 @@ def envelope(code: str, message: str, type_: str) -> bytes:
     return _encoder.encode({"error": {"code": code, "message": message, "type": type_}})
 
 
-def error_response(
-    status: int, code: str, message: str, type_: str, headers: dict[str, str] | None = None
-) -> Response[bytes]:
-    return Response(
-        content=envelope(code, message, type_), status_code=status, media_type=JSON, headers=headers
-    )
-
-
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
@@ -203,37 +195,34 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
-def _unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    logger.warning(
-        "dependency unavailable on %s %s: %s: %s",
-        request.method,
-        request.url.path,
-        type(exc).__name__,
-        exc,
-    )
-    return error_response(
+def _unavailable(method: str, path: str, exc: Exception) -> tuple[int, bytes, dict[str, str]]:
+    logger.warning("dependency unavailable on %s %s: %s: %s", method, path, type(exc).__name__, exc)
+    return (
         503,
-        "service_unavailable",
-        ServiceUnavailable.default_message,
-        "api_error",
+        envelope("service_unavailable", ServiceUnavailable.default_message, "api_error"),
         {"Retry-After": UNAVAILABLE_RETRY_AFTER},
     )
 
 
 def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    status, body, headers = render_error(exc, request.method, request.url.path)
+    return Response(content=body, status_code=status, media_type=JSON, headers=headers or None)
+
+
+def render_error(exc: Exception, method: str, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """The status, envelope and headers of the answer to ``exc`` (raised serving
+    ``method path``): litestar's exception handler, and the hot reads (gateway/hot_reads.py)."""
     if isinstance(exc, ApiError):
         headers = exc.headers
         if exc.status == 503 and "Retry-After" not in headers:
             headers = {**headers, "Retry-After": UNAVAILABLE_RETRY_AFTER}
-        return error_response(exc.status, exc.code, exc.message, exc.type, headers)
+        return exc.status, envelope(exc.code, exc.message, exc.type), headers
     if isinstance(exc, ValidationException):
-        return error_response(
-            400, "invalid_request", _validation_message(exc), "invalid_request_error"
-        )
+        message = _validation_message(exc)
+        return 400, envelope("invalid_request", message, "invalid_request_error"), {}
     if isinstance(exc, HTTPException) and isinstance(exc.__cause__, SerializationException):
-        return error_response(
-            400, "invalid_request", f"body: malformed JSON ({exc.detail})", "invalid_request_error"
-        )
+        message = f"body: malformed JSON ({exc.detail})"
+        return 400, envelope("invalid_request", message, "invalid_request_error"), {}
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         code, type_ = _FRAMEWORK_CODES.get(
             exc.status_code, ("invalid_request", "invalid_request_error")
@@ -241,21 +230,16 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
         message = exc.detail or code.replace("_", " ")
         if exc.status_code == 413:
             message = "Request body is too large"
-        headers = dict(exc.headers or {})
-        return error_response(exc.status_code, code, message, type_, headers or None)
+        return exc.status_code, envelope(code, message, type_), dict(exc.headers or {})
     if isinstance(exc, HTTPException) and exc.status_code == 503:
-        return _unavailable(request, exc)
+        return _unavailable(method, path, exc)
     if is_unavailable(exc):
-        return _unavailable(request, exc)
+        return _unavailable(method, path, exc)
     if _is_data_exception(exc):
         # A value PostgreSQL cannot store (too long, invalid characters) that a
         # check upstream missed: the client's input, so a 400, never a 500.
-        logger.warning("data exception on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(
-            400,
-            "invalid_request",
-            "A value in the request cannot be stored (too long or invalid characters)",
-            "invalid_request_error",
-        )
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "Internal server error", "api_error")
+        logger.warning("data exception on %s %s: %s", method, path, exc)
+        message = "A value in the request cannot be stored (too long or invalid characters)"
+        return 400, envelope("invalid_request", message, "invalid_request_error"), {}
+    logger.exception("unhandled error on %s %s", method, path)
+    return 500, envelope("internal_error", "Internal server error", "api_error"), {}

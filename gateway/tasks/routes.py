@@ -108,7 +108,7 @@ async def cancel_and_queue(
     return cancellation.task
 
 
-def _task_body(services: Services, task: service.TaskView) -> bytes:
+def task_body(services: Services, task: service.TaskView) -> bytes:
     """The task object's JSON; a final task's is kept for the next reader."""
     body = encode_json(service.render_task(task, services.signer))
     services.finished.keep(task, body)
@@ -171,12 +171,12 @@ class TaskController(Controller):
             body = services.finished.get(principal.tenant_id, task_id)
             if body is None:
                 found = await services.task_reads.read(principal.tenant_id, task_id)
-                body = _task_body(services, found)
+                body = task_body(services, found)
             return encoded_response(body)
         task = await waiting.wait_for_task(services, principal.tenant_id, task_id, wait)
         # The many waiters of one task wake together: the first renders its end, the
         # others answer the same bytes (kept in ``services.finished``).
-        body = services.finished.get(principal.tenant_id, task_id) or _task_body(services, task)
+        body = services.finished.get(principal.tenant_id, task_id) or task_body(services, task)
         response = encoded_response(body)
         response.headers["Preference-Applied"] = f"wait={wait}"
         return response
