@@ -9,7 +9,9 @@ does and installs wrk) runs ``python -m benchmarks.run --database-url … --redi
    warm-up): the bare litestar endpoint (``benchmarks/bare.py``, served by the same
    ``gateway.server.run`` as the gateway), ``/healthz``, ``GET /v1/models``,
    ``POST /v1/images/generations`` from one tenant and spread over 50, and
-   ``GET /v1/tasks/{id}`` of a pending and of a completed task. Limits are on (rates so high
+   ``GET /v1/tasks/{id}`` of a pending and of a completed task; then submits from one
+   tenant at half the rate wrk reached, paced by hey (Debian's ``hey``: wrk has no fixed
+   rate), for the latency at half load. Limits are on (rates so high
    that they never refuse), so their cost is counted. Before each path the bare endpoint
    is measured again, and the path's ratio is to that run: on a shared machine the load
    moves within a minute. The CPU time the server's processes spent per request is
@@ -39,7 +41,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -268,6 +272,38 @@ def wrk(
     )
 
 
+_HEY_PERCENTILE = re.compile(r"^\s*(\d+)% in ([0-9.]+) secs", re.MULTILINE)
+_HEY_STATUS = re.compile(r"^\s*\[(\d{3})\]\s+(\d+) responses", re.MULTILINE)
+
+
+def paced(
+    run: Run, url: str, key: str, body: dict[str, Any], rate: float, seconds: float
+) -> dict[str, Any]:
+    """POST ``body`` to ``url`` at ``rate`` requests/s for ``seconds`` with hey (Debian's
+    ``hey``: wrk has no fixed rate); its latency percentiles, as the client saw them."""
+    workers = max(1, min(16, math.ceil(rate / 50)))
+    # hey prints no 99th percentile below 100 answers: run long enough for 200.
+    seconds = max(seconds, min(30.0, 200 / max(rate, 1.0)))
+    argv = [
+        "hey", "-z", f"{max(1, round(seconds))}s", "-c", str(workers),
+        "-q", f"{max(1.0, rate / workers):.1f}", "-m", "POST", "-T", "application/json",
+        "-H", f"Authorization: Bearer {key}", "-d", json.dumps(body), url,
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    run.check_alive()
+    found = {int(p): float(v) * 1000 for p, v in _HEY_PERCENTILE.findall(done.stdout)}
+    statuses = {int(code): int(n) for code, n in _HEY_STATUS.findall(done.stdout)}
+    if done.returncode != 0 or 50 not in found or 99 not in found:
+        raise RuntimeError(f"hey failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+    return {
+        "rate": round(workers * max(1.0, rate / workers), 1),
+        "requests": sum(statuses.values()),
+        "non_2xx": sum(n for code, n in statuses.items() if code >= 300),
+        "p50_ms": round(found[50], 2),
+        "p99_ms": round(found[99], 2),
+    }
+
+
 @contextlib.contextmanager
 def profiled(args: argparse.Namespace, proc: Proc | None, name: str) -> Iterator[None]:
     """With ``--profile DIR``: py-spy samples ``proc`` (and its children) meanwhile."""
@@ -482,9 +518,21 @@ def http_phase(
             paths[name] = wrk(stack.run, url, script, **load, pid=server.popen.pid)
         if name != "bare":
             served_before += paths[name].requests
+    # Issue 12: the gateway's latency at half its maximum submit rate (1 tenant).
+    half = paths["submit_1_tenant"].rps / 2
+    say(f"hey: submit_1_tenant at half its maximum rate ({half:.0f}/s)")
+    submit_at_half = paced(
+        stack.run,
+        f"{stack.gateway_url}/v1/images/generations",
+        keys[0],
+        MODEL_BODY,
+        half,
+        args.duration,
+    )
     rss_after = rss_kib(stack.gateway.popen.pid)
     return {
         "paths": paths,
+        "submit_at_half_rate": submit_at_half,
         "bare_next_to": bare_next_to,
         "pending_task": pending,
         "rss": {
@@ -722,6 +770,7 @@ def figures(
             }
             for name, load in paths.items()
         },
+        "submit_at_half_rate": http["submit_at_half_rate"],
         "worker": {k: v for k, v in worker.items() if k not in ("all_tasks", "completed_task")},
         "callbacks": callbacks,
         "rss_mib": {
@@ -762,10 +811,13 @@ def table(result: dict[str, Any]) -> str:
             f"{load['non_2xx'] + load['socket_errors']} |"
         )
     worker, callbacks, rss = result["worker"], result["callbacks"], result["rss_mib"]
+    half = result["submit_at_half_rate"]
     rows += [
         "",
         "| figure | value |",
         "| --- | --- |",
+        f"| submit, 1 tenant, at half its maximum rate ({half['rate']:,.0f}/s, hey): "
+        f"p50 / p99 ms | {half['p50_ms']} / {half['p99_ms']} ({half['non_2xx']} non-2xx) |",
         f"| worker tasks/s (simulator latency 0, {worker['tasks']} tasks) | "
         f"{worker['tasks_per_s']} |",
         f"| submit → job start p50 / p99 ms ({worker['start_latency_samples']} tasks) | "

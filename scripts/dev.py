@@ -575,6 +575,7 @@ def cmd_test(args: list[str]) -> int:
     # The benchmark's smoke test drives wrk: install it like everything else the tests need.
     try:
         ensure_wrk()
+        ensure_hey()
     except DevError as exc:
         say(f"warning: {exc}; the benchmark's smoke test will fail")
     # The console's browser tests drive Debian's chromium (tests/console/test_console_browser.py).
@@ -635,8 +636,20 @@ def ensure_wrk() -> str:
     )
 
 
+def ensure_hey() -> str:
+    """hey's path (the benchmark's paced load: wrk has no fixed rate), installed like wrk."""
+    found = ensure_apt_binary("hey", "hey")
+    if found:
+        return found
+    raise DevError(
+        "the benchmark needs hey (https://github.com/rakyll/hey): install it with "
+        "`apt-get install hey` (Debian, Ubuntu) or `brew install hey` (macOS)"
+    )
+
+
 def cmd_bench(args: list[str]) -> int:
     ensure_wrk()
+    ensure_hey()
     services = resolve_services("test")  # a server database: the benchmark makes its own
     argv = [
         sys.executable, "-m", "benchmarks.run",
