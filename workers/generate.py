@@ -228,6 +228,7 @@ async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
         # Parking is routine under a backlog: one line per task at info, not per park.
         log = logger.debug if outcome == PARKED else logger.info
         log("task %s attempt %d: %s", task_id, attempt, outcome)
+        metrics.generation_ran(outcome)
         if run.job_time is not None and ctx.get("redis") is not None:
             await record_job_time(ctx["redis"], deps.settings.queue_name, *run.job_time)
         if run.callback_url and outcome.startswith(("completed", "failed")):
