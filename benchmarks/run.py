@@ -16,10 +16,10 @@ does and installs wrk) runs ``python -m benchmarks.run --database-url … --redi
    measured too (``/proc``): its ratio to the bare endpoint's is what the throughput
    ratio would be if each had a CPU to itself, which a loaded machine never gives.
 3. A worker: ``--tasks`` tasks (with a callback URL) submitted while no worker runs, then one
-   ``tollgate-worker`` against the simulator at latency 0: tasks/s from the first job's start
-   to the last task completed with its image stored; over the batch past its first tenth,
-   the worker process's CPU time per task and its generation job runs per task (a run
-   that parks for an upstream slot ends, and its job runs again once handed one). Then,
+   ``tollgate-worker`` against the simulator at latency 0 (``--latency``): tasks/s from the
+   first job's start to the last task completed with its image stored; over the batch past
+   its first tenth, the worker process's CPU time per task and its generation job runs per
+   task (a run that parks for an upstream slot ends, and runs again once handed one). Then,
    with the worker idle, tasks submitted one by one at a steady pace: submit → job start
    (``created_at`` → ``started_at``), p50 and p99.
 4. Callbacks: one ``tollgate-worker --callbacks`` delivers every finished task's callback
@@ -663,6 +663,7 @@ def worker_phase(
         "tasks": len(batch),
         "completed": finished,
         "failed": failed(batch),
+        "simulator_latency_s": args.latency,
         "tasks_per_s": round(tasks_per_s, 1),
         # Over the batch past its first tenth: the worker process's user + system CPU, and
         # its generation job runs (a parked run ends and runs again once handed a slot).
@@ -792,8 +793,8 @@ def table(result: dict[str, Any]) -> str:
         "",
         "| figure | value |",
         "| --- | --- |",
-        f"| worker tasks/s (simulator latency 0, {worker['tasks']} tasks) | "
-        f"{worker['tasks_per_s']} |",
+        f"| worker tasks/s (simulator latency {worker['simulator_latency_s']} s, "
+        f"{worker['tasks']} tasks) | {worker['tasks_per_s']} |",
         f"| worker CPU ms per task | {worker['cpu_ms_per_task']} |",
         f"| generation job runs per task | {worker['job_runs_per_task']} |",
         f"| submit → job start p50 / p99 ms ({worker['start_latency_samples']} tasks) | "
@@ -885,6 +886,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gateway-workers", type=int, default=1, help="tollgate serve --workers")
     parser.add_argument("--tasks", type=int, default=2000, help="tasks for the worker figure")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0,
+        help="the simulator's job time, seconds (0: the worker's own throughput; above, a "
+        "backlog behind the upstream's 16 slots, parking included)",
+    )
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--latency-rate", type=float, default=20, help="paced submits per second")
     parser.add_argument(
@@ -947,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             run.start("simulator", [
                 sys.executable, "-m", "workers.simulator", "--port", str(sim_port),
-                "--api-key", SIM_KEY, "--latency", "0",
+                "--api-key", SIM_KEY, "--latency", str(args.latency),
             ])  # fmt: skip
             bare_port = free_port()
             bare = run.start("bare", [
