@@ -56,7 +56,12 @@ class Admission:
         return slot_name(self._queue_name, route.id)
 
     async def enter_first(
-        self, routes: list[Route], *, ticket_ms: int, running_on: str | None
+        self,
+        routes: list[Route],
+        *,
+        ticket_ms: int,
+        running_on: str | None,
+        model: str | None = None,
     ) -> tuple[Route, bool] | None:
         """A slot on the first of ``routes`` that admits this run; None when the run
         parked in their lines (a slot handed to it queues its job again), or ``Retry``
@@ -65,7 +70,8 @@ class Admission:
         ``running_on`` is the channel the task's upstream job already runs on: it
         is let in past its circuit and its cap (``upstream_slots``' resuming rule).
         Returns the channel and whether this holder had the slot already (another
-        delivery of the same job may be running it).
+        delivery of the same job may be running it). ``model``, when given, goes with
+        the wake-up jobs (their runs need not read the task before their slot).
         """
         self._ticket_ms = ticket_ms
         if self._slots is None:
@@ -85,6 +91,7 @@ class Admission:
                 cap=route.max_concurrency,
                 ticket_ms=ticket_ms,
                 running=resuming,
+                model=model,
             )
             if grant.acquired:
                 self._slot = self._name(route)
