@@ -18,10 +18,12 @@ does and installs wrk) runs ``python -m benchmarks.run --database-url … --redi
    measured too (``/proc``): its ratio to the bare endpoint's is what the throughput
    ratio would be if each had a CPU to itself, which a loaded machine never gives.
 3. A worker: ``--tasks`` tasks (with a callback URL) submitted while no worker runs, then one
-   ``tollgate-worker`` against the simulator at latency 0: tasks/s from the first job's start
-   to the last task completed with its image stored. Then, with the worker idle, tasks
-   submitted one by one at a steady pace: submit → job start (``created_at`` →
-   ``started_at``), p50 and p99.
+   ``tollgate-worker`` against the simulator at latency 0 (``--latency``): tasks/s from the
+   first job's start to the last task completed with its image stored; over the batch past
+   its first tenth, the worker process's CPU time per task and its generation job runs per
+   task (a run that parks for an upstream slot ends, and runs again once handed one). Then,
+   with the worker idle, tasks submitted one by one at a steady pace: submit → job start
+   (``created_at`` → ``started_at``), p50 and p99.
 4. Callbacks: one ``tollgate-worker --callbacks`` delivers every finished task's callback
    to a real HTTPS receiver on loopback (``benchmarks/receiver.py``): deliveries/s.
 5. RSS of the gateway, the worker and the callback worker, early and at the end of their load.
@@ -614,6 +616,18 @@ def soak_phase(args: argparse.Namespace, stack: Stack, key: str) -> dict[str, An
     }
 
 
+def job_runs(metrics_port: int) -> int:
+    """The worker's generation job runs so far (``tollgate_generation_runs_total``)."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return round(
+        sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("tollgate_generation_runs_total{")
+        )
+    )
+
+
 def worker_phase(
     args: argparse.Namespace, stack: Stack, key: str, receiver: Receiver
 ) -> dict[str, Any]:
@@ -638,10 +652,16 @@ def worker_phase(
         return int(rows[0][0])
 
     say("starting one worker")
-    worker = run.start("worker", [str(BIN / "tollgate-worker")])
+    metrics_port = free_port()
+    worker = run.start(
+        "worker",
+        [str(BIN / "tollgate-worker")],
+        env={**run.env, "TOLLGATE_METRICS_PORT": str(metrics_port)},
+    )
     early = max(1, args.tasks // 10)
     wait_until("worker warm", lambda: completed(batch) >= early, run, 120)
     rss_before = rss_kib(worker.popen.pid)
+    cpu_before, runs_before = cpu_seconds(worker.popen.pid), job_runs(metrics_port)
     done_before = completed(batch)
     samples: list[tuple[int, float]] = [(done_before, round(rss_before / 1024, 1))]
     last_sample = time.monotonic()
@@ -656,7 +676,9 @@ def worker_phase(
 
     with profiled(args, worker, "worker_batch"):
         wait_until("worker batch", batch_done, run, args.tasks + 120)
+    cpu_after, runs_after = cpu_seconds(worker.popen.pid), job_runs(metrics_port)
     rss_after = rss_kib(worker.popen.pid)
+    between = completed(batch) - done_before
     samples.append((completed(batch), round(rss_after / 1024, 1)))
     span = fetch(
         db,
@@ -689,7 +711,12 @@ def worker_phase(
         "tasks": len(batch),
         "completed": finished,
         "failed": failed(batch),
+        "simulator_latency_s": args.latency,
         "tasks_per_s": round(tasks_per_s, 1),
+        # Over the batch past its first tenth: the worker process's user + system CPU, and
+        # its generation job runs (a parked run ends and runs again once handed a slot).
+        "cpu_ms_per_task": round((cpu_after - cpu_before) * 1000 / between, 2) if between else None,
+        "job_runs_per_task": round((runs_after - runs_before) / between, 2) if between else None,
         "start_latency_samples": len(waits),
         "start_latency_p50_ms": round(percentile(waits, 50), 1) if waits else None,
         "start_latency_p99_ms": round(percentile(waits, 99), 1) if waits else None,
@@ -818,8 +845,10 @@ def table(result: dict[str, Any]) -> str:
         "| --- | --- |",
         f"| submit, 1 tenant, at half its maximum rate ({half['rate']:,.0f}/s, hey): "
         f"p50 / p99 ms | {half['p50_ms']} / {half['p99_ms']} ({half['non_2xx']} non-2xx) |",
-        f"| worker tasks/s (simulator latency 0, {worker['tasks']} tasks) | "
-        f"{worker['tasks_per_s']} |",
+        f"| worker tasks/s (simulator latency {worker['simulator_latency_s']} s, "
+        f"{worker['tasks']} tasks) | {worker['tasks_per_s']} |",
+        f"| worker CPU ms per task | {worker['cpu_ms_per_task']} |",
+        f"| generation job runs per task | {worker['job_runs_per_task']} |",
         f"| submit → job start p50 / p99 ms ({worker['start_latency_samples']} tasks) | "
         f"{worker['start_latency_p50_ms']} / {worker['start_latency_p99_ms']} |",
         f"| callback deliveries/s ({callbacks['deliveries']} deliveries) | "
@@ -909,6 +938,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gateway-workers", type=int, default=1, help="tollgate serve --workers")
     parser.add_argument("--tasks", type=int, default=2000, help="tasks for the worker figure")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0,
+        help="the simulator's job time, seconds (0: the worker's own throughput; above, a "
+        "backlog behind the upstream's 16 slots, parking included)",
+    )
     parser.add_argument("--latency-samples", type=int, default=100)
     parser.add_argument("--latency-rate", type=float, default=20, help="paced submits per second")
     parser.add_argument(
@@ -971,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             run.start("simulator", [
                 sys.executable, "-m", "workers.simulator", "--port", str(sim_port),
-                "--api-key", SIM_KEY, "--latency", "0",
+                "--api-key", SIM_KEY, "--latency", str(args.latency),
             ])  # fmt: skip
             bare_port = free_port()
             bare = run.start("bare", [

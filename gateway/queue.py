@@ -41,11 +41,24 @@ return 1
 _EXPIRES_EXTRA_MS = 86_400_000  # arq's default: a job not started within a day is dropped
 
 
-async def enqueue_generation(redis: Redis, queue_name: str, task_id: str, attempt: int) -> bool:
-    """Queue the task's generation job; False if that job is already queued or running."""
+async def enqueue_generation(
+    redis: Redis,
+    queue_name: str,
+    task_id: str,
+    attempt: int,
+    *,
+    fresh: tuple[str, int] | None = None,
+) -> bool:
+    """Queue the task's generation job; False if that job is already queued or running.
+
+    ``fresh``: a just-submitted task's (model, submission ms). The job carries them, and
+    its first run asks nothing of PostgreSQL before it has an upstream slot
+    (``workers/generate.py``): under a backlog most such runs only park.
+    """
     job_id = generate_job_id(task_id, attempt)
     now_ms = round(time.time() * 1000)
-    payload = serialize_job(GENERATE_JOB, (task_id, attempt), {}, None, now_ms)
+    kwargs = {} if fresh is None else {"model": fresh[0], "ticket_ms": fresh[1]}
+    payload = serialize_job(GENERATE_JOB, (task_id, attempt), kwargs, None, now_ms)
     script = redis.register_script(_ENQUEUE)
     keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
     args: list[bytes | str | int] = [

@@ -24,10 +24,12 @@ keeping the task's lease, asking again.
 One ``Admission`` per run holds what the run has taken: at most one slot, the
 lines it waits in, and the half-open probes it holds. ``leave()`` gives all of
 it back, and a run calls it on every way out; a slot is renewed with the
-task's lease (``renew_slot``), so a killed worker's slot frees itself.
+task's lease (``renew_slot``; not within a third of a lease of its last renewal or
+grant), so a killed worker's slot frees itself.
 """
 
 import logging
+import time
 
 from arq.worker import Retry
 
@@ -49,6 +51,10 @@ class Admission:
         self.holder = holder  # in the channels' slots and circuits: "<task>:<attempt>"
         self._ticket_ms = 0  # its place in a channel's line: the task's submission (ms)
         self._slot: str | None = None  # the slot this run holds, if any
+        self._slot_renewed = 0.0  # when its lease was last set (monotonic)
+        # A slot's lease set less than a third of a lease ago is not renewed again (the
+        # lease's own rule): the beats right after a grant cost no round trip.
+        self._renew_every = deps.settings.lease_seconds / 3
         self._lines: set[str] = set()  # lines this run waits in mid-run
         self._probes: set[str] = set()  # channels whose half-open probe this run holds
 
@@ -56,7 +62,12 @@ class Admission:
         return slot_name(self._queue_name, route.id)
 
     async def enter_first(
-        self, routes: list[Route], *, ticket_ms: int, running_on: str | None
+        self,
+        routes: list[Route],
+        *,
+        ticket_ms: int,
+        running_on: str | None,
+        model: str | None = None,
     ) -> tuple[Route, bool] | None:
         """A slot on the first of ``routes`` that admits this run; None when the run
         parked in their lines (a slot handed to it queues its job again), or ``Retry``
@@ -65,7 +76,8 @@ class Admission:
         ``running_on`` is the channel the task's upstream job already runs on: it
         is let in past its circuit and its cap (``upstream_slots``' resuming rule).
         Returns the channel and whether this holder had the slot already (another
-        delivery of the same job may be running it).
+        delivery of the same job may be running it). ``model``, when given, goes with
+        the wake-up jobs (their runs need not read the task before their slot).
         """
         self._ticket_ms = ticket_ms
         if self._slots is None:
@@ -85,9 +97,11 @@ class Admission:
                 cap=route.max_concurrency,
                 ticket_ms=ticket_ms,
                 running=resuming,
+                model=model,
             )
             if grant.acquired:
                 self._slot = self._name(route)
+                self._slot_renewed = time.monotonic()
                 # It may wait in the other lines (parked there by an earlier run).
                 if len(routes) > 1:
                     await self.leave_lines([r for r in routes if r.id != route.id])
@@ -141,6 +155,7 @@ class Admission:
             self._lines.add(name)
             return grant.wait_seconds
         self._slot = name
+        self._slot_renewed = time.monotonic()
         return None
 
     async def give_up_probe(self, route: Route) -> None:
@@ -169,7 +184,10 @@ class Admission:
     async def renew_slot(self) -> None:
         """Extend the slot this run holds by a lease (with the task's own lease)."""
         if self._slot is not None and self._slots is not None:
+            if time.monotonic() - self._slot_renewed < self._renew_every:
+                return
             await self._slots.renew(self._slot, self.holder)
+            self._slot_renewed = time.monotonic()
 
     async def release_slot(self) -> None:
         """Give back the slot this run holds, if any."""

@@ -34,9 +34,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
+from arq.worker import Retry
 from sqlalchemy import select
 
 from gateway import logs, metrics
@@ -55,6 +55,7 @@ from workers.providers.base import UpstreamError
 from workers.result_store import ResultsNotStored
 from workers.routing import Route
 from workers.upstream_calls import UpstreamCalls
+from workers.upstream_slots import MIN_WAIT_SECONDS
 
 logger = logging.getLogger("tollgate.generate")
 
@@ -69,7 +70,7 @@ class Peeked:
     attempt: int
     upstream_job_id: str | None
     channel_id: str | None
-    created_at: datetime
+    ticket_ms: int  # the task's submission (ms): its place in the channels' lines
 
 
 class GenerationRun:
@@ -86,9 +87,17 @@ class GenerationRun:
         self.route: Route | None = None  # the first channel this run works on
         self.callback_url: str | None = None  # set once the task is claimed
         self.job_time: tuple[str, float] | None = None  # (model, seconds): images stored
+        self.fresh = False  # the run did not read the task before its slot
 
-    async def execute(self) -> str:
-        task = await self._peek()
+    async def execute(self, fresh: tuple[str, int] | None = None) -> str:
+        """``fresh``: the task's (model, ticket), carried by a first delivery of a job that
+        knows its task runs no upstream job (see ``generate_task``): the run reads nothing
+        from PostgreSQL before it has a slot, and its claim checks the task."""
+        self.fresh = fresh is not None
+        if fresh is not None:
+            task: Peeked | None = Peeked(fresh[0], "pending", self.attempt, None, None, fresh[1])
+        else:
+            task = await self._peek()
         if task is None or task.status not in OPEN_STATES or task.attempt != self.attempt:
             if task is not None:  # it may have waited in the lines
                 await self.admission.leave_lines(await self.deps.directory.candidates(task.model))
@@ -98,8 +107,9 @@ class GenerationRun:
         if routes:
             entered = await self.admission.enter_first(
                 routes,
-                ticket_ms=int(task.created_at.timestamp() * 1000),
+                ticket_ms=task.ticket_ms,
                 running_on=task.channel_id if task.upstream_job_id is not None else None,
+                model=task.model,
             )
             if entered is None:
                 return PARKED
@@ -123,7 +133,11 @@ class GenerationRun:
         ).where(c.id == self.task_id)
         async with self.deps.engine.connect() as conn:
             row = (await conn.execute(stmt)).first()
-        return None if row is None else Peeked(*row)
+        if row is None:
+            return None
+        model, status, attempt, job_id, channel_id, created_at = row
+        ticket_ms = int(created_at.timestamp() * 1000)
+        return Peeked(model, status, attempt, job_id, channel_id, ticket_ms)
 
     async def _ordered_routes(self, task: Peeked) -> list[Route]:
         """The channels to try: the one a running upstream job lives on first."""
@@ -181,6 +195,12 @@ class GenerationRun:
         if entry is None or route is None:
             await self._fail("no_upstream", f"No upstream is configured for model {claimed.model}")
             return "failed: no upstream"
+        if self.fresh and claimed.upstream_job_id is not None and claimed.channel_id != route.id:
+            # A run that did not read the task, yet its upstream job runs on another channel
+            # (a delivery that took a slot elsewhere died): hand the task back and run
+            # again, reading it first, to resume that job where it runs.
+            await self.lease.hand_back()
+            raise Retry(defer=MIN_WAIT_SECONDS)
         request = ImageRequest.from_json(claimed.request)
         job_id = claimed.upstream_job_id if claimed.channel_id == route.id else None
         calls = UpstreamCalls(self.deps, self.task_id, self.admission, self.lease)
@@ -217,17 +237,34 @@ class GenerationRun:
             raise LeaseLost
 
 
-async def generate_task(ctx: dict[str, Any], task_id: str, attempt: int) -> str:
-    """arq job: run one attempt of one task (see the module docstring)."""
+async def generate_task(
+    ctx: dict[str, Any],
+    task_id: str,
+    attempt: int,
+    model: str | None = None,
+    ticket_ms: int | None = None,
+) -> str:
+    """arq job: run one attempt of one task (see the module docstring).
+
+    ``model`` and ``ticket_ms`` (the task's submission, ms) come with a just-submitted
+    task's job and with wake-up jobs: on its first delivery such a job's task runs no
+    upstream job yet, so the run takes its slot (or parks) without reading the task, and
+    the claim checks it. A job delivered again (a worker died, a circuit was open), or
+    queued without them (the reconciler's, older gateways'), reads the task first.
+    """
     deps: WorkerDeps = ctx["deps"]
+    fresh = None
+    if model is not None and ticket_ms is not None and ctx.get("job_try", 1) == 1:
+        fresh = (model, ticket_ms)
     with logs.scope():
         # Every line of this job names the task, and the request that submitted it.
         logs.bind(task_id=task_id)
         run = GenerationRun(deps, task_id, attempt)
-        outcome = await run.execute()
+        outcome = await run.execute(fresh)
         # Parking is routine under a backlog: one line per task at info, not per park.
         log = logger.debug if outcome == PARKED else logger.info
         log("task %s attempt %d: %s", task_id, attempt, outcome)
+        metrics.generation_ran(outcome)
         if run.job_time is not None and ctx.get("redis") is not None:
             await record_job_time(ctx["redis"], deps.settings.queue_name, *run.job_time)
         if run.callback_url and outcome.startswith(("completed", "failed")):

@@ -134,20 +134,31 @@ class Lease:
     async def kept_alive(self) -> AsyncIterator[None]:
         """Renew the lease in the background while the block runs (a long upstream call).
 
-        A lost lease ends the renewing; the run's next write finds it lost.
+        A lost lease ends the renewing; the run's next write finds it lost. Most calls
+        end well within a third of a lease: the renewing task is only started by a timer
+        then, so a short call costs a timer, not a task.
         """
-        keep_alive = asyncio.create_task(self._keep_alive())
+        loop = asyncio.get_running_loop()
+        keep_alive: asyncio.Task[None] | None = None
+
+        def start() -> None:
+            nonlocal keep_alive
+            keep_alive = loop.create_task(self._keep_alive())
+
+        timer = loop.call_later(self._settings.lease_seconds / 3, start)
         try:
             yield
         finally:
-            keep_alive.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                await keep_alive
+            timer.cancel()
+            if keep_alive is not None:
+                keep_alive.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                    await keep_alive
 
     async def _keep_alive(self) -> None:
         while True:
-            await asyncio.sleep(self._settings.lease_seconds / 3)
             await self.maybe_beat(None)
+            await asyncio.sleep(self._settings.lease_seconds / 3)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, keeping the lease alive, and give up at the deadline."""

@@ -21,7 +21,10 @@ semaphore per account in Redis. Rules (docs/architecture.md, "Upstream concurren
   release, or the sweep that finds an expired lease or a lapsed back-off) runs
   the same hand-off in the same script: the head of the line gets the slot and
   its wake-up job is put in the queue, and the queue's workers are woken by a
-  pub/sub message. The woken job finds the slot its own.
+  pub/sub message. The woken job finds the slot its own. It is queued at its
+  task's submission time, not now: ahead of every job queued after that task
+  (fresh tasks that will only park), so under a backlog a handed slot is used
+  at once rather than after the whole queue has cycled.
 - **Back-off.** An upstream 429 blocks new slots on that account for its
   Retry-After (1 s without one); holders wait it out too. The sweep hands the
   slots on once it lapses.
@@ -109,9 +112,9 @@ local function hand(me)
   local free = tonumber(redis.call('GET', KEYS[5]) or '0') - redis.call('ZCARD', KEYS[1])
   local got, woke = false, false
   while free > 0 do
-    local head = redis.call('ZRANGE', KEYS[2], 0, 0)
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     if #head == 0 then break end
-    local h = head[1]
+    local h, ticket = head[1], head[2]
     unpark(h)
     redis.call('ZADD', KEYS[1], now + lease, h)
     local payload = redis.call('HGET', KEYS[3], h)
@@ -121,7 +124,8 @@ local function hand(me)
     elseif payload and payload ~= '' then
       local id = h .. ':w' .. now
       redis.call('PSETEX', ARGV[3] .. id, ARGV[4], payload)
-      redis.call('ZADD', KEYS[6], now, id)
+      -- Scored by its ticket (the task's submission): ahead of every job queued after it.
+      redis.call('ZADD', KEYS[6], ticket, id)
       woke = true
     end
     free = free - 1
@@ -209,11 +213,13 @@ def backoff_seconds(retry_after: float | None) -> float:
     return min(max(wait, MIN_BACKOFF_SECONDS), MAX_BACKOFF_SECONDS)
 
 
-def wake_payload(holder: str) -> bytes:
-    """The wake-up job of a parked holder (``<task>:<attempt>``): its generation job."""
+def wake_payload(holder: str, model: str | None = None, ticket_ms: int = 0) -> bytes:
+    """The wake-up job of a parked holder (``<task>:<attempt>``): its generation job, with
+    the task's model and ticket when known (the woken run then skips reading the task)."""
     task_id, _, attempt = holder.rpartition(":")
     now_ms = round(time.time() * 1000)
-    return serialize_job(GENERATE_JOB, (task_id, int(attempt)), {}, None, now_ms)
+    kwargs = {} if model is None else {"model": model, "ticket_ms": ticket_ms}
+    return serialize_job(GENERATE_JOB, (task_id, int(attempt)), kwargs, None, now_ms)
 
 
 # Puts the running tasks' slots back after Redis lost them, setting the marker last.
@@ -275,13 +281,15 @@ class UpstreamSlots:
         ticket_ms: int,
         running: bool = False,
         wake: bool = True,
+        model: str | None = None,
     ) -> Grant:
         """Take a slot on ``upstream`` for ``holder``, or wait in its line for one.
 
         ``ticket_ms`` places the holder in the line (its task's submission time);
         ``running`` says its upstream job already runs (see the module's rules).
         Refused with ``wake``, the holder's generation job is queued when a slot is
-        handed to it; without, the caller asks again after ``wait_seconds``.
+        handed to it (carrying ``model`` and ``ticket_ms`` when ``model`` is given: see
+        ``workers/generate.py``); without, the caller asks again after ``wait_seconds``.
         """
         args = [
             *self._args(upstream),
@@ -289,7 +297,7 @@ class UpstreamSlots:
             cap,
             ticket_ms,
             1 if running else 0,
-            wake_payload(holder) if wake else b"",
+            wake_payload(holder, model, ticket_ms) if wake else b"",
         ]
         raw: list[Any] = await self._acquire(keys=self._keys(upstream), args=[*args, 1])
         status, backoff_ms = (int(v) for v in raw)

@@ -1,10 +1,18 @@
 """``LocalStorage``: results in a directory shared by gateways and workers (one host or a
-POSIX shared volume). Files are written to a temporary name and renamed into place."""
+POSIX shared volume). Files are written to a temporary name and renamed into place.
+
+A write is a handful of system calls: the task's folder is made with one ``mkdir`` (all of its
+parents only when the root is missing), the temporary file is opened under a name unique to this
+process (a random token drawn once, and a counter: no ``mkstemp`` retry loop), written
+unbuffered, and renamed into place.
+"""
 
 import asyncio
+import contextlib
+import itertools
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -12,6 +20,10 @@ from typing import BinaryIO
 from gateway.storage.base import Deleted, StorageUnavailable, StoredObject, check_key, check_task_id
 
 CHUNK_BYTES = 256 * 1024
+# Temporary names: unique to this process on any host sharing the volume.
+_TMP_PREFIX = f".tmp-{secrets.token_hex(6)}-"
+_tmp_numbers = itertools.count()
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 class LocalStorage:
@@ -24,17 +36,29 @@ class LocalStorage:
         return self.root / check_key(key)
 
     def _write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = os.path.join(self.root, check_key(key))
+        folder = os.path.dirname(path)
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # the root itself is missing (a fresh deployment)
+            os.makedirs(folder, exist_ok=True)
         # Write then rename: a reader never sees half a file, and a job that
         # runs twice simply replaces the same key with the same bytes.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        tmp = os.path.join(folder, f"{_TMP_PREFIX}{next(_tmp_numbers)}")
+        fd = os.open(tmp, _TMP_FLAGS, 0o600)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
 
     def _read(self, key: str) -> bytes | None:

@@ -311,7 +311,10 @@ async def queue_new_task(redis: Redis, queue_name: str, task: "TaskView") -> Non
     """Queue a just-submitted task's job. The task is committed: if Redis fails now, the
     reconciler queues it from its row (``requeue_pending_after_seconds``)."""
     try:
-        await enqueue_generation(redis, queue_name, task.id, task.attempt)
+        ticket_ms = int(task.created_at.timestamp() * 1000)
+        await enqueue_generation(
+            redis, queue_name, task.id, task.attempt, fresh=(task.model, ticket_ms)
+        )
     except Exception:
         logger.exception("queueing task %s failed; the reconciler will queue it", task.id)
 

@@ -175,6 +175,27 @@ async def test_a_stale_attempt_writes_nothing(
     assert (await generate_task({"deps": deps}, task_id, 1)).startswith("completed")
 
 
+async def test_a_fresh_job_that_reads_nothing_before_its_slot_is_still_fenced(
+    settings: Settings, client: Client, tenant_key: tuple[str, str], simulator: Sim, deps: Any
+) -> None:
+    """A just-submitted task's job carries its model and ticket, and its first delivery
+    does not read the task before its slot: the claim alone keeps out a stale attempt and
+    an ended task."""
+    _, key = tenant_key
+    body = {"model": "krea-2-medium", "prompt": "fresh"}
+    stale = await create_task(client, key, body)
+    async with deps.engine.begin() as conn:
+        await conn.execute(text("UPDATE tasks SET attempt = 1 WHERE id = :id"), {"id": stale})
+    ctx = {"deps": deps, "job_try": 1}
+    assert (await generate_task(ctx, stale, 0, body["model"], 1)).startswith("skipped")
+    ended = await create_task(client, key, body)
+    cancelled = await client.post(f"/v1/tasks/{ended}/cancel", headers=bearer(key))
+    assert cancelled.status_code == 200, cancelled.text
+    assert (await generate_task(ctx, ended, 0, body["model"], 1)).startswith("skipped")
+    assert (await simulator.stats())["submits"] == 0
+    assert (await generate_task(ctx, stale, 1, body["model"], 1)).startswith("completed")
+
+
 async def test_reconciler_requeues_a_task_whose_job_redis_lost(
     fast_settings: Settings, simulator: Sim, tenant_key: tuple[str, str]
 ) -> None:

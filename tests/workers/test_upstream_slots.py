@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from arq.jobs import deserialize_job
 from conftest import (
     REDIS_URL,
     SIM_KEY,
@@ -225,6 +226,30 @@ async def test_a_freed_slot_is_handed_to_the_head_of_the_line_and_its_job_queued
     await slots.release(upstream, "w2:0")
     assert await redis.zrange(upstream_line_key(upstream), 0, -1) == [b"w1:0"]
     assert len(await queued_wakeups(redis, upstream)) == 1
+
+
+async def test_a_woken_job_goes_ahead_of_the_jobs_queued_after_its_task(
+    redis: Redis, upstream: str
+) -> None:
+    """Under a backlog the queue holds fresh jobs that will only park: a handed slot's
+    job is queued at its task's submission, ahead of them, not behind the whole queue."""
+    slots = slots_for(redis, upstream)
+    assert (await slots.acquire(upstream, "holder:0", cap=1, ticket_ms=1000)).acquired
+    grant = await slots.acquire(upstream, "parked:3", cap=1, ticket_ms=2000, model="flux-dev")
+    assert not grant.acquired
+    # Jobs of tasks submitted after it, still queued (arq scores by enqueue time, ms).
+    now_ms = round(time.time() * 1000)
+    await redis.zadd(upstream, {"later-1": now_ms - 5000, "later-2": now_ms - 4000})
+    await slots.release(upstream, "holder:0")
+    queued = await redis.zrange(upstream, 0, -1, withscores=True)
+    assert [job.decode() for job, _ in queued][1:] == ["later-1", "later-2"]
+    woken, score = queued[0]
+    assert woken.decode().startswith("parked:3:w")
+    assert score == 2000
+    # Its job carries what its run needs before the slot: the model and the ticket.
+    job = deserialize_job(await redis.get(f"arq:job:{woken.decode()}"))
+    assert (job.function, job.args) == ("generate_task", ("parked", 3))
+    assert job.kwargs == {"model": "flux-dev", "ticket_ms": 2000}
 
 
 async def test_a_sweep_hands_on_the_slot_of_an_expired_lease(redis: Redis, upstream: str) -> None:
