@@ -157,6 +157,14 @@ def task_changed(conn: AsyncConnection, task_id: str) -> None:
         _open.setdefault(conn.sync_connection, []).append((publisher, task_id))  # type: ignore[arg-type]
 
 
+def committed(engine: AsyncEngine, task_id: str) -> None:
+    """Signal that ``task_id`` changed in a statement that has already committed (one
+    outside any of ``engine``'s transactions: ``gateway.db.Statements``)."""
+    publisher = _publishers.get(engine.sync_engine)
+    if publisher is not None:
+        publisher.emit(task_id)
+
+
 def _hook() -> None:
     global _hooked
     if not _hooked:
