@@ -55,8 +55,8 @@ BEGIN
         -- msg_ and 24 hex digits, as callbacks.new_delivery_id: 12 random bytes (the
         -- first 6 of a version 4 UUID are all random).
         ended.delivery_id := 'msg_' || encode(
-            substr(uuid_send(gen_random_uuid()), 1, 6) || substr(uuid_send(gen_random_uuid()), 1, 6),
-            'hex');
+            substr(uuid_send(gen_random_uuid()), 1, 6)
+            || substr(uuid_send(gen_random_uuid()), 1, 6), 'hex');
         INSERT INTO callback_deliveries (
             id, task_id, tenant_id, url, status, schedule, attempts, next_attempt_at, created_at
         ) SELECT ended.delivery_id, ended.task_id, ended.tenant_id, ended.callback_url,
