@@ -53,10 +53,6 @@ def _fence(task_id: str, attempt: int) -> ColumnElement[bool]:
     return (c.id == task_id) & (c.attempt == attempt)
 
 
-def _changed(result: Any) -> bool:
-    return bool(result.rowcount == 1)
-
-
 async def _fetch(db: Db, sql: str, *args: Any) -> list[Any]:
     """Run one statement (numbered parameters) on ``db``; its rows."""
     if isinstance(db, AsyncConnection):
