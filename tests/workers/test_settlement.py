@@ -13,6 +13,7 @@ between the settlement and its commit for a worker to die at.
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
-from gateway.db import create_engine
+from gateway.db import Statements, create_engine
 from gateway.ledger import service as ledger
 from gateway.settings import Settings
 from gateway.storage import LocalStorage
@@ -266,6 +267,42 @@ async def test_fewer_images_than_quoted_cost_their_share_and_free_the_rest(
     shown = await client.get(f"/v1/tasks/{task['id']}", headers=bearer(key))
     assert '"credits_charged":0.1554' in shown.text
     assert '"credits_reserved":0.2331' in shown.text
+    await assert_ledger_clean(engine)
+
+
+async def test_an_end_outside_a_transaction_settles_and_returns_its_callback_delivery(
+    client: Client, settings: Settings, engine: AsyncEngine
+) -> None:
+    """The worker's way: claim and end as single autocommit statements (``Statements``);
+    the end's callback delivery comes back with it, committed with the settlement."""
+    tenant_id, key = await make_tenant_key(settings)
+    task_id = (await submit(client, key, {"model": "krea-2-medium", "prompt": "hook"}))["id"]
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE tasks SET callback_url = 'https://receiver.example/hook' WHERE id = :id"),
+            {"id": task_id},
+        )
+    db = Statements(engine)
+    claimed = await lifecycle.claim(db, task_id, 0, 30)
+    assert claimed is not None
+    keys = [f"{task_id}/0.png"]
+    ended = await lifecycle.complete(db, task_id, 0, keys, 3600, quote=claimed.quote)
+    assert ended is not None
+    assert (ended.status, ended.settled, ended.charged_micros) == ("completed", True, KREA_MEDIUM)
+    assert ended.delivery_id is not None
+    assert re.fullmatch(r"msg_[0-9a-f]{24}", ended.delivery_id)
+    async with engine.connect() as conn:
+        deliveries = await conn.execute(
+            text("SELECT id, status, attempts, url FROM callback_deliveries WHERE task_id = :id"),
+            {"id": task_id},
+        )
+        assert [tuple(row) for row in deliveries] == [
+            (ended.delivery_id, "pending", 0, "https://receiver.example/hook")
+        ]
+    assert await totals(engine, tenant_id) == (START - KREA_MEDIUM, 0)
+    assert await lifecycle.complete(db, task_id, 0, keys, 3600, quote=claimed.quote) is None
+    assert await lifecycle.fail(db, task_id, 0, "late", "too late") is None
+    assert len(await entries(engine, task_id)) == 2
     await assert_ledger_clean(engine)
 
 
