@@ -101,6 +101,33 @@ async def close_hot_pool(pool: asyncpg.Pool, grace_seconds: float = 5.0) -> None
         pool.terminate()
 
 
+class Statements:
+    """Single statements, each its own transaction (autocommit): one round trip apiece,
+    prepared once per connection, nothing of the ORM.
+
+    Over the hot asyncpg pool when there is one (``pool``); else over a connection of
+    ``engine``, used as plain asyncpg (no BEGIN is sent, so its return to the pool sends
+    no ROLLBACK either). Parameters are numbered (``$1``); JSONB goes in as text, cast
+    in the statement, since the two kinds of connection encode JSONB differently (both
+    decode it to Python values).
+    """
+
+    __slots__ = ("engine", "pool")
+
+    def __init__(self, engine: AsyncEngine, pool: asyncpg.Pool | None = None) -> None:
+        self.engine = engine
+        self.pool = pool
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        if self.pool is not None:
+            rows: list[Any] = await self.pool.fetch(sql, *args)
+            return rows
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: asyncpg.Connection = raw.driver_connection
+            return list(await driver.fetch(sql, *args))
+
+
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 

@@ -305,14 +305,10 @@ def generation_ran(outcome: str) -> None:
     GENERATION_RUNS.labels(outcome.partition(":")[0]).inc()
 
 
-def credits_settled(conn: AsyncConnection, tenant_id: str, captured: int, released: int) -> None:
-    credits = _credits
-
-    def record() -> None:
-        credits.count(credits.captured, tenant_id, captured)
-        credits.count(credits.released, tenant_id, released)
-
-    after_commit(conn, record)
+def credits_settled(tenant_id: str, captured: int, released: int) -> None:
+    """Count a hold's settlement; call it once the settling transaction committed."""
+    _credits.count(_credits.captured, tenant_id, captured)
+    _credits.count(_credits.released, tenant_id, released)
 
 
 def rate_limit_refused(scope: str) -> None:

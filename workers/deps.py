@@ -5,10 +5,12 @@ in arq's context as ``ctx["deps"]``; tests build it by hand.
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.db import Statements
 from gateway.settings import Settings
 from gateway.storage import Storage
 from pricing.catalog import Catalog
@@ -31,3 +33,11 @@ class WorkerDeps:
     circuits: Circuits | None = None
     # Hosts exempt from the address guard when fetching result images (tests only).
     image_allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    # asyncpg's pool for the task's own writes (gateway/db.create_hot_pool); None: they
+    # go through the engine's connections, still one autocommit statement each.
+    pg: Any = None  # asyncpg.Pool (untyped)
+
+    @property
+    def statements(self) -> Statements:
+        """The task's claim, lease writes and end: one round trip each."""
+        return Statements(self.engine, self.pg)

@@ -40,7 +40,7 @@ from arq.worker import Retry
 from sqlalchemy import select
 
 from gateway import logs, metrics
-from gateway.callbacks import service as callbacks
+from gateway.queue import enqueue_callback
 from gateway.tasks import lifecycle
 from gateway.tasks.backlog import record_job_time
 from gateway.tasks.models import OPEN_STATES
@@ -85,7 +85,7 @@ class GenerationRun:
         self.calls: UpstreamCalls | None = None  # once the task is claimed
         self.lease = Lease(deps, task_id, attempt, self.admission)
         self.route: Route | None = None  # the first channel this run works on
-        self.callback_url: str | None = None  # set once the task is claimed
+        self.delivery_id: str | None = None  # the callback delivery its end recorded
         self.job_time: tuple[str, float] | None = None  # (model, seconds): images stored
         self.fresh = False  # the run did not read the task before its slot
 
@@ -149,15 +149,13 @@ class GenerationRun:
         return routes
 
     async def _claim_and_run(self, shared_slot: bool) -> str:
-        async with self.deps.engine.begin() as conn:
-            claimed = await lifecycle.claim(
-                conn, self.task_id, self.attempt, self.settings.lease_seconds
-            )
+        claimed = await lifecycle.claim(
+            self.deps.statements, self.task_id, self.attempt, self.settings.lease_seconds
+        )
         if claimed is None:
             if shared_slot:
                 self.admission.forget_slot()
             return SKIPPED
-        self.callback_url = claimed.callback_url
         logs.bind(request_id=claimed.request_id)
         self.lease.start(claimed.created_at)
         try:
@@ -213,28 +211,30 @@ class GenerationRun:
         made_by = failover.route or route
         # The cost of the channel that made the images: its own, or the catalogue's.
         cost = upstream_cost(claimed.quote, len(stored), made_by.costs.get(entry.id), request)
-        async with self.deps.engine.begin() as conn:
-            done = await lifecycle.complete(
-                conn,
-                self.task_id,
-                self.attempt,
-                [result.key for result in stored],
-                self.settings.result_url_ttl_seconds,
-                sizes=[(result.width, result.height) for result in stored],
-                cost=cost,
-                channel_id=made_by.id,
-            )
-        if not done:
+        done = await lifecycle.complete(
+            self.deps.statements,
+            self.task_id,
+            self.attempt,
+            [result.key for result in stored],
+            self.settings.result_url_ttl_seconds,
+            sizes=[(result.width, result.height) for result in stored],
+            cost=cost,
+            channel_id=made_by.id,
+            quote=claimed.quote,
+        )
+        if done is None:
             raise LeaseLost
+        self.delivery_id = done.delivery_id
         return f"completed: {len(stored)} image(s)"
 
     async def _fail(self, code: str, message: str) -> None:
-        async with self.deps.engine.begin() as conn:
-            failed = await lifecycle.fail(conn, self.task_id, self.attempt, code, message)
-        if not failed:
+        failed = await lifecycle.fail(
+            self.deps.statements, self.task_id, self.attempt, code, message
+        )
+        if failed is None:
             # Cancelled, or another attempt owns it: nothing of this run is recorded.
-            self.callback_url = None
             raise LeaseLost
+        self.delivery_id = failed.delivery_id
 
 
 async def generate_task(
@@ -267,11 +267,11 @@ async def generate_task(
         metrics.generation_ran(outcome)
         if run.job_time is not None and ctx.get("redis") is not None:
             await record_job_time(ctx["redis"], deps.settings.queue_name, *run.job_time)
-        if run.callback_url and outcome.startswith(("completed", "failed")):
+        if run.delivery_id is not None:
             # The delivery row was committed with the task's end; queue its first attempt
             # now (the callback reconciler would otherwise find it, later).
-            await callbacks.queue_first_attempts(
-                ctx["redis"], deps.settings.callback_queue_name, deps.engine, task_id
+            await enqueue_callback(
+                ctx["redis"], deps.settings.callback_queue_name, run.delivery_id, 1
             )
         return outcome
 

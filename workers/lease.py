@@ -51,7 +51,7 @@ class Lease:
     """One run's lease on its claimed task, and the task's deadline."""
 
     def __init__(self, deps: WorkerDeps, task_id: str, attempt: int, admission: Admission) -> None:
-        self._engine = deps.engine
+        self._db = deps.statements  # each write one autocommit statement
         self._settings = deps.settings
         self.task_id = task_id
         self.attempt = attempt
@@ -76,21 +76,16 @@ class Lease:
         self, channel_id: str, job_id: str | None, *, can_cancel: bool, progress: int | None = None
     ) -> None:
         """Record the channel and upstream job the task runs on (None: none), renewing."""
-        lease_seconds = self._settings.lease_seconds
-        async with self._engine.begin() as conn:
-            alive = await lifecycle.record_route(
-                conn,
-                self.task_id,
-                self.attempt,
-                lease_seconds,
-                channel_id=channel_id,
-                upstream_job_id=job_id,
-                can_cancel=can_cancel,
-            )
-            if alive and progress is not None:
-                await lifecycle.heartbeat(
-                    conn, self.task_id, self.attempt, lease_seconds, progress=progress
-                )
+        alive = await lifecycle.record_route(
+            self._db,
+            self.task_id,
+            self.attempt,
+            self._settings.lease_seconds,
+            channel_id=channel_id,
+            upstream_job_id=job_id,
+            can_cancel=can_cancel,
+            progress=progress,
+        )
         await self._renewed(alive)
 
     async def beat(self, *, progress: int | None = None) -> None:
@@ -101,14 +96,13 @@ class Lease:
         time the database is back: the reconciler hands such a task on).
         """
         try:
-            async with self._engine.begin() as conn:
-                alive = await lifecycle.heartbeat(
-                    conn,
-                    self.task_id,
-                    self.attempt,
-                    self._settings.lease_seconds,
-                    progress=progress,
-                )
+            alive = await lifecycle.heartbeat(
+                self._db,
+                self.task_id,
+                self.attempt,
+                self._settings.lease_seconds,
+                progress=progress,
+            )
         except Exception as exc:
             if not is_database_outage(exc):
                 raise
@@ -171,8 +165,7 @@ class Lease:
     async def hand_back(self) -> None:
         """End the lease now (shutdown): another worker may take the task at once."""
         try:
-            async with self._engine.begin() as conn:
-                handed = await lifecycle.hand_back(conn, self.task_id, self.attempt)
+            handed = await lifecycle.hand_back(self._db, self.task_id, self.attempt)
         except Exception:
             # The lease runs out on its own; the reconciler then hands the task on.
             logger.exception("task %s: could not hand the task back", self.task_id)

@@ -17,7 +17,14 @@ from arq.connections import RedisSettings
 from redis.exceptions import RedisError
 
 from gateway import metrics
-from gateway.db import DatabaseNotReady, check_migrated, create_engine, session_factory
+from gateway.db import (
+    DatabaseNotReady,
+    check_migrated,
+    close_hot_pool,
+    create_engine,
+    create_hot_pool,
+    session_factory,
+)
 from gateway.heap import freeze_startup_objects
 from gateway.logs import configure_logging
 from gateway.redis_keys import (
@@ -121,6 +128,8 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
                 cooldown_seconds=settings.circuit_cooldown_seconds,
             ),
             image_allowed_hosts=frozenset(settings.outbound_allowed_hosts),
+            # The task's claim, lease writes and end: one autocommit statement each.
+            pg=await create_hot_pool(settings),
         )
         ctx["background"] = [
             asyncio.create_task(watch_database(engine, health)),
@@ -138,6 +147,8 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             events.detach(deps.engine)
             await deps.http.aclose()
             await deps.storage.close()
+            if deps.pg is not None:
+                await close_hot_pool(deps.pg)
             await deps.engine.dispose()
 
     interval = settings.reconcile_interval_seconds

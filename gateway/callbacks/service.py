@@ -8,9 +8,11 @@ the worker dies mid-attempt the reconciler still queues the next one.
 A callback's body (``callback_body``) is the task as the front door it came
 through shows it: the unified task object, or the Krea job object.
 
-``queue_first_attempts`` is the one way a task's end reaches the callback queue:
-the worker after completing or failing a task, the reconciler after failing
-overdue ones, and the gateway after a cancel, each once the end has committed.
+A task's end records its delivery in the database, in the same call as its
+settlement (``tollgate_settle``, migration 0014), and returns its id. Once the
+end has committed, the worker queues that id's first attempt; the reconciler
+(after failing overdue tasks) and the gateway (after a cancel) find theirs
+with ``queue_first_attempts``.
 """
 
 import base64

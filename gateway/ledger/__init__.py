@@ -14,8 +14,11 @@ Rules (the database enforces them too):
   kept in the same transaction as each row; CHECK constraints keep
   ``0 <= held <= balance``, so credits can never be spent twice.
   ``tollgate ledger check`` recomputes both from the rows.
-- Only this package writes ledger rows or those two columns, with one
-  exception: the submit's hold is written by the database function
-  ``tollgate_submit`` (migration 0007, ADR 0005), in the same one-statement
-  transaction as the task, with the same rules (``hold:<task>``, held <= balance).
+- Only this package writes ledger rows or those two columns, with two
+  exceptions, both database functions called as one statement: the submit's
+  hold, by ``tollgate_submit`` (migration 0007, ADR 0005), in the transaction
+  that inserts the task (``hold:<task>``, held <= balance); and every
+  settlement, by ``tollgate_settle`` (migration 0014, ADR 0006), in the
+  transaction of the ending UPDATE that makes the task final (``settle:<task>``,
+  charge <= hold).
 """

@@ -1,5 +1,9 @@
 """Money moves. Each function writes one ledger row and the tenant's running totals.
 
+A hold and its settlement are written by the database functions of the task's
+submit and end (``tollgate_submit``, ``tollgate_settle``: migrations 0007 and 0014);
+the key names they use are here.
+
 Callers own the transaction; the functions take an ``AsyncSession`` or an
 ``AsyncConnection`` (both run Core statements) and never commit. See the
 package docstring for the rules.
@@ -15,7 +19,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway import metrics
 from gateway.errors import ApiError, Conflict, InvalidRequest, NotFound
 from gateway.ledger.models import EntryKind, LedgerEntry
 from gateway.ledger.schemas import CreditChange
@@ -64,53 +67,6 @@ async def _append(db: Db, **values: Any) -> bool:
         .returning(ledger.c.id)
     )
     return (await _exec(db, stmt)).first() is not None
-
-
-async def capture(
-    db: Db, tenant_id: str, task_id: str, hold_micros: int, charge_micros: int
-) -> bool:
-    """Close a completed task's hold by charging ``charge_micros`` (at most the hold); the
-    rest of the hold is freed. False when the hold was already settled."""
-    return await settle(db, tenant_id, task_id, hold_micros, charge_micros)
-
-
-async def release(db: Db, tenant_id: str, task_id: str, hold_micros: int) -> bool:
-    """Close a failed or cancelled task's hold, charging nothing. False when already settled."""
-    return await settle(db, tenant_id, task_id, hold_micros, None)
-
-
-async def settle(
-    db: Db, tenant_id: str, task_id: str, hold_micros: int, charge_micros: int | None
-) -> bool:
-    """What ``capture`` (``charge_micros`` given) and ``release`` (None) both do.
-
-    Returns False when the hold was already settled: the shared idempotency key
-    makes a second settlement, of either kind, a no-op.
-    """
-    capture = charge_micros is not None
-    charge = min(charge_micros or 0, hold_micros)
-    settled = await _append(
-        db,
-        tenant_id=tenant_id,
-        task_id=task_id,
-        kind=(EntryKind.CAPTURE if capture else EntryKind.RELEASE).value,
-        amount_micros=charge if capture else hold_micros,
-        hold_micros=hold_micros,
-        idempotency_key=settle_key(task_id),
-    )
-    if not settled:
-        return False
-    await _exec(
-        db,
-        update(tenants)
-        .where(tenants.c.id == tenant_id)
-        .values(
-            held_micros=tenants.c.held_micros - hold_micros,
-            balance_micros=tenants.c.balance_micros - charge,
-        ),
-    )
-    metrics.credits_settled(await connection(db), tenant_id, charge, hold_micros - charge)
-    return True
 
 
 async def _locked_tenant(db: Db, tenant_id: str) -> Any:

@@ -9,13 +9,13 @@ Rules:
   unlimited pass.
 - **In flight** (pending + processing) is a counter on the tenant row, raised
   by the submit's database call (``tollgate_submit``, migration 0007) and lowered
-  in the transaction that ends the task (``gateway/tasks/lifecycle.py``), so no
-  ending path can leak a slot.
+  by the settlement in the call that ends the task (``tollgate_settle``, migration
+  0014), so no ending path can leak a slot.
 - **Model access**: a tenant and a key may each carry a list of models; a
   request may use a model on both lists (no list: every model).
 - **Key budgets** count what a key reserves, per total, UTC day and UTC month
-  (``key_spend``, also written by ``tollgate_submit``); settlement gives back what
-  was reserved but not charged.
+  (``key_spend``, also written by ``tollgate_submit``); settlement
+  (``tollgate_settle``) gives back what was reserved but not charged.
   A reservation that would cross a budget is refused (a budget of 0 allows
   nothing paid; no budget is ``None``).
 - A rate set without a burst gets burst = min(the default burst, the rate), so
@@ -36,12 +36,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import Table, func, update
+from sqlalchemy import Table
 
 from gateway import metrics
 from gateway.auth import Principal
 from gateway.errors import ApiError, ServiceUnavailable
-from gateway.ledger.service import Db, connection
 from gateway.limits.batch import ScriptBatch
 from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
 from gateway.settings import Settings
@@ -253,14 +252,10 @@ def too_many_in_flight(cap: int) -> TooManyInFlight:
     )
 
 
-async def free_in_flight_slot(db: Db, tenant_id: str) -> None:
-    await (await connection(db)).execute(
-        update(tenants).where(tenants.c.id == tenant_id).values(in_flight=tenants.c.in_flight - 1)
-    )
-
-
 def spend_periods(moment: datetime) -> tuple[str, str, str]:
-    """The budget periods a reservation made at ``moment`` counts in (UTC)."""
+    """The budget periods a reservation made at ``moment`` counts in (UTC).
+
+    ``tollgate_settle`` (migration 0014) names the same periods in SQL."""
     moment = moment.astimezone(UTC)
     return ("total", f"day:{moment:%Y-%m-%d}", f"month:{moment:%Y-%m}")
 
@@ -274,16 +269,4 @@ def key_budget_exceeded(period: int, budget: int, spent: int, amount: int) -> Ke
         f"This key's {label} budget of {credits_from_micros(budget)} credits would be "
         f"exceeded: {credits_from_micros(spent)} already reserved or "
         f"spent, this request needs {credits_from_micros(amount)}"
-    )
-
-
-async def return_spend(db: Db, key_id: str, moment: datetime, amount: int) -> None:
-    """Give back to the key's budgets what a task reserved but was not charged."""
-    if amount <= 0:
-        return
-    # Never below zero: a task reserved before budgets existed was never counted.
-    await (await connection(db)).execute(
-        update(key_spend)
-        .where(key_spend.c.api_key_id == key_id, key_spend.c.period.in_(spend_periods(moment)))
-        .values(spent_micros=func.greatest(key_spend.c.spent_micros - amount, 0))
     )

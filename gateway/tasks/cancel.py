@@ -2,8 +2,9 @@
 ``DELETE /jobs/{id}``).
 
 The task becomes cancelled and its hold is released in one transaction
-(``lifecycle.cancel``, through the same ``_finish`` as every other end, so the
-in-flight slot, key budgets and the callback are handled alike). After the
+(``lifecycle.cancel``: ``tollgate_cancel``, through the same settlement as every
+other end, ``tollgate_settle``, so the in-flight slot, key budgets and the
+callback are handled alike). After the
 commit the route layer queues the callback's first attempt and, when an upstream
 job runs, asks a worker to cancel it there (``gateway/tasks/routes.py``,
 ``cancel_and_queue``); a worker still polling that job finds its attempt fenced

@@ -12,6 +12,8 @@ Rules:
   the transaction of the change; the id is published only once that transaction
   has committed *and* its connection is back in the pool, so a subscriber that
   reads the row at once sees the change (a COMMIT still in flight would hide it).
+  A change made by one autocommit statement (the worker's, ``gateway.db.Statements``)
+  is signalled with ``committed`` once the statement has returned.
   A rollback publishes nothing. An engine with no ``Publisher`` attached (the
   CLI, a test) publishes nothing either. Publishing is best effort: a signal lost
   on its way costs a waiter its early answer, never its answer (below).
@@ -155,6 +157,14 @@ def task_changed(conn: AsyncConnection, task_id: str) -> None:
     publisher = _publishers.get(conn.sync_engine)
     if publisher is not None:
         _open.setdefault(conn.sync_connection, []).append((publisher, task_id))  # type: ignore[arg-type]
+
+
+def committed(engine: AsyncEngine, task_id: str) -> None:
+    """Signal that ``task_id`` changed in a statement that has already committed (one
+    outside any of ``engine``'s transactions: ``gateway.db.Statements``)."""
+    publisher = _publishers.get(engine.sync_engine)
+    if publisher is not None:
+        publisher.emit(task_id)
 
 
 def _hook() -> None:

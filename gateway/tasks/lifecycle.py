@@ -8,27 +8,33 @@ Rules:
 - Final states (completed, failed, cancelled) are never left: every UPDATE
   requires an open status.
 - Times come from PostgreSQL's ``now()``, one clock for every process.
-- A task's hold is settled in the same transaction as the transition that
-  makes the task final: captured on completion (by the quote it was reserved
-  with), released on failure. Either both happen or neither. The same
-  transaction frees the tenant's in-flight slot and returns unused budget.
+- Every end (complete, fail, cancel, the sweeper's timeout) is one call of a
+  database function (migration 0014, ADR 0006): the ending UPDATE and, in its
+  transaction, the task's one settlement (``tollgate_settle``): its hold
+  captured on completion (by the quote it was reserved with) or released, the
+  tenant's in-flight slot freed, unused budget returned to the key, and the
+  callback delivery recorded. Either all of it happens or none.
+- A write takes ``Db``: a ``Statements`` (the worker: each statement is its own
+  transaction, one round trip) or an ``AsyncConnection`` whose transaction the
+  statement joins (the gateway's cancel, the sweeper, tests).
 - Every change a client can see (claimed, progress, cancellable, every end)
   signals the task's waiters once its transaction commits
-  (``gateway/tasks/events.py``); a rolled-back change signals nothing.
+  (``gateway/tasks/events.py``); a rolled-back change signals nothing. An end is
+  counted and logged the same way, once.
 """
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway import metrics
-from gateway.callbacks import service as callbacks
-from gateway.ledger import service as ledger
-from gateway.limits import service as limits
+from gateway.db import Statements
 from gateway.tasks import events
 from gateway.tasks.models import OPEN_STATES, Task, TaskStatus
 from pricing.quote import UpstreamCost, settlement, upstream_cost
@@ -40,71 +46,42 @@ _processing = c.status == TaskStatus.PROCESSING.value
 
 logger = logging.getLogger("tollgate.tasks")
 
+Db = Statements | AsyncConnection
+
 
 def _fence(task_id: str, attempt: int) -> ColumnElement[bool]:
     return (c.id == task_id) & (c.attempt == attempt)
 
 
-def _changed(result: Any) -> bool:
-    return bool(result.rowcount == 1)
+async def _fetch(db: Db, sql: str, *args: Any) -> list[Any]:
+    """Run one statement (numbered parameters) on ``db``; its rows."""
+    if isinstance(db, AsyncConnection):
+        return list(await db.exec_driver_sql(sql, args))
+    return await db.fetch(sql, *args)
 
 
-async def _finish(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
-    """What every end of a task does, in its transaction: settle the hold (capture
-    ``charge``, or release when None), free the in-flight slot, give the key's
-    budgets back what was reserved but not charged, and record the callback."""
-    if charge is None:
-        await ledger.release(conn, row.tenant_id, task_id, row.credits_reserved_micros)
+def _signal(db: Db, task_id: str) -> None:
+    """Signal the task's waiters once the change is committed."""
+    if isinstance(db, AsyncConnection):
+        events.task_changed(db, task_id)
     else:
-        await ledger.capture(conn, row.tenant_id, task_id, row.credits_reserved_micros, charge)
-    await limits.free_in_flight_slot(conn, row.tenant_id)
-    unused = row.credits_reserved_micros - (charge or 0)
-    await limits.return_spend(conn, row.api_key_id, row.created_at, unused)
-    if row.callback_url:
-        # After the settlement above, in the same transaction: the callback can
-        # neither be lost nor report a charge that did not happen.
-        await callbacks.create_delivery(conn, task_id, row.tenant_id, row.callback_url)
-    await _record_end(conn, task_id, row, charge)
-    events.task_changed(conn, task_id)
+        events.committed(db.engine, task_id)
 
 
-# Returned by every ending UPDATE: what _finish settles with, and what _record_end
-# counts and logs.
-_ENDING = (
-    c.tenant_id,
-    c.credits_reserved_micros,
-    c.api_key_id,
-    c.created_at,
-    c.callback_url,
-    c.model,
-    c.status,
-    c.request_id,
-)
+def _after_commit(db: Db, record: Callable[[], None]) -> None:
+    if isinstance(db, AsyncConnection):
+        metrics.after_commit(db, record)
+    else:
+        record()
 
 
-async def _record_end(conn: AsyncConnection, task_id: str, row: Any, charge: int | None) -> None:
-    """Count the end and log it, once (and only if) its transaction commits.
+# A lease ``$n`` seconds from now.
+def _lease(n: int) -> str:
+    return f"now() + make_interval(secs => ${n})"
 
-    Every ending UPDATE returns ``_ENDING`` with its row.
-    """
-    model, status, request_id = row.model, row.status, row.request_id
 
-    def record() -> None:
-        metrics.task_finished(model, status)
-        logger.info(
-            "task %s %s",
-            task_id,
-            status,
-            extra={
-                "task_id": task_id,
-                "request_id": request_id,
-                "model": model,
-                "status": status,
-                "charged_micros": charge or 0,
-            },
-        )
-
-    metrics.after_commit(conn, record)
+_PROCESSING = f"status = '{TaskStatus.PROCESSING.value}'"
+_FENCE = "id = $1 AND attempt = $2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,40 +97,38 @@ class Claimed:
     quote: dict[str, Any]
 
 
-async def claim(conn: AsyncConnection, task_id: str, attempt: int, lease: float) -> Claimed | None:
+# Exclusive: a second delivery of the same attempt finds a live lease and stays out.
+_CLAIM = (
+    f"UPDATE tasks SET status = '{TaskStatus.PROCESSING.value}', "
+    f"started_at = coalesce(started_at, now()), lease_expires_at = {_lease(3)}, "
+    f"progress = greatest(progress, 5) WHERE {_FENCE} "
+    f"AND status IN ({', '.join(repr(state) for state in OPEN_STATES)}) "
+    "AND (lease_expires_at IS NULL OR lease_expires_at < now()) "
+    "RETURNING model, provider, request, upstream_job_id, channel_id, created_at, "
+    "callback_url, request_id, quote"
+)
+
+
+async def claim(db: Db, task_id: str, attempt: int, lease: float) -> Claimed | None:
     """Mark the task processing under a lease; None if this run may not work on it."""
-    # Exclusive: a second delivery of the same attempt finds a live lease and stays out.
-    free = (c.lease_expires_at.is_(None)) | (c.lease_expires_at < func.now())
-    stmt = (
-        update(tasks)
-        .where(_fence(task_id, attempt), _open, free)
-        .values(
-            status=TaskStatus.PROCESSING.value,
-            started_at=func.coalesce(c.started_at, func.now()),
-            lease_expires_at=func.now() + timedelta(seconds=lease),
-            progress=func.greatest(c.progress, 5),
-        )
-        .returning(
-            c.model,
-            c.provider,
-            c.request,
-            c.upstream_job_id,
-            c.channel_id,
-            c.created_at,
-            c.callback_url,
-            c.request_id,
-            c.quote,
-        )
-    )
-    row = (await conn.execute(stmt)).first()
-    if row is None:
+    rows = await _fetch(db, _CLAIM, task_id, attempt, float(lease))
+    if not rows:
         return None
-    events.task_changed(conn, task_id)
-    return Claimed(*row)
+    _signal(db, task_id)
+    return Claimed(*rows[0])
+
+
+# Progress ``$4`` (NULL: none) only ever rises, and stays below 100 until the end.
+_BEAT = (
+    f"UPDATE tasks SET lease_expires_at = {_lease(3)}, "
+    "progress = greatest(progress, least($4::integer, 99)), "
+    f"upstream_job_id = coalesce($5, upstream_job_id) WHERE {_FENCE} AND {_PROCESSING} "
+    "RETURNING 1"
+)
 
 
 async def heartbeat(
-    conn: AsyncConnection,
+    db: Db,
     task_id: str,
     attempt: int,
     lease: float,
@@ -162,20 +137,23 @@ async def heartbeat(
     upstream_job_id: str | None = None,
 ) -> bool:
     """Renew the lease (and record progress); False once this attempt has lost the task."""
-    values: dict[str, Any] = {"lease_expires_at": func.now() + timedelta(seconds=lease)}
-    if progress is not None:
-        values["progress"] = func.greatest(c.progress, min(progress, 99))
-    if upstream_job_id is not None:
-        values["upstream_job_id"] = upstream_job_id
-    stmt = update(tasks).where(_fence(task_id, attempt), _processing).values(**values)
-    changed = _changed(await conn.execute(stmt))
+    changed = bool(
+        await _fetch(db, _BEAT, task_id, attempt, float(lease), progress, upstream_job_id)
+    )
     if changed and progress is not None:
-        events.task_changed(conn, task_id)
+        _signal(db, task_id)
     return changed
 
 
+_ROUTE = (
+    "UPDATE tasks SET channel_id = $4, upstream_job_id = $5, can_cancel = $6, "
+    f"lease_expires_at = {_lease(3)}, progress = greatest(progress, least($7::integer, 99)) "
+    f"WHERE {_FENCE} AND {_PROCESSING} RETURNING 1"
+)
+
+
 async def record_route(
-    conn: AsyncConnection,
+    db: Db,
     task_id: str,
     attempt: int,
     lease: float,
@@ -183,34 +161,87 @@ async def record_route(
     channel_id: str,
     upstream_job_id: str | None,
     can_cancel: bool,
+    progress: int | None = None,
 ) -> bool:
     """Record the channel the task runs on and its upstream job there (None: not yet,
-    or given up after a failover), renewing the lease; False once this attempt lost it."""
-    stmt = (
-        update(tasks)
-        .where(_fence(task_id, attempt), _processing)
-        .values(
-            channel_id=channel_id,
-            upstream_job_id=upstream_job_id,
-            can_cancel=can_cancel,
-            lease_expires_at=func.now() + timedelta(seconds=lease),
-        )
-    )
-    changed = _changed(await conn.execute(stmt))
+    or given up after a failover), renewing the lease and recording ``progress`` if
+    given; False once this attempt lost it."""
+    args = (channel_id, upstream_job_id, can_cancel, progress)
+    changed = bool(await _fetch(db, _ROUTE, task_id, attempt, float(lease), *args))
     if changed:
-        events.task_changed(conn, task_id)  # task_info.can_cancel may have changed
+        _signal(db, task_id)  # task_info.can_cancel may have changed
     return changed
 
 
-async def hand_back(conn: AsyncConnection, task_id: str, attempt: int) -> bool:
+_HAND_BACK = (
+    f"UPDATE tasks SET lease_expires_at = now() WHERE {_FENCE} AND {_PROCESSING} RETURNING 1"
+)
+
+
+async def hand_back(db: Db, task_id: str, attempt: int) -> bool:
     """A worker shutting down gives its task back: the lease ends now, so the same job,
     run again by another worker, claims it at once and resumes its upstream job."""
-    stmt = (
-        update(tasks)
-        .where(_fence(task_id, attempt), _processing)
-        .values(lease_expires_at=func.now())
-    )
-    return _changed(await conn.execute(stmt))
+    return bool(await _fetch(db, _HAND_BACK, task_id, attempt))
+
+
+# --- Ends: one database call each (migration 0014) ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A task an ending call ended, and settled."""
+
+    task_id: str
+    tenant_id: str
+    status: str
+    model: str
+    request_id: str | None
+    callback_url: str | None
+    channel_id: str | None
+    upstream_job_id: str | None
+    hold_micros: int
+    charged_micros: int
+    settled: bool  # False: the hold was already settled (never, while ends are fenced)
+    delivery_id: str | None  # the callback delivery of this end, to queue after the commit
+
+
+def _ending(function: str, params: int) -> str:
+    columns = ", ".join(Ended.__dataclass_fields__)
+    numbered = ", ".join(f"${n}" for n in range(1, params + 1))
+    return f"SELECT {columns} FROM {function}({numbered})"
+
+
+_COMPLETE = _ending("tollgate_complete", 10)
+_FAIL = _ending("tollgate_fail", 4)
+_CANCEL = _ending("tollgate_cancel", 4)
+_FAIL_OVERDUE = _ending("tollgate_fail_overdue", 4)
+
+
+def _ended(db: Db, row: Any) -> Ended:
+    """The row an ending call returned; counted, logged and signalled after the commit."""
+    ended = Ended(*row)
+
+    def record() -> None:
+        if ended.settled:
+            released = ended.hold_micros - ended.charged_micros
+            metrics.credits_settled(ended.tenant_id, ended.charged_micros, released)
+        metrics.task_finished(ended.model, ended.status)
+        logger.info(
+            "task %s %s",
+            ended.task_id,
+            ended.status,
+            extra={
+                "task_id": ended.task_id,
+                "request_id": ended.request_id,
+                "model": ended.model,
+                "status": ended.status,
+                "charged_micros": ended.charged_micros,
+            },
+        )
+
+    _after_commit(db, record)
+    _signal(db, ended.task_id)
+    return ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +253,7 @@ class Cancelled:
     callback_url: str | None
 
 
-async def cancel(conn: AsyncConnection, task_id: str, tenant_id: str) -> Cancelled | None:
+async def cancel(db: Db, task_id: str, tenant_id: str) -> Cancelled | None:
     """Cancel the tenant's task while it may be cancelled; release its whole hold.
 
     A pending task may always be cancelled; a processing one while
@@ -230,36 +261,16 @@ async def cancel(conn: AsyncConnection, task_id: str, tenant_id: str) -> Cancell
     fences out the worker on it: its next write matches nothing and it stops.
     None if the task is not the tenant's, is final, or cannot be cancelled now.
     """
-    cancellable = (c.status == TaskStatus.PENDING.value) | (_processing & c.can_cancel)
-    stmt = (
-        update(tasks)
-        .where(c.id == task_id, c.tenant_id == tenant_id, cancellable)
-        .values(
-            status=TaskStatus.CANCELLED.value,
-            attempt=c.attempt + 1,
-            error_code="cancelled",
-            error_message="The task was cancelled at the tenant's request",
-            finished_at=func.now(),
-            lease_expires_at=None,
-            credits_charged_micros=0,
-            upstream_cost_micros=0,
-            can_cancel=False,
-        )
-        .returning(
-            *_ENDING,
-            c.channel_id,
-            c.upstream_job_id,
-        )
-    )
-    row = (await conn.execute(stmt)).first()
-    if row is None:
+    message = "The task was cancelled at the tenant's request"
+    rows = await _fetch(db, _CANCEL, task_id, tenant_id, "cancelled", message)
+    if not rows:
         return None
-    await _finish(conn, task_id, row, None)
-    return Cancelled(row.channel_id, row.upstream_job_id, row.callback_url)
+    ended = _ended(db, rows[0])
+    return Cancelled(ended.channel_id, ended.upstream_job_id, ended.callback_url)
 
 
 async def complete(
-    conn: AsyncConnection,
+    db: Db,
     task_id: str,
     attempt: int,
     results: list[str],
@@ -267,76 +278,45 @@ async def complete(
     sizes: list[tuple[int, int]] | None = None,
     cost: UpstreamCost | None = None,
     channel_id: str | None = None,
-) -> bool:
+    quote: dict[str, Any] | None = None,
+) -> Ended | None:
     """Record the results (and each one's width and height) and capture the charge;
-    False if this attempt lost the task.
+    None if this attempt lost the task.
 
-    ``cost`` is the upstream cost of the channel that made the results (``channel_id``);
-    without it, the quote's catalogue cost. The charge is always the held quote's.
+    ``quote`` is the one the task was reserved with (the claim returns it; read here
+    when not given): the charge is always the held quote's. ``cost`` is the upstream
+    cost of the channel that made the results (``channel_id``); without it, the
+    quote's catalogue cost.
     """
-    stmt = (
-        update(tasks)
-        .where(_fence(task_id, attempt), _processing)
-        .values(
-            status=TaskStatus.COMPLETED.value,
-            progress=100,
-            results=results,
-            result_sizes=None if sizes is None else [list(size) for size in sizes],
-            images_delivered=len(results),
-            finished_at=func.now(),
-            results_expire_at=func.now() + timedelta(seconds=ttl_seconds),
-            lease_expires_at=None,
-        )
-        .returning(
-            *_ENDING,
-            c.quote,
-        )
+    if quote is None:
+        found = await _fetch(db, "SELECT quote FROM tasks WHERE id = $1", task_id)
+        if not found:
+            return None
+        quote = found[0][0]
+    charge, quoted_cost = settlement(quote, len(results))
+    if cost is None and quote.get("exact_cost_native") is not None:
+        cost = upstream_cost(quote, len(results))
+    rows = await _fetch(
+        db,
+        _COMPLETE,
+        task_id,
+        attempt,
+        json.dumps(results),
+        None if sizes is None else json.dumps([list(size) for size in sizes]),
+        float(ttl_seconds),
+        charge,
+        quoted_cost if cost is None else cost.micros,
+        None if cost is None else str(cost.amount),
+        None if cost is None else cost.currency,
+        channel_id,
     )
-    row = (await conn.execute(stmt)).first()
-    if row is None:
-        return False
-    charge, quoted_cost = settlement(row.quote, len(results))
-    await _finish(conn, task_id, row, charge)
-    figures: dict[str, Any] = {"credits_charged_micros": charge}
-    if cost is None:
-        figures["upstream_cost_micros"] = quoted_cost
-        if row.quote.get("exact_cost_native") is not None:
-            cost = upstream_cost(row.quote, len(results))
-    if cost is not None:
-        figures.update(
-            upstream_cost_micros=cost.micros,
-            upstream_cost_amount=str(cost.amount),
-            upstream_cost_currency=cost.currency,
-        )
-    if channel_id is not None:
-        figures["channel_id"] = channel_id
-    await conn.execute(update(tasks).where(c.id == task_id).values(**figures))
-    return True
+    return _ended(db, rows[0]) if rows else None
 
 
-async def fail(conn: AsyncConnection, task_id: str, attempt: int, code: str, message: str) -> bool:
-    """Fail the task and release its whole hold; False if this attempt lost the task."""
-    stmt = (
-        update(tasks)
-        .where(_fence(task_id, attempt), _open)
-        .values(
-            status=TaskStatus.FAILED.value,
-            error_code=code,
-            error_message=message[:1000],
-            finished_at=func.now(),
-            lease_expires_at=None,
-            credits_charged_micros=0,
-            upstream_cost_micros=0,
-        )
-        .returning(
-            *_ENDING,
-        )
-    )
-    row = (await conn.execute(stmt)).first()
-    if row is None:
-        return False
-    await _finish(conn, task_id, row, None)
-    return True
+async def fail(db: Db, task_id: str, attempt: int, code: str, message: str) -> Ended | None:
+    """Fail the task and release its whole hold; None if this attempt lost the task."""
+    rows = await _fetch(db, _FAIL, task_id, attempt, code, message[:1000])
+    return _ended(db, rows[0]) if rows else None
 
 
 async def reclaim_expired_leases(conn: AsyncConnection, limit: int) -> list[tuple[str, int]]:
@@ -382,38 +362,11 @@ async def restart_unclaimed(conn: AsyncConnection, task_id: str, attempt: int) -
     return None if row is None else int(row[0])
 
 
-async def fail_overdue(conn: AsyncConnection, deadline_seconds: int, limit: int) -> list[str]:
+async def fail_overdue(db: Db, deadline_seconds: int, limit: int) -> list[str]:
     """Fail open tasks past their deadline and release their holds (the sweeper).
 
     Bumping ``attempt`` fences out any worker still on the task.
     """
-    overdue = (
-        select(c.id)
-        .where(_open, c.created_at < func.now() - timedelta(seconds=deadline_seconds))
-        .order_by(c.created_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    stmt = (
-        update(tasks)
-        .where(c.id.in_(overdue))
-        .values(
-            status=TaskStatus.FAILED.value,
-            attempt=c.attempt + 1,
-            error_code="timeout",
-            error_message=f"The generation did not finish within {deadline_seconds} seconds",
-            finished_at=func.now(),
-            lease_expires_at=None,
-            credits_charged_micros=0,
-            upstream_cost_micros=0,
-        )
-        .returning(
-            c.id,
-            *_ENDING,
-        )
-    )
-    failed = list(await conn.execute(stmt))
-    for row in failed:
-        await _finish(conn, row.id, row, None)
-    return [row.id for row in failed]
+    message = f"The generation did not finish within {deadline_seconds} seconds"
+    rows = await _fetch(db, _FAIL_OVERDUE, float(deadline_seconds), limit, "timeout", message)
+    return [_ended(db, row).task_id for row in rows]

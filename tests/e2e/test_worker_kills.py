@@ -146,6 +146,10 @@ async def test_a_worker_killed_between_taking_a_job_and_claiming_its_task_strand
                 assert await redis.exists(in_progress)
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
+            # The claim is one autocommit statement: sent before the kill, it would still
+            # land once the lock is free (a claim of a dead worker, which its lease's end
+            # recovers). Killed before its claim: the claim never reaches the database.
+            await _end_waiting_claims(engine)
             await locker.rollback()
         killed_at = time.monotonic()
         assert await scalar(engine, "SELECT status FROM tasks WHERE id = :id", id=task_id) == (
@@ -165,6 +169,16 @@ async def test_a_worker_killed_between_taking_a_job_and_claiming_its_task_strand
         assert (await simulator.stats())["submits"] == 1
     finally:
         await redis.aclose()
+
+
+async def _end_waiting_claims(engine: AsyncEngine) -> None:
+    """End the database sessions of claims waiting on a lock (and wait until they have)."""
+    await scalar(
+        engine,
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND query ILIKE 'UPDATE tasks%'"
+        " AND datname = current_database()",
+    )
 
 
 async def _claim_waiting_on_lock(engine: AsyncEngine, task_id: str) -> bool:

@@ -3,15 +3,22 @@
 Real workers against the simulator for the ordinary outcomes; ``lifecycle`` and
 ``generate_task`` driven directly for races and crashes. A crash is a
 ``Crash`` (a BaseException, as a killed process leaves no ``except`` to run)
-raised at one step of settlement: its transaction rolls back, so nothing of
-the settlement may remain, and the next attempt settles the hold once.
+raised before the task's end is sent, or an error raised inside the ending
+call's transaction once its ledger row is written (a trigger: the settlement
+runs in the database, ``tollgate_settle``): the transaction rolls back, so
+nothing of the settlement may remain, and the next attempt settles the hold
+once. The worker's ending call is its own transaction, so there is no point
+between the settlement and its commit for a worker to die at.
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from conftest import (
@@ -27,10 +34,11 @@ from conftest import (
 from conftest import wait_for_status as wait_for
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
-from gateway.db import create_engine
+from gateway.db import Statements, create_engine
 from gateway.ledger import service as ledger
 from gateway.settings import Settings
 from gateway.storage import LocalStorage
@@ -262,6 +270,42 @@ async def test_fewer_images_than_quoted_cost_their_share_and_free_the_rest(
     await assert_ledger_clean(engine)
 
 
+async def test_an_end_outside_a_transaction_settles_and_returns_its_callback_delivery(
+    client: Client, settings: Settings, engine: AsyncEngine
+) -> None:
+    """The worker's way: claim and end as single autocommit statements (``Statements``);
+    the end's callback delivery comes back with it, committed with the settlement."""
+    tenant_id, key = await make_tenant_key(settings)
+    task_id = (await submit(client, key, {"model": "krea-2-medium", "prompt": "hook"}))["id"]
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE tasks SET callback_url = 'https://receiver.example/hook' WHERE id = :id"),
+            {"id": task_id},
+        )
+    db = Statements(engine)
+    claimed = await lifecycle.claim(db, task_id, 0, 30)
+    assert claimed is not None
+    keys = [f"{task_id}/0.png"]
+    ended = await lifecycle.complete(db, task_id, 0, keys, 3600, quote=claimed.quote)
+    assert ended is not None
+    assert (ended.status, ended.settled, ended.charged_micros) == ("completed", True, KREA_MEDIUM)
+    assert ended.delivery_id is not None
+    assert re.fullmatch(r"msg_[0-9a-f]{24}", ended.delivery_id)
+    async with engine.connect() as conn:
+        deliveries = await conn.execute(
+            text("SELECT id, status, attempts, url FROM callback_deliveries WHERE task_id = :id"),
+            {"id": task_id},
+        )
+        assert [tuple(row) for row in deliveries] == [
+            (ended.delivery_id, "pending", 0, "https://receiver.example/hook")
+        ]
+    assert await totals(engine, tenant_id) == (START - KREA_MEDIUM, 0)
+    assert await lifecycle.complete(db, task_id, 0, keys, 3600, quote=claimed.quote) is None
+    assert await lifecycle.fail(db, task_id, 0, "late", "too late") is None
+    assert len(await entries(engine, task_id)) == 2
+    await assert_ledger_clean(engine)
+
+
 # ---------------------------------------------------------------- races
 
 
@@ -283,7 +327,7 @@ async def test_two_concurrent_completions_of_one_attempt_capture_once(
         assert not racing.done()
         await first.commit()
         # ...and, once it commits, finds the task no longer processing.
-        assert await racing is False
+        assert await racing is None
         await second.commit()
     assert await entries(engine, task_id) == [
         ("hold", KREA_MEDIUM, None),
@@ -303,15 +347,31 @@ async def test_settling_a_settled_hold_again_changes_nothing(
         assert await lifecycle.complete(conn, task_id, 0, [f"{task_id}/0.png"], 3600)
     after_first = await totals(engine, tenant_id)
     assert after_first == (START - KREA_MEDIUM, 0)
-    for charge in (KREA_MEDIUM, 0):
-        async with engine.begin() as conn:
-            assert await ledger.capture(conn, tenant_id, task_id, KREA_MEDIUM, charge) is False
-        assert await totals(engine, tenant_id) == after_first
-    async with engine.begin() as conn:
-        assert await ledger.release(conn, tenant_id, task_id, KREA_MEDIUM) is False
+    async with engine.connect() as conn:
+        trans = await conn.begin()
+        # The hold's settlement, written again as tollgate_settle writes it: no ledger row,
+        # no change to the tenant's balance or holds. (It frees an in-flight slot: one is
+        # taken first, as another open task of the tenant would, and all rolled back.)
+        await conn.execute(
+            text("UPDATE tenants SET in_flight = in_flight + 1 WHERE id = :id"), {"id": tenant_id}
+        )
+        settled = await conn.execute(
+            text(
+                "SELECT settled FROM tollgate_settle(ROW(:id, :tenant, 'completed', 'm', NULL, "
+                "NULL, NULL, NULL, NULL, now(), :hold, :charge, NULL, NULL)::tollgate_ended)"
+            ),
+            {"id": task_id, "tenant": tenant_id, "hold": KREA_MEDIUM, "charge": KREA_MEDIUM},
+        )
+        assert settled.scalar_one() is False
+        inside = await conn.execute(
+            text("SELECT balance_micros, held_micros FROM tenants WHERE id = :id"),
+            {"id": tenant_id},
+        )
+        assert tuple(inside.one()) == after_first
+        await trans.rollback()
     assert await totals(engine, tenant_id) == after_first
     async with engine.begin() as conn:
-        assert await lifecycle.fail(conn, task_id, 0, "late", "too late") is False
+        assert await lifecycle.fail(conn, task_id, 0, "late", "too late") is None
     assert len(await entries(engine, task_id)) == 2
     await assert_ledger_clean(engine)
 
@@ -323,31 +383,37 @@ class Crash(BaseException):
     """The worker process dies here: no ``except Exception`` runs, no commit happens."""
 
 
-real_settle = ledger.settle
-real_complete = lifecycle.complete
-
-
-async def _crash_before_settle(*args: Any, **kwargs: Any) -> bool:
+async def _crash_before_the_end(*args: Any, **kwargs: Any) -> bool:
     raise Crash
 
 
-async def _crash_after_settle_row(*args: Any, **kwargs: Any) -> bool:
-    assert await real_settle(*args, **kwargs)
-    raise Crash
+@contextlib.asynccontextmanager
+async def settling_fails(engine: AsyncEngine, task_id: str) -> AsyncIterator[None]:
+    """The task's settlement fails once its ledger row is written, inside the ending call's
+    transaction (a trigger on the ledger, for this task only)."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION crash_settling() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF NEW.task_id = '{task_id}' THEN RAISE EXCEPTION 'killed'; END IF; "
+                "RETURN NEW; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER crash_settling AFTER INSERT ON ledger_entries FOR EACH ROW "
+                "WHEN (NEW.kind IN ('capture', 'release')) EXECUTE FUNCTION crash_settling()"
+            )
+        )
+    try:
+        yield
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER crash_settling ON ledger_entries"))
+            await conn.execute(text("DROP FUNCTION crash_settling"))
 
 
-async def _crash_before_commit(*args: Any, **kwargs: Any) -> bool:
-    assert await real_complete(*args, **kwargs)
-    raise Crash
-
-
-CrashPoint = tuple[Any, str, Callable[..., Awaitable[bool]]]
-
-CAPTURE_CRASHES: dict[str, CrashPoint] = {
-    "before-the-capture": (ledger, "settle", _crash_before_settle),
-    "after-the-capture-row-before-the-task-is-final": (ledger, "settle", _crash_after_settle_row),
-    "after-completing-before-the-commit": (lifecycle, "complete", _crash_before_commit),
-}
+CAPTURE_CRASHES = ["before-the-end", "after-the-capture-row-before-the-task-is-final"]
 
 
 async def settlement_rows(engine: AsyncEngine, task_id: str) -> list[str]:
@@ -363,7 +429,7 @@ async def next_attempt(engine: AsyncEngine, settings: Settings, task_id: str) ->
     return reclaimed[task_id]
 
 
-@pytest.mark.parametrize("point", list(CAPTURE_CRASHES), ids=list(CAPTURE_CRASHES))
+@pytest.mark.parametrize("point", CAPTURE_CRASHES, ids=CAPTURE_CRASHES)
 async def test_a_worker_killed_during_capture_leaves_no_capture_and_the_next_attempt_captures_once(
     client: Client,
     settings: Settings,
@@ -375,11 +441,15 @@ async def test_a_worker_killed_during_capture_leaves_no_capture_and_the_next_att
 ) -> None:
     tenant_id, key = await make_tenant_key(settings)
     task_id = (await submit(client, key, {"model": "krea-2-medium", "prompt": point}))["id"]
-    module, name, crash = CAPTURE_CRASHES[point]
-    with monkeypatch.context() as patched:
-        patched.setattr(module, name, crash)
-        with pytest.raises(Crash):
-            await generate_task({"deps": deps}, task_id, 0)
+    if point == "before-the-end":
+        with monkeypatch.context() as patched:
+            patched.setattr(lifecycle, "complete", _crash_before_the_end)
+            with pytest.raises(Crash):
+                await generate_task({"deps": deps}, task_id, 0)
+    else:
+        async with settling_fails(engine, task_id):
+            with pytest.raises(asyncpg.RaiseError):
+                await generate_task({"deps": deps}, task_id, 0)
 
     assert await settlement_rows(engine, task_id) == []
     status, attempt, charged, _, images, _ = await task_row(engine, task_id)
@@ -411,9 +481,8 @@ async def test_a_worker_killed_during_release_leaves_no_release_and_the_next_att
     await simulator.configure(error_kind="job_failed")
     tenant_id, key = await make_tenant_key(settings)
     task_id = (await submit(client, key, {"model": "krea-2-medium", "prompt": "release"}))["id"]
-    with monkeypatch.context() as patched:
-        patched.setattr(ledger, "settle", _crash_after_settle_row)
-        with pytest.raises(Crash):
+    async with settling_fails(engine, task_id):
+        with pytest.raises(asyncpg.RaiseError):
             await generate_task({"deps": deps}, task_id, 0)
 
     assert await settlement_rows(engine, task_id) == []
@@ -442,9 +511,8 @@ async def test_a_sweeper_killed_mid_release_releases_once_on_its_next_tick(
     tenant_id, key = await make_tenant_key(settings)
     task_id = (await submit(client, key, {"model": "krea-2-medium", "prompt": "sweep"}))["id"]
     await backdate(engine, task_id)
-    with monkeypatch.context() as patched:
-        patched.setattr(ledger, "settle", _crash_after_settle_row)
-        with pytest.raises(Crash):
+    async with settling_fails(engine, task_id):
+        with pytest.raises(DBAPIError):
             async with engine.begin() as conn:
                 await lifecycle.fail_overdue(conn, 1800, BATCH)
     assert await settlement_rows(engine, task_id) == []
