@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from arq.worker import Retry
-from sqlalchemy import select
 
 from gateway import logs, metrics
 from gateway.queue import enqueue_callback
@@ -58,6 +57,12 @@ from workers.upstream_calls import UpstreamCalls
 from workers.upstream_slots import MIN_WAIT_SECONDS
 
 logger = logging.getLogger("tollgate.generate")
+
+# What routing needs of a task a run must read first (one statement, no transaction).
+_PEEK = (
+    "SELECT model, status, attempt, upstream_job_id, channel_id, created_at FROM tasks"
+    " WHERE id = $1"
+)
 
 SKIPPED = "skipped: task final or owned by another attempt"
 PARKED = "parked: waits in the line for an upstream slot"
@@ -127,15 +132,10 @@ class GenerationRun:
 
     async def _peek(self) -> Peeked | None:
         """The task as far as routing needs it; None if there is no such task."""
-        c = lifecycle.tasks.c
-        stmt = select(
-            c.model, c.status, c.attempt, c.upstream_job_id, c.channel_id, c.created_at
-        ).where(c.id == self.task_id)
-        async with self.deps.engine.connect() as conn:
-            row = (await conn.execute(stmt)).first()
-        if row is None:
+        rows = await self.deps.statements.fetch(_PEEK, self.task_id)
+        if not rows:
             return None
-        model, status, attempt, job_id, channel_id, created_at = row
+        model, status, attempt, job_id, channel_id, created_at = rows[0]
         ticket_ms = int(created_at.timestamp() * 1000)
         return Peeked(model, status, attempt, job_id, channel_id, ticket_ms)
 
