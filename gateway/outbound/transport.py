@@ -30,7 +30,7 @@ from gateway.outbound.addresses import (
     Resolver,
     host_key,
 )
-from gateway.outbound.sockets import PinnedBackend
+from gateway.outbound.sockets import AsyncioBackend, PinnedBackend
 from gateway.outbound.urls import check_url
 
 # A receiver's answer is only looked at for its status; the body is cut here.
@@ -97,7 +97,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     TCP connection goes to a pinned address while TLS sends the URL's hostname
     for SNI and verifies the certificate against it, as for any request. The
     system CA store (certifi) is trusted, plus ``ca_bundle`` when given.
-    ``network_backend`` opens the sockets (default: httpcore's anyio backend);
+    ``network_backend`` opens the sockets (default: asyncio streams, ``sockets.py``);
     tests pass one that records connections instead of making them. There is
     no proxy here whatever the environment says; redirects are the client's,
     and ``guarded_post`` follows none.
@@ -114,7 +114,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=_ssl_context(ca_bundle),
-            network_backend=PinnedBackend(pins, network_backend or httpcore.AnyIOBackend()),
+            network_backend=PinnedBackend(pins, network_backend or AsyncioBackend()),
             max_connections=max_connections,
             keepalive_expiry=keepalive_expiry,
             http1=True,
@@ -259,7 +259,12 @@ class GuardedClient:
         self._max_hosts = max_hosts
         self._per_host = connections_per_host
         self._keepalive = keepalive_seconds
-        self._clients: OrderedDict[tuple[str, int, tuple[IPAddress, ...]], httpx.AsyncClient]
+        # Per host and answer: its client, and turns for its connections. Requests past the
+        # connections wait their turn here: waiting in httpcore's pool costs a scan of every
+        # waiting request against every connection at each request and answer.
+        self._clients: OrderedDict[
+            tuple[str, int, tuple[IPAddress, ...]], tuple[httpx.AsyncClient, asyncio.Semaphore]
+        ]
         self._clients = OrderedDict()
 
     def __len__(self) -> int:
@@ -280,11 +285,12 @@ class GuardedClient:
         try:
             async with asyncio.timeout(timeout):
                 addresses = await _resolve(connect_host, port, self._answers)
-                client = await self._client_for(connect_host, port, addresses)
+                client, turns = await self._client_for(connect_host, port, addresses)
                 try:
-                    return await _exchange(
-                        client, method, target, content, headers, max_response_bytes, timeout
-                    )
+                    async with turns:
+                        return await _exchange(
+                            client, method, target, content, headers, max_response_bytes, timeout
+                        )
                 except (httpx.ConnectError, httpx.ConnectTimeout):
                     # The host may have moved: its next request looks it up again.
                     self._answers.forget(connect_host, port)
@@ -304,18 +310,18 @@ class GuardedClient:
 
     async def _client_for(
         self, host: str, port: int, addresses: Sequence[IPAddress]
-    ) -> httpx.AsyncClient:
+    ) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         key = (host_key(host), port, tuple(addresses))
-        client = self._clients.get(key)
-        if client is not None:
+        kept = self._clients.get(key)
+        if kept is not None:
             self._clients.move_to_end(key)
-            return client
+            return kept
         # The host's checked addresses changed (or it is new): its old connections go.
         stale = [k for k in self._clients if k[:2] == key[:2]]
         while len(self._clients) - len(stale) >= self._max_hosts:
             stale.append(next(k for k in self._clients if k not in stale))
         for old in stale:
-            await self._clients.pop(old).aclose()
+            await self._clients.pop(old)[0].aclose()
         transport = PinnedTransport(
             {host: addresses},
             ca_bundle=self._ca_bundle,
@@ -323,14 +329,14 @@ class GuardedClient:
             max_connections=self._per_host,
             keepalive_expiry=self._keepalive,
         )
-        client = _client(transport, None)
-        self._clients[key] = client
-        return client
+        kept = (_client(transport, None), asyncio.Semaphore(self._per_host))
+        self._clients[key] = kept
+        return kept
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), OrderedDict()
         self._answers.clear()
-        for client in clients:
+        for client, _ in clients:
             await client.aclose()
 
 

@@ -20,7 +20,7 @@ from https_receiver import Answer, Cert, LoopbackOnlyBackend, Receiver
 
 from gateway import outbound
 from gateway.outbound import ForbiddenAddress
-from gateway.outbound.sockets import KeptStream
+from gateway.outbound.sockets import AsyncioBackend
 
 
 @pytest.mark.parametrize(("url", "words"), REFUSED)
@@ -348,8 +348,9 @@ async def test_a_refused_answer_is_never_kept_and_a_failed_connection_forgets_it
     assert listener.connections == 0
 
 
-async def test_a_kept_stream_sees_the_server_close_through_its_socket() -> None:
-    # The pool asks every kept connection "readable while idle?" (the server closed it).
+async def test_an_idle_connection_the_server_closed_is_seen_as_readable() -> None:
+    # The pool asks every idle connection "readable?" (the server closed it): then it
+    # opens a new one rather than send on a dead one.
     accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
 
     async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -358,17 +359,24 @@ async def test_a_kept_stream_sees_the_server_close_through_its_socket() -> None:
     server = await asyncio.start_server(keep, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        inner = await httpcore.AnyIOBackend().connect_tcp("127.0.0.1", port)
-        stream = KeptStream(inner)
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port)
         writer = await asyncio.wait_for(accepted.get(), 5)
         assert stream.get_extra_info("is_readable") is False
+        assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
+        with pytest.raises(httpcore.ReadTimeout):
+            await stream.read(10, timeout=0.05)
         writer.close()
         for _ in range(100):
             if stream.get_extra_info("is_readable"):
                 break
             await asyncio.sleep(0.01)
         assert stream.get_extra_info("is_readable") is True
-        assert stream.get_extra_info("socket") is inner.get_extra_info("socket")
+        assert await stream.read(10) == b""
         await stream.aclose()
     finally:
         server.close()
+
+
+async def test_the_default_sockets_fail_as_httpcore_errors() -> None:
+    with pytest.raises(httpcore.ConnectError):
+        await AsyncioBackend().connect_tcp("127.0.0.1", 1)  # nothing listens there
