@@ -238,10 +238,13 @@ _CLAIM_MANY = text(
 async def claim_attempts(
     conn: AsyncConnection, wanted: Sequence[tuple[str, int]], timeout_seconds: float
 ) -> list[Due | None]:
-    """``claim_attempt`` for many (delivery id, number) at once, each with its task and secret.
+    """Claim attempt ``number`` of each delivery, with its task as it is now and the secret.
 
-    One statement claims every attempt that is due (the usual case); the others go
-    one by one through ``claim_attempt``'s slow path. None where an attempt is not due.
+    An attempt is claimed if its delivery is pending, its previous attempt was the
+    last claimed, and its schedule has that many attempts: one statement claims
+    every such attempt (the usual case). The others go one by one through
+    ``_claim_slowly``, which finds out why and gives up a delivery whose last
+    attempt was claimed by a worker that died. None where an attempt is not due.
     """
     rows = await conn.execute(
         _CLAIM_MANY,
