@@ -185,19 +185,21 @@ async def _deliver(ctx: dict[str, Any], delivery_id: str, number: int) -> str:
         error = f"refused: {exc}"
     except Exception as exc:  # timeouts, connection and TLS errors: all retried
         error = f"{type(exc).__name__}: {exc}"[:500]
-    duration_ms = int((time.monotonic() - began) * 1000)
+    answered = time.monotonic()
+    duration_ms = int((answered - began) * 1000)
     # The attempt's row and the delivery's new state: one statement for the outcomes in hand.
     state = await deps.records(
         callbacks.Outcome(delivery_id, claimed, started_at, duration_ms, status_code, error)
     )
     metrics.callback_attempted(delivered=state == "delivered", gave_up=state == "failed")
     if state == "pending":
+        # The gap counts from the answer: the time the record took is already part of it.
         await enqueue_callback(
             ctx["redis"],
             settings.callback_queue_name,
             delivery_id,
             number + 1,
-            delay=claimed.gap_seconds,
+            delay=max(0.001, claimed.gap_seconds - (time.monotonic() - answered)),
         )
     logger.info(
         "callback %s attempt %d: %s (%s)",
