@@ -756,6 +756,7 @@ def callback_phase(
         # The callback worker's CPU per delivery: 1000 / this is what one process would
         # deliver per second with a core to itself, which a shared machine never gives.
         "cpu_ms_per_delivery": round(cpu * 1000 / delivered, 3) if delivered else None,
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "rss": {
             "before_kib": rss_before,
             "after_kib": rss_after,
@@ -965,6 +966,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="only the worker figures (tasks/s, enqueue to start), no HTTP paths or callbacks",
     )
+    parser.add_argument(
+        "--callbacks-only",
+        action="store_true",
+        help="only the worker's batch (to make the deliveries) and the callback figures",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--profile",
@@ -1041,6 +1047,15 @@ def main(argv: list[str] | None = None) -> int:
                 worker = worker_phase(args, stack, keys[1], receiver)
                 task_ids += worker.pop("all_tasks")
                 print(json.dumps(worker, indent=2))
+                return 0
+            if args.callbacks_only:
+                assert stack.gateway is not None
+                run.stop(stack.gateway)
+                start_gateway(stack, args.gateway_workers, queues[1])
+                worker = worker_phase(args, stack, keys[1], receiver)
+                task_ids += worker["all_tasks"]
+                callbacks = callback_phase(args, stack, receiver, len(worker["all_tasks"]))
+                print(json.dumps(callbacks, indent=2))
                 return 0
             http = http_phase(args, stack, bare, bare_url, keys)
             soak = soak_phase(args, stack, keys[0]) if args.soak_requests else None

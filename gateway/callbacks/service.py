@@ -1,9 +1,12 @@
 """Deliveries and attempts in PostgreSQL; signing. The HTTP call is the worker's.
 
-An attempt is claimed before it is made (``claim_attempt``: a conditional
+An attempt is claimed before it is made (``claim_attempts``: a conditional
 UPDATE), so two deliveries of the same job cannot both send it; the claim also
 moves ``next_attempt_at`` past the attempt's timeout and its retry gap, so if
-the worker dies mid-attempt the reconciler still queues the next one.
+the worker dies mid-attempt the reconciler still queues the next one. Claims
+and outcomes come in batches (``claim_attempts``, ``record_attempts``): one
+statement for the attempts the callback worker has in hand at once, the task
+and the tenant's secret read by the claim itself.
 
 A callback's body (``callback_body``) is the task as the front door it came
 through shows it: the unified task object, or the Krea job object.
@@ -19,12 +22,13 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from arq.connections import ArqRedis
-from sqlalchemy import Table, func, insert, select, text, update
+from sqlalchemy import Table, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -38,7 +42,8 @@ from gateway.queue import enqueue_callback
 from gateway.storage import UrlSigner
 from gateway.tasks.models import FINAL_STATES, Task
 from gateway.tasks.schemas import encode_json
-from gateway.tasks.service import get_tenant_task, render_task
+from gateway.tasks.service import TaskRecord, get_tenant_task, render_task
+from gateway.tenants.models import Tenant
 from gateway.tenants.service import get_tenant
 
 deliveries: Table = CallbackDelivery.__table__  # type: ignore[attr-defined]
@@ -51,7 +56,7 @@ SCHEDULES: dict[str, tuple[int, ...]] = {
 }
 
 
-def callback_body(task: Task, signer: UrlSigner) -> bytes:
+def callback_body(task: "Task | CallbackTask", signer: UrlSigner) -> bytes:
     """A Krea-door task as ``GET /jobs/{id}`` shows it; any other as ``GET /v1/tasks/{id}``."""
     if task.api == KREA_API:
         return encode_json(render_krea_job(task, signer))
@@ -135,60 +140,6 @@ class Claimed:
     gap_seconds: int  # wait before the next attempt, if this one fails
 
 
-def _by_schedule(name: str) -> str:
-    """A SQL CASE on the delivery's schedule: the bind ``name_<schedule>`` (else standard's)."""
-    whens = " ".join(
-        f"WHEN '{schedule}' THEN CAST(:{name}_{schedule} AS integer)"
-        for schedule in SCHEDULES
-        if schedule != "standard"
-    )
-    return f"(CASE schedule {whens} ELSE CAST(:{name}_standard AS integer) END)"
-
-
-# The claim in one statement: due, pending, not past its schedule's last attempt.
-_CLAIM = text(
-    "UPDATE callback_deliveries SET attempts = :number, next_attempt_at = now() + "
-    f"make_interval(secs => CAST(:base AS double precision) + {_by_schedule('gap')}) "
-    "WHERE id = :id AND status = 'pending' AND attempts = :previous "
-    f"AND CAST(:number_again AS integer) <= {_by_schedule('last')} "
-    "RETURNING url, task_id, tenant_id, schedule"
-)
-
-
-async def claim_attempt(
-    conn: AsyncConnection, delivery_id: str, number: int, timeout_seconds: float
-) -> Claimed | None:
-    """Take attempt ``number`` of a pending delivery; None if it is not due to this job.
-
-    One statement when the attempt is due (the usual case); otherwise the slow
-    path below finds out why, and gives up a delivery whose last attempt was
-    claimed by a worker that died.
-    """
-    params: dict[str, Any] = {
-        "id": delivery_id,
-        "number": number,
-        "number_again": number,
-        "previous": number - 1,
-        # If this worker dies mid-attempt, the reconciler finds the delivery due again.
-        "base": float(timeout_seconds + 5),
-    }
-    for name, gaps in SCHEDULES.items():
-        params[f"gap_{name}"] = gaps[number - 1] if number <= len(gaps) else 0
-        params[f"last_{name}"] = len(gaps) + 1
-    claimed = (await conn.execute(_CLAIM, params)).first()
-    if claimed is not None:
-        schedule = SCHEDULES.get(claimed[3], SCHEDULES["standard"])
-        return Claimed(
-            url=claimed[0],
-            task_id=claimed[1],
-            tenant_id=claimed[2],
-            number=number,
-            retries_left=max(0, len(schedule) - (number - 1)),
-            gap_seconds=schedule[number - 1] if number <= len(schedule) else 0,
-        )
-    return await _claim_slowly(conn, delivery_id, number, timeout_seconds)
-
-
 async def _claim_slowly(
     conn: AsyncConnection, delivery_id: str, number: int, timeout_seconds: float
 ) -> Claimed | None:
@@ -235,43 +186,171 @@ async def _claim_slowly(
     )
 
 
-async def record_attempt(
-    conn: AsyncConnection,
-    delivery_id: str,
-    claimed: Claimed,
-    *,
-    started_at: Any,
-    duration_ms: int,
-    status_code: int | None,
-    error: str | None,
-) -> str:
-    """Store the attempt and the delivery's new state: delivered, failed (given up) or pending."""
-    succeeded = status_code is not None and 200 <= status_code < 300
-    attempt = insert(attempts).values(
-        delivery_id=delivery_id,
-        number=claimed.number,
-        started_at=started_at,
-        duration_ms=duration_ms,
-        status_code=status_code,
-        error=(error or None) and error[:500],
-        succeeded=succeeded,
+@dataclass(frozen=True, slots=True)
+class CallbackTask(TaskRecord):
+    """The task as its callback shows it: what the API reads, and (Krea's) when it ended."""
+
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A claimed attempt and what it sends: the task as it is now, the tenant's secret."""
+
+    delivery_id: str
+    claimed: Claimed
+    task: CallbackTask
+    request_id: str | None
+    secret: str
+
+
+def _gaps(alias: str) -> str:
+    """The delivery's schedule's gaps as a SQL integer array (unknown names: standard's)."""
+
+    def array(gaps: tuple[int, ...]) -> str:
+        return "ARRAY[" + ", ".join(str(int(gap)) for gap in gaps) + "]::integer[]"
+
+    whens = " ".join(
+        f"WHEN '{name}' THEN {array(gaps)}"
+        for name, gaps in SCHEDULES.items()
+        if name != "standard"
     )
-    if succeeded:
-        state, next_at = DeliveryStatus.DELIVERED.value, None
-    elif claimed.retries_left == 0:
-        state, next_at = DeliveryStatus.FAILED.value, None
-    else:
-        state = DeliveryStatus.PENDING.value
-        next_at = func.now() + timedelta(seconds=claimed.gap_seconds)
-    finished = func.now() if state != DeliveryStatus.PENDING.value else None
-    # One statement: the attempt's row (a CTE) and the delivery's new state, atomically.
+    return f"(CASE {alias}.schedule {whens} ELSE {array(SCHEDULES['standard'])} END)"
+
+
+# Stored sealed: the column's type opens it (gateway/crypto.py).
+_SECRET = Tenant.__table__.c.webhook_secret.type  # type: ignore[attr-defined]
+_TASK_COLUMNS = ", ".join(f"t.{name}" for name in CallbackTask.__dataclass_fields__)
+
+# Many claims in one statement, each as ``_CLAIM`` makes it, with the task and the secret.
+_CLAIM_MANY = text(
+    "WITH wanted AS (SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS integer[])) "
+    "AS w(id, number)), claimed AS (UPDATE callback_deliveries d SET attempts = w.number, "
+    "next_attempt_at = now() + make_interval(secs => CAST(:base AS double precision) "
+    f"+ COALESCE({_gaps('d')}[w.number], 0)) FROM wanted w "
+    "WHERE d.id = w.id AND d.status = 'pending' AND d.attempts = w.number - 1 "
+    f"AND w.number <= cardinality({_gaps('d')}) + 1 "
+    "RETURNING d.id, w.number, d.url, d.task_id, d.tenant_id, d.schedule) "
+    f"SELECT c.id, c.number, c.url, c.schedule, n.webhook_secret, t.request_id, {_TASK_COLUMNS} "
+    "FROM claimed c JOIN tasks t ON t.id = c.task_id AND t.tenant_id = c.tenant_id "
+    "JOIN tenants n ON n.id = c.tenant_id"
+).columns(webhook_secret=_SECRET)
+
+
+async def claim_attempts(
+    conn: AsyncConnection, wanted: Sequence[tuple[str, int]], timeout_seconds: float
+) -> list[Due | None]:
+    """Claim attempt ``number`` of each delivery, with its task as it is now and the secret.
+
+    An attempt is claimed if its delivery is pending, its previous attempt was the
+    last claimed, and its schedule has that many attempts: one statement claims
+    every such attempt (the usual case). The others go one by one through
+    ``_claim_slowly``, which finds out why and gives up a delivery whose last
+    attempt was claimed by a worker that died. None where an attempt is not due.
+    """
+    rows = await conn.execute(
+        _CLAIM_MANY,
+        {
+            "ids": [delivery_id for delivery_id, _ in wanted],
+            "numbers": [number for _, number in wanted],
+            # If this worker dies mid-attempt, the reconciler finds the delivery due again.
+            "base": float(timeout_seconds + 5),
+        },
+    )
+    found: dict[tuple[str, int], Due] = {}
+    for row in rows:
+        delivery_id, number, url, schedule_name, secret, request_id, *task = row
+        record = CallbackTask(*task)
+        schedule = SCHEDULES.get(schedule_name, SCHEDULES["standard"])
+        claimed = Claimed(
+            url=url,
+            task_id=record.id,
+            tenant_id=record.tenant_id,
+            number=number,
+            retries_left=max(0, len(schedule) - (number - 1)),
+            gap_seconds=schedule[number - 1] if number <= len(schedule) else 0,
+        )
+        found[(delivery_id, number)] = Due(delivery_id, claimed, record, request_id, secret)
+    answers: list[Due | None] = []
+    for delivery_id, number in wanted:
+        due = found.get((delivery_id, number))
+        if due is None:
+            slow = await _claim_slowly(conn, delivery_id, number, timeout_seconds)
+            due = None if slow is None else await _due(conn, delivery_id, slow)
+        answers.append(due)
+    return answers
+
+
+async def _due(conn: AsyncConnection, delivery_id: str, claimed: Claimed) -> Due | None:
+    row = (
+        await conn.execute(
+            text(
+                f"SELECT n.webhook_secret, t.request_id, {_TASK_COLUMNS} FROM tasks t "
+                "JOIN tenants n ON n.id = t.tenant_id WHERE t.id = :task AND n.id = :tenant"
+            ).columns(webhook_secret=_SECRET),
+            {"task": claimed.task_id, "tenant": claimed.tenant_id},
+        )
+    ).first()
+    if row is None:
+        return None
+    secret, request_id, *task = row
+    return Due(delivery_id, claimed, CallbackTask(*task), request_id, secret)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt got: a status code, or the error that stood for one."""
+
+    delivery_id: str
+    claimed: Claimed
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+
+    @property
+    def state(self) -> str:
+        """The delivery's state after this attempt: delivered, failed (given up) or pending."""
+        if self.status_code is not None and 200 <= self.status_code < 300:
+            return DeliveryStatus.DELIVERED.value
+        if self.claimed.retries_left == 0:
+            return DeliveryStatus.FAILED.value
+        return DeliveryStatus.PENDING.value
+
+
+# Many attempts' rows (a CTE) and their deliveries' new states, in one statement.
+_RECORD_MANY = text(
+    "WITH outcome AS (SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS integer[]), "
+    "CAST(:started AS timestamptz[]), CAST(:durations AS integer[]), "
+    "CAST(:codes AS integer[]), CAST(:errors AS text[]), CAST(:states AS text[]), "
+    "CAST(:gaps AS integer[])) AS o(id, number, started_at, duration_ms, status_code, error, "
+    "state, gap)), attempt AS (INSERT INTO callback_attempts (delivery_id, number, started_at, "
+    "duration_ms, status_code, error, succeeded) SELECT id, number, started_at, duration_ms, "
+    "status_code, error, state = 'delivered' FROM outcome) "
+    "UPDATE callback_deliveries d SET status = o.state, next_attempt_at = CASE "
+    "WHEN o.state = 'pending' THEN now() + make_interval(secs => o.gap) END, "
+    "finished_at = CASE WHEN o.state <> 'pending' THEN now() END "
+    "FROM outcome o WHERE d.id = o.id"
+)
+
+
+async def record_attempts(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[str]:
+    """``record_attempt`` for many attempts in one statement; their deliveries' new states."""
+    states = [outcome.state for outcome in outcomes]
     await conn.execute(
-        update(deliveries)
-        .where(deliveries.c.id == delivery_id)
-        .values(status=state, next_attempt_at=next_at, finished_at=finished)
-        .add_cte(attempt.cte("attempt"))
+        _RECORD_MANY,
+        {
+            "ids": [o.delivery_id for o in outcomes],
+            "numbers": [o.claimed.number for o in outcomes],
+            "started": [o.started_at for o in outcomes],
+            "durations": [o.duration_ms for o in outcomes],
+            "codes": [o.status_code for o in outcomes],
+            "errors": [(o.error or None) and o.error[:500] for o in outcomes],
+            "states": states,
+            "gaps": [o.claimed.gap_seconds for o in outcomes],
+        },
     )
-    return state
+    return states
 
 
 async def due_deliveries(conn: AsyncConnection, limit: int) -> list[tuple[str, int]]:

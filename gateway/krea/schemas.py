@@ -5,12 +5,15 @@ Plain msgspec structs: the callback worker renders a Krea-door task's callback w
 """
 
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from gateway.storage import UrlSigner
 from gateway.tasks.models import Task, TaskStatus
+
+if TYPE_CHECKING:
+    from gateway.callbacks.service import CallbackTask
 
 API: Final = "krea"  # Task.api of the tasks this door creates
 
@@ -85,7 +88,7 @@ def iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def render_krea_job(task: Task, signer: UrlSigner) -> KreaJob:
+def render_krea_job(task: "Task | CallbackTask", signer: UrlSigner) -> KreaJob:
     """The Krea job object of a task, from whichever door it came."""
     status = task.status
     result = None

@@ -10,12 +10,13 @@ package, under these rules:
 - **Addresses** (``addresses.py``): the host is resolved once and refused if
   *any* address is not global unicast (embedded IPv4 forms judged by what they
   embed).
-- **Connection** (``transport.py``): only to the addresses that were checked,
-  TLS verified against the hostname, no proxy from the environment, no
-  redirects, one time budget, the answer's body cut. ``GuardedClient`` keeps
-  connections alive between requests, each request still checked, a kept
-  connection reused only while its host resolves to the addresses it was
-  pinned to.
+- **Connection** (``transport.py``, its sockets in ``sockets.py``): only to
+  the addresses that were checked, TLS verified against the hostname, no proxy
+  from the environment, no redirects, one time budget, the answer's body cut.
+  ``GuardedClient`` keeps connections alive between requests, each request
+  still checked, a kept connection reused only while its host resolves to the
+  addresses it was pinned to (a checked answer may serve a host's requests for
+  ``answer_seconds``).
 - ``allowed_hosts`` exempts chosen hosts from the internal-address refusal
   (the form rules still apply): for tests with local receivers only
   (``Settings.outbound_allowed_hosts``). ``ca_bundle`` adds CA certificates to

@@ -17,6 +17,8 @@
 - **One lookup** (``resolve_public``): a hostname is resolved once and refused
   if *any* of its addresses is not public; the connection then goes only to
   those addresses (``transport.py``).
+  ``CheckedAnswers`` may keep a checked answer a few seconds (the callback
+  worker's, one second), so a busy receiver is not looked up per request.
 
 Every refusal raises ``ForbiddenAddress``: retrying cannot help. Its message
 names the host and the kind of address, never the addresses a name resolved to.
@@ -26,6 +28,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol, TypeAlias
 
@@ -269,3 +272,52 @@ async def resolve_public(
         if kind is not None:
             raise refuse_internal(host, kind, resolved=literal is None)
     return addresses
+
+
+class CheckedAnswers:
+    """``resolve_public`` with its answers kept ``seconds`` (0: a lookup every time).
+
+    Only an answer that passed the check is kept, so a refused host is looked up
+    (and refused) again each time; ``forget`` drops a host's answer (its
+    connection failed: it may have moved). At most ``max_hosts`` answers are kept.
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        *,
+        resolver: Resolver | None = None,
+        allowed_hosts: frozenset[str] = frozenset(),
+        max_hosts: int = 256,
+    ) -> None:
+        self._seconds = seconds
+        self._resolver = resolver
+        self._allowed_hosts = allowed_hosts
+        self._max_hosts = max_hosts
+        # (host key, port) -> (time.monotonic() it expires at, the checked addresses)
+        self._kept: dict[tuple[str, int], tuple[float, list[IPAddress]]] = {}
+
+    async def resolve(self, host: str, port: int) -> list[IPAddress]:
+        if self._seconds <= 0:
+            return await resolve_public(
+                host, port, resolver=self._resolver, allowed_hosts=self._allowed_hosts
+            )
+        key, now = (host_key(host), port), time.monotonic()
+        kept = self._kept.get(key)
+        if kept is not None and now < kept[0]:
+            return kept[1]
+        addresses = await resolve_public(  # raises for a refused host: nothing kept
+            host, port, resolver=self._resolver, allowed_hosts=self._allowed_hosts
+        )
+        if len(self._kept) >= self._max_hosts:
+            self._kept = {k: v for k, v in self._kept.items() if now < v[0]}
+            if len(self._kept) >= self._max_hosts:
+                self._kept.pop(next(iter(self._kept)))
+        self._kept[key] = (now + self._seconds, addresses)
+        return addresses
+
+    def forget(self, host: str, port: int) -> None:
+        self._kept.pop((host_key(host), port), None)
+
+    def clear(self) -> None:
+        self._kept.clear()

@@ -17,19 +17,20 @@ import contextlib
 import functools
 import ssl
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpcore
 import httpx
 
 from gateway.outbound.addresses import (
+    CheckedAnswers,
     ForbiddenAddress,
     IPAddress,
     Resolver,
     host_key,
-    resolve_public,
 )
+from gateway.outbound.sockets import AsyncioBackend, PinnedBackend
 from gateway.outbound.urls import check_url
 
 # A receiver's answer is only looked at for its status; the body is cut here.
@@ -61,54 +62,6 @@ def _as_httpx_errors() -> Iterator[None]:
     except tuple(_HTTPX_ERRORS) as exc:
         ours = next(_HTTPX_ERRORS[kind] for kind in type(exc).__mro__ if kind in _HTTPX_ERRORS)
         raise ours(str(exc)) from exc
-
-
-class _PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Opens TCP connections to a host's checked addresses, trying them in order."""
-
-    def __init__(
-        self, pins: Mapping[str, Sequence[IPAddress]], inner: httpcore.AsyncNetworkBackend
-    ) -> None:
-        self._pins = {host_key(host): tuple(addresses) for host, addresses in pins.items()}
-        self._inner = inner
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = self._pins.get(host_key(host))
-        if not addresses:
-            raise ForbiddenAddress(f"must not point at a host that was not checked: {host}")
-        failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
-        for address in addresses:
-            try:
-                # An address, not a name: the inner backend has nothing left to look up.
-                return await self._inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise ForbiddenAddress("must not point at a Unix socket")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -144,7 +97,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     TCP connection goes to a pinned address while TLS sends the URL's hostname
     for SNI and verifies the certificate against it, as for any request. The
     system CA store (certifi) is trusted, plus ``ca_bundle`` when given.
-    ``network_backend`` opens the sockets (default: httpcore's anyio backend);
+    ``network_backend`` opens the sockets (default: asyncio streams, ``sockets.py``);
     tests pass one that records connections instead of making them. There is
     no proxy here whatever the environment says; redirects are the client's,
     and ``guarded_post`` follows none.
@@ -161,7 +114,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=_ssl_context(ca_bundle),
-            network_backend=_PinnedBackend(pins, network_backend or httpcore.AnyIOBackend()),
+            network_backend=PinnedBackend(pins, network_backend or AsyncioBackend()),
             max_connections=max_connections,
             keepalive_expiry=keepalive_expiry,
             http1=True,
@@ -255,7 +208,8 @@ async def guarded_request(
     target, connect_host, port = _checked_target(url, allowed_hosts)
     try:
         async with asyncio.timeout(timeout):
-            addresses = await _resolve(connect_host, port, resolver, allowed_hosts)
+            answers = CheckedAnswers(0, resolver=resolver, allowed_hosts=allowed_hosts)
+            addresses = await _resolve(connect_host, port, answers)
             transport = PinnedTransport(
                 {connect_host: addresses}, ca_bundle=ca_bundle, network_backend=network_backend
             )
@@ -276,6 +230,12 @@ class GuardedClient:
     new ones. Up to ``max_hosts`` transports are kept (the least recently used
     one is closed past that), each with up to ``connections_per_host`` connections
     idle at most ``keepalive_seconds``. ``aclose`` closes them all.
+
+    ``answer_seconds`` (default 0: a lookup per request) lets requests to a host
+    within that many seconds of its lookup use the same checked answer: only
+    answers that passed the check are kept, so nothing refused is ever reused,
+    and a connection failure forgets the host's answer. A busy receiver then
+    costs one lookup per interval, not one per request.
     """
 
     def __init__(
@@ -288,15 +248,23 @@ class GuardedClient:
         max_hosts: int = 256,
         connections_per_host: int = 32,
         keepalive_seconds: float = 30.0,
+        answer_seconds: float = 0.0,
     ) -> None:
-        self._resolver = resolver
+        self._answers = CheckedAnswers(
+            answer_seconds, resolver=resolver, allowed_hosts=allowed_hosts, max_hosts=max_hosts
+        )
         self._allowed_hosts = allowed_hosts
         self._ca_bundle = ca_bundle
         self._network_backend = network_backend
         self._max_hosts = max_hosts
         self._per_host = connections_per_host
         self._keepalive = keepalive_seconds
-        self._clients: OrderedDict[tuple[str, int, tuple[IPAddress, ...]], httpx.AsyncClient]
+        # Per host and answer: its client, and turns for its connections. Requests past the
+        # connections wait their turn here: waiting in httpcore's pool costs a scan of every
+        # waiting request against every connection at each request and answer.
+        self._clients: OrderedDict[
+            tuple[str, int, tuple[IPAddress, ...]], tuple[httpx.AsyncClient, asyncio.Semaphore]
+        ]
         self._clients = OrderedDict()
 
     def __len__(self) -> int:
@@ -316,11 +284,17 @@ class GuardedClient:
         target, connect_host, port = _checked_target(url, self._allowed_hosts)
         try:
             async with asyncio.timeout(timeout):
-                addresses = await _resolve(connect_host, port, self._resolver, self._allowed_hosts)
-                client = await self._client_for(connect_host, port, addresses)
-                return await _exchange(
-                    client, method, target, content, headers, max_response_bytes, timeout
-                )
+                addresses = await _resolve(connect_host, port, self._answers)
+                client, turns = await self._client_for(connect_host, port, addresses)
+                try:
+                    async with turns:
+                        return await _exchange(
+                            client, method, target, content, headers, max_response_bytes, timeout
+                        )
+                except (httpx.ConnectError, httpx.ConnectTimeout):
+                    # The host may have moved: its next request looks it up again.
+                    self._answers.forget(connect_host, port)
+                    raise
         except TimeoutError:
             raise httpx.TimeoutException(f"no answer within {timeout} s") from None
 
@@ -336,18 +310,18 @@ class GuardedClient:
 
     async def _client_for(
         self, host: str, port: int, addresses: Sequence[IPAddress]
-    ) -> httpx.AsyncClient:
+    ) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         key = (host_key(host), port, tuple(addresses))
-        client = self._clients.get(key)
-        if client is not None:
+        kept = self._clients.get(key)
+        if kept is not None:
             self._clients.move_to_end(key)
-            return client
+            return kept
         # The host's checked addresses changed (or it is new): its old connections go.
         stale = [k for k in self._clients if k[:2] == key[:2]]
         while len(self._clients) - len(stale) >= self._max_hosts:
             stale.append(next(k for k in self._clients if k not in stale))
         for old in stale:
-            await self._clients.pop(old).aclose()
+            await self._clients.pop(old)[0].aclose()
         transport = PinnedTransport(
             {host: addresses},
             ca_bundle=self._ca_bundle,
@@ -355,13 +329,14 @@ class GuardedClient:
             max_connections=self._per_host,
             keepalive_expiry=self._keepalive,
         )
-        client = _client(transport, None)
-        self._clients[key] = client
-        return client
+        kept = (_client(transport, None), asyncio.Semaphore(self._per_host))
+        self._clients[key] = kept
+        return kept
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), OrderedDict()
-        for client in clients:
+        self._answers.clear()
+        for client, _ in clients:
             await client.aclose()
 
 
@@ -380,11 +355,9 @@ def _checked_target(url: str, allowed_hosts: frozenset[str]) -> tuple[httpx.URL,
     return target, connect_host, target.port or 443
 
 
-async def _resolve(
-    host: str, port: int, resolver: Resolver | None, allowed_hosts: frozenset[str]
-) -> list[IPAddress]:
+async def _resolve(host: str, port: int, answers: CheckedAnswers) -> list[IPAddress]:
     try:
-        return await resolve_public(host, port, resolver=resolver, allowed_hosts=allowed_hosts)
+        return await answers.resolve(host, port)
     except OSError as exc:
         raise httpx.ConnectError(f"could not resolve {host}: {exc}") from exc
 

@@ -60,6 +60,7 @@ from gateway.callbacks.service import deliveries as deliveries_table
 from gateway.db import create_engine
 from gateway.redis_keys import callback_job_id
 from gateway.settings import Settings
+from workers.callbacks import Batches
 from workers.main import create_callback_worker
 
 Client = AsyncTestClient[Any]
@@ -366,6 +367,58 @@ def test_a_receiver_that_always_fails_gets_four_attempts_then_the_delivery_is_gi
     assert not any(a["succeeded"] for a in delivery["attempts"])
     gaps = [later.at - earlier.at for earlier, later in pairwise(schedule_run.dead)]
     assert gaps == pytest.approx([1, 2, 4], abs=GAP_TOLERANCE)
+
+
+# --- Batches: the attempts in hand share their statements ------------------
+
+
+async def test_calls_that_arrive_while_a_batch_is_out_go_together_in_the_next() -> None:
+    sent: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def send(items: list[int]) -> list[int]:
+        sent.append(items)
+        await release.wait()
+        if 4 in items:
+            raise RuntimeError("the statement failed")
+        return [item * 10 for item in items]
+
+    batches: Batches[int, int] = Batches(send, limit=2)
+    calls = [asyncio.create_task(batches(n)) for n in range(1, 6)]
+    await asyncio.sleep(0.01)
+    assert sent == [[1, 2]]  # one batch out, the rest waiting
+    release.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert sent == [[1, 2], [3, 4], [5]]
+    assert results[:2] == [10, 20]
+    assert [str(r) for r in results[2:4]] == ["the statement failed"] * 2  # its whole batch
+    assert results[4] == 50
+    assert batches.batches == 3
+    await batches.close()
+
+
+async def test_deliveries_waiting_together_are_claimed_and_recorded_in_shared_statements(
+    stack: Stack, receiver: Receiver
+) -> None:
+    await stack.stop_callbacks()
+    tasks = [await stack.submit(receiver.script(f"/many/{n}", [OK])) for n in range(8)]
+    for task_id in tasks:  # each ended, its delivery queued for the stopped worker
+        await stack.wait_deliveries(task_id, lambda found: len(found) == 1, 20)
+    stack.start_callbacks()
+    for task_id in tasks:
+        [delivery] = await stack.wait_final(task_id)
+        assert delivery["status"] == "delivered"
+    assert stack.callbacks is not None
+    deps = stack.callbacks[0].ctx["callback_deps"]
+
+    secret = await stack.secret()
+    for n, task_id in enumerate(tasks):
+        [arrival] = receiver.at(f"/many/{n}")
+        assert arrival.body == await stack.task_bytes(task_id)
+        assert verify(secret, arrival)["id"] == task_id
+    assert deps.claims.batches < len(tasks)
+    assert deps.records.batches < len(tasks)
 
 
 # --- One attempt, slow receivers, redirects ---------------------------------

@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import httpcore
 import httpx
 import pytest
 from guard_cases import LOOPBACK, REFUSED, ScriptedResolver
@@ -19,6 +20,7 @@ from https_receiver import Answer, Cert, LoopbackOnlyBackend, Receiver
 
 from gateway import outbound
 from gateway.outbound import ForbiddenAddress
+from gateway.outbound.sockets import AsyncioBackend
 
 
 @pytest.mark.parametrize(("url", "words"), REFUSED)
@@ -299,3 +301,82 @@ async def test_a_guarded_client_keeps_one_transport_per_answer_and_a_bounded_num
         "93.184.216.36",
         "93.184.216.37",
     ]
+
+
+async def test_a_checked_answer_serves_a_hosts_requests_for_answer_seconds(
+    receiver: Receiver, cert: Cert
+) -> None:
+    receiver.keep_alive = True
+    resolver = ScriptedResolver([[LOOPBACK]])
+    client = outbound.GuardedClient(
+        resolver=resolver, allowed_hosts=RECEIVER, ca_bundle=cert.cert, answer_seconds=0.5
+    )
+    url = f"https://receiver.test:{receiver.port}/hook"
+    try:
+        for _ in range(3):
+            response = await client.post(url, content=b"{}", headers={}, timeout=5)
+            assert response.status_code == 200
+        assert resolver.lookups == ["receiver.test"]  # one lookup for the three
+        await asyncio.sleep(0.6)
+        await client.post(url, content=b"{}", headers={}, timeout=5)
+    finally:
+        await client.aclose()
+    assert resolver.lookups == ["receiver.test"] * 2  # the answer expired: looked up again
+    assert receiver.connections == 1
+
+
+async def test_a_refused_answer_is_never_kept_and_a_failed_connection_forgets_its_host(
+    listener: Listener,
+) -> None:
+    # Loopback (refused), then a public answer whose connection fails, then loopback again:
+    # each request looks the host up, however long answers may be kept.
+    resolver = ScriptedResolver([[LOOPBACK], ["93.184.216.34"], [LOOPBACK]])
+    backend = LoopbackOnlyBackend()
+    client = outbound.GuardedClient(resolver=resolver, network_backend=backend, answer_seconds=60)
+    url = f"https://rebind.test:{listener.port}/hook"
+    try:
+        with pytest.raises(ForbiddenAddress, match="resolves to a loopback address"):
+            await client.post(url, content=b"{}", headers={}, timeout=5)
+        with pytest.raises(httpx.ConnectError, match="recorded, not contacted"):
+            await client.post(url, content=b"{}", headers={}, timeout=5)
+        with pytest.raises(ForbiddenAddress, match="resolves to a loopback address"):
+            await client.post(url, content=b"{}", headers={}, timeout=5)
+    finally:
+        await client.aclose()
+    assert resolver.lookups == ["rebind.test"] * 3
+    assert backend.connects == [("93.184.216.34", listener.port)]
+    assert listener.connections == 0
+
+
+async def test_an_idle_connection_the_server_closed_is_seen_as_readable() -> None:
+    # The pool asks every idle connection "readable?" (the server closed it): then it
+    # opens a new one rather than send on a dead one.
+    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(writer)
+
+    server = await asyncio.start_server(keep, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port)
+        writer = await asyncio.wait_for(accepted.get(), 5)
+        assert stream.get_extra_info("is_readable") is False
+        assert stream.get_extra_info("server_addr") == ("127.0.0.1", port)
+        with pytest.raises(httpcore.ReadTimeout):
+            await stream.read(10, timeout=0.05)
+        writer.close()
+        for _ in range(100):
+            if stream.get_extra_info("is_readable"):
+                break
+            await asyncio.sleep(0.01)
+        assert stream.get_extra_info("is_readable") is True
+        assert await stream.read(10) == b""
+        await stream.aclose()
+    finally:
+        server.close()
+
+
+async def test_the_default_sockets_fail_as_httpcore_errors() -> None:
+    with pytest.raises(httpcore.ConnectError):
+        await AsyncioBackend().connect_tcp("127.0.0.1", 1)  # nothing listens there
