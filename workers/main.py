@@ -28,6 +28,7 @@ from gateway.db import (
 )
 from gateway.heap import freeze_startup_objects
 from gateway.logs import configure_logging
+from gateway.outbound import StreamsTransport
 from gateway.redis_keys import (
     CALLBACK_JOB,
     CANCEL_JOB,
@@ -101,7 +102,11 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
         publisher.start()
         events.attach(engine, publisher)
         ctx["task_events_publisher"] = publisher
+        # httpx's own pool limits, on asyncio streams (gateway/outbound/transport.py).
         http = httpx.AsyncClient(
+            transport=StreamsTransport(
+                max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0
+            ),
             timeout=httpx.Timeout(
                 settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),

@@ -40,6 +40,7 @@ from gateway.outbound.transport import (
     MAX_RESPONSE_BYTES,
     GuardedClient,
     PinnedTransport,
+    StreamsTransport,
     guarded_post,
     guarded_request,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "IPAddress",
     "PinnedTransport",
     "Resolver",
+    "StreamsTransport",
     "SystemResolver",
     "check_url",
     "guarded_post",

@@ -89,33 +89,26 @@ def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
     return context
 
 
-class PinnedTransport(httpx.AsyncBaseTransport):
-    """Sends each request to the addresses checked for its host, and nowhere else.
-
-    ``pins`` maps a host to its checked addresses (``resolve_public``); a request
-    to any other host raises ``ForbiddenAddress`` before a socket is opened. The
-    TCP connection goes to a pinned address while TLS sends the URL's hostname
-    for SNI and verifies the certificate against it, as for any request. The
-    system CA store (certifi) is trusted, plus ``ca_bundle`` when given.
-    ``network_backend`` opens the sockets (default: asyncio streams, ``sockets.py``);
-    tests pass one that records connections instead of making them. There is
-    no proxy here whatever the environment says; redirects are the client's,
-    and ``guarded_post`` follows none.
-    """
+class StreamsTransport(httpx.AsyncBaseTransport):
+    """httpx's transport on asyncio streams (``sockets.AsyncioBackend``: TLS by the running
+    loop, a cheap idle check) instead of httpcore's anyio ones, which a worker's upstream
+    calls and image downloads spent a sixth of its CPU in. HTTP/1.1, no proxy whatever the
+    environment says, no retries; the system CA store (certifi), plus ``ca_bundle``."""
 
     def __init__(
         self,
-        pins: Mapping[str, Sequence[IPAddress]],
         *,
         ca_bundle: Path | None = None,
         network_backend: httpcore.AsyncNetworkBackend | None = None,
         max_connections: int = 10,
+        max_keepalive_connections: int | None = None,
         keepalive_expiry: float | None = None,
     ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=_ssl_context(ca_bundle),
-            network_backend=PinnedBackend(pins, network_backend or AsyncioBackend()),
+            network_backend=network_backend or AsyncioBackend(),
             max_connections=max_connections,
+            max_keepalive_connections=max_keepalive_connections,
             keepalive_expiry=keepalive_expiry,
             http1=True,
             http2=False,
@@ -150,6 +143,37 @@ class PinnedTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._pool.aclose()
+
+
+class PinnedTransport(StreamsTransport):
+    """Sends each request to the addresses checked for its host, and nowhere else.
+
+    ``pins`` maps a host to its checked addresses (``resolve_public``); a request
+    to any other host raises ``ForbiddenAddress`` before a socket is opened. The
+    TCP connection goes to a pinned address while TLS sends the URL's hostname
+    for SNI and verifies the certificate against it, as for any request. The
+    system CA store (certifi) is trusted, plus ``ca_bundle`` when given.
+    ``network_backend`` opens the sockets (default: asyncio streams, ``sockets.py``);
+    tests pass one that records connections instead of making them. There is
+    no proxy here whatever the environment says; redirects are the client's,
+    and ``guarded_post`` follows none.
+    """
+
+    def __init__(
+        self,
+        pins: Mapping[str, Sequence[IPAddress]],
+        *,
+        ca_bundle: Path | None = None,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+        max_connections: int = 10,
+        keepalive_expiry: float | None = None,
+    ) -> None:
+        super().__init__(
+            ca_bundle=ca_bundle,
+            network_backend=PinnedBackend(pins, network_backend or AsyncioBackend()),
+            max_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+        )
 
 
 # Describe the body as sent; the body handed back is decoded and may be cut.
