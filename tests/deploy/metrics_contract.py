@@ -43,6 +43,9 @@ CONTRACT: dict[str, Family] = {
         "counter", "model", "status", status="completed failed cancelled"
     ),
     "tollgate_tasks_open": _family("gauge", "model", "status", status="pending processing"),
+    "tollgate_generation_runs_total": _family(
+        "counter", "outcome", outcome="completed failed parked skipped stopped"
+    ),
     "tollgate_queue_depth": _family("gauge", "queue", queue=QUEUES),
     "tollgate_queue_oldest_job_age_seconds": _family("gauge", "queue", queue=QUEUES),
     "tollgate_upstream_requests_total": _family(
