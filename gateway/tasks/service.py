@@ -14,6 +14,10 @@ instead, with statements prepared once per connection:
 - **Read** is one indexed ``SELECT``. A finished task never changes (every write
   to it is fenced to an open status, ``lifecycle.py``), so its rendered body is
   kept per process (``FinishedTasks``) and served again without a query.
+
+Over 450 lines because the submit's path (validation, the new task's record, the
+reservation call) and the read's (the record, its rendering, the finished cache) are
+one module's: each is read top to bottom in one place.
 """
 
 import hashlib
