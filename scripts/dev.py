@@ -574,8 +574,7 @@ def cmd_test(args: list[str]) -> int:
 
     # The benchmark's smoke test drives wrk: install it like everything else the tests need.
     try:
-        ensure_wrk()
-        ensure_hey()
+        ensure_bench_tools()
     except DevError as exc:
         say(f"warning: {exc}; the benchmark's smoke test will fail")
     # The console's browser tests drive Debian's chromium (tests/console/test_console_browser.py).
@@ -625,31 +624,23 @@ def ensure_apt_binary(binary: str, package: str) -> str | None:
     return None
 
 
-def ensure_wrk() -> str:
-    """wrk's path, installing Debian's package when it is missing and we may (root, apt-get)."""
-    found = ensure_apt_binary("wrk", "wrk")
-    if found:
-        return found
-    raise DevError(
-        "the benchmark needs wrk (https://github.com/wg/wrk): install it with "
-        "`apt-get install wrk` (Debian, Ubuntu) or `brew install wrk` (macOS)"
-    )
+# The benchmark's load generators: wrk (the HTTP paths) and hey (a paced rate: wrk has none).
+BENCH_TOOLS = {"wrk": "https://github.com/wg/wrk", "hey": "https://github.com/rakyll/hey"}
 
 
-def ensure_hey() -> str:
-    """hey's path (the benchmark's paced load: wrk has no fixed rate), installed like wrk."""
-    found = ensure_apt_binary("hey", "hey")
-    if found:
-        return found
-    raise DevError(
-        "the benchmark needs hey (https://github.com/rakyll/hey): install it with "
-        "`apt-get install hey` (Debian, Ubuntu) or `brew install hey` (macOS)"
-    )
+def ensure_bench_tools() -> None:
+    """Install each of ``BENCH_TOOLS`` that is missing from Debian's package of that name,
+    when we may (root, apt-get); DevError naming how to install one that is still missing."""
+    for binary, home in BENCH_TOOLS.items():
+        if ensure_apt_binary(binary, binary) is None:
+            raise DevError(
+                f"the benchmark needs {binary} ({home}): install it with "
+                f"`apt-get install {binary}` (Debian, Ubuntu) or `brew install {binary}` (macOS)"
+            )
 
 
 def cmd_bench(args: list[str]) -> int:
-    ensure_wrk()
-    ensure_hey()
+    ensure_bench_tools()
     services = resolve_services("test")  # a server database: the benchmark makes its own
     argv = [
         sys.executable, "-m", "benchmarks.run",
