@@ -80,6 +80,12 @@ def _lease(n: int) -> str:
     return f"now() + make_interval(secs => ${n})"
 
 
+def _progress(n: int) -> str:
+    """Progress ``$n`` (NULL: none given) only ever rises, and stays below 100 until the
+    end. The coalesce matters: ``least`` skips NULLs, so without it none would mean 99."""
+    return f"progress = greatest(progress, least(coalesce(${n}::integer, 0), 99))"
+
+
 _PROCESSING = f"status = '{TaskStatus.PROCESSING.value}'"
 _FENCE = "id = $1 AND attempt = $2"
 
@@ -118,10 +124,8 @@ async def claim(db: Db, task_id: str, attempt: int, lease: float) -> Claimed | N
     return Claimed(*rows[0])
 
 
-# Progress ``$4`` (NULL: none) only ever rises, and stays below 100 until the end.
 _BEAT = (
-    f"UPDATE tasks SET lease_expires_at = {_lease(3)}, "
-    "progress = greatest(progress, least($4::integer, 99)), "
+    f"UPDATE tasks SET lease_expires_at = {_lease(3)}, {_progress(4)}, "
     f"upstream_job_id = coalesce($5, upstream_job_id) WHERE {_FENCE} AND {_PROCESSING} "
     "RETURNING 1"
 )
@@ -147,7 +151,7 @@ async def heartbeat(
 
 _ROUTE = (
     "UPDATE tasks SET channel_id = $4, upstream_job_id = $5, can_cancel = $6, "
-    f"lease_expires_at = {_lease(3)}, progress = greatest(progress, least($7::integer, 99)) "
+    f"lease_expires_at = {_lease(3)}, {_progress(7)} "
     f"WHERE {_FENCE} AND {_PROCESSING} RETURNING 1"
 )
 

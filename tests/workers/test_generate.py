@@ -302,6 +302,52 @@ async def test_a_silent_workers_task_resumes_its_upstream_job(
         assert (await simulator.stats())["submits"] == 1
 
 
+async def test_a_run_records_only_the_progress_it_reports(
+    settings: Settings, tenant_key: tuple[str, str]
+) -> None:
+    """A route or lease renewal without progress leaves it as it was (PostgreSQL's
+    ``least`` skips NULLs: an unguarded one would jump every such task to 99)."""
+    from gateway.app import create_app
+
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        _, key = tenant_key
+        task_id = await create_task(c, key, {"model": "krea-2-medium", "prompt": "progress"})
+    engine = create_engine(settings)
+    lease = settings.lease_seconds
+
+    async def progress() -> int:
+        async with engine.connect() as conn:
+            found = await conn.execute(
+                text("SELECT progress FROM tasks WHERE id = :id"), {"id": task_id}
+            )
+            value: int = found.scalar_one()
+            return value
+
+    try:
+        async with engine.begin() as conn:
+            assert await lifecycle.claim(conn, task_id, 0, lease) is not None
+        assert await progress() == 5
+        route = {"channel_id": "env:krea", "can_cancel": True}
+        async with engine.begin() as conn:
+            assert await lifecycle.record_route(
+                conn, task_id, 0, lease, upstream_job_id=None, **route
+            )
+            assert await lifecycle.heartbeat(conn, task_id, 0, lease)
+        assert await progress() == 5
+        async with engine.begin() as conn:
+            assert await lifecycle.record_route(
+                conn, task_id, 0, lease, upstream_job_id="job-1", progress=10, **route
+            )
+            assert await lifecycle.heartbeat(conn, task_id, 0, lease, progress=50)
+            assert await lifecycle.heartbeat(conn, task_id, 0, lease, progress=30)
+        assert await progress() == 50  # never backwards
+        async with engine.begin() as conn:
+            assert await lifecycle.heartbeat(conn, task_id, 0, lease, progress=100)
+        assert await progress() == 99  # 100 is the completion's alone
+    finally:
+        await engine.dispose()
+
+
 async def test_a_task_past_its_deadline_fails_with_timeout(
     database_url: str,
     simulator_url: str,
