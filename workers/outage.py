@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from arq.connections import create_pool, log_redis_info
+from arq.connections import ArqRedis, create_pool, log_redis_info
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker
@@ -228,14 +228,7 @@ class ResilientWorker(Worker):
     async def main(self) -> None:
         while self._pool is None:
             try:
-                self._pool = await create_pool(
-                    self.redis_settings,
-                    retry=0,
-                    job_deserializer=self.job_deserializer,
-                    job_serializer=self.job_serializer,
-                    default_queue_name=self.queue_name,
-                    expires_extra_ms=self.expires_extra_ms,
-                )
+                self._pool = await self._open_pool()
             except REDIS_ERRORS as exc:
                 self.health.down(REDIS, exc)
                 await self._back_off()
@@ -254,6 +247,27 @@ class ResilientWorker(Worker):
             self._wake.clear()
             await self._poll_iteration()
             await self._idle(self.poll_delay_s)
+
+    async def _open_pool(self) -> ArqRedis:
+        opening = asyncio.ensure_future(
+            create_pool(
+                self.redis_settings,
+                retry=0,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        )
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Stopped while connecting (a worker closed as it starts): the pool being opened
+            # is nobody's, so close it here, once open (within the connect timeout).
+            await asyncio.wait([opening])
+            if not opening.cancelled() and opening.exception() is None:
+                await opening.result().close(close_connection_pool=True)
+            raise
 
     async def _idle(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if a wake-up message comes first."""
@@ -343,6 +357,12 @@ class ResilientWorker(Worker):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
+        main = self.main_task
+        if main is not None and main is not asyncio.current_task():
+            # The poll loop must not use the pool while it closes: a connection it opened
+            # after the pool's were closed would never be.
+            main.cancel()
+            await asyncio.wait([main])
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
