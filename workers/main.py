@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 import httpx
@@ -94,14 +95,25 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
     health = Health("worker")
 
     async def startup(ctx: dict[str, Any]) -> None:
+        async with contextlib.AsyncExitStack() as opened:
+            opened.push_async_callback(storage.close)
+            await _start(ctx, opened)
+            # Started: what it opened is closed by the shutdown (a start cut short, by a
+            # stop or a failure, closes it here).
+            ctx["opened"] = opened.pop_all()
+        freeze_startup_objects()
+
+    async def _start(ctx: dict[str, Any], opened: contextlib.AsyncExitStack) -> None:
         engine = create_engine(settings)
+        opened.push_async_callback(engine.dispose)
         await wait_for_database(engine, health)
         await check_migrated(engine)
         # Task changes this worker commits signal the gateways' waiting requests.
         publisher = events.Publisher(ctx["redis"], task_events_channel(settings.queue_name))
         publisher.start()
+        opened.push_async_callback(publisher.close)
         events.attach(engine, publisher)
-        ctx["task_events_publisher"] = publisher
+        opened.callback(events.detach, engine)
         # httpx's own pool limits, on asyncio streams (gateway/outbound/transport.py).
         http = httpx.AsyncClient(
             transport=StreamsTransport(
@@ -112,6 +124,10 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             ),
             trust_env=False,
         )
+        opened.push_async_callback(http.aclose)
+        # The task's claim, lease writes and end: one autocommit statement each.
+        pg = await create_hot_pool(settings)
+        opened.push_async_callback(close_hot_pool, pg)
         ctx["deps"] = WorkerDeps(
             settings=settings,
             catalog=catalog,
@@ -134,28 +150,14 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
                 cooldown_seconds=settings.circuit_cooldown_seconds,
             ),
             image_allowed_hosts=frozenset(settings.outbound_allowed_hosts),
-            # The task's claim, lease writes and end: one autocommit statement each.
-            pg=await create_hot_pool(settings),
+            pg=pg,
         )
-        ctx["background"] = [
-            asyncio.create_task(watch_database(engine, health)),
-            asyncio.create_task(_sweep_slots(ctx["deps"].slots)),
-        ]
-        freeze_startup_objects()
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        await _stop_background(ctx)
-        publisher: events.Publisher | None = ctx.get("task_events_publisher")
-        if publisher is not None:
-            await publisher.close()
-        deps: WorkerDeps | None = ctx.get("deps")
-        if deps is not None:
-            events.detach(deps.engine)
-            await deps.http.aclose()
-            await deps.storage.close()
-            if deps.pg is not None:
-                await close_hot_pool(deps.pg)
-            await deps.engine.dispose()
+        _start_background(
+            ctx,
+            opened,
+            watch_database(engine, health),
+            _sweep_slots(ctx["deps"].slots),
+        )
 
     interval = settings.reconcile_interval_seconds
     options: dict[str, Any] = {
@@ -179,7 +181,7 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             *retention_cron(settings),
         ],
         "on_startup": startup,
-        "on_shutdown": shutdown,
+        "on_shutdown": _shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
@@ -206,23 +208,23 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> ResilientWor
     health = Health("callback worker")
 
     async def startup(ctx: dict[str, Any]) -> None:
-        engine = create_engine(settings)
-        await wait_for_database(engine, health)
-        await check_migrated(engine)
-        ctx["callback_deps"] = CallbackDeps(
-            settings=settings,
-            engine=engine,
-            sessions=session_factory(engine),
-            signer=signer,
-        )
-        ctx["background"] = [asyncio.create_task(watch_database(engine, health))]
+        async with contextlib.AsyncExitStack() as opened:
+            engine = create_engine(settings)
+            opened.push_async_callback(engine.dispose)
+            await wait_for_database(engine, health)
+            await check_migrated(engine)
+            deps = CallbackDeps(
+                settings=settings,
+                engine=engine,
+                sessions=session_factory(engine),
+                signer=signer,
+            )
+            opened.pop_all()  # the deps close the engine with the rest
+            opened.push_async_callback(deps.aclose)
+            ctx["callback_deps"] = deps
+            _start_background(ctx, opened, watch_database(engine, health))
+            ctx["opened"] = opened.pop_all()
         freeze_startup_objects()
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        await _stop_background(ctx)
-        deps: CallbackDeps | None = ctx.get("callback_deps")
-        if deps is not None:
-            await deps.aclose()
 
     options: dict[str, Any] = {
         "functions": [_named(retry_on_outage(health, deliver_callback), CALLBACK_JOB)],
@@ -237,7 +239,7 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> ResilientWor
             )
         ],
         "on_startup": startup,
-        "on_shutdown": shutdown,
+        "on_shutdown": _shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.callback_queue_name,
         "max_jobs": settings.callback_max_jobs,
@@ -271,11 +273,26 @@ async def _sweep_slots(slots: UpstreamSlots | None) -> None:
                 logger.exception("slot sweep failed")
 
 
-async def _stop_background(ctx: dict[str, Any]) -> None:
-    for task in ctx.pop("background", []):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def _start_background(
+    ctx: dict[str, Any], opened: contextlib.AsyncExitStack, *loops: Coroutine[Any, Any, None]
+) -> None:
+    """Run ``loops`` beside the jobs; they are stopped first at the shutdown."""
+    for loop in loops:
+        task = asyncio.create_task(loop)
+        opened.push_async_callback(_stop, task)
+
+
+async def _stop(task: "asyncio.Task[None]") -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    """Close what the start-up opened, last opened first (arq calls this only once started)."""
+    opened: contextlib.AsyncExitStack | None = ctx.pop("opened", None)
+    if opened is not None:
+        await opened.aclose()
 
 
 def _named(fn: Any, name: str, **options: Any) -> Any:

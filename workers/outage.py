@@ -187,6 +187,15 @@ async def wait_for_database(engine: AsyncEngine, health: Health) -> None:
             return
 
 
+async def wait_set(event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` is set, ``seconds`` at most. Not ``asyncio.wait_for``: on
+    Python 3.11 it drops a cancellation that comes as the event is set, and a worker told
+    to stop would go on polling."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 async def watch_database(engine: AsyncEngine, health: Health) -> None:
     """Probe PostgreSQL: every ``PROBE_UP_SECONDS`` while up, with back-off while down."""
     backoff = BACKOFF_MIN
@@ -205,9 +214,8 @@ async def watch_database(engine: AsyncEngine, health: Health) -> None:
         if health.is_up(POSTGRES):
             backoff = BACKOFF_MIN
             health.went_down.clear()
-            with contextlib.suppress(TimeoutError):
-                # A job that meets the outage wakes the probe at once.
-                await asyncio.wait_for(health.went_down.wait(), PROBE_UP_SECONDS)
+            # A job that meets the outage wakes the probe at once.
+            await wait_set(health.went_down, PROBE_UP_SECONDS)
         else:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -273,8 +281,7 @@ class ResilientWorker(Worker):
         """Sleep ``seconds``, or less if a wake-up message comes first."""
         if self._wake.is_set():
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await wait_set(self._wake, seconds)
 
     async def _back_off(self) -> None:
         await asyncio.sleep(self._backoff)
@@ -288,8 +295,7 @@ class ResilientWorker(Worker):
                 # Jobs would only fail: pick none until the probe finds PostgreSQL back.
                 self.health.changed.clear()
                 self._reap()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.health.changed.wait(), BACKOFF_MAX)
+                await wait_set(self.health.changed, BACKOFF_MAX)
                 return
         except REDIS_ERRORS as exc:
             self.health.down(REDIS, exc)
@@ -357,12 +363,6 @@ class ResilientWorker(Worker):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        main = self.main_task
-        if main is not None and main is not asyncio.current_task():
-            # The poll loop must not use the pool while it closes: a connection it opened
-            # after the pool's were closed would never be.
-            main.cancel()
-            await asyncio.wait([main])
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,12 +1,15 @@
-"""A worker closes cleanly when a job it cancels had not yet begun (workers/outage.py)."""
+"""A worker closes cleanly: when a job it cancels had not yet begun, when it is stopped as it
+wakes or as it connects (workers/outage.py)."""
 
 import asyncio
 import contextlib
+import gc
 
 import pytest
 from conftest import start_worker
 
 from gateway.settings import Settings
+from workers.outage import wait_set
 
 pytestmark = pytest.mark.asyncio
 
@@ -31,3 +34,31 @@ async def test_close_survives_a_job_cancelled_before_its_handler_began(
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+
+
+async def test_a_stop_that_comes_as_the_worker_wakes_still_stops_it() -> None:
+    """The poll loop's waits: a cancellation (arq's stop) that arrives as the awaited event
+    is set must not be lost, or a worker told to stop polls on (asyncio.wait_for on 3.11)."""
+    event = asyncio.Event()
+    waiting = asyncio.create_task(wait_set(event, 30))
+    await asyncio.sleep(0)  # waiting on the event
+    event.set()
+    waiting.cancel()
+    await asyncio.wait([waiting], timeout=5)
+    assert waiting.cancelled()
+
+
+async def test_a_worker_closed_while_it_connects_leaves_no_connection_open(
+    settings: Settings,
+) -> None:
+    """Stopped as it starts (its pool still being opened): the pool is closed all the same
+    (a leak shows as an unclosed-connection ResourceWarning, an error in this suite)."""
+    for step in range(40):  # one of these stops lands as the pool's first command runs
+        delay = step * 0.0005
+        arq_worker, running = start_worker(settings)
+        await asyncio.sleep(delay)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await arq_worker.close()
+    gc.collect()
