@@ -15,6 +15,7 @@ from gateway.settings import Settings
 from gateway.storage import Storage
 from pricing.catalog import Catalog
 from workers.circuits import Circuits
+from workers.job_clock import JobClock
 from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
 
@@ -36,6 +37,8 @@ class WorkerDeps:
     # asyncpg's pool for the task's own writes (gateway/db.create_hot_pool); None: they
     # go through the engine's connections, still one autocommit statement each.
     pg: Any = None  # asyncpg.Pool (untyped)
+    # How long the channels' jobs take, to poll around their end.
+    job_clock: JobClock = field(default_factory=JobClock)
 
     @property
     def statements(self) -> Statements:

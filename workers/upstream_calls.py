@@ -12,11 +12,12 @@ follows from it (another channel, a pause, the task's end) is
   task cancelled (or taken over) while the upstream took its job has that job
   cancelled there, where the adapter can.
 - **Polls.** A submitted job is paid for: its polls go on until the task's
-  deadline. A 429 backs the channel off and waits it out; a poll that times out
-  or fails otherwise is asked again, the pause doubling up to
-  ``MAX_POLL_PAUSE_SECONDS``. Only an answer that there is no such job (404,
-  BFL's "Task not found"), the channel's key refused (401/403) or a final 4xx
-  stops polling early.
+  deadline. They are spent around the end the channel's recent jobs of the model
+  suggest (``workers/job_clock.py``), else every ``poll_interval_seconds``. A 429
+  backs the channel off and waits it out; a poll that times out or fails otherwise
+  is asked again, the pause doubling up to ``MAX_POLL_PAUSE_SECONDS``. Only an
+  answer that there is no such job (404, BFL's "Task not found"), the channel's
+  key refused (401/403) or a final 4xx stops polling early.
 - **Abandoned jobs.** A job the run stops waiting for while it may still run
   upstream (the deadline came, or polling stopped early) is cancelled there
   where the adapter can, and counted in
@@ -99,6 +100,7 @@ class UpstreamCalls:
     ) -> JobState:
         provider = route.provider
         can_cancel = entry.can_cancel and provider.supports_cancel
+        submitted_at = None  # a resumed job's submit is an earlier attempt's
         if job_id is None:
             self.lease.check_deadline()  # never pay for a generation the task cannot wait for
             await self.lease.record_route(route.id, None, can_cancel=can_cancel)
@@ -109,6 +111,7 @@ class UpstreamCalls:
                 assert submitted.state is not None
                 return submitted.state
             job_id = submitted.job_id
+            submitted_at = time.monotonic()
             try:
                 await self.lease.record_route(route.id, job_id, can_cancel=can_cancel, progress=10)
             except LeaseLost:
@@ -120,7 +123,7 @@ class UpstreamCalls:
         # failed the task (if the sweeper failed it first, the sweeper has the job cancelled).
         self.polling = (route, job_id)
         try:
-            state = await self._poll(route, job_id)
+            state = await self._poll(route, entry.id, job_id, submitted_at)
         except UpstreamError as exc:
             self.polling = None
             if not isinstance(exc, UpstreamNotFound):  # a job the upstream lost costs nothing
@@ -170,15 +173,27 @@ class UpstreamCalls:
                 route.adapter, route.name, phase, outcome, time.monotonic() - started
             )
 
-    async def _poll(self, route: Route, job_id: str) -> JobState:
+    async def _poll(
+        self, route: Route, model: str, job_id: str, submitted_at: float | None
+    ) -> JobState:
         """Poll the job until it ends; only the deadline, or an answer that the job cannot
-        be waited for, stops it (see the module docstring)."""
+        be waited for, stops it (see the module docstring). Polls are spent around the
+        job's expected end when it was submitted here (``workers/job_clock.py``)."""
         interval = self.deps.settings.poll_interval_seconds
+        clock = self.deps.job_clock
         failures = 0
-        pause = interval
+        running_until = 0.0  # seconds from the submit to the last poll that found it running
+
+        def next_pause() -> float:
+            if submitted_at is None:
+                return interval
+            return clock.pause(route.id, model, interval, time.monotonic() - submitted_at)
+
+        pause = next_pause()
         while True:
             await self.lease.sleep(pause)
             pause = interval
+            asked = time.monotonic()
             try:
                 state = await self._call(route, "poll", lambda: route.provider.poll(job_id))
             except UpstreamError as exc:
@@ -200,8 +215,13 @@ class UpstreamCalls:
                 continue
             failures = 0
             if state.status in ("completed", "failed", "cancelled"):
+                if submitted_at is not None and state.status == "completed":
+                    clock.record(route.id, model, running_until, asked - submitted_at)
                 return state
+            if submitted_at is not None:
+                running_until = asked - submitted_at
             await self.lease.maybe_beat(state.progress)
+            pause = next_pause()
 
     async def _store(self, route: Route, state: JobState, asked: tuple[int, int]) -> list[Stored]:
         """Check and store the results, inline (``state.images``) or linked (``state.urls``);

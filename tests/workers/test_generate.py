@@ -302,6 +302,29 @@ async def test_a_silent_workers_task_resumes_its_upstream_job(
         assert (await simulator.stats())["submits"] == 1
 
 
+async def test_a_channels_next_job_is_polled_around_the_end_its_last_one_took(
+    settings: Settings, client: Client, tenant_key: tuple[str, str], simulator: Sim, deps: Any
+) -> None:
+    """workers/job_clock.py: the first job is polled every interval and teaches the
+    worker how long the model's jobs take there; the next one's polls come near its end."""
+    _, key = tenant_key
+    latency = 1.5
+    await simulator.configure(latency=latency)
+    polls = []
+    for prompt in ("first", "second"):
+        before = (await simulator.stats())["polls"]
+        task_id = await create_task(client, key, {"model": "krea-2-medium", "prompt": prompt})
+        outcome = await generate_task({"deps": deps}, task_id, 0)
+        assert outcome.startswith("completed"), outcome
+        polls.append((await simulator.stats())["polls"] - before)
+    expected = deps.job_clock.expected("env:krea", "krea-2-medium")
+    interval = settings.poll_interval_seconds
+    assert expected is not None
+    assert latency - interval <= expected <= latency + 1.0, expected
+    # Every 0.1 s for 1.5 s, against a wait and a few steps of 0.025 s near the end.
+    assert polls[1] < polls[0], polls
+
+
 async def test_a_run_records_only_the_progress_it_reports(
     settings: Settings, tenant_key: tuple[str, str]
 ) -> None:
