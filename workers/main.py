@@ -153,7 +153,6 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             pg=pg,
         )
         _start_background(
-            ctx,
             opened,
             watch_database(engine, health),
             _sweep_slots(ctx["deps"].slots),
@@ -222,7 +221,7 @@ def create_callback_worker(settings: Settings, **overrides: Any) -> ResilientWor
             opened.pop_all()  # the deps close the engine with the rest
             opened.push_async_callback(deps.aclose)
             ctx["callback_deps"] = deps
-            _start_background(ctx, opened, watch_database(engine, health))
+            _start_background(opened, watch_database(engine, health))
             ctx["opened"] = opened.pop_all()
         freeze_startup_objects()
 
@@ -273,9 +272,7 @@ async def _sweep_slots(slots: UpstreamSlots | None) -> None:
                 logger.exception("slot sweep failed")
 
 
-def _start_background(
-    ctx: dict[str, Any], opened: contextlib.AsyncExitStack, *loops: Coroutine[Any, Any, None]
-) -> None:
+def _start_background(opened: contextlib.AsyncExitStack, *loops: Coroutine[Any, Any, None]) -> None:
     """Run ``loops`` beside the jobs; they are stopped first at the shutdown."""
     for loop in loops:
         task = asyncio.create_task(loop)
