@@ -93,9 +93,11 @@ async def run_one(
     *,
     wait: float = 40,
     meanwhile: Any = None,
+    afterwards: Any = None,
 ) -> dict[str, Any]:
     """Submit one task through a real worker; its final state (``meanwhile`` runs after the
-    submit, while the task is under way)."""
+    submit, while the task is under way; ``afterwards`` once it is final, the worker still
+    running)."""
     _, key = await make_tenant_key(settings)
     worker, running = start_worker(settings)
     try:
@@ -106,9 +108,12 @@ async def run_one(
             assert response.status_code == 200, response.text
             if meanwhile is not None:
                 await meanwhile()
-            return await wait_for_status(
+            final = await wait_for_status(
                 client, key, response.json()["id"], {"completed", "failed"}, wait=wait
             )
+            if afterwards is not None:
+                await afterwards()
+            return final
     finally:
         await stop_worker(worker, running)
 
@@ -162,7 +167,18 @@ async def test_polls_slow_until_the_deadline_fail_the_task_and_give_the_job_up(
     await simulator.configure(latency=60, error_kind="slow_poll", hang_seconds=1.0)
     cancel = "unsupported" if protocol == "bfl" else "confirmed"
     before = abandoned(adapter, channel, "deadline", cancel)
-    task = await run_one(settings, {"model": model, "prompt": "never polled"}, wait=30)
+
+    async def given_up() -> None:
+        # The run or the sweeper, whichever fails the task at its deadline first, gives
+        # the job up; the sweeper's way is a cancel job, which the worker runs after.
+        deadline = time.monotonic() + 10
+        while abandoned(adapter, channel, "deadline", cancel) == before:
+            assert time.monotonic() < deadline, "the job was never given up"
+            await asyncio.sleep(0.1)
+
+    task = await run_one(
+        settings, {"model": model, "prompt": "never polled"}, wait=30, afterwards=given_up
+    )
     assert task["status"] == "failed", task
     assert task["error"]["code"] == "timeout"
     assert task["usage"]["credits_charged"] == 0
