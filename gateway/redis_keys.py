@@ -81,6 +81,13 @@ def slots_epoch_key(queue_name: str) -> str:
     return f"{queue_name}:slots-epoch"
 
 
+def queue_epoch_key(queue_name: str) -> str:
+    """Present while Redis still holds the queue: its absence tells a worker that Redis
+    lost its state (a restart without persistence), and that every waiting task must be
+    queued again from PostgreSQL at once (``workers/reconciler.recover_lost_queue``)."""
+    return f"{queue_name}:queue-epoch"
+
+
 def queue_wake_channel(queue_name: str) -> str:
     """Pub/sub: a message here wakes the queue's workers to look for jobs at once."""
     return f"{queue_name}:wake"

@@ -124,8 +124,11 @@ class GenerationRun:
         except Exception as exc:
             if is_database_outage(exc) or is_redis_outage(exc):
                 # arq runs the job again: its upstream job may run on meanwhile, so the
-                # slot stays held until the run takes it back or its lease ends.
+                # slot stays held until the run takes it back or its lease ends. The
+                # lease ends as soon as PostgreSQL answers, for that run to claim the
+                # task at once rather than when the lease runs out.
                 self.admission.forget_slot()
+                await self.lease.hand_back_after_outage()
             raise
         finally:
             await self.admission.leave()

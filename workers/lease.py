@@ -20,7 +20,11 @@
   not its claim. ``check_deadline`` raises ``DeadlineExceeded`` past it, and
   every wait (``sleep``) ends by it.
 - **Hand-back.** A run cancelled at shutdown ends its lease at once
-  (``hand_back``) so another worker need not wait it out.
+  (``hand_back``) so another worker need not wait it out. So does a run stopped
+  by an outage, as soon as PostgreSQL answers (``hand_back_after_outage``): arq
+  runs its job again a second later, and that run's claim would otherwise find
+  the lease live and leave the task, and its upstream slot, idle until the
+  lease ran out.
 """
 
 import asyncio
@@ -37,6 +41,10 @@ from workers.deps import WorkerDeps
 from workers.outage import is_database_outage
 
 logger = logging.getLogger("tollgate.generate")
+
+# A run stopped by an outage asks to hand its task back at these pauses, doubling.
+HAND_BACK_RETRY_MIN = 0.05
+HAND_BACK_RETRY_MAX = 1.0
 
 
 class LeaseLost(Exception):
@@ -161,6 +169,27 @@ class Lease:
             await asyncio.sleep(min(left, self._settings.lease_seconds / 3))
             await self.maybe_beat(None)
         self.check_deadline()
+
+    async def hand_back_after_outage(self) -> None:
+        """End the lease of a run an outage stopped, once PostgreSQL answers, so the job's
+        next run claims the task at once and resumes its upstream job. Asks with back-off
+        while the lease is still this run's; past that it runs out by itself."""
+        if not self.deadline:
+            return  # nothing claimed
+        until = self._last_beat + self._settings.lease_seconds
+        pause = HAND_BACK_RETRY_MIN
+        while True:
+            try:
+                await lifecycle.hand_back(self._db, self.task_id, self.attempt)
+                return
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    logger.warning("task %s: could not hand the task back: %s", self.task_id, exc)
+                    return
+            if time.monotonic() + pause >= until:
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, HAND_BACK_RETRY_MAX)
 
     async def hand_back(self) -> None:
         """End the lease now (shutdown): another worker may take the task at once."""

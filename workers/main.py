@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import uvloop
 from arq import cron
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from redis.exceptions import RedisError
 
 from gateway import metrics
@@ -58,7 +58,7 @@ from workers.outage import (
     watch_database,
 )
 from workers.providers import ADAPTERS
-from workers.reconciler import reconcile, restore_slots
+from workers.reconciler import reconcile, recover_lost_queue, restore_slots
 from workers.retention import retention_cron
 from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
@@ -68,6 +68,9 @@ logger = logging.getLogger("tollgate.worker")
 # The poll loop's fallback sleep: a new job wakes it at once (the queue's wake channel);
 # this bounds only deferred jobs, crons and a missed wake-up.
 POLL_DELAY = 0.05
+
+# How often each worker checks that Redis still holds its queue (``recover_lost_queue``).
+QUEUE_CHECK_SECONDS = 1.0
 
 # How often each worker hands on the slots that expired leases and lapsed back-offs freed.
 SWEEP_SECONDS = 0.2
@@ -156,6 +159,7 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             opened,
             watch_database(engine, health),
             _sweep_slots(ctx["deps"].slots),
+            _watch_queue(ctx["deps"], ctx["redis"]),
         )
 
     interval = settings.reconcile_interval_seconds
@@ -270,6 +274,19 @@ async def _sweep_slots(slots: UpstreamSlots | None) -> None:
         except Exception as exc:
             if not (is_redis_outage(exc) or is_database_outage(exc)):
                 logger.exception("slot sweep failed")
+
+
+async def _watch_queue(deps: WorkerDeps, redis: ArqRedis) -> None:
+    """Queue the waiting tasks again as soon as Redis is found to have lost its state."""
+    while True:
+        try:
+            await recover_lost_queue(deps, redis)
+        except RedisError:
+            pass  # the poll loop logs the outage
+        except Exception as exc:
+            if not (is_redis_outage(exc) or is_database_outage(exc)):
+                logger.exception("recovering the lost queue failed")
+        await asyncio.sleep(QUEUE_CHECK_SECONDS)
 
 
 def _start_background(opened: contextlib.AsyncExitStack, *loops: Coroutine[Any, Any, None]) -> None:

@@ -29,8 +29,16 @@ it, so a backlog of any size is looked through. When Redis has lost its state
 from PostgreSQL, so the tasks queued again, which park again in submission
 order, cannot overrun the caps. A run asking for a slot before the tick does
 the same first (``restore_slots`` is the slots' ``restore``).
+
+Steps 3 and 4 wait for a task to be ``requeue_pending_after_seconds`` old, since
+its job may simply be queued still. When Redis has lost its state there is no
+such doubt: every worker checks each second that the queue's marker is there
+(``recover_lost_queue``), and the first to find it gone queues every waiting task
+again at once, oldest first, so a Redis restarted without persistence costs the
+backlog a second, not the requeue age and a tick.
 """
 
+import contextlib
 import logging
 from typing import Any
 
@@ -40,7 +48,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.callbacks import service as callbacks
 from gateway.queue import enqueue_generation, enqueue_upstream_cancel, generation_in_progress
-from gateway.redis_keys import parked_key, slot_name, slots_epoch_key, upstream_slots_key
+from gateway.redis_keys import (
+    parked_key,
+    queue_epoch_key,
+    slot_name,
+    slots_epoch_key,
+    upstream_slots_key,
+)
 from gateway.settings import Settings
 from gateway.tasks import lifecycle, recovery
 from workers.deps import WorkerDeps
@@ -86,6 +100,19 @@ async def restore_slots(redis: Redis, engine: AsyncEngine, settings: Settings) -
     return restored
 
 
+async def _unparked(
+    redis: ArqRedis, queue_name: str, rows: list[tuple[str, int]]
+) -> list[tuple[str, int]]:
+    """``rows`` (task, attempt) but those parked in a slot's line (they have no job)."""
+    if not rows:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for task_id, attempt in rows:
+            pipe.hexists(parked_key(queue_name), f"{task_id}:{attempt}")
+        parked = await pipe.execute()
+    return [row for row, is_parked in zip(rows, parked, strict=True) if not is_parked]
+
+
 async def _stale_unparked(deps: WorkerDeps, redis: ArqRedis) -> list[tuple[str, int]]:
     """Stale pending tasks, oldest first, but those parked in a slot's line."""
     settings = deps.settings
@@ -95,15 +122,55 @@ async def _stale_unparked(deps: WorkerDeps, redis: ArqRedis) -> list[tuple[str, 
             rows = await recovery.stale_pending(
                 conn, settings.requeue_pending_after_seconds, BATCH, offset=page * BATCH
             )
-        if rows:
-            async with redis.pipeline(transaction=False) as pipe:
-                for task_id, attempt in rows:
-                    pipe.hexists(parked_key(settings.queue_name), f"{task_id}:{attempt}")
-                parked = await pipe.execute()
-            found += [row for row, is_parked in zip(rows, parked, strict=True) if not is_parked]
+        found += await _unparked(redis, settings.queue_name, rows)
         if len(rows) < BATCH or len(found) >= BATCH:
             break
     return found[:BATCH]
+
+
+async def recover_lost_queue(deps: WorkerDeps, redis: ArqRedis) -> int | None:
+    """Redis lost its state (the queue's marker is gone): put the running tasks' slots
+    back, hand tasks whose lease ran out to a new attempt, then queue every waiting task
+    again, oldest first, whatever its age. None when
+    Redis still holds the queue (one ``SET NX``: this runs every second in every worker).
+
+    The marker is set first, by one worker only; the others find it and do nothing. A
+    queued or running job refuses its duplicate (``enqueue_generation``), and a parked
+    task is left in its line. A recovery cut short by an outage takes the marker away
+    again, so the next check starts over; what it had queued is refused as duplicates.
+    """
+    settings = deps.settings
+    marker = queue_epoch_key(settings.queue_name)
+    if not await redis.set(marker, b"1", nx=True):
+        return None
+    try:
+        await restore_slots(redis, deps.engine, settings)
+        # Runs an outage stopped handed their tasks back; their retries were lost too.
+        async with deps.engine.begin() as conn:
+            reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
+        requeued = 0
+        for task_id, attempt in reclaimed:
+            if await enqueue_generation(redis, settings.queue_name, task_id, attempt):
+                requeued += 1
+        offset = 0
+        while True:
+            async with deps.engine.connect() as conn:
+                rows = await recovery.stale_pending(conn, 0, BATCH, offset=offset)
+            offset += len(rows)
+            for task_id, attempt in await _unparked(redis, settings.queue_name, rows):
+                if await enqueue_generation(redis, settings.queue_name, task_id, attempt):
+                    requeued += 1
+            if len(rows) < BATCH:
+                break
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await redis.delete(marker)
+        raise
+    if requeued:
+        logger.warning(
+            "redis had lost its queue: %d waiting tasks queued again from PostgreSQL", requeued
+        )
+    return requeued
 
 
 async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
