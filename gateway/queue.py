@@ -1,9 +1,10 @@
 """Enqueueing work for the workers: the gateway's only way to reach them.
 
-A generation job is queued by one Lua script, one round trip: it does what arq's
+Every job is queued by one Lua script, one round trip: it does what arq's
 ``enqueue_job`` does in three (WATCH, EXISTS, MULTI/EXEC), atomically — nothing
 when the job or its result already exists, else the job's payload (arq's own
-serialisation, so any arq worker runs it) and its place in the queue.
+serialisation, so any arq worker runs it) and its place in the queue — and
+wakes the queue's workers, which look for it at once, not at their next poll.
 """
 
 import logging
@@ -41,6 +42,32 @@ return 1
 _EXPIRES_EXTRA_MS = 86_400_000  # arq's default: a job not started within a day is dropped
 
 
+async def _enqueue(
+    redis: Redis,
+    queue_name: str,
+    function: str,
+    args: tuple[object, ...],
+    job_id: str,
+    *,
+    kwargs: dict[str, object] | None = None,
+    delay: float = 0,
+) -> bool:
+    """Queue one arq job, ``delay`` seconds from now; False if it is queued or running."""
+    now_ms = round(time.time() * 1000)
+    delay_ms = round(delay * 1000)
+    payload = serialize_job(function, args, kwargs or {}, None, now_ms)
+    script = redis.register_script(_ENQUEUE)
+    keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
+    argv: list[bytes | str | int] = [
+        delay_ms + _EXPIRES_EXTRA_MS,
+        payload,
+        now_ms + delay_ms,
+        job_id,
+        queue_wake_channel(queue_name),
+    ]
+    return bool(await script(keys=keys, args=argv))
+
+
 async def enqueue_generation(
     redis: Redis,
     queue_name: str,
@@ -55,21 +82,11 @@ async def enqueue_generation(
     its first run asks nothing of PostgreSQL before it has an upstream slot
     (``workers/generate.py``): under a backlog most such runs only park.
     """
+    kwargs: dict[str, object] = {} if fresh is None else {"model": fresh[0], "ticket_ms": fresh[1]}
     job_id = generate_job_id(task_id, attempt)
-    now_ms = round(time.time() * 1000)
-    kwargs = {} if fresh is None else {"model": fresh[0], "ticket_ms": fresh[1]}
-    payload = serialize_job(GENERATE_JOB, (task_id, attempt), kwargs, None, now_ms)
-    script = redis.register_script(_ENQUEUE)
-    keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
-    args: list[bytes | str | int] = [
-        _EXPIRES_EXTRA_MS,
-        payload,
-        now_ms,
-        job_id,
-        queue_wake_channel(queue_name),
-    ]
-    added = await script(keys=keys, args=args)
-    return bool(added)
+    return await _enqueue(
+        redis, queue_name, GENERATE_JOB, (task_id, attempt), job_id, kwargs=kwargs
+    )
 
 
 async def generation_in_progress(redis: ArqRedis, task_id: str, attempt: int) -> bool:
@@ -78,22 +95,17 @@ async def generation_in_progress(redis: ArqRedis, task_id: str, attempt: int) ->
 
 
 async def enqueue_callback(
-    redis: ArqRedis, queue_name: str, delivery_id: str, number: int, delay: float = 0
+    redis: Redis, queue_name: str, delivery_id: str, number: int, delay: float = 0
 ) -> bool:
     """Queue attempt ``number`` of a delivery, ``delay`` seconds from now."""
-    job = await redis.enqueue_job(
-        CALLBACK_JOB,
-        delivery_id,
-        number,
-        _job_id=callback_job_id(delivery_id, number),
-        _queue_name=queue_name,
-        _defer_by=delay or None,
+    job_id = callback_job_id(delivery_id, number)
+    return await _enqueue(
+        redis, queue_name, CALLBACK_JOB, (delivery_id, number), job_id, delay=delay
     )
-    return job is not None
 
 
 async def enqueue_upstream_cancel(
-    redis: ArqRedis,
+    redis: Redis,
     queue_name: str,
     task_id: str,
     channel_id: str,
@@ -104,27 +116,13 @@ async def enqueue_upstream_cancel(
 
     ``reason``: ``cancel`` (the tenant cancelled) or ``deadline`` (the sweeper failed it).
     """
-    job = await redis.enqueue_job(
-        CANCEL_JOB,
-        task_id,
-        channel_id,
-        upstream_job_id,
-        reason,
-        _job_id=cancel_job_id(task_id),
-        _queue_name=queue_name,
-    )
-    return job is not None
+    args = (task_id, channel_id, upstream_job_id, reason)
+    return await _enqueue(redis, queue_name, CANCEL_JOB, args, cancel_job_id(task_id))
 
 
 async def enqueue_channel_test(
-    redis: ArqRedis, queue_name: str, channel_id: str, test_id: str
+    redis: Redis, queue_name: str, channel_id: str, test_id: str
 ) -> bool:
     """Ask a worker to run one test generation on a channel (``workers/channel_test.py``)."""
-    job = await redis.enqueue_job(
-        CHANNEL_TEST_JOB,
-        channel_id,
-        test_id,
-        _job_id=f"channel-test:{test_id}",
-        _queue_name=queue_name,
-    )
-    return job is not None
+    job_id = f"channel-test:{test_id}"
+    return await _enqueue(redis, queue_name, CHANNEL_TEST_JOB, (channel_id, test_id), job_id)
