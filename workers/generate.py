@@ -33,10 +33,12 @@ no job to resume and is submitted again, so keep the grace period at least
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 from arq.worker import Retry
+from redis.exceptions import RedisError
 
 from gateway import logs, metrics
 from gateway.queue import enqueue_callback
@@ -161,6 +163,10 @@ class GenerationRun:
             return SKIPPED
         logs.bind(request_id=claimed.request_id)
         self.lease.start(claimed.created_at)
+        liveness = self.deps.liveness
+        if liveness is not None:
+            # If this worker dies, another hands the task on within seconds.
+            await _quietly(liveness.running(self.admission.holder))
         try:
             return await self._run_to_an_end(claimed)
         except asyncio.CancelledError:
@@ -169,6 +175,9 @@ class GenerationRun:
             raise
         except LeaseLost:
             return "stopped: lease lost to another attempt"
+        finally:
+            if liveness is not None:
+                await _quietly(liveness.done(self.admission.holder))
 
     async def _run_to_an_end(self, claimed: lifecycle.Claimed) -> str:
         """Run the task; a deadline or an upstream error that ends it fails it."""
@@ -238,6 +247,14 @@ class GenerationRun:
             # Cancelled, or another attempt owns it: nothing of this run is recorded.
             raise LeaseLost
         self.delivery_id = failed.delivery_id
+
+
+async def _quietly(call: Awaitable[None]) -> None:
+    """A liveness record: one that Redis misses leaves the task to its lease."""
+    try:
+        await call
+    except (RedisError, OSError) as exc:
+        logger.debug("liveness not recorded: %s", exc)
 
 
 async def generate_task(

@@ -48,6 +48,7 @@ from workers.circuits import Circuits
 from workers.deps import WorkerDeps
 from workers.generate import cancel_upstream, generate_task
 from workers.ledger_audit import ledger_check_cron
+from workers.liveness import Liveness
 from workers.outage import (
     Health,
     ResilientWorker,
@@ -58,7 +59,7 @@ from workers.outage import (
     watch_database,
 )
 from workers.providers import ADAPTERS
-from workers.reconciler import reconcile, recover_lost_queue, restore_slots
+from workers.reconciler import reap_dead_runs, reconcile, recover_lost_queue, restore_slots
 from workers.retention import retention_cron
 from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
@@ -69,7 +70,8 @@ logger = logging.getLogger("tollgate.worker")
 # this bounds only deferred jobs, crons and a missed wake-up.
 POLL_DELAY = 0.05
 
-# How often each worker checks that Redis still holds its queue (``recover_lost_queue``).
+# How often each worker beats, checks that Redis still holds its queue
+# (``recover_lost_queue``) and looks for dead workers' runs (``reap_dead_runs``).
 QUEUE_CHECK_SECONDS = 1.0
 
 # How often each worker hands on the slots that expired leases and lapsed back-offs freed.
@@ -154,12 +156,15 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
             ),
             image_allowed_hosts=frozenset(settings.outbound_allowed_hosts),
             pg=pg,
+            liveness=Liveness(
+                ctx["redis"], settings.queue_name, settings.worker_dead_after_seconds
+            ),
         )
         _start_background(
             opened,
             watch_database(engine, health),
             _sweep_slots(ctx["deps"].slots),
-            _watch_queue(ctx["deps"], ctx["redis"]),
+            _every_second(ctx["deps"], ctx["redis"], ctx["deps"].liveness),
         )
 
     interval = settings.reconcile_interval_seconds
@@ -276,16 +281,19 @@ async def _sweep_slots(slots: UpstreamSlots | None) -> None:
                 logger.exception("slot sweep failed")
 
 
-async def _watch_queue(deps: WorkerDeps, redis: ArqRedis) -> None:
-    """Queue the waiting tasks again as soon as Redis is found to have lost its state."""
+async def _every_second(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) -> None:
+    """The worker's beat; the queue queued again as soon as Redis is found to have lost its
+    state; the tasks of workers found dead handed on."""
     while True:
         try:
+            await liveness.beat()
             await recover_lost_queue(deps, redis)
+            await reap_dead_runs(deps, redis, liveness)
         except RedisError:
             pass  # the poll loop logs the outage
         except Exception as exc:
             if not (is_redis_outage(exc) or is_database_outage(exc)):
-                logger.exception("recovering the lost queue failed")
+                logger.exception("the worker's every-second duties failed")
         await asyncio.sleep(QUEUE_CHECK_SECONDS)
 
 

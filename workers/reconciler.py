@@ -58,6 +58,7 @@ from gateway.redis_keys import (
 from gateway.settings import Settings
 from gateway.tasks import lifecycle, recovery
 from workers.deps import WorkerDeps
+from workers.liveness import Liveness
 
 logger = logging.getLogger("tollgate.reconciler")
 
@@ -171,6 +172,42 @@ async def recover_lost_queue(deps: WorkerDeps, redis: ArqRedis) -> int | None:
             "redis had lost its queue: %d waiting tasks queued again from PostgreSQL", requeued
         )
     return requeued
+
+
+async def reap_dead_runs(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) -> int:
+    """Hand on at once the tasks of runs whose worker stopped beating, where the upstream
+    job id is recorded: each goes to a new attempt, which resumes that job, with the dead
+    run's upstream slot (``workers/liveness.py``). Returns how many were handed on."""
+    dead = await liveness.dead_runs()
+    if not dead:
+        return 0
+    settings = deps.settings
+    handed: dict[str, tuple[str, int]] = {}  # task → (its job's channel, the dead attempt)
+    for holder, _ in dead:
+        task_id, _, number = holder.rpartition(":")
+        channel_id = await lifecycle.hand_on_polling(deps.statements, task_id, int(number))
+        if channel_id is not None:
+            handed[task_id] = (channel_id, int(number))
+    await liveness.forget([holder for holder, _ in dead])
+    if not handed:
+        return 0
+    async with deps.engine.begin() as conn:
+        reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
+    for task_id, attempt in reclaimed:
+        if task_id in handed and deps.slots is not None:
+            channel_id, dead_attempt = handed[task_id]
+            await deps.slots.pass_on(
+                slot_name(settings.queue_name, channel_id),
+                f"{task_id}:{dead_attempt}",
+                f"{task_id}:{attempt}",
+            )
+        await enqueue_generation(redis, settings.queue_name, task_id, attempt)
+    logger.warning(
+        "%d task(s) of %d worker(s) that stopped beating handed on to a new attempt",
+        len(handed),
+        len({worker for _, worker in dead}),
+    )
+    return len(handed)
 
 
 async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:

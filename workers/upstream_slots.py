@@ -195,6 +195,16 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return (expiry and tonumber(expiry) > now) and 1 or 0
 """
 
+# KEYS: a channel's slots. ARGV: the holder, its successor. A dead run's slot passes to the
+# task's next attempt with its lease as it was: the channel's count never changes.
+_PASS_ON = """
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], expiry, ARGV[2])
+return 1
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -246,6 +256,7 @@ class UpstreamSlots:
         self._release = redis.register_script(_RELEASE)
         self._sweep = redis.register_script(_SWEEP)
         self._renew = redis.register_script(_RENEW)
+        self._pass_on = redis.register_script(_PASS_ON)
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._step = max(MIN_WAIT_SECONDS, poll_seconds)
         self.queue_name = queue_name
@@ -333,6 +344,12 @@ class UpstreamSlots:
             logger.debug("could not renew the %s slot of %s: %s", upstream, holder, exc)
             return True
         return bool(held)
+
+    async def pass_on(self, upstream: str, holder: str, successor: str) -> bool:
+        """Give ``holder``'s slot to ``successor`` (the task's next attempt, resuming its
+        upstream job); False if it held none."""
+        moved = await self._pass_on(keys=[upstream_slots_key(upstream)], args=[holder, successor])
+        return bool(moved)
 
     async def release(self, upstream: str, holder: str) -> None:
         """Give the slot back and leave the line, handing the slot to the head of the

@@ -188,6 +188,20 @@ async def hand_back(db: Db, task_id: str, attempt: int) -> bool:
     return bool(await _fetch(db, _HAND_BACK, task_id, attempt))
 
 
+_HAND_ON_POLLING = (
+    f"UPDATE tasks SET lease_expires_at = now() WHERE {_FENCE} AND {_PROCESSING} "
+    "AND upstream_job_id IS NOT NULL RETURNING channel_id"
+)
+
+
+async def hand_on_polling(db: Db, task_id: str, attempt: int) -> str | None:
+    """End the lease of a run whose worker died, if its upstream job id is recorded (the
+    next attempt resumes that job); the job's channel, or None if the task is elsewhere
+    or its run may be mid-submit (its lease then runs out by itself)."""
+    rows = await _fetch(db, _HAND_ON_POLLING, task_id, attempt)
+    return str(rows[0][0]) if rows else None
+
+
 # --- Ends: one database call each (migration 0014) ----------------------------------
 
 

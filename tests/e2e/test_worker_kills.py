@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from conftest import (
     ROOT,
+    SIM_KEY,
     Sim,
     bearer,
     cli_env,
@@ -40,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.app import create_app
 from gateway.redis_keys import arq_in_progress_key, generate_job_id
-from gateway.settings import Settings
+from gateway.settings import Settings, UpstreamAccount
 
 Client = AsyncTestClient[Any]
 MODEL = "krea-2-medium"
@@ -217,3 +218,60 @@ async def test_tasks_all_complete_through_a_loop_of_worker_kills(
         ids=task_ids,
     )
     assert charged == len(task_ids)
+
+
+async def test_a_killed_workers_polling_tasks_go_on_within_seconds_with_their_slots(
+    database_url: str, simulator_url: str, engine: AsyncEngine, simulator: Sim, tmp_path: Path
+) -> None:
+    """A worker killed while its tasks poll their upstream jobs: once it has not beaten for
+    ``worker_dead_after_seconds``, another worker hands those tasks to new attempts that
+    resume the same jobs, holding the dead runs' slots, long before the dead runs' leases
+    (30 s) run out. Tasks waiting for those slots run as soon as the resumed ones end."""
+    cap = 4
+    account = UpstreamAccount(base_url=simulator_url, api_key=SIM_KEY, max_concurrency=cap)  # type: ignore[arg-type]
+    settings = make_settings(
+        database_url,
+        simulator_url,
+        tmp_path / "storage",
+        upstreams={"krea": account, "siliconflow": account},
+        lease_seconds=30.0,
+        reconcile_interval_seconds=10,
+        requeue_pending_after_seconds=20.0,
+        metrics_port=0,
+    )
+    assert settings.worker_dead_after_seconds == 5
+    await simulator.configure(latency=4.0)
+    _, key = await make_tenant_key(settings)
+    log = tmp_path / "workers.log"
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        running = [await submit(c, key, f"polling at the kill {i}") for i in range(cap)]
+        async with worker_process(settings, log) as proc:
+            deadline = time.monotonic() + 20
+            while await jobs_recorded(engine, running) < cap:
+                assert time.monotonic() < deadline, "the upstream jobs were never recorded"
+                await asyncio.sleep(0.05)
+            submits_before = (await simulator.stats())["submits"]
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        killed = time.monotonic()
+        waiting = [await submit(c, key, f"waiting for a slot {i}") for i in range(cap)]
+        async with worker_process(settings, log):
+            took = await wait_until_final(engine, running + waiting, wait=25)
+    after_kill = time.monotonic() - killed
+    print(f"all {2 * cap} completed {after_kill:.1f}s after the kill ({took:.1f}s of waiting)")
+    stats = await simulator.stats()
+    # The killed runs' jobs were resumed, not submitted again; the waiting tasks' were new.
+    assert stats["submits"] - submits_before == cap, stats
+    # The resumed tasks kept the dead runs' slots: the account never ran more than its cap.
+    assert stats["max_jobs_active"] <= cap, stats
+    assert "stopped beating handed on" in log.read_text()
+
+
+async def jobs_recorded(engine: AsyncEngine, task_ids: list[str]) -> int:
+    return int(
+        await scalar(
+            engine,
+            "SELECT count(*) FROM tasks WHERE id = ANY(:ids) AND upstream_job_id IS NOT NULL",
+            ids=task_ids,
+        )
+    )
