@@ -610,6 +610,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--short", action="store_true", help="about a minute: the suite's mode")
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the parts' logs even when all is well"
+    )
     args = parser.parse_args(argv)
     if args.short:
         args.rate, args.duration, args.latency, args.slots = 5.0, 40.0, 0.5, 4
@@ -646,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2, default=str))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
-    if result["ok"]:
+    if result["ok"] and not args.keep_logs:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)

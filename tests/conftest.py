@@ -37,7 +37,11 @@ from gateway.db import create_engine, session_factory, transaction
 from gateway.ledger import service as ledger
 from gateway.ledger.models import EntryKind
 from gateway.settings import Settings, UpstreamAccount
+from gateway.storage import LocalStorage, Storage
 from gateway.tenants.service import create_tenant, issue_key
+from pricing.catalog import load_catalog
+from workers.deps import WorkerDeps
+from workers.routing import Directory
 from workers.simulator.app import SimulatorConfig, create_simulator_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,6 +283,26 @@ def make_settings(
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def worker_deps(
+    settings: Settings,
+    engine: AsyncEngine,
+    http: httpx.AsyncClient,
+    storage: Storage | None = None,
+    **extra: Any,
+) -> WorkerDeps:
+    """A generation worker's deps built by hand, for tests that drive its jobs directly."""
+    catalog = load_catalog()
+    return WorkerDeps(
+        settings=settings,
+        catalog=catalog,
+        engine=engine,
+        storage=storage if storage is not None else LocalStorage(settings.storage_dir),
+        http=http,
+        directory=Directory(settings, catalog, engine, http),
+        **extra,
+    )
 
 
 @pytest.fixture

@@ -175,9 +175,12 @@ async def recover_lost_queue(deps: WorkerDeps, redis: ArqRedis) -> int | None:
 
 
 async def reap_dead_runs(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) -> int:
-    """Hand on at once the tasks of runs whose worker stopped beating, where the upstream
-    job id is recorded: each goes to a new attempt, which resumes that job, with the dead
-    run's upstream slot (``workers/liveness.py``). Returns how many were handed on."""
+    """The runs whose worker stopped beating (``workers/liveness.py``): a task whose upstream
+    job id is recorded goes to a new attempt at once, which resumes that job with the dead
+    run's upstream slot. One that may have been mid-submit (a synchronous channel's whole
+    generation is its submit) keeps its lease, so that a worker only slow to beat never
+    has its task submitted twice, but its slot goes to the next task in line: a dead
+    worker's call holds no job on the account. Returns how many were handed on."""
     dead = await liveness.dead_runs()
     if not dead:
         return 0
@@ -185,27 +188,33 @@ async def reap_dead_runs(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) 
     handed: dict[str, tuple[str, int]] = {}  # task → (its job's channel, the dead attempt)
     for holder, _ in dead:
         task_id, _, number = holder.rpartition(":")
-        channel_id = await lifecycle.hand_on_polling(deps.statements, task_id, int(number))
-        if channel_id is not None:
+        found = await lifecycle.hand_on_dead(deps.statements, task_id, int(number))
+        channel_id = None if found is None else found[0]
+        if found is None or channel_id is None:
+            continue
+        if found[1]:
             handed[task_id] = (channel_id, int(number))
+        elif deps.slots is not None:
+            await deps.slots.release(slot_name(settings.queue_name, channel_id), holder)
     await liveness.forget([holder for holder, _ in dead])
-    if not handed:
-        return 0
-    async with deps.engine.begin() as conn:
-        reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
-    for task_id, attempt in reclaimed:
-        if task_id in handed and deps.slots is not None:
-            channel_id, dead_attempt = handed[task_id]
-            await deps.slots.pass_on(
-                slot_name(settings.queue_name, channel_id),
-                f"{task_id}:{dead_attempt}",
-                f"{task_id}:{attempt}",
-            )
-        await enqueue_generation(redis, settings.queue_name, task_id, attempt)
+    if handed:
+        async with deps.engine.begin() as conn:
+            reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
+        for task_id, attempt in reclaimed:
+            if task_id in handed and deps.slots is not None:
+                channel_id, dead_attempt = handed[task_id]
+                await deps.slots.pass_on(
+                    slot_name(settings.queue_name, channel_id),
+                    f"{task_id}:{dead_attempt}",
+                    f"{task_id}:{attempt}",
+                )
+            await enqueue_generation(redis, settings.queue_name, task_id, attempt)
     logger.warning(
-        "%d task(s) of %d worker(s) that stopped beating handed on to a new attempt",
-        len(handed),
+        "%d run(s) of %d worker(s) that stopped beating: %d task(s) handed on to a new attempt,"
+        " the others' slots freed",
+        len(dead),
         len({worker for _, worker in dead}),
+        len(handed),
     )
     return len(handed)
 

@@ -188,18 +188,23 @@ async def hand_back(db: Db, task_id: str, attempt: int) -> bool:
     return bool(await _fetch(db, _HAND_BACK, task_id, attempt))
 
 
-_HAND_ON_POLLING = (
-    f"UPDATE tasks SET lease_expires_at = now() WHERE {_FENCE} AND {_PROCESSING} "
-    "AND upstream_job_id IS NOT NULL RETURNING channel_id"
+_HAND_ON_DEAD = (
+    "UPDATE tasks SET lease_expires_at = CASE WHEN upstream_job_id IS NOT NULL "
+    f"THEN now() ELSE lease_expires_at END WHERE {_FENCE} AND {_PROCESSING} "
+    "RETURNING channel_id, upstream_job_id IS NOT NULL"
 )
 
 
-async def hand_on_polling(db: Db, task_id: str, attempt: int) -> str | None:
-    """End the lease of a run whose worker died, if its upstream job id is recorded (the
-    next attempt resumes that job); the job's channel, or None if the task is elsewhere
-    or its run may be mid-submit (its lease then runs out by itself)."""
-    rows = await _fetch(db, _HAND_ON_POLLING, task_id, attempt)
-    return str(rows[0][0]) if rows else None
+async def hand_on_dead(db: Db, task_id: str, attempt: int) -> tuple[str | None, bool] | None:
+    """A run whose worker died: end its lease if its upstream job id is recorded (the next
+    attempt resumes that job). Returns (the channel it worked on, whether it was handed
+    on), or None if the task is elsewhere; a run that may be mid-submit keeps its lease,
+    which then runs out by itself."""
+    rows = await _fetch(db, _HAND_ON_DEAD, task_id, attempt)
+    if not rows:
+        return None
+    channel_id, handed = rows[0]
+    return (None if channel_id is None else str(channel_id)), bool(handed)
 
 
 # --- Ends: one database call each (migration 0014) ----------------------------------

@@ -134,6 +134,18 @@ class TcpProxy:
         self.server = None
 
 
+async def behind_proxy(direct: Settings) -> tuple[TcpProxy, Settings]:
+    """A started proxy to PostgreSQL, and ``direct`` with its database reached through it."""
+    url = make_url(direct.database_url)
+    proxy = TcpProxy(url.port or 5432)
+    await proxy.start()
+    through_proxy = url.set(host="127.0.0.1", port=proxy.port)
+    proxied = direct.model_copy(
+        update={"database_url": through_proxy.render_as_string(hide_password=False)}
+    )
+    return proxy, proxied
+
+
 # ---------------------------------------------------------------- the worker process
 
 
@@ -275,12 +287,7 @@ async def test_a_worker_survives_postgres_cut_and_serves_after(
     database_url: str, simulator_url: str, tmp_path: Path, simulator: Sim, own_redis: RedisServer
 ) -> None:
     direct = settings_for(database_url, simulator_url, tmp_path, own_redis.url)
-    proxy = TcpProxy(make_url(database_url).port or 5432)
-    await proxy.start()
-    through_proxy = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
-    worker_settings = direct.model_copy(
-        update={"database_url": through_proxy.render_as_string(hide_password=False)}
-    )
+    proxy, worker_settings = await behind_proxy(direct)
     engine = create_engine(direct)
     log = tmp_path / "worker.log"
     _, key = await make_tenant_key(direct)
@@ -319,12 +326,7 @@ async def test_tasks_running_when_postgres_is_cut_resume_when_it_is_back_not_at_
     # the stopped runs' leases (30 s) would have run out and let them.
     direct = settings_for(database_url, simulator_url, tmp_path, own_redis.url, lease_seconds=30.0)
     await simulator.configure(latency=1.5)
-    proxy = TcpProxy(make_url(database_url).port or 5432)
-    await proxy.start()
-    through_proxy = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
-    worker_settings = direct.model_copy(
-        update={"database_url": through_proxy.render_as_string(hide_password=False)}
-    )
+    proxy, worker_settings = await behind_proxy(direct)
     engine = create_engine(direct)
     log = tmp_path / "worker.log"
     _, key = await make_tenant_key(direct)
@@ -374,12 +376,7 @@ async def test_the_callback_worker_survives_redis_killed_and_postgres_cut(
     database_url: str, simulator_url: str, tmp_path: Path, own_redis: RedisServer
 ) -> None:
     direct = settings_for(database_url, simulator_url, tmp_path, own_redis.url)
-    proxy = TcpProxy(make_url(database_url).port or 5432)
-    await proxy.start()
-    through_proxy = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
-    settings = direct.model_copy(
-        update={"database_url": through_proxy.render_as_string(hide_password=False)}
-    )
+    proxy, settings = await behind_proxy(direct)
     log = tmp_path / "callbacks.log"
     try:
         async with worker_process(settings, log, "--callbacks") as proc:

@@ -1,4 +1,5 @@
-"""Liveness: the runs of a worker that stopped beating are handed on, unless mid-submit.
+"""Liveness: the runs of a worker that stopped beating are handed on, unless mid-submit;
+the slots of those are freed.
 
 Real PostgreSQL and Redis; the dead worker is a ``Liveness`` that beat once and then
 never again, its runs two tasks claimed by hand: one polling its upstream job, one
@@ -12,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import bearer, make_settings, make_tenant_key
+from conftest import bearer, make_settings, make_tenant_key, worker_deps
 from litestar.testing import AsyncTestClient
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -21,13 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.db import Statements
 from gateway.redis_keys import generate_job_id, runs_key, slot_name, upstream_slots_key, workers_key
 from gateway.settings import Settings
-from gateway.storage import LocalStorage
 from gateway.tasks import lifecycle
-from pricing.catalog import load_catalog
 from workers.deps import WorkerDeps
 from workers.liveness import Liveness
 from workers.reconciler import reap_dead_runs
-from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
 
 Client = AsyncTestClient[Any]
@@ -41,19 +39,11 @@ def settings(database_url: str, simulator_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def deps(settings: Settings, engine: AsyncEngine, redis: Redis) -> AsyncIterator[WorkerDeps]:
-    catalog = load_catalog()
+    slots = UpstreamSlots(
+        redis, lease_seconds=30.0, poll_seconds=1.0, queue_name=settings.queue_name
+    )
     async with httpx.AsyncClient(trust_env=False) as http:
-        yield WorkerDeps(
-            settings=settings,
-            catalog=catalog,
-            engine=engine,
-            storage=LocalStorage(settings.storage_dir),
-            http=http,
-            directory=Directory(settings, catalog, engine, http),
-            slots=UpstreamSlots(
-                redis, lease_seconds=30.0, poll_seconds=1.0, queue_name=settings.queue_name
-            ),
-        )
+        yield worker_deps(settings, engine, http, slots=slots)
     queue = settings.queue_name
     await redis.delete(workers_key(queue), runs_key(queue))
 
@@ -72,7 +62,7 @@ async def row(engine: AsyncEngine, task_id: str) -> tuple[str, int, bool]:
     return status, attempt, leased
 
 
-async def test_a_dead_workers_polling_run_is_handed_on_with_its_slot_and_a_submitting_one_is_not(
+async def test_a_dead_workers_polling_run_is_handed_on_with_its_slot_and_a_submitting_one_waits(
     client: Client, settings: Settings, engine: AsyncEngine, redis: Redis, deps: WorkerDeps
 ) -> None:
     _, key = await make_tenant_key(settings)
@@ -93,8 +83,8 @@ async def test_a_dead_workers_polling_run_is_handed_on_with_its_slot_and_a_submi
         )
     assert deps.slots is not None
     slot = slot_name(settings.queue_name, route.id)
-    grant = await deps.slots.acquire(slot, f"{polling}:0", cap=4, ticket_ms=0)
-    assert grant.acquired
+    for task_id in ids:
+        assert (await deps.slots.acquire(slot, f"{task_id}:0", cap=4, ticket_ms=0)).acquired
 
     dead = Liveness(redis, settings.queue_name, dead_after_seconds=0.3)
     await dead.beat()
@@ -112,8 +102,12 @@ async def test_a_dead_workers_polling_run_is_handed_on_with_its_slot_and_a_submi
     assert await redis.exists(f"arq:job:{generate_job_id(polling, 1)}")
     holders = {m.decode() for m in await redis.zrange(upstream_slots_key(slot), 0, -1)}
     assert holders == {f"{polling}:1"}
-    # The one that may be mid-submit keeps its lease: a second submit could pay twice.
+    # The one that may be mid-submit keeps its lease, since a second submit could pay
+    # twice; its slot went back (above: only the polling task's new attempt holds one).
     assert await row(engine, submitting) == ("processing", 0, True)
     # Both runs are dealt with: the next look finds nothing.
     assert await redis.hlen(runs_key(settings.queue_name)) == 0
     assert await reap_dead_runs(deps, redis, alive) == 0
+    # Nothing left open for a later test's workers to find.
+    for task_id, attempt in ((polling, 1), (submitting, 0)):
+        assert await lifecycle.fail(db, task_id, attempt, "test", "ended by the test")

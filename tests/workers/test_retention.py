@@ -21,6 +21,7 @@ from conftest import (
     start_worker,
     stop_worker,
     wait_for_status,
+    worker_deps,
 )
 from litestar.testing import AsyncTestClient
 from prometheus_client import REGISTRY
@@ -33,11 +34,9 @@ from gateway.db import create_engine
 from gateway.redis_keys import retention_key
 from gateway.settings import Settings
 from gateway.storage import build_storage
-from pricing.catalog import load_catalog
 from workers.deps import WorkerDeps
 from workers.main import create_worker
 from workers.retention import delete_expired_results, retention
-from workers.routing import Directory
 
 Client = AsyncTestClient[Any]
 GRACE = 3600
@@ -66,15 +65,7 @@ def backend_settings(
 async def deps(backend_settings: Settings) -> AsyncIterator[WorkerDeps]:
     engine = create_engine(backend_settings)
     http = httpx.AsyncClient(trust_env=False)
-    catalog = load_catalog()
-    yield WorkerDeps(
-        settings=backend_settings,
-        catalog=catalog,
-        engine=engine,
-        storage=build_storage(backend_settings),
-        http=http,
-        directory=Directory(backend_settings, catalog, engine, http),
-    )
+    yield worker_deps(backend_settings, engine, http, storage=build_storage(backend_settings))
     await http.aclose()
     await engine.dispose()
 

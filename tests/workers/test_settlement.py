@@ -30,6 +30,7 @@ from conftest import (
     start_worker,
     stop_worker,
     totals,
+    worker_deps,
 )
 from conftest import wait_for_status as wait_for
 from litestar.testing import AsyncTestClient
@@ -41,12 +42,9 @@ from gateway.app import create_app
 from gateway.db import Statements, create_engine
 from gateway.ledger import service as ledger
 from gateway.settings import Settings
-from gateway.storage import LocalStorage
 from gateway.tasks import lifecycle
-from pricing.catalog import load_catalog
 from workers.deps import WorkerDeps
 from workers.generate import generate_task
-from workers.routing import Directory
 
 Client = AsyncTestClient[Any]
 
@@ -71,16 +69,8 @@ def settings(database_url: str, simulator_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def deps(settings: Settings, engine: AsyncEngine) -> AsyncIterator[WorkerDeps]:
-    catalog = load_catalog()
     async with httpx.AsyncClient(trust_env=False) as http:
-        yield WorkerDeps(
-            settings=settings,
-            catalog=catalog,
-            engine=engine,
-            storage=LocalStorage(settings.storage_dir),
-            http=http,
-            directory=Directory(settings, catalog, engine, http),
-        )
+        yield worker_deps(settings, engine, http)
 
 
 async def submit(client: Client, key: str, body: dict[str, Any]) -> dict[str, Any]:
