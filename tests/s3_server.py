@@ -76,13 +76,17 @@ class S3Server:
         )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
-        found = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        # Each client closed after use: one left to the garbage collector warns of its
+        # socket in whichever test is running then, and fails it.
+        with contextlib.closing(self.client()) as client:
+            found = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
         return sorted(item["Key"] for item in found)
 
     def read(self, bucket: str, key: str) -> tuple[bytes, str]:
         """An object's bytes and content type."""
-        got = self.client().get_object(Bucket=bucket, Key=key)
-        return got["Body"].read(), got["ContentType"]
+        with contextlib.closing(self.client()) as client:
+            got = client.get_object(Bucket=bucket, Key=key)
+            return got["Body"].read(), got["ContentType"]
 
 
 @contextlib.contextmanager
