@@ -198,8 +198,6 @@ class Admission:
     def forget_slot(self) -> None:
         """Another delivery of this job holds the task and, with it, this same slot:
         leave the slot to that delivery."""
-        if self._slot is not None and self._slots is not None:
-            self._slots.forget(self.holder)
         self._slot = None
 
     async def leave_lines(self, routes: list[Route]) -> None:

@@ -59,14 +59,7 @@ from workers.outage import (
     watch_database,
 )
 from workers.providers import ADAPTERS
-from workers.reconciler import (
-    UNSEEN,
-    reap_dead_runs,
-    reassert_slots,
-    reconcile,
-    recover_lost_queue,
-    restore_slots,
-)
+from workers.reconciler import reap_dead_runs, reconcile, recover_lost_queue, restore_slots
 from workers.retention import retention_cron
 from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
@@ -289,14 +282,12 @@ async def _sweep_slots(slots: UpstreamSlots | None) -> None:
 
 
 async def _every_second(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) -> None:
-    """The worker's beat; the queue queued again, and this worker's slots put back, as soon
-    as Redis is found to have lost its state; the tasks of workers found dead handed on."""
-    epoch: bytes | None = UNSEEN
+    """The worker's beat; the queue queued again as soon as Redis is found to have lost its
+    state; the tasks of workers found dead handed on."""
     while True:
         try:
             await liveness.beat()
             await recover_lost_queue(deps, redis)
-            epoch = await reassert_slots(deps, redis, epoch)
             await reap_dead_runs(deps, redis, liveness)
         except RedisError:
             pass  # the poll loop logs the outage

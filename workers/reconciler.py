@@ -28,12 +28,7 @@ it, so a backlog of any size is looked through. When Redis has lost its state
 (its slots marker is gone), the tick first puts the running tasks' slots back
 from PostgreSQL, so the tasks queued again, which park again in submission
 order, cannot overrun the caps. A run asking for a slot before the tick does
-the same first (``restore_slots`` is the slots' ``restore``). PostgreSQL cannot
-tell a run that holds its slot from one whose job ended and that stores its
-images (it gave its slot back), so a restored slot has a short lease
-(``RESTORED_LEASE_SECONDS``), and each worker puts back its own runs' slots
-with a full lease as soon as it sees the queue's marker change
-(``reassert_slots``).
+the same first (``restore_slots`` is the slots' ``restore``).
 
 Steps 3 and 4 wait for a task to be ``requeue_pending_after_seconds`` old, since
 its job may simply be queued still. When Redis has lost its state there is no
@@ -45,7 +40,6 @@ backlog a second, not the requeue age and a tick.
 
 import contextlib
 import logging
-import uuid
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -69,8 +63,6 @@ from workers.liveness import Liveness
 logger = logging.getLogger("tollgate.reconciler")
 
 BATCH = 500
-# The lease of a slot put back from PostgreSQL after Redis lost its state.
-RESTORED_LEASE_SECONDS = 5.0
 # Pages of stale pending tasks looked through per tick (parked ones are skipped).
 MAX_PAGES = 40
 
@@ -98,10 +90,7 @@ async def restore_slots(redis: Redis, engine: AsyncEngine, settings: Settings) -
     async with engine.connect() as conn:
         holding = await recovery.holding_slots(conn)
     script = redis.register_script(_RESTORE_SLOT)
-    # Short: a live run puts its own slot back with a full lease within a second or two
-    # (``reassert_slots``), while a run that had already given its slot back (its job
-    # ended; it was storing the images) must not keep it for a whole lease.
-    lease_ms = round(min(settings.lease_seconds, RESTORED_LEASE_SECONDS) * 1000)
+    lease_ms = round(settings.lease_seconds * 1000)
     restored = 0
     for task_id, attempt, channel_id in holding:
         key = upstream_slots_key(slot_name(queue, channel_id))
@@ -153,7 +142,7 @@ async def recover_lost_queue(deps: WorkerDeps, redis: ArqRedis) -> int | None:
     """
     settings = deps.settings
     marker = queue_epoch_key(settings.queue_name)
-    if not await redis.set(marker, uuid.uuid4().hex, nx=True):
+    if not await redis.set(marker, b"1", nx=True):
         return None
     try:
         await restore_slots(redis, deps.engine, settings)
@@ -183,22 +172,6 @@ async def recover_lost_queue(deps: WorkerDeps, redis: ArqRedis) -> int | None:
             "redis had lost its queue: %d waiting tasks queued again from PostgreSQL", requeued
         )
     return requeued
-
-
-# What ``reassert_slots`` is first given: no marker seen yet (a marker is a hex token).
-UNSEEN = b"unseen"
-
-
-async def reassert_slots(deps: WorkerDeps, redis: ArqRedis, seen: bytes | None) -> bytes | None:
-    """When the queue's marker changed since ``seen`` (Redis lost its state and a worker
-    recovered it), put back this process's runs' slots with a full lease; the slots
-    restored from PostgreSQL have only ``RESTORED_LEASE_SECONDS``. Returns the marker."""
-    epoch: bytes | None = await redis.get(queue_epoch_key(deps.settings.queue_name))
-    if seen != UNSEEN and epoch != seen and deps.slots is not None:
-        count = await deps.slots.reassert()
-        if count:
-            logger.info("redis had lost the upstream slots: %d of this worker's put back", count)
-    return epoch
 
 
 async def reap_dead_runs(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) -> int:

@@ -260,9 +260,6 @@ class UpstreamSlots:
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._step = max(MIN_WAIT_SECONDS, poll_seconds)
         self.queue_name = queue_name
-        # The slots this process's runs hold (holder → upstream), put back by ``reassert``
-        # when Redis lost them.
-        self._held: dict[str, str] = {}
 
     def _keys(self, upstream: str) -> list[str]:
         return [
@@ -321,7 +318,6 @@ class UpstreamSlots:
             raw = await self._acquire(keys=self._keys(upstream), args=[*args, 0])
             status, backoff_ms = (int(v) for v in raw)
         if status:
-            self._held[holder] = upstream
             return Grant(acquired=True, already_held=status == 2)
         wait = backoff_ms / 1000 if backoff_ms > 0 else self._step
         return Grant(acquired=False, wait_seconds=max(wait, MIN_WAIT_SECONDS))
@@ -349,17 +345,6 @@ class UpstreamSlots:
             return True
         return bool(held)
 
-    def forget(self, holder: str) -> None:
-        """``holder``'s slot is no longer this process's run's (another delivery has it)."""
-        self._held.pop(holder, None)
-
-    async def reassert(self) -> int:
-        """Redis lost its state: put back, with a fresh lease, the slots this process's
-        runs hold (those restored from PostgreSQL have only a short one). Returns how many."""
-        for holder, upstream in list(self._held.items()):
-            await self._renew(keys=[upstream_slots_key(upstream)], args=[holder, self._lease_ms])
-        return len(self._held)
-
     async def pass_on(self, upstream: str, holder: str, successor: str) -> bool:
         """Give ``holder``'s slot to ``successor`` (the task's next attempt, resuming its
         upstream job); False if it held none."""
@@ -369,8 +354,6 @@ class UpstreamSlots:
     async def release(self, upstream: str, holder: str) -> None:
         """Give the slot back and leave the line, handing the slot to the head of the
         line; a no-op for a holder that has neither."""
-        if self._held.get(holder) == upstream:
-            del self._held[holder]
         try:
             await self._release(keys=self._keys(upstream), args=[*self._args(upstream), holder])
         except RedisError as exc:

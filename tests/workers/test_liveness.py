@@ -20,26 +20,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import Statements
-from gateway.redis_keys import (
-    generate_job_id,
-    queue_epoch_key,
-    runs_key,
-    slot_name,
-    slots_epoch_key,
-    upstream_slots_key,
-    workers_key,
-)
+from gateway.redis_keys import generate_job_id, runs_key, slot_name, upstream_slots_key, workers_key
 from gateway.settings import Settings
 from gateway.tasks import lifecycle
 from workers.deps import WorkerDeps
 from workers.liveness import Liveness
-from workers.reconciler import (
-    RESTORED_LEASE_SECONDS,
-    UNSEEN,
-    reap_dead_runs,
-    reassert_slots,
-    recover_lost_queue,
-)
+from workers.reconciler import reap_dead_runs
 from workers.upstream_slots import UpstreamSlots
 
 Client = AsyncTestClient[Any]
@@ -125,55 +111,3 @@ async def test_a_dead_workers_polling_run_is_handed_on_with_its_slot_and_a_submi
     # Nothing left open for a later test's workers to find.
     for task_id, attempt in ((polling, 1), (submitting, 0)):
         assert await lifecycle.fail(db, task_id, attempt, "test", "ended by the test")
-
-
-async def test_after_redis_loses_the_slots_only_the_runs_that_hold_one_keep_it_for_long(
-    client: Client, settings: Settings, engine: AsyncEngine, redis: Redis, deps: WorkerDeps
-) -> None:
-    # Two running tasks: one's run holds its slot (its job runs); the other's job ended
-    # and its run gave the slot back (it stores the images). PostgreSQL cannot tell them
-    # apart, so both get a slot back from it when Redis loses its state, with a short
-    # lease; only the live run puts its own back with a full one.
-    _, key = await make_tenant_key(settings)
-    ids = []
-    for prompt in ("holding", "storing"):
-        response = await client.post(
-            "/v1/images/generations", json={"model": MODEL, "prompt": prompt}, headers=bearer(key)
-        )
-        assert response.status_code == 200, response.text
-        ids.append(response.json()["id"])
-    holding, storing = ids
-    route = (await deps.directory.candidates(MODEL))[0]
-    db = Statements(engine)
-    for task_id in ids:
-        assert await lifecycle.claim(db, task_id, 0, 30.0) is not None
-        assert await lifecycle.record_route(
-            db, task_id, 0, 30.0, channel_id=route.id, upstream_job_id="job", can_cancel=False
-        )
-    assert deps.slots is not None
-    slot = slot_name(settings.queue_name, route.id)
-    for task_id in ids:
-        assert (await deps.slots.acquire(slot, f"{task_id}:0", cap=4, ticket_ms=0)).acquired
-    await deps.slots.release(slot, f"{storing}:0")
-    seen = await reassert_slots(deps, redis, UNSEEN)
-
-    # Redis loses its state (this queue's keys only: the Redis is shared).
-    queue = settings.queue_name
-    await redis.delete(upstream_slots_key(slot), slots_epoch_key(queue), queue_epoch_key(queue))
-    assert await recover_lost_queue(deps, redis) is not None
-
-    async def expiries() -> dict[str, float]:
-        seconds, micros = await redis.time()
-        now_ms = seconds * 1000 + micros / 1000
-        members = await redis.zrange(upstream_slots_key(slot), 0, -1, withscores=True)
-        return {m.decode(): (score - now_ms) / 1000 for m, score in members}
-
-    restored = await expiries()
-    assert set(restored) == {f"{holding}:0", f"{storing}:0"}
-    assert all(left <= RESTORED_LEASE_SECONDS for left in restored.values()), restored
-    await reassert_slots(deps, redis, seen)
-    after = await expiries()
-    assert after[f"{holding}:0"] > 25, after  # the live run's: a full lease again
-    assert after[f"{storing}:0"] <= RESTORED_LEASE_SECONDS, after  # gone within seconds
-    for task_id in ids:
-        assert await lifecycle.fail(db, task_id, 0, "test", "ended by the test")
