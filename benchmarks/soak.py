@@ -26,7 +26,9 @@ It prints a table, then the same figures as JSON (``--json PATH`` writes them to
 accepted, refused by status and code, connection errors, final states, still open,
 duplicates per key, tasks the client never heard of, holds, captures and releases per
 task, upstream jobs per completed task, the slowest task from submit to final state,
-completions per second over time against the upstream capacity, callbacks delivered, and
+completions per second over time against the upstream capacity, beside each bucket's
+means of what ``benchmarks/sampler.py`` reads every second (upstream jobs running and
+started, slot holders, the slots' lines, arq's queue, open tasks), callbacks delivered, and
 after each kill the seconds until a submit was accepted, a task completed and a callback
 was delivered again. ``--short`` is the test
 suite's mode (about a minute, one kill of each part). Exit status 1 when an invariant
@@ -60,12 +62,17 @@ import asyncpg
 import httpx
 
 from benchmarks.receiver import Receiver, make_cert
+from benchmarks.sampler import FIELDS, Sampler
 from benchmarks.servers import PgServer, RedisServer, free_port
+from gateway.settings import Settings
+from workers.routing import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PARTS = ("worker", "callbacks", "gateway", "redis", "postgres")
 SIM_KEY = "soak-sim-key"
+# The simulator serves both, each an account of --slots slots.
+UPSTREAMS = ("siliconflow", "krea")
 BODIES = (
     {"model": "flux-1-schnell", "prompt": "a lighthouse at dawn", "size": "512x512"},
     {"model": "krea-2-turbo", "prompt": "a lighthouse at dawn", "size": "1:1"},
@@ -151,7 +158,7 @@ class Stack:
             "TOLLGATE_ENCRYPTION_KEYS": "soak:" + secrets.token_urlsafe(32),
             "TOLLGATE_STORAGE_DIR": str(self.workdir / "storage"),
             "TOLLGATE_PUBLIC_BASE_URL": self.gateway_url,
-            "TOLLGATE_UPSTREAMS": json.dumps({"siliconflow": upstream, "krea": upstream}),
+            "TOLLGATE_UPSTREAMS": json.dumps(dict.fromkeys(UPSTREAMS, upstream)),
             "TOLLGATE_TASK_DEADLINE_SECONDS": str(self.args.deadline),
             "TOLLGATE_POLL_INTERVAL_SECONDS": "0.25",
             "TOLLGATE_CALLBACK_ALLOWED_HOSTS": json.dumps(["localhost"]),
@@ -386,6 +393,7 @@ def report(
     started: float,
     settled_in: float,
     deliveries: list[float],
+    sampled: dict[int, dict[str, float]],
 ) -> dict[str, Any]:
     url = plain(stack.pg.url())
     tasks = asyncio.run(
@@ -460,6 +468,7 @@ def report(
         "upstream_capacity_per_second": capacity,
         "completions_per_second": [
             {"from": i * bucket, "per_second": round(timeline.get(i, 0) / bucket, 2)}
+            | sampled.get(i, {})
             for i in range(max(timeline, default=-1) + 1)
         ],
         "drain": drain(tasks, started, bucket, capacity, [at for _, at in kills]),
@@ -570,9 +579,15 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines.append(
         f"completions/s (upstream capacity {result['upstream_capacity_per_second']:.0f}/s,"
-        f" offered {c['rate']}/s):"
+        f" {2 * c['slots']} slots, offered {c['rate']}/s), beside each bucket's means of"
+        " the sampler's seconds (benchmarks/sampler.py):"
     )
-    lines += [f"  t={p['from']:>4}s  {p['per_second']}" for p in result["completions_per_second"]]
+    lines.append(f"  {'t':>6}  {'done/s':>6}" + "".join(f"  {name:>8}" for name in FIELDS))
+    lines += [
+        f"  {p['from']:>5}s  {p['per_second']:>6}"
+        + "".join(f"  {p.get(name, '-'):>8}" for name in FIELDS)
+        for p in result["completions_per_second"]
+    ]
     d = result["drain"]
     lines.append(
         f"drain, buckets with a backlog to fill every slot and no kill near"
@@ -633,6 +648,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"starting the stack in {workdir}")
         stack.start(cert)
         token = seed(stack)
+        sampler = Sampler(
+            stack.sim_url,
+            stack.redis.url,
+            plain(stack.pg.url()),
+            Settings.model_fields["queue_name"].default,
+            tuple(ENV_PREFIX + name for name in UPSTREAMS),
+        )
+        sampler.start()
         started = time.time()
         say(f"submitting {args.rate}/s for {args.duration:.0f}s; kills: {args.kills}")
         submits, kills = asyncio.run(load(args, stack, token, receiver.url()))
@@ -641,7 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         # The receiver's clock is monotonic; the kills' and the database's are wall clocks.
         offset = time.time() - time.monotonic()
         deliveries = [offset + t for t in receiver.arrivals]
-        result = report(args, stack, submits, kills, started, settled_in, deliveries)
+        sampler.stop()
+        sampled = sampler.buckets(started, args.bucket)
+        result = report(args, stack, submits, kills, started, settled_in, deliveries, sampled)
     finally:
         stack.stop()
         receiver.stop()

@@ -9,8 +9,10 @@ Rules (docs/operations.md, "Outages"):
 - **Redis.** ``ResilientWorker`` is arq's worker with a poll loop that catches
   a lost connection, backs off (``BACKOFF_MIN`` doubling to ``BACKOFF_MAX``)
   and tries again; redis-py reconnects on the next command. A job whose own
-  Redis call fails is run again by arq later (``retry_on_outage``). Closing
-  with Redis gone still runs the shutdown hooks.
+  Redis call fails is run again by arq later (``retry_on_outage``). A job that
+  ends during the outage, unable to record its end, ends quietly: arq would
+  raise its error out of the poll loop, one failed poll (one back-off) per such
+  job once Redis is back. Closing with Redis gone still runs the shutdown hooks.
 - **PostgreSQL.** A job that cannot reach it marks it down and is run again
   after ``JOB_RETRY_SECONDS``; while it is down the worker picks no new jobs
   (they would only fail) and a probe (``watch_database``) asks every
@@ -338,9 +340,21 @@ class ResilientWorker(Worker):
                 self.job_counter -= 1
                 self.sem.release()
                 continue
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task = self.loop.create_task(self._run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def _run_job(self, job_id: str, score: int) -> None:
+        """arq's ``run_job``, but a job that could not record its end in Redis (it ended
+        during an outage) ends quietly. arq's poll loop raises each finished job's error;
+        taken for a failed poll, each would cost the loop a back-off after Redis is back
+        (one second apiece for every job that ended during the outage). arq runs such a
+        job again, once its in-progress key expires; the reconciler sooner."""
+        try:
+            await self.run_job(job_id, score)
+        except REDIS_ERRORS as exc:
+            self.health.down(REDIS, exc)
+            logger.debug("job %s could not record its end: %s", job_id, exc)
 
     async def _listen(self, channel: str) -> None:
         """Set the wake-up event on every message on ``channel``; reconnect when lost."""
