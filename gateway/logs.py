@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -241,3 +242,25 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> logg
         logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING
     )
     return handler
+
+
+class OutageLog:
+    """A warning for the first of a run of failed calls, then debug lines for the rest of
+    that minute: a Redis outage is one warning per component, not one per call."""
+
+    def __init__(self, log: logging.Logger, quiet_seconds: float = 60.0) -> None:
+        self._log = log
+        self._quiet_seconds = quiet_seconds
+        self._warned_at: float | None = None
+
+    def failed(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < self._quiet_seconds:
+            self._log.debug(message, *args)
+            return
+        self._warned_at = now
+        self._log.warning(
+            message + " (more such failures in the next %.0f s at debug)",
+            *args,
+            self._quiet_seconds,
+        )

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import metrics
+from gateway.logs import OutageLog
 from gateway.redis_keys import circuit_key
 
 logger = logging.getLogger("tollgate.circuits")
@@ -76,6 +77,7 @@ class Circuits:
         cooldown_seconds: float,
     ) -> None:
         self._redis = redis
+        self._outage = OutageLog(logger)
         self._failure = redis.register_script(_FAILURE)
         self._release_probe = redis.register_script(_RELEASE_PROBE)
         self._namespace = namespace
@@ -108,7 +110,7 @@ class Circuits:
             left = await self._redis.pttl(probe)
             return CircuitState(open=True, retry_in=max(int(left), 1) / 1000)
         except RedisError as exc:
-            logger.warning("could not read the circuit of channel %s: %s", channel, exc)
+            self._outage.failed("could not read the circuit of channel %s: %s", channel, exc)
             return CircuitState(open=False)
 
     async def release_probe(self, channel: str, holder: str) -> None:
@@ -116,7 +118,7 @@ class Circuits:
         try:
             await self._release_probe(keys=[self._key(channel, "probe")], args=[holder])
         except RedisError as exc:
-            logger.warning("could not release the probe of channel %s: %s", channel, exc)
+            self._outage.failed("could not release the probe of channel %s: %s", channel, exc)
 
     async def failure(
         self, channel: str, name: str | None = None, *, at_once: bool = False
@@ -138,7 +140,7 @@ class Circuits:
             )
             await self._redis.delete(self._key(channel, "probe"))
         except RedisError as exc:
-            logger.warning("could not count a failure of channel %s: %s", channel, exc)
+            self._outage.failed("could not count a failure of channel %s: %s", channel, exc)
             return False
         if opened:
             logger.warning(
@@ -156,4 +158,4 @@ class Circuits:
                 self._key(channel, "probe"),
             )
         except RedisError as exc:
-            logger.warning("could not reset the circuit of channel %s: %s", channel, exc)
+            self._outage.failed("could not reset the circuit of channel %s: %s", channel, exc)

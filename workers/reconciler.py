@@ -40,6 +40,7 @@ backlog a second, not the requeue age and a tick.
 
 import contextlib
 import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -101,6 +102,24 @@ async def restore_slots(redis: Redis, engine: AsyncEngine, settings: Settings) -
     return restored
 
 
+async def _hand_on_expired(
+    deps: WorkerDeps,
+    redis: ArqRedis,
+    before_queueing: Callable[[str, int], Awaitable[None]] | None = None,
+) -> int:
+    """Hand tasks whose lease ran out to a new attempt and queue it (``before_queueing``
+    first, with the task and its new attempt); how many were queued."""
+    async with deps.engine.begin() as conn:
+        reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
+    queued = 0
+    for task_id, attempt in reclaimed:
+        if before_queueing is not None:
+            await before_queueing(task_id, attempt)
+        if await enqueue_generation(redis, deps.settings.queue_name, task_id, attempt):
+            queued += 1
+    return queued
+
+
 async def _unparked(
     redis: ArqRedis, queue_name: str, rows: list[tuple[str, int]]
 ) -> list[tuple[str, int]]:
@@ -114,18 +133,33 @@ async def _unparked(
     return [row for row, is_parked in zip(rows, parked, strict=True) if not is_parked]
 
 
-async def _stale_unparked(deps: WorkerDeps, redis: ArqRedis) -> list[tuple[str, int]]:
-    """Stale pending tasks, oldest first, but those parked in a slot's line."""
-    settings = deps.settings
-    found: list[tuple[str, int]] = []
-    for page in range(MAX_PAGES):
+async def _unparked_pages(
+    deps: WorkerDeps, redis: ArqRedis, age: float
+) -> AsyncGenerator[list[tuple[str, int]], None]:
+    """Pending tasks at least ``age`` seconds old, oldest first, a page of ``BATCH`` rows
+    at a time, but those parked in a slot's line."""
+    offset = 0
+    while True:
         async with deps.engine.connect() as conn:
-            rows = await recovery.stale_pending(
-                conn, settings.requeue_pending_after_seconds, BATCH, offset=page * BATCH
-            )
-        found += await _unparked(redis, settings.queue_name, rows)
-        if len(rows) < BATCH or len(found) >= BATCH:
-            break
+            rows = await recovery.stale_pending(conn, age, BATCH, offset=offset)
+        offset += len(rows)
+        yield await _unparked(redis, deps.settings.queue_name, rows)
+        if len(rows) < BATCH:
+            return
+
+
+async def _stale_unparked(deps: WorkerDeps, redis: ArqRedis) -> list[tuple[str, int]]:
+    """Stale pending tasks, oldest first, but those parked in a slot's line: ``BATCH`` at
+    most, from ``MAX_PAGES`` pages at most."""
+    found: list[tuple[str, int]] = []
+    age = deps.settings.requeue_pending_after_seconds
+    async with contextlib.aclosing(_unparked_pages(deps, redis, age)) as pages:
+        read = 0
+        async for page in pages:
+            found += page
+            read += 1
+            if read >= MAX_PAGES or len(found) >= BATCH:
+                break
     return found[:BATCH]
 
 
@@ -147,22 +181,11 @@ async def recover_lost_queue(deps: WorkerDeps, redis: ArqRedis) -> int | None:
     try:
         await restore_slots(redis, deps.engine, settings)
         # Runs an outage stopped handed their tasks back; their retries were lost too.
-        async with deps.engine.begin() as conn:
-            reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
-        requeued = 0
-        for task_id, attempt in reclaimed:
-            if await enqueue_generation(redis, settings.queue_name, task_id, attempt):
-                requeued += 1
-        offset = 0
-        while True:
-            async with deps.engine.connect() as conn:
-                rows = await recovery.stale_pending(conn, 0, BATCH, offset=offset)
-            offset += len(rows)
-            for task_id, attempt in await _unparked(redis, settings.queue_name, rows):
+        requeued = await _hand_on_expired(deps, redis)
+        async for page in _unparked_pages(deps, redis, 0):
+            for task_id, attempt in page:
                 if await enqueue_generation(redis, settings.queue_name, task_id, attempt):
                     requeued += 1
-            if len(rows) < BATCH:
-                break
     except BaseException:
         with contextlib.suppress(Exception):
             await redis.delete(marker)
@@ -197,18 +220,18 @@ async def reap_dead_runs(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) 
         elif deps.slots is not None:
             await deps.slots.release(slot_name(settings.queue_name, channel_id), holder)
     await liveness.forget([holder for holder, _ in dead])
+
+    async def pass_slot_on(task_id: str, attempt: int) -> None:
+        if task_id in handed and deps.slots is not None:
+            channel_id, dead_attempt = handed[task_id]
+            await deps.slots.pass_on(
+                slot_name(settings.queue_name, channel_id),
+                f"{task_id}:{dead_attempt}",
+                f"{task_id}:{attempt}",
+            )
+
     if handed:
-        async with deps.engine.begin() as conn:
-            reclaimed = await lifecycle.reclaim_expired_leases(conn, BATCH)
-        for task_id, attempt in reclaimed:
-            if task_id in handed and deps.slots is not None:
-                channel_id, dead_attempt = handed[task_id]
-                await deps.slots.pass_on(
-                    slot_name(settings.queue_name, channel_id),
-                    f"{task_id}:{dead_attempt}",
-                    f"{task_id}:{attempt}",
-                )
-            await enqueue_generation(redis, settings.queue_name, task_id, attempt)
+        await _hand_on_expired(deps, redis, pass_slot_on)
     logger.warning(
         "%d run(s) of %d worker(s) that stopped beating: %d task(s) handed on to a new attempt,"
         " the others' slots freed",

@@ -46,6 +46,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import Pool
 
+from gateway.logs import OutageLog
 from gateway.tasks.service import TaskRecord
 
 logger = logging.getLogger("tollgate.events")
@@ -83,6 +84,7 @@ class Publisher:
         self._sender: asyncio.Task[None] | None = None
         self.published = 0
         self.dropped = 0
+        self._outage = OutageLog(logger)
 
     def start(self) -> None:
         if self._sender is None:
@@ -108,7 +110,7 @@ class Publisher:
             self.published += len(ids)
         except (RedisError, OSError) as exc:
             self.dropped += len(ids)
-            logger.warning("task signals not sent (%d): %s", len(ids), exc)
+            self._outage.failed("task signals not sent (%d): %s", len(ids), exc)
 
     async def close(self, grace_seconds: float = 1.0) -> None:
         """Send what is still waiting (for at most ``grace_seconds``), then stop."""
@@ -289,6 +291,7 @@ class TaskEvents:
 
     async def _subscribe_forever(self) -> None:
         pause = RECONNECT_FIRST_SECONDS
+        warned = False  # the loss is one warning, its failed reconnects debug lines
         while True:
             # A fresh client for every connection, so no reconnection happens unseen
             # inside redis-py: each one is followed by the re-read below.
@@ -303,7 +306,7 @@ class TaskEvents:
                 await pubsub.subscribe(self.channel)
                 self.connections += 1
                 self.connected.set()
-                pause = RECONNECT_FIRST_SECONDS
+                pause, warned = RECONNECT_FIRST_SECONDS, False
                 if self.connections > 1:
                     logger.info("task signals: subscribed again; re-reading watched tasks")
                 # Whatever was signalled while disconnected is lost: read every watched
@@ -317,7 +320,9 @@ class TaskEvents:
                 raise
             except (RedisError, OSError) as exc:
                 self.connected.clear()
-                logger.warning("task signals: subscription lost (%s); reconnecting", exc)
+                log = logger.debug if warned else logger.warning
+                log("task signals: subscription lost (%s); reconnecting", exc)
+                warned = True
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

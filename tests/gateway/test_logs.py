@@ -354,3 +354,20 @@ async def test_the_processes_log_json_lines_carrying_the_request_id(
         for leak in (key, prompt, SIM_KEY, settings.admin_token, settings.signing_secret):
             assert leak not in text, (name, leak)
     assert gateway.returncode == 0
+
+
+async def test_an_outage_is_one_warning_not_one_per_call(caplog: pytest.LogCaptureFixture) -> None:
+    from workers.circuits import Circuits
+
+    # A Redis nobody listens on: every call fails as in an outage.
+    redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    circuits = Circuits(redis, namespace="test", threshold=3, window_seconds=10, cooldown_seconds=5)
+    caplog.set_level(logging.DEBUG, logger="tollgate.circuits")
+    try:
+        for _ in range(5):
+            await circuits.success("env:krea")
+        await circuits.failure("env:krea")
+    finally:
+        await redis.aclose()
+    levels = [r.levelname for r in caplog.records if r.name == "tollgate.circuits"]
+    assert levels == ["WARNING"] + ["DEBUG"] * 5, levels
