@@ -472,6 +472,9 @@ def report(
             for i in range(max(timeline, default=-1) + 1)
         ],
         "drain": drain(tasks, started, bucket, capacity, [at for _, at in kills]),
+        "drain_while_waiting": drain_while_waiting(
+            timeline, sampled, bucket, capacity, [at - started for _, at in kills]
+        ),
         "callbacks_delivered": len(deliveries),
         "kills": [recovery(name, at, submits, completed, deliveries) for name, at in kills],
         "restarts": {name: part.restarts for name, part in stack.parts.items()},
@@ -523,6 +526,34 @@ def drain(
         "share_of_capacity_median": round(statistics.median(shares), 3) if shares else None,
         "share_of_capacity_mean": round(statistics.fmean(shares), 3) if shares else None,
     }
+
+
+def drain_while_waiting(
+    timeline: Counter[int],
+    sampled: dict[int, dict[str, float]],
+    bucket: int,
+    capacity: float,
+    kills: list[float],
+) -> dict[str, Any]:
+    """Completions against the upstream capacity in the buckets where tasks waited in the
+    slots' lines (the sampler's mean ``line`` ≥ 1): work was there for every slot, so a
+    slot that idled was lost capacity. Once over all such buckets, once without the
+    buckets a kill fell in (``kills``: seconds from the start)."""
+
+    def shares(buckets: list[int]) -> dict[str, Any]:
+        found = [timeline.get(i, 0) / bucket / capacity for i in buckets]
+        return {
+            "buckets": len(found),
+            "min": round(min(found), 3) if found else None,
+            "median": round(statistics.median(found), 3) if found else None,
+            "mean": round(statistics.fmean(found), 3) if found else None,
+        }
+
+    waiting = [i for i, fields in sorted(sampled.items()) if fields.get("line", 0) >= 1]
+    # The last bucket is cut short by the end of the run.
+    waiting = [i for i in waiting if i < max(timeline, default=0)]
+    quiet = [i for i in waiting if not any(i * bucket <= at < (i + 1) * bucket for at in kills)]
+    return {"all": shares(waiting), "no_kill_in_bucket": shares(quiet)}
 
 
 def recovery(
@@ -594,6 +625,12 @@ def table(result: dict[str, Any]) -> str:
         f" ({d['saturated_buckets']}): share of capacity min {d['share_of_capacity_min']},"
         f" median {d['share_of_capacity_median']}, mean {d['share_of_capacity_mean']}"
     )
+    for name, label in (("all", "all"), ("no_kill_in_bucket", "those without a kill")):
+        w = result["drain_while_waiting"][name]
+        lines.append(
+            f"drain, buckets where tasks waited in the slots' lines, {label} ({w['buckets']}):"
+            f" share of capacity min {w['min']}, median {w['median']}, mean {w['mean']}"
+        )
     lines.append(f"callbacks delivered: {result['callbacks_delivered']}")
     lines.append(
         "recovery after each kill (s): part, submit accepted, task completed, callback delivered"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from conftest import ROOT
 
+from benchmarks.sampler import FIELDS
+
 
 def test_the_short_soak_loses_nothing_and_settles_once(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
@@ -44,5 +46,12 @@ def test_the_short_soak_loses_nothing_and_settles_once(tmp_path: Path) -> None:
     assert result["ledger_check"]["ok"], summary
     # Every task final within its deadline plus the settle time.
     assert result["slowest_task_seconds"] <= result["final_within_seconds"], summary
+    # The sampler read the upstream, Redis and PostgreSQL through the run (each bucket has
+    # five seconds; a kill may hide one server for up to three of them).
+    buckets = result["completions_per_second"]
+    assert buckets, summary
+    assert all(set(FIELDS) <= set(b) for b in buckets[:-1]), buckets
+    assert max(b["upstream"] for b in buckets) > 0, buckets
+    assert "drain, buckets where tasks waited" in done.stdout, summary
     assert result["ok"], summary
     assert done.returncode == 0, summary
