@@ -7,6 +7,7 @@ where a test needs the guard to "connect" to one, a recording network backend ta
 the connection and opens nothing."""
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 from collections.abc import AsyncIterator
@@ -380,3 +381,45 @@ async def test_an_idle_connection_the_server_closed_is_seen_as_readable() -> Non
 async def test_the_default_sockets_fail_as_httpcore_errors() -> None:
     with pytest.raises(httpcore.ConnectError):
         await AsyncioBackend().connect_tcp("127.0.0.1", 1)  # nothing listens there
+
+
+async def test_the_pool_caps_its_connections_and_keeps_the_keep_alive_limit() -> None:
+    # A keep-alive HTTP server that counts the connections open at once and answers after
+    # a pause, so that requests overlap. Our pool's bookkeeping (``transport._Pool``)
+    # replaces httpcore's.
+    opened = open_now = most = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened, open_now, most
+        opened, open_now = opened + 1, open_now + 1
+        most = max(most, open_now)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                await asyncio.sleep(0.02)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        open_now -= 1
+        writer.close()
+
+    server = await asyncio.start_server(serve, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = outbound.StreamsTransport(max_connections=4, max_keepalive_connections=4)
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            answers = await asyncio.gather(
+                *(client.get(f"http://{LOOPBACK}:{port}/{i}") for i in range(40))
+            )
+            assert [a.text for a in answers] == ["ok"] * 40
+            # 40 overlapping requests on 4 connections kept alive: never more, none new.
+            assert (most, opened) == (4, 4)
+            assert len(transport._pool.connections) == 4
+        # A pool that keeps fewer alive than it may open closes the idle surplus.
+        transport = outbound.StreamsTransport(max_connections=4, max_keepalive_connections=1)
+        async with httpx.AsyncClient(transport=transport) as client:
+            await asyncio.gather(*(client.get(f"http://{LOOPBACK}:{port}/{i}") for i in range(8)))
+            assert most == 4
+            await client.get(f"http://{LOOPBACK}:{port}/last")
+            assert len(transport._pool.connections) == 1, transport._pool.connections
+    finally:
+        server.close()
+        await server.wait_closed()
