@@ -385,7 +385,7 @@ async def test_the_default_sockets_fail_as_httpcore_errors() -> None:
 
 async def test_the_pool_caps_its_connections_and_keeps_the_keep_alive_limit() -> None:
     # A keep-alive HTTP server that counts the connections open at once and answers after
-    # a pause, so that requests overlap. Our pool's bookkeeping (``transport._Pool``)
+    # a pause, so that requests overlap. Our pool's bookkeeping (``gateway/outbound/pool.py``)
     # replaces httpcore's.
     opened = open_now = most = 0
 
