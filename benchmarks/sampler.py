@@ -63,6 +63,7 @@ class Sampler:
         ]
         r = Redis.from_url(self.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         last_submits: int | None = None
+        conn: asyncpg.Connection | None = None  # one, made again after PostgreSQL's stop
         async with httpx.AsyncClient(timeout=0.5, trust_env=False) as http:
             while not self._stop.is_set():
                 await asyncio.sleep(1.0)
@@ -83,15 +84,20 @@ class Sampler:
                     sample["slots"] = sum(pairs[0::2])
                     sample["line"] = sum(pairs[1::2])
                     sample["queued"] = queued
-                with contextlib.suppress(asyncpg.PostgresError, OSError, asyncio.TimeoutError):
-                    conn = await asyncpg.connect(self.pg_url, timeout=1)
-                    try:
-                        sample["open"] = await conn.fetchval(
-                            "SELECT count(*) FROM tasks WHERE status IN ('pending', 'processing')"
-                        )
-                    finally:
-                        await conn.close()
+                try:
+                    if conn is None:
+                        conn = await asyncpg.connect(self.pg_url, timeout=1)
+                    sample["open"] = await conn.fetchval(
+                        "SELECT count(*) FROM tasks WHERE status IN ('pending', 'processing')",
+                        timeout=1,
+                    )
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                    if conn is not None:
+                        conn.terminate()
+                    conn = None
                 self.samples.append(sample)
+        if conn is not None:
+            await conn.close()
         await r.aclose()
 
     def buckets(self, started: float, bucket: int) -> dict[int, dict[str, float]]:

@@ -433,7 +433,7 @@ def report(
     )
     bucket = args.bucket
     timeline = Counter(int((float(r["finished"]) - started) // bucket) for r in completed)
-    capacity = 2 * args.slots / args.latency
+    capacity = len(UPSTREAMS) * args.slots / args.latency
     keyed = [s for s in submits if s.key]
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
@@ -549,9 +549,10 @@ def drain_while_waiting(
             "mean": round(statistics.fmean(found), 3) if found else None,
         }
 
-    waiting = [i for i, fields in sorted(sampled.items()) if fields.get("line", 0) >= 1]
-    # The last bucket is cut short by the end of the run.
-    waiting = [i for i in waiting if i < max(timeline, default=0)]
+    last = max(timeline, default=0)  # cut short by the end of the run: left out
+    waiting = [
+        i for i, fields in sorted(sampled.items()) if fields.get("line", 0) >= 1 and i < last
+    ]
     quiet = [i for i in waiting if not any(i * bucket <= at < (i + 1) * bucket for at in kills)]
     return {"all": shares(waiting), "no_kill_in_bucket": shares(quiet)}
 
@@ -610,8 +611,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines.append(
         f"completions/s (upstream capacity {result['upstream_capacity_per_second']:.0f}/s,"
-        f" {2 * c['slots']} slots, offered {c['rate']}/s), beside each bucket's means of"
-        " the sampler's seconds (benchmarks/sampler.py):"
+        f" {len(UPSTREAMS) * c['slots']} slots, offered {c['rate']}/s), beside each"
+        " bucket's means of the sampler's seconds (benchmarks/sampler.py):"
     )
     lines.append(f"  {'t':>6}  {'done/s':>6}" + "".join(f"  {name:>8}" for name in FIELDS))
     lines += [
