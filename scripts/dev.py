@@ -464,8 +464,62 @@ def embedded_redis(workdir: Path) -> str:
         users = [u for u in state.get("users", []) if isinstance(u, int) and _pid_alive(u)]
         state["users"] = [*users, os.getpid()]
         state_file.write_text(json.dumps(state))
-    on_exit("stop embedded redis", lambda: _leave_redis(workdir, process))
+    global _own_redis
+    if process is not None and isinstance(port, int):
+        _own_redis = OwnRedis(workdir, port, process)
+    # The server as it is at exit: the supervisor may have started it again.
+    on_exit(
+        "stop embedded redis",
+        lambda: _leave_redis(workdir, _own_redis.process if _own_redis else process),
+    )
     return f"redis://127.0.0.1:{port}/0"
+
+
+@dataclass
+class OwnRedis:
+    """The embedded Redis this process started (not one it shares with another run)."""
+
+    workdir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    restarts: int = 0  # in a row
+    restart_at: float | None = None
+
+
+_own_redis: OwnRedis | None = None
+
+
+def supervise_redis(now: float | None = None) -> None:
+    """One round of the supervisor for the embedded Redis this run started: if it died, it
+    is started again, empty, on the same port (the parts reconnect by themselves and
+    rebuild what it held from PostgreSQL), after the same back-off as the parts."""
+    own = _own_redis
+    if own is None:
+        return
+    now = time.monotonic() if now is None else now
+    if own.restart_at is None and own.process.poll() is not None:
+        delay = RESTART_BACKOFF_SECONDS[min(own.restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
+        own.restart_at = now + delay
+        code = own.process.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        say(
+            f"the embedded redis {how}; starting it again, empty, on 127.0.0.1:{own.port}"
+            f" in {delay:.0f}s"
+        )
+    if own.restart_at is None or now < own.restart_at:
+        return
+    own.restart_at = None
+    own.restarts += 1
+    try:
+        own.process = _start_redis(own.workdir, own.port)
+    except DevError as exc:
+        say(f"the embedded redis did not start again: {exc}")  # the next round tries again
+        return
+    with _file_lock(own.workdir / "server.lock"):
+        state = _read_json(own.workdir / "server.json")
+        state.update(pid=own.process.pid, port=own.port)
+        (own.workdir / "server.json").write_text(json.dumps(state))
+    say(f"restarted the embedded redis (pid {own.process.pid})")
 
 
 def _start_redis(workdir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -1000,6 +1054,7 @@ def cmd_run(args: list[str]) -> int:
         # restarted (with back-off), and the others keep running.
         while True:
             supervise(children)
+            supervise_redis()
             time.sleep(0.5)
     except Stop as stop:
         say(f"{stop}: stopping")

@@ -155,3 +155,28 @@ def test_the_soak_command_runs_the_soak() -> None:
     assert done.returncode == 0, done.stderr
     for option in ("--rate", "--duration", "--kills", "--short", "--json"):
         assert option in done.stdout
+
+
+def test_the_runner_starts_its_embedded_redis_again_when_it_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    first = dev._start_redis(tmp_path, port)
+    own = dev.OwnRedis(tmp_path, port, first)
+    monkeypatch.setattr(dev, "_own_redis", own)
+    try:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        dev.supervise_redis(now=100.0)
+        assert own.restart_at == pytest.approx(101.0)  # the parts' first back-off
+        assert not dev._redis_answers(("127.0.0.1", port))
+        dev.supervise_redis(now=101.0)
+        assert own.process.pid != first.pid
+        assert dev._redis_answers(("127.0.0.1", port)), "not started again on its port"
+        state = dev._read_json(tmp_path / "server.json")
+        assert state["pid"] == own.process.pid, state  # the runner's exit stops this one
+        dev.supervise_redis(now=102.0)  # alive: nothing to do
+        assert own.restart_at is None
+    finally:
+        own.process.kill()
+        own.process.wait()
