@@ -10,8 +10,8 @@ does and installs wrk) runs ``python -m benchmarks.run --database-url … --redi
    ``gateway.server.run`` as the gateway), ``/healthz``, ``GET /v1/models``,
    ``POST /v1/images/generations`` from one tenant and spread over 50, and
    ``GET /v1/tasks/{id}`` of a pending and of a completed task; then submits from one
-   tenant at half the rate wrk reached, paced by hey (Debian's ``hey``: wrk has no fixed
-   rate), for the latency at half load. Limits are on (rates so high
+   tenant at half the rate wrk reached, evenly spaced (``benchmarks/paced.py``: wrk has no
+   fixed rate), for the latency at half load. Limits are on (rates so high
    that they never refuse), so their cost is counted. Before each path the bare endpoint
    is measured again, and the path's ratio is to that run: on a shared machine the load
    moves within a minute. The CPU time the server's processes spent per request is
@@ -45,9 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -276,36 +274,25 @@ def wrk(
     )
 
 
-_HEY_PERCENTILE = re.compile(r"^\s*(\d+)% in ([0-9.]+) secs", re.MULTILINE)
-_HEY_STATUS = re.compile(r"^\s*\[(\d{3})\]\s+(\d+) responses", re.MULTILINE)
-
-
 def paced(
     run: Run, url: str, key: str, body: dict[str, Any], rate: float, seconds: float
 ) -> dict[str, Any]:
-    """POST ``body`` to ``url`` at ``rate`` requests/s for ``seconds`` with hey (Debian's
-    ``hey``: wrk has no fixed rate); its latency percentiles, as the client saw them."""
-    workers = max(1, min(16, math.ceil(rate / 50)))
-    # hey prints no 99th percentile below 100 answers: run long enough for 200.
-    seconds = max(seconds, min(30.0, 200 / max(rate, 1.0)))
+    """POST ``body`` to ``url`` at ``rate`` requests/s for ``seconds``, evenly spaced and
+    open-loop (``benchmarks/paced.py``; wrk has no fixed rate); its latency percentiles,
+    each from the moment its request was due, as the client saw them."""
+    seconds = max(seconds, min(30.0, 200 / max(rate, 1.0)))  # 200 answers for a p99
     argv = [
-        "hey", "-z", f"{max(1, round(seconds))}s", "-c", str(workers),
-        "-q", f"{max(1.0, rate / workers):.1f}", "-m", "POST", "-T", "application/json",
-        "-H", f"Authorization: Bearer {key}", "-d", json.dumps(body), url,
+        sys.executable, "-m", "benchmarks.paced", url, "--rate", f"{rate:.1f}",
+        "--seconds", f"{seconds:g}", "--method", "POST",
+        "--header", "Content-Type: application/json",
+        "--header", f"Authorization: Bearer {key}", "--body", json.dumps(body),
     ]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 90)
     run.check_alive()
-    found = {int(p): float(v) * 1000 for p, v in _HEY_PERCENTILE.findall(done.stdout)}
-    statuses = {int(code): int(n) for code, n in _HEY_STATUS.findall(done.stdout)}
-    if done.returncode != 0 or 50 not in found or 99 not in found:
-        raise RuntimeError(f"hey failed ({done.returncode}): {done.stdout}\n{done.stderr}")
-    return {
-        "rate": round(workers * max(1.0, rate / workers), 1),
-        "requests": sum(statuses.values()),
-        "non_2xx": sum(n for code, n in statuses.items() if code >= 300),
-        "p50_ms": round(found[50], 2),
-        "p99_ms": round(found[99], 2),
-    }
+    if done.returncode != 0:
+        raise RuntimeError(f"paced load failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+    found: dict[str, Any] = json.loads(done.stdout)
+    return found
 
 
 @contextlib.contextmanager
@@ -479,6 +466,28 @@ def percentile(values: list[float], pct: float) -> float:
 # --- the phases -------------------------------------------------------------------------
 
 
+def paced_phase(args: argparse.Namespace, stack: Stack, keys: list[str]) -> dict[str, Any]:
+    """``--paced-only``: one tenant's submits at ``--paced-rate`` (or at half the rate wrk
+    reaches), evenly spaced: the gateway's latency under a steady load, alone."""
+    assert stack.gateway is not None
+    load = {"seconds": args.duration, "connections": args.connections, "threads": args.threads}
+    submit = wrk_script("POST", "/v1/images/generations", keys[:1], MODEL_BODY)
+    say("warming up the gateway")
+    wrk(stack.run, stack.gateway_url, submit, **{**load, "seconds": max(1.0, args.duration / 5)})
+    rate = args.paced_rate
+    found: dict[str, Any] = {}
+    if not rate:
+        say("wrk: submit_1_tenant")
+        with profiled(args, stack.gateway, "submit_1_tenant"):
+            most = wrk(stack.run, stack.gateway_url, submit, **load, pid=stack.gateway.popen.pid)
+        found["submit_1_tenant_rps"] = most.rps
+        rate = most.rps / 2
+    say(f"paced: submit_1_tenant at {rate:.0f}/s")
+    url = f"{stack.gateway_url}/v1/images/generations"
+    found["submit_paced"] = paced(stack.run, url, keys[0], MODEL_BODY, rate, args.duration)
+    return found
+
+
 def http_phase(
     args: argparse.Namespace, stack: Stack, bare: Proc, bare_url: str, keys: list[str]
 ) -> dict[str, Any]:
@@ -524,7 +533,7 @@ def http_phase(
             served_before += paths[name].requests
     # Issue 12: the gateway's latency at half its maximum submit rate (1 tenant).
     half = paths["submit_1_tenant"].rps / 2
-    say(f"hey: submit_1_tenant at half its maximum rate ({half:.0f}/s)")
+    say(f"paced: submit_1_tenant at half its maximum rate ({half:.0f}/s)")
     submit_at_half = paced(
         stack.run,
         f"{stack.gateway_url}/v1/images/generations",
@@ -863,7 +872,7 @@ def table(result: dict[str, Any]) -> str:
         "",
         "| figure | value |",
         "| --- | --- |",
-        f"| submit, 1 tenant, at half its maximum rate ({half['rate']:,.0f}/s, hey): "
+        f"| submit, 1 tenant, at half its maximum rate ({half['rate']:,.0f}/s, paced): "
         f"p50 / p99 ms | {half['p50_ms']} / {half['p99_ms']} ({half['non_2xx']} non-2xx) |",
         f"| worker tasks/s (simulator latency {worker['simulator_latency_s']} s, "
         f"{worker['tasks']} tasks) | {worker['tasks_per_s']} |",
@@ -990,6 +999,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="only the worker's batch (to make the deliveries) and the callback figures",
     )
+    parser.add_argument(
+        "--paced-only",
+        action="store_true",
+        help="only one tenant's submits at a steady rate (half wrk's, or --paced-rate)",
+    )
+    parser.add_argument("--paced-rate", type=float, default=0, help="with --paced-only, per s")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--profile",
@@ -1066,6 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
                 worker = worker_phase(args, stack, keys[1], receiver)
                 task_ids += worker.pop("all_tasks")
                 print(json.dumps(worker, indent=2))
+                return 0
+            if args.paced_only:
+                print(json.dumps(paced_phase(args, stack, keys), indent=2))
                 return 0
             if args.callbacks_only:
                 assert stack.gateway is not None

@@ -678,8 +678,9 @@ def ensure_apt_binary(binary: str, package: str) -> str | None:
     return None
 
 
-# The benchmark's load generators: wrk (the HTTP paths) and hey (a paced rate: wrk has none).
-BENCH_TOOLS = {"wrk": "https://github.com/wg/wrk", "hey": "https://github.com/rakyll/hey"}
+# The benchmark's load generator for the HTTP paths (its steady-rate load is its own,
+# benchmarks/paced.py: wrk has no fixed rate, and hey's paced workers send in bursts).
+BENCH_TOOLS = {"wrk": "https://github.com/wg/wrk"}
 
 
 def ensure_bench_tools() -> None:
