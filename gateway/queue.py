@@ -30,16 +30,47 @@ from gateway.redis_keys import (
 logger = logging.getLogger("tollgate.queue")
 
 
+# The enqueue as a Lua function, for this module's script and for others that queue a job
+# among other writes in their one round trip (workers/run_end.py).
+ENQUEUE_FUNCTION = """
+local function enqueue(job_key, result_key, queue, expiry_ms, payload, score, job_id, wake)
+  if redis.call('EXISTS', job_key, result_key) > 0 then return 0 end
+  redis.call('PSETEX', job_key, expiry_ms, payload)
+  redis.call('ZADD', queue, score, job_id)
+  redis.call('PUBLISH', wake, '1')
+  return 1
+end
+"""
 # KEYS: the job's key, its result's key, the queue. ARGV: expiry ms, payload, score, job id,
 # the queue's wake channel (its workers look for the job at once, not at their next poll).
-_ENQUEUE = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-redis.call('PUBLISH', ARGV[5], '1')
-return 1
-"""
+_ENQUEUE = ENQUEUE_FUNCTION + (
+    "return enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"
+)
 _EXPIRES_EXTRA_MS = 86_400_000  # arq's default: a job not started within a day is dropped
+
+
+def job_call(
+    queue_name: str,
+    function: str,
+    args: tuple[object, ...],
+    job_id: str,
+    *,
+    kwargs: dict[str, object] | None = None,
+    delay: float = 0,
+) -> tuple[list[str], list[bytes | str | int]]:
+    """The KEYS and ARGV of ``enqueue`` for one arq job, ``delay`` seconds from now."""
+    now_ms = round(time.time() * 1000)
+    delay_ms = round(delay * 1000)
+    payload = serialize_job(function, args, kwargs or {}, None, now_ms)
+    keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
+    argv: list[bytes | str | int] = [
+        delay_ms + _EXPIRES_EXTRA_MS,
+        payload,
+        now_ms + delay_ms,
+        job_id,
+        queue_wake_channel(queue_name),
+    ]
+    return keys, argv
 
 
 async def _enqueue(
@@ -53,18 +84,8 @@ async def _enqueue(
     delay: float = 0,
 ) -> bool:
     """Queue one arq job, ``delay`` seconds from now; False if it is queued or running."""
-    now_ms = round(time.time() * 1000)
-    delay_ms = round(delay * 1000)
-    payload = serialize_job(function, args, kwargs or {}, None, now_ms)
+    keys, argv = job_call(queue_name, function, args, job_id, kwargs=kwargs, delay=delay)
     script = redis.register_script(_ENQUEUE)
-    keys = [job_key_prefix + job_id, result_key_prefix + job_id, queue_name]
-    argv: list[bytes | str | int] = [
-        delay_ms + _EXPIRES_EXTRA_MS,
-        payload,
-        now_ms + delay_ms,
-        job_id,
-        queue_wake_channel(queue_name),
-    ]
     return bool(await script(keys=keys, args=argv))
 
 
@@ -102,6 +123,14 @@ async def enqueue_callback(
     return await _enqueue(
         redis, queue_name, CALLBACK_JOB, (delivery_id, number), job_id, delay=delay
     )
+
+
+def callback_call(
+    queue_name: str, delivery_id: str, number: int
+) -> tuple[list[str], list[bytes | str | int]]:
+    """The KEYS and ARGV of ``enqueue`` for attempt ``number`` of a delivery, now."""
+    job_id = callback_job_id(delivery_id, number)
+    return job_call(queue_name, CALLBACK_JOB, (delivery_id, number), job_id)
 
 
 async def enqueue_upstream_cancel(

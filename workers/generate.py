@@ -41,9 +41,7 @@ from arq.worker import Retry
 from redis.exceptions import RedisError
 
 from gateway import logs, metrics
-from gateway.queue import enqueue_callback
 from gateway.tasks import lifecycle
-from gateway.tasks.backlog import record_job_time
 from gateway.tasks.models import OPEN_STATES
 from pricing.quote import upstream_cost
 from pricing.request import ImageRequest
@@ -55,6 +53,7 @@ from workers.outage import is_database_outage, is_redis_outage
 from workers.providers.base import UpstreamError
 from workers.result_store import ResultsNotStored
 from workers.routing import Route
+from workers.run_end import RunEnd, record_run_end
 from workers.upstream_calls import UpstreamCalls
 from workers.upstream_slots import MIN_WAIT_SECONDS
 
@@ -94,6 +93,7 @@ class GenerationRun:
         self.route: Route | None = None  # the first channel this run works on
         self.delivery_id: str | None = None  # the callback delivery its end recorded
         self.job_time: tuple[str, float] | None = None  # (model, seconds): images stored
+        self.live = False  # its liveness record is made and not yet removed
         self.fresh = False  # the run did not read the task before its slot
 
     async def execute(self, fresh: tuple[str, int] | None = None) -> str:
@@ -165,19 +165,27 @@ class GenerationRun:
         self.lease.start(claimed.created_at)
         liveness = self.deps.liveness
         if liveness is not None:
-            # If this worker dies, another hands the task on within seconds.
+            # If this worker dies, another hands the task on within seconds. The record
+            # is removed with the run's other ends (``workers/run_end.py``), or below when
+            # the run raises.
             await _quietly(liveness.running(self.admission.holder))
+            self.live = True
+        ended = False  # returned: the caller removes the record with the run's other ends
         try:
-            return await self._run_to_an_end(claimed)
+            outcome = await self._run_to_an_end(claimed)
+            ended = True
+            return outcome
         except asyncio.CancelledError:
             # The worker is shutting down past its grace period (arq re-queues the job).
             await asyncio.shield(self.lease.hand_back())
             raise
         except LeaseLost:
+            ended = True
             return "stopped: lease lost to another attempt"
         finally:
-            if liveness is not None:
-                await _quietly(liveness.done(self.admission.holder))
+            if liveness is not None and not ended:
+                await asyncio.shield(_quietly(liveness.done(self.admission.holder)))
+                self.live = False
 
     async def _run_to_an_end(self, claimed: lifecycle.Claimed) -> str:
         """Run the task; a deadline or an upstream error that ends it fails it."""
@@ -285,14 +293,21 @@ async def generate_task(
         log = logger.debug if outcome == PARKED else logger.info
         log("task %s attempt %d: %s", task_id, attempt, outcome)
         metrics.generation_ran(outcome)
-        if run.job_time is not None and ctx.get("redis") is not None:
-            await record_job_time(ctx["redis"], deps.settings.queue_name, *run.job_time)
-        if run.delivery_id is not None:
-            # The delivery row was committed with the task's end; queue its first attempt
-            # now (the callback reconciler would otherwise find it, later).
-            await enqueue_callback(
-                ctx["redis"], deps.settings.callback_queue_name, run.delivery_id, 1
-            )
+        # One round trip: the liveness record goes, the job time is pushed, and the
+        # delivery committed with the task's end has its first attempt queued (the
+        # callback reconciler would otherwise find it, later).
+        settings = deps.settings
+        model, seconds = run.job_time if run.job_time is not None else ("", None)
+        end = RunEnd(
+            queue_name=settings.queue_name,
+            callback_queue_name=settings.callback_queue_name,
+            model=model,
+            holder=run.admission.holder if run.live else None,
+            job_seconds=seconds,
+            delivery_id=run.delivery_id,
+        )
+        if ctx.get("redis") is not None:
+            await record_run_end(ctx["redis"], end)
         return outcome
 
 

@@ -17,12 +17,13 @@ the estimate. If a refresh fails (PostgreSQL or Redis down) the last estimate st
 no estimate, or no job time yet and no catalogue estimate, nothing is refused.
 
 ``T`` is the median of the last ``JOB_TIMES_KEPT`` job times workers pushed
-(``record_job_time``, after an upstream job ends with its images stored), else the
+(at a run's end, after an upstream job ends with its images stored:
+``workers/run_end.py``), else the
 catalogue's ``estimated_seconds`` for the model.
 
 Slots ÷ ``T`` is what the upstream can take, not what the workers manage: workers short of
 CPU (or of processes) start jobs slower than slots free up. So each process also samples
-a counter of the model's finished jobs (``jobs_done_key``, which ``record_job_time``
+a counter of the model's finished jobs (``jobs_done_key``, which a run's end
 increments) at every refresh; once the model has had a line (``open >= slots``) without a
 break for ``DRAIN_MIN_SPAN_SECONDS`` (within the last ``DRAIN_WINDOW_SECONDS``), the
 workers were busy all that time, and the counter's rate over it is the real drain rate.
@@ -41,7 +42,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -54,7 +54,7 @@ from pricing.catalog import Catalog
 logger = logging.getLogger("tollgate.backlog")
 
 JOB_TIMES_KEPT = 32
-_JOB_TIMES_TTL_SECONDS = 3600
+JOB_TIMES_TTL_SECONDS = 3600
 # The drain rate is measured over at most this long, and only over a line this old.
 DRAIN_WINDOW_SECONDS = 60.0
 DRAIN_MIN_SPAN_SECONDS = 10.0
@@ -65,20 +65,6 @@ class Overloaded(ApiError):
     code = "overloaded"
     type = "api_error"
     default_message = "The model is overloaded: its backlog cannot finish in time"
-
-
-async def record_job_time(redis: Redis, queue_name: str, model: str, seconds: float) -> None:
-    """Push one upstream job's time (a worker, after the job); never raises."""
-    key = job_times_key(queue_name, model)
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(key, f"{seconds:.3f}")
-            pipe.ltrim(key, 0, JOB_TIMES_KEPT - 1)
-            pipe.expire(key, _JOB_TIMES_TTL_SECONDS)
-            pipe.incr(jobs_done_key(queue_name, model))
-            await pipe.execute()
-    except (RedisError, OSError) as exc:
-        logger.debug("job time of %s not recorded: %s", model, exc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,102 @@
+"""A generation run's end in Redis: one script, one round trip.
+
+When a run ends, up to three things are written to Redis, and each was its own round
+trip (three of the ten or so a task cost the worker in Redis):
+
+- its liveness record is removed (``workers/liveness.py``: the run no longer needs a
+  watcher);
+- the upstream job's time is pushed for the gateways' backlog estimate, and the model's
+  finished-job count raised (``gateway/tasks/backlog.py``);
+- the first attempt of its callback is queued (``gateway/queue.py``'s enqueue).
+
+Each part is optional (a run that never claimed its task has no record; a failed one has
+no job time; a task without a callback URL has no delivery). None of it is money: if Redis
+is away, the record is left to the dead-run sweep and the lease, the job time is lost, and
+the callback reconciler queues the delivery from its row.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.logs import OutageLog
+from gateway.queue import ENQUEUE_FUNCTION, callback_call
+from gateway.redis_keys import job_times_key, jobs_done_key, runs_key
+from gateway.tasks.backlog import JOB_TIMES_KEPT, JOB_TIMES_TTL_SECONDS
+
+logger = logging.getLogger("tollgate.generate")
+
+# KEYS: the runs hash, the model's job times, its finished-job count, then (with a
+# callback) the enqueue's three keys. ARGV: the run's holder ('' : none), the job's
+# seconds ('' : none), the times kept, their expiry (s), then the enqueue's five.
+_END = (
+    ENQUEUE_FUNCTION
+    + """
+if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if ARGV[2] ~= '' then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('INCR', KEYS[3])
+end
+if #KEYS > 3 then
+  return enqueue(KEYS[4], KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+end
+return 0
+"""
+)
+
+_outage = OutageLog(logger)
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """What a run's end writes to Redis (see the module docstring)."""
+
+    queue_name: str
+    callback_queue_name: str
+    model: str
+    holder: str | None = None  # its liveness record, when it made one
+    job_seconds: float | None = None  # its upstream job's time, images stored
+    delivery_id: str | None = None  # the callback delivery its end recorded
+
+    def call(self) -> tuple[list[str], list[bytes | str | int]] | None:
+        """The script's KEYS and ARGV; None when there is nothing to write."""
+        if self.holder is None and self.job_seconds is None and self.delivery_id is None:
+            return None
+        keys = [
+            runs_key(self.queue_name),
+            job_times_key(self.queue_name, self.model),
+            jobs_done_key(self.queue_name, self.model),
+        ]
+        argv: list[bytes | str | int] = [
+            self.holder or "",
+            "" if self.job_seconds is None else f"{self.job_seconds:.3f}",
+            JOB_TIMES_KEPT,
+            JOB_TIMES_TTL_SECONDS,
+        ]
+        if self.delivery_id is not None:
+            job_keys, job_argv = callback_call(self.callback_queue_name, self.delivery_id, 1)
+            keys += job_keys
+            argv += job_argv
+        return keys, argv
+
+
+async def record_run_end(redis: Redis, end: RunEnd) -> None:
+    """Write the run's end in one round trip; never raises (see the module docstring)."""
+    found = end.call()
+    if found is None:
+        return
+    keys, argv = found
+    try:
+        await redis.register_script(_END)(keys=keys, args=argv)
+    except (RedisError, OSError) as exc:
+        _outage.failed(
+            "the end of run %s (model %s) was not recorded; the callback reconciler queues "
+            "its delivery: %s",
+            end.holder,
+            end.model,
+            exc,
+        )
