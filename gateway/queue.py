@@ -73,18 +73,8 @@ def job_call(
     return keys, argv
 
 
-async def _enqueue(
-    redis: Redis,
-    queue_name: str,
-    function: str,
-    args: tuple[object, ...],
-    job_id: str,
-    *,
-    kwargs: dict[str, object] | None = None,
-    delay: float = 0,
-) -> bool:
-    """Queue one arq job, ``delay`` seconds from now; False if it is queued or running."""
-    keys, argv = job_call(queue_name, function, args, job_id, kwargs=kwargs, delay=delay)
+async def _enqueue(redis: Redis, keys: list[str], argv: list[bytes | str | int]) -> bool:
+    """Queue one arq job (``job_call``'s KEYS and ARGV); False if it is queued or running."""
     script = redis.register_script(_ENQUEUE)
     return bool(await script(keys=keys, args=argv))
 
@@ -106,7 +96,7 @@ async def enqueue_generation(
     kwargs: dict[str, object] = {} if fresh is None else {"model": fresh[0], "ticket_ms": fresh[1]}
     job_id = generate_job_id(task_id, attempt)
     return await _enqueue(
-        redis, queue_name, GENERATE_JOB, (task_id, attempt), job_id, kwargs=kwargs
+        redis, *job_call(queue_name, GENERATE_JOB, (task_id, attempt), job_id, kwargs=kwargs)
     )
 
 
@@ -119,18 +109,15 @@ async def enqueue_callback(
     redis: Redis, queue_name: str, delivery_id: str, number: int, delay: float = 0
 ) -> bool:
     """Queue attempt ``number`` of a delivery, ``delay`` seconds from now."""
-    job_id = callback_job_id(delivery_id, number)
-    return await _enqueue(
-        redis, queue_name, CALLBACK_JOB, (delivery_id, number), job_id, delay=delay
-    )
+    return await _enqueue(redis, *callback_call(queue_name, delivery_id, number, delay))
 
 
 def callback_call(
-    queue_name: str, delivery_id: str, number: int
+    queue_name: str, delivery_id: str, number: int, delay: float = 0
 ) -> tuple[list[str], list[bytes | str | int]]:
-    """The KEYS and ARGV of ``enqueue`` for attempt ``number`` of a delivery, now."""
+    """The KEYS and ARGV of ``enqueue`` for attempt ``number`` of a delivery."""
     job_id = callback_job_id(delivery_id, number)
-    return job_call(queue_name, CALLBACK_JOB, (delivery_id, number), job_id)
+    return job_call(queue_name, CALLBACK_JOB, (delivery_id, number), job_id, delay=delay)
 
 
 async def enqueue_upstream_cancel(
@@ -146,7 +133,7 @@ async def enqueue_upstream_cancel(
     ``reason``: ``cancel`` (the tenant cancelled) or ``deadline`` (the sweeper failed it).
     """
     args = (task_id, channel_id, upstream_job_id, reason)
-    return await _enqueue(redis, queue_name, CANCEL_JOB, args, cancel_job_id(task_id))
+    return await _enqueue(redis, *job_call(queue_name, CANCEL_JOB, args, cancel_job_id(task_id)))
 
 
 async def enqueue_channel_test(
@@ -154,4 +141,6 @@ async def enqueue_channel_test(
 ) -> bool:
     """Ask a worker to run one test generation on a channel (``workers/channel_test.py``)."""
     job_id = f"channel-test:{test_id}"
-    return await _enqueue(redis, queue_name, CHANNEL_TEST_JOB, (channel_id, test_id), job_id)
+    return await _enqueue(
+        redis, *job_call(queue_name, CHANNEL_TEST_JOB, (channel_id, test_id), job_id)
+    )
