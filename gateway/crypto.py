@@ -150,6 +150,12 @@ def _keyring(dialect: Dialect, column: str) -> Keyring:
     return keyring
 
 
+def open_sealed(dialect: Dialect, column: str, value: str | None) -> str | None:
+    """A sealed column's value read without SQLAlchemy (a statement sent to the driver),
+    opened as ``Sealed`` opens it."""
+    return None if value is None else _keyring(dialect, column).open(value, column)
+
+
 class Sealed(sa.types.TypeDecorator[str]):
     """A text column that stores its values sealed (see the module's rules)."""
 
@@ -166,9 +172,7 @@ class Sealed(sa.types.TypeDecorator[str]):
         return _keyring(dialect, self.column).seal(value, self.column)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
-        if value is None:
-            return None
-        return _keyring(dialect, self.column).open(str(value), self.column)
+        return open_sealed(dialect, self.column, None if value is None else str(value))
 
 
 # Where each sealed column lives: name bound to -> (table, column).

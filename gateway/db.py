@@ -19,7 +19,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway import crypto
@@ -101,6 +106,14 @@ async def close_hot_pool(pool: asyncpg.Pool, grace_seconds: float = 5.0) -> None
         pool.terminate()
 
 
+async def driver_of(conn: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a SQLAlchemy one, for a statement sent as it is (no
+    BEGIN is sent for it; under autocommit it is its own transaction)."""
+    raw = await conn.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver
+
+
 class Statements:
     """Single statements, each its own transaction (autocommit): one round trip apiece,
     prepared once per connection, nothing of the ORM.
@@ -123,9 +136,7 @@ class Statements:
             rows: list[Any] = await self.pool.fetch(sql, *args)
             return rows
         async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: asyncpg.Connection = raw.driver_connection
-            return list(await driver.fetch(sql, *args))
+            return list(await (await driver_of(conn)).fetch(sql, *args))
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
