@@ -448,13 +448,39 @@ def fetch(database_url: str, query: str, *params: Any) -> list[asyncpg.Record]:
     return asyncio.run(_fetch(database_url, query, *params))
 
 
-def wait_until(what: str, check: Any, run: Run, timeout: float) -> None:
+def wait_until(what: str, check: Any, run: Run, timeout: float, every: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         run.check_alive()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not done within {timeout} s")
-        time.sleep(0.1)
+        time.sleep(every)
+
+
+class TaskCounts:
+    """How many of some tasks are completed, and how many failed or cancelled, over one
+    connection kept for the phase: the benchmark's own watching must not be a load on the
+    machine it measures (a new connection per look, ten looks a second, was a PostgreSQL
+    backend started and stopped twenty times a second beside the worker)."""
+
+    def __init__(self, database_url: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._conn = self._loop.run_until_complete(asyncpg.connect(plain_url(database_url)))
+
+    def __call__(self, task_ids: list[str]) -> tuple[int, int]:
+        row = self._loop.run_until_complete(
+            self._conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE status = 'completed'), "
+                "count(*) FILTER (WHERE status IN ('failed', 'cancelled')) "
+                "FROM tasks WHERE id = ANY($1)",
+                task_ids,
+            )
+        )
+        return int(row[0]), int(row[1])
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -663,19 +689,13 @@ def worker_phase(
     batch = asyncio.run(submit_many(stack, key, args.tasks, callback))
     ids = list(batch)
 
+    counts = TaskCounts(db)
+
     def completed(task_ids: list[str]) -> int:
-        rows = fetch(
-            db, "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status = 'completed'", task_ids
-        )
-        return int(rows[0][0])
+        return counts(task_ids)[0]
 
     def failed(task_ids: list[str]) -> int:
-        rows = fetch(
-            db,
-            "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status IN ('failed', 'cancelled')",
-            task_ids,
-        )
-        return int(rows[0][0])
+        return counts(task_ids)[1]
 
     say("starting one worker")
     metrics_port = free_port()
@@ -694,14 +714,14 @@ def worker_phase(
 
     def batch_done() -> bool:
         nonlocal last_sample
-        done = completed(batch)
+        done, ended_otherwise = counts(batch)
         if time.monotonic() - last_sample >= 5:  # the worker's RSS as the tasks go by
             samples.append((done, round(rss_kib(worker.popen.pid) / 1024, 1)))
             last_sample = time.monotonic()
-        return done + failed(batch) >= len(batch)
+        return done + ended_otherwise >= len(batch)
 
     with profiled(args, worker, "worker_batch"):
-        wait_until("worker batch", batch_done, run, args.tasks + 120)
+        wait_until("worker batch", batch_done, run, args.tasks + 120, every=0.25)
     cpu_after, runs_after = cpu_seconds(worker.popen.pid), job_runs(metrics_port)
     rss_after = rss_kib(worker.popen.pid)
     between = completed(batch) - done_before
@@ -723,7 +743,7 @@ def worker_phase(
         paced.append(submit_one(stack, key, callback))
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
     ids += paced
-    wait_until("paced tasks", lambda: completed(paced) + failed(paced) >= len(paced), run, 60)
+    wait_until("paced tasks", lambda: sum(counts(paced)) >= len(paced), run, 60)
     rows = fetch(
         db,
         "SELECT extract(epoch FROM started_at - created_at) FROM tasks "
@@ -732,11 +752,13 @@ def worker_phase(
     )
     waits = [float(r[0]) * 1000 for r in rows]
     finished_task = batch[0]
+    failed_in_batch = failed(batch)
+    counts.close()
     run.stop(worker)
     return {
         "tasks": len(batch),
         "completed": finished,
-        "failed": failed(batch),
+        "failed": failed_in_batch,
         "simulator_latency_s": args.latency,
         "tasks_per_s": round(tasks_per_s, 1),
         # Over the batch past its first tenth: the worker process's user + system CPU, and
