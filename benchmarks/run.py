@@ -279,7 +279,7 @@ def paced(
 ) -> dict[str, Any]:
     """POST ``body`` to ``url`` at ``rate`` requests/s for ``seconds``, evenly spaced and
     open-loop (``benchmarks/paced.py``; wrk has no fixed rate); its latency percentiles,
-    each from the moment its request was due, as the client saw them."""
+    each from the request's write to its response's end, as the client saw them."""
     seconds = max(seconds, min(30.0, 200 / max(rate, 1.0)))  # 200 answers for a p99
     argv = [
         sys.executable, "-m", "benchmarks.paced", url, "--rate", f"{rate:.1f}",
@@ -689,13 +689,7 @@ def worker_phase(
     batch = asyncio.run(submit_many(stack, key, args.tasks, callback))
     ids = list(batch)
 
-    counts = TaskCounts(db)
-
-    def completed(task_ids: list[str]) -> int:
-        return counts(task_ids)[0]
-
-    def failed(task_ids: list[str]) -> int:
-        return counts(task_ids)[1]
+    counts = TaskCounts(db)  # (completed, failed or cancelled) of some tasks
 
     say("starting one worker")
     metrics_port = free_port()
@@ -705,10 +699,10 @@ def worker_phase(
         env={**run.env, "TOLLGATE_METRICS_PORT": str(metrics_port)},
     )
     early = max(1, args.tasks // 10)
-    wait_until("worker warm", lambda: completed(batch) >= early, run, 120)
+    wait_until("worker warm", lambda: counts(batch)[0] >= early, run, 120)
     rss_before = rss_kib(worker.popen.pid)
     cpu_before, runs_before = cpu_seconds(worker.popen.pid), job_runs(metrics_port)
-    done_before = completed(batch)
+    done_before = counts(batch)[0]
     samples: list[tuple[int, float]] = [(done_before, round(rss_before / 1024, 1))]
     last_sample = time.monotonic()
 
@@ -724,15 +718,15 @@ def worker_phase(
         wait_until("worker batch", batch_done, run, args.tasks + 120, every=0.25)
     cpu_after, runs_after = cpu_seconds(worker.popen.pid), job_runs(metrics_port)
     rss_after = rss_kib(worker.popen.pid)
-    between = completed(batch) - done_before
-    samples.append((completed(batch), round(rss_after / 1024, 1)))
+    finished, failed_in_batch = counts(batch)  # the batch is over: these stay
+    between = finished - done_before
+    samples.append((finished, round(rss_after / 1024, 1)))
     span = fetch(
         db,
         "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks "
         "WHERE id = ANY($1) AND status = 'completed'",
         batch,
     )[0][0]
-    finished = completed(batch)
     tasks_per_s = finished / float(span) if span else 0.0
 
     say(f"submitting {args.latency_samples} tasks at {args.latency_rate}/s to an idle worker")
@@ -752,7 +746,6 @@ def worker_phase(
     )
     waits = [float(r[0]) * 1000 for r in rows]
     finished_task = batch[0]
-    failed_in_batch = failed(batch)
     counts.close()
     run.stop(worker)
     return {
