@@ -44,7 +44,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +482,7 @@ class OwnRedis:
     workdir: Path
     port: int
     process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
     restarts: int = 0  # in a row
     restart_at: float | None = None
 
@@ -498,13 +499,11 @@ def supervise_redis(now: float | None = None) -> None:
         return
     now = time.monotonic() if now is None else now
     if own.restart_at is None and own.process.poll() is not None:
-        delay = RESTART_BACKOFF_SECONDS[min(own.restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
+        own.restarts, delay = _restart_delay(own.restarts, own.started, now)
         own.restart_at = now + delay
-        code = own.process.returncode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
         say(
-            f"the embedded redis {how}; starting it again, empty, on 127.0.0.1:{own.port}"
-            f" in {delay:.0f}s"
+            f"the embedded redis {_how_it_ended(own.process)}; starting it again, empty, on "
+            f"127.0.0.1:{own.port} in {delay:.0f}s"
         )
     if own.restart_at is None or now < own.restart_at:
         return
@@ -512,6 +511,7 @@ def supervise_redis(now: float | None = None) -> None:
     own.restarts += 1
     try:
         own.process = _start_redis(own.workdir, own.port)
+        own.started = now
     except DevError as exc:
         say(f"the embedded redis did not start again: {exc}")  # the next round tries again
         return
@@ -862,9 +862,17 @@ def _spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
     return child
 
 
-def _how_it_ended(child: Child) -> str:
-    code = child.process.returncode
+def _how_it_ended(process: subprocess.Popen[bytes]) -> str:
+    code = process.returncode
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+
+
+def _restart_delay(restarts: int, started: float, now: float) -> tuple[int, float]:
+    """(restarts in a row, seconds to wait) for a process that died at ``now``: one that
+    ran for ``RESTART_STABLE_SECONDS`` starts the count over."""
+    if now - started >= RESTART_STABLE_SECONDS:
+        restarts = 0
+    return restarts, RESTART_BACKOFF_SECONDS[min(restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
 
 
 def supervise(children: list[Child], now: float | None = None) -> None:
@@ -877,12 +885,10 @@ def supervise(children: list[Child], now: float | None = None) -> None:
     now = time.monotonic() if now is None else now
     for child in children:
         if child.restart_at is None and child.process.poll() is not None:
-            if now - child.started >= RESTART_STABLE_SECONDS:
-                child.restarts = 0
-            delay = RESTART_BACKOFF_SECONDS[min(child.restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
+            child.restarts, delay = _restart_delay(child.restarts, child.started, now)
             child.restart_at = now + delay
             say(
-                f"the {child.name} {_how_it_ended(child)}; restarting it in {delay:.0f}s "
+                f"the {child.name} {_how_it_ended(child.process)}; restarting it in {delay:.0f}s "
                 f"(restart {child.restarts + 1} in a row); last lines of "
                 f"{child.log.relative_to(REPO)}:\n{_tail(child.log, 10)}"
             )
@@ -918,7 +924,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def _child_died(child: Child) -> DevError:
     return DevError(
-        f"the {child.name} {_how_it_ended(child)}; last lines of "
+        f"the {child.name} {_how_it_ended(child.process)}; last lines of "
         f"{child.log.relative_to(REPO)}:\n{_tail(child.log)}"
     )
 
