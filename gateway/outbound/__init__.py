@@ -10,9 +10,10 @@ package, under these rules:
 - **Addresses** (``addresses.py``): the host is resolved once and refused if
   *any* address is not global unicast (embedded IPv4 forms judged by what they
   embed).
-- **Connection** (``transport.py``, its sockets in ``sockets.py``): only to
-  the addresses that were checked, TLS verified against the hostname, no proxy
-  from the environment, no redirects, one time budget, the answer's body cut.
+- **Connection** (``transport.py``; the HTTP/1.1 exchange in ``h1.py``, its
+  sockets in ``sockets.py``): only to the addresses that were checked, TLS
+  verified against the hostname, no proxy from the environment, no redirects,
+  one time budget, the answer's body cut.
   ``GuardedClient`` keeps connections alive between requests, each request
   still checked, a kept connection reused only while its host resolves to the
   addresses it was pinned to (a checked answer may serve a host's requests for

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import ssl
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpcore
@@ -30,12 +30,18 @@ from gateway.outbound.addresses import (
     Resolver,
     host_key,
 )
-from gateway.outbound.pool import Pool
+from gateway.outbound.h1 import H1Pool, H1Response, Timeouts, origin_of
 from gateway.outbound.sockets import AsyncioBackend, PinnedBackend
 from gateway.outbound.urls import check_url
 
 # A receiver's answer is only looked at for its status; the body is cut here.
 MAX_RESPONSE_BYTES = 65_536
+# Headers that describe a body's framing: set from the body as sent, dropped from an answer
+# handed back read (decoded, maybe cut).
+_BODY_FRAMING_RAW = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+# ``exchange``'s own: an answer compressed could expand without bound before the cut.
+_DEFAULT_HEADERS = {"accept": "*/*", "accept-encoding": "identity", "user-agent": "Tollgate"}
 
 # httpcore's errors as httpx raises them; the first match in an error's MRO wins.
 _HTTPX_ERRORS: dict[type[Exception], type[httpx.TransportError]] = {
@@ -66,19 +72,17 @@ def _as_httpx_errors() -> Iterator[None]:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: AsyncIterable[bytes]) -> None:
-        self._stream = stream
+    def __init__(self, response: H1Response) -> None:
+        self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _as_httpx_errors():
-            async for chunk in self._stream:
+            async for chunk in self._response.chunks():
                 yield chunk
 
     async def aclose(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is not None:
-            with _as_httpx_errors():
-                await aclose()
+        with _as_httpx_errors():
+            await self._response.aclose()
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,10 +95,11 @@ def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
 
 
 class StreamsTransport(httpx.AsyncBaseTransport):
-    """httpx's transport on asyncio streams (``sockets.AsyncioBackend``: TLS by the running
-    loop, a cheap idle check) instead of httpcore's anyio ones, which a worker's upstream
-    calls and image downloads spent a sixth of its CPU in. HTTP/1.1, no proxy whatever the
-    environment says, no retries; the system CA store (certifi), plus ``ca_bundle``."""
+    """httpx's transport on our HTTP/1.1 exchange (``h1.H1Pool``) over asyncio streams
+    (``sockets.AsyncioBackend``: TLS by the running loop, a cheap idle check), where httpcore's
+    pool and h11 cost a worker's upstream calls and image downloads, and each delivery, most of
+    their CPU. HTTP/1.1, no proxy whatever the environment says, no retries; the system CA store
+    (certifi), plus ``ca_bundle``. ``exchange`` is one request without httpx's client."""
 
     def __init__(
         self,
@@ -105,41 +110,80 @@ class StreamsTransport(httpx.AsyncBaseTransport):
         max_keepalive_connections: int | None = None,
         keepalive_expiry: float | None = None,
     ) -> None:
-        self._pool = Pool(
+        self._pool = H1Pool(
             ssl_context=_ssl_context(ca_bundle),
             network_backend=network_backend or AsyncioBackend(),
             max_connections=max_connections,
             max_keepalive_connections=max_keepalive_connections,
             keepalive_expiry=keepalive_expiry,
-            http1=True,
-            http2=False,
-            retries=0,
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(request.stream, httpx.AsyncByteStream)
-        # sni_hostname would verify the certificate against another name than the URL's.
-        extensions = {k: v for k, v in request.extensions.items() if k != "sni_hostname"}
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=extensions,
-        )
+        url = request.url
+        # The bodies we send are in memory already: sent with a length, in the head's write.
+        body = b"".join([part async for part in request.stream])
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _BODY_FRAMING_RAW]
+        if body or request.method in _WITH_BODY:
+            headers.append((b"Content-Length", b"%d" % len(body)))
+        timeouts = request.extensions.get("timeout") or {}
         with _as_httpx_errors():
-            response = await self._pool.handle_async_request(core_request)
-        assert isinstance(response.stream, AsyncIterable)
+            response = await self._pool.request(
+                request.method.encode("ascii"),
+                origin_of(url.raw_scheme, url.raw_host, url.port),
+                url.raw_path,
+                headers,
+                body,
+                Timeouts(
+                    connect=timeouts.get("connect"),
+                    read=timeouts.get("read"),
+                    write=timeouts.get("write"),
+                    pool=timeouts.get("pool"),
+                ),
+            )
         return httpx.Response(
             status_code=response.status,
             headers=response.headers,
-            stream=_ResponseStream(response.stream),
-            extensions=response.extensions,
+            stream=_ResponseStream(response),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
+        )
+
+    async def exchange(
+        self,
+        method: str,
+        target: httpx.URL,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        max_response_bytes: int,
+    ) -> httpx.Response:
+        """One request past httpx's client (its URL merging, cookies, hooks: most of a
+        delivery's CPU); the answer read, its body cut at ``max_response_bytes``. Time
+        limits are the caller's."""
+        fields = dict(_DEFAULT_HEADERS)
+        for name, value in (headers or {}).items():
+            fields[name.lower()] = value
+        raw = [(b"Host", target.netloc)]
+        raw += [(name.encode("ascii"), value.encode()) for name, value in fields.items()]
+        body = content or b""
+        if body or method in _WITH_BODY:
+            raw.append((b"Content-Length", b"%d" % len(body)))
+        with _as_httpx_errors():
+            response = await self._pool.request(
+                method.encode("ascii"),
+                origin_of(target.raw_scheme, target.raw_host, target.port),
+                target.raw_path,
+                raw,
+                body,
+            )
+            try:
+                data = await response.read(max_response_bytes)
+            finally:
+                await response.aclose()
+        return httpx.Response(
+            status_code=response.status,
+            headers=[(k, v) for k, v in response.headers if k.lower() not in _BODY_FRAMING_RAW],
+            content=data,
+            request=httpx.Request(method, target),
         )
 
     async def aclose(self) -> None:
@@ -175,10 +219,6 @@ class PinnedTransport(StreamsTransport):
             max_connections=max_connections,
             keepalive_expiry=keepalive_expiry,
         )
-
-
-# Describe the body as sent; the body handed back is decoded and may be cut.
-_BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 async def guarded_post(
@@ -238,8 +278,12 @@ async def guarded_request(
             transport = PinnedTransport(
                 {connect_host: addresses}, ca_bundle=ca_bundle, network_backend=network_backend
             )
-            async with _client(transport, timeout) as client:
-                return await _exchange(client, method, target, content, headers, max_response_bytes)
+            try:
+                return await transport.exchange(
+                    method, target, content, headers, max_response_bytes
+                )
+            finally:
+                await transport.aclose()
     except TimeoutError:
         raise httpx.TimeoutException(f"no answer within {timeout} s") from None
 
@@ -284,16 +328,12 @@ class GuardedClient:
         self._max_hosts = max_hosts
         self._per_host = connections_per_host
         self._keepalive = keepalive_seconds
-        # Per host and answer: its client, and turns for its connections. Requests past the
-        # connections wait their turn here: waiting in httpcore's pool costs a scan of every
-        # waiting request against every connection at each request and answer.
-        self._clients: OrderedDict[
-            tuple[str, int, tuple[IPAddress, ...]], tuple[httpx.AsyncClient, asyncio.Semaphore]
-        ]
-        self._clients = OrderedDict()
+        # Per host and answer: its transport (requests past its connections wait their turn).
+        self._transports: OrderedDict[tuple[str, int, tuple[IPAddress, ...]], PinnedTransport]
+        self._transports = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._clients)
+        return len(self._transports)
 
     async def request(
         self,
@@ -310,12 +350,11 @@ class GuardedClient:
         try:
             async with asyncio.timeout(timeout):
                 addresses = await _resolve(connect_host, port, self._answers)
-                client, turns = await self._client_for(connect_host, port, addresses)
+                transport = await self._transport_for(connect_host, port, addresses)
                 try:
-                    async with turns:
-                        return await _exchange(
-                            client, method, target, content, headers, max_response_bytes, timeout
-                        )
+                    return await transport.exchange(
+                        method, target, content, headers, max_response_bytes
+                    )
                 except (httpx.ConnectError, httpx.ConnectTimeout):
                     # The host may have moved: its next request looks it up again.
                     self._answers.forget(connect_host, port)
@@ -333,20 +372,20 @@ class GuardedClient:
     ) -> httpx.Response:
         return await self.request("POST", url, content=content, headers=headers, timeout=timeout)
 
-    async def _client_for(
+    async def _transport_for(
         self, host: str, port: int, addresses: Sequence[IPAddress]
-    ) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    ) -> PinnedTransport:
         key = (host_key(host), port, tuple(addresses))
-        kept = self._clients.get(key)
+        kept = self._transports.get(key)
         if kept is not None:
-            self._clients.move_to_end(key)
+            self._transports.move_to_end(key)
             return kept
         # The host's checked addresses changed (or it is new): its old connections go.
-        stale = [k for k in self._clients if k[:2] == key[:2]]
-        while len(self._clients) - len(stale) >= self._max_hosts:
-            stale.append(next(k for k in self._clients if k not in stale))
+        stale = [k for k in self._transports if k[:2] == key[:2]]
+        while len(self._transports) - len(stale) >= self._max_hosts:
+            stale.append(next(k for k in self._transports if k not in stale))
         for old in stale:
-            await self._clients.pop(old)[0].aclose()
+            await self._transports.pop(old).aclose()
         transport = PinnedTransport(
             {host: addresses},
             ca_bundle=self._ca_bundle,
@@ -354,15 +393,14 @@ class GuardedClient:
             max_connections=self._per_host,
             keepalive_expiry=self._keepalive,
         )
-        kept = (_client(transport, None), asyncio.Semaphore(self._per_host))
-        self._clients[key] = kept
-        return kept
+        self._transports[key] = transport
+        return transport
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), OrderedDict()
+        transports, self._transports = list(self._transports.values()), OrderedDict()
         self._answers.clear()
-        for client, _ in clients:
-            await client.aclose()
+        for transport in transports:
+            await transport.aclose()
 
 
 def _checked_target(url: str, allowed_hosts: frozenset[str]) -> tuple[httpx.URL, str, int]:
@@ -385,44 +423,3 @@ async def _resolve(host: str, port: int, answers: CheckedAnswers) -> list[IPAddr
         return await answers.resolve(host, port)
     except OSError as exc:
         raise httpx.ConnectError(f"could not resolve {host}: {exc}") from exc
-
-
-def _client(transport: PinnedTransport, timeout: float | None) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=transport, trust_env=False, follow_redirects=False, timeout=timeout
-    )
-
-
-async def _exchange(
-    client: httpx.AsyncClient,
-    method: str,
-    target: httpx.URL,
-    content: bytes | None,
-    headers: Mapping[str, str] | None,
-    max_response_bytes: int,
-    timeout: float | None = None,  # noqa: ASYNC109 - httpx's own, under the caller's budget
-) -> httpx.Response:
-    """One request, its answer read up to ``max_response_bytes``."""
-    async with client.stream(
-        method,
-        target,
-        content=content,
-        # Compressed answers could expand without bound before the cut.
-        headers={"accept-encoding": "identity", **(headers or {})},
-        timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
-    ) as response:
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) >= max_response_bytes:
-                break
-    return httpx.Response(
-        status_code=response.status_code,
-        headers=[
-            (name, value)
-            for name, value in response.headers.multi_items()
-            if name not in _BODY_FRAMING
-        ],
-        content=bytes(body[:max_response_bytes]),
-        request=response.request,
-    )

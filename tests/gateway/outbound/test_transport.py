@@ -385,8 +385,8 @@ async def test_the_default_sockets_fail_as_httpcore_errors() -> None:
 
 async def test_the_pool_caps_its_connections_and_keeps_the_keep_alive_limit() -> None:
     # A keep-alive HTTP server that counts the connections open at once and answers after
-    # a pause, so that requests overlap. Our pool's bookkeeping (``gateway/outbound/pool.py``)
-    # replaces httpcore's.
+    # a pause, so that requests overlap. Our pool (``gateway/outbound/h1.py``) replaces
+    # httpcore's.
     opened = open_now = most = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -412,14 +412,14 @@ async def test_the_pool_caps_its_connections_and_keeps_the_keep_alive_limit() ->
             assert [a.text for a in answers] == ["ok"] * 40
             # 40 overlapping requests on 4 connections kept alive: never more, none new.
             assert (most, opened) == (4, 4)
-            assert len(transport._pool.connections) == 4
+            assert len(transport._pool) == 4
         # A pool that keeps fewer alive than it may open closes the idle surplus.
         transport = outbound.StreamsTransport(max_connections=4, max_keepalive_connections=1)
         async with httpx.AsyncClient(transport=transport) as client:
             await asyncio.gather(*(client.get(f"http://{LOOPBACK}:{port}/{i}") for i in range(8)))
             assert most == 4
             await client.get(f"http://{LOOPBACK}:{port}/last")
-            assert len(transport._pool.connections) == 1, transport._pool.connections
+            assert len(transport._pool) == 1
     finally:
         server.close()
         await server.wait_closed()
