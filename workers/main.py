@@ -29,7 +29,7 @@ from gateway.db import (
 )
 from gateway.heap import freeze_startup_objects
 from gateway.logs import configure_logging
-from gateway.outbound import StreamsTransport
+from gateway.outbound import OutboundClient, StreamsTransport
 from gateway.redis_keys import (
     CALLBACK_JOB,
     CANCEL_JOB,
@@ -119,15 +119,15 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
         opened.push_async_callback(publisher.close)
         events.attach(engine, publisher)
         opened.callback(events.detach, engine)
-        # httpx's own pool limits, on asyncio streams (gateway/outbound/transport.py).
-        http = httpx.AsyncClient(
-            transport=StreamsTransport(
+        # httpx's client on our HTTP/1.1 exchange, its plain requests past httpx's client
+        # layers (gateway/outbound/client.py).
+        http = OutboundClient(
+            StreamsTransport(
                 max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0
             ),
             timeout=httpx.Timeout(
                 settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
-            trust_env=False,
         )
         opened.push_async_callback(http.aclose)
         # The task's claim, lease writes and end: one autocommit statement each.

@@ -10,8 +10,8 @@ package, under these rules:
 - **Addresses** (``addresses.py``): the host is resolved once and refused if
   *any* address is not global unicast (embedded IPv4 forms judged by what they
   embed).
-- **Connection** (``transport.py``; the HTTP/1.1 exchange in ``h1.py``, its
-  sockets in ``sockets.py``): only to the addresses that were checked, TLS
+- **Connection** (``guarded.py`` on ``transport.py``; the HTTP/1.1 exchange in
+  ``h1.py``, its sockets in ``sockets.py``): only to the addresses that were checked, TLS
   verified against the hostname, no proxy from the environment, no redirects,
   one time budget, the answer's body cut.
   ``GuardedClient`` keeps connections alive between requests, each request
@@ -37,14 +37,9 @@ from gateway.outbound.addresses import (
     parse_literal_ip,
     resolve_public,
 )
-from gateway.outbound.transport import (
-    MAX_RESPONSE_BYTES,
-    GuardedClient,
-    PinnedTransport,
-    StreamsTransport,
-    guarded_post,
-    guarded_request,
-)
+from gateway.outbound.client import OutboundClient
+from gateway.outbound.guarded import GuardedClient, guarded_post, guarded_request
+from gateway.outbound.transport import MAX_RESPONSE_BYTES, PinnedTransport, StreamsTransport
 from gateway.outbound.urls import MAX_URL_LENGTH, check_url
 
 __all__ = [
@@ -53,6 +48,7 @@ __all__ = [
     "ForbiddenAddress",
     "GuardedClient",
     "IPAddress",
+    "OutboundClient",
     "PinnedTransport",
     "Resolver",
     "StreamsTransport",

@@ -1,22 +1,19 @@
-"""Sending to what was checked: the pinned transport and the guarded request.
+"""Sending to what was checked: the transports under every outbound request.
 
+- ``StreamsTransport`` is httpx's transport on our HTTP/1.1 exchange (``h1.py``); its
+  ``open`` and ``exchange`` send a request without httpx's client.
 - ``PinnedTransport`` connects only to the addresses that were checked for
   that host; there is no second lookup, so DNS rebinding cannot slip through.
   TLS is still verified against the hostname (SNI and certificate). No proxy
   from the environment, no redirects.
-- ``guarded_request`` (and ``guarded_post``) apply every rule of the package
-  to one request: the URL's form, one lookup, the pinned connection, one time
-  budget, a response body cut at ``max_response_bytes``.
 
-Refusals raise ``ForbiddenAddress``; network failures are httpx errors, as
-from any httpx client.
+The guarded request and client on top of them are in ``guarded.py``. Network failures
+are httpx errors, as from any httpx client.
 """
 
-import asyncio
 import contextlib
 import functools
 import ssl
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -24,15 +21,10 @@ import httpcore
 import httpx
 
 from gateway.outbound.addresses import (
-    CheckedAnswers,
-    ForbiddenAddress,
     IPAddress,
-    Resolver,
-    host_key,
 )
-from gateway.outbound.h1 import H1Pool, H1Response, Timeouts, origin_of
+from gateway.outbound.h1 import NO_TIMEOUTS, H1Pool, H1Response, Timeouts, origin_of
 from gateway.outbound.sockets import AsyncioBackend, PinnedBackend
-from gateway.outbound.urls import check_url
 
 # A receiver's answer is only looked at for its status; the body is cut here.
 MAX_RESPONSE_BYTES = 65_536
@@ -148,17 +140,14 @@ class StreamsTransport(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
         )
 
-    async def exchange(
+    async def _send(
         self,
         method: str,
         target: httpx.URL,
         content: bytes | None,
         headers: Mapping[str, str] | None,
-        max_response_bytes: int,
-    ) -> httpx.Response:
-        """One request past httpx's client (its URL merging, cookies, hooks: most of a
-        delivery's CPU); the answer read, its body cut at ``max_response_bytes``. Time
-        limits are the caller's."""
+        timeouts: Timeouts,
+    ) -> H1Response:
         fields = dict(_DEFAULT_HEADERS)
         for name, value in (headers or {}).items():
             fields[name.lower()] = value
@@ -168,13 +157,45 @@ class StreamsTransport(httpx.AsyncBaseTransport):
         if body or method in _WITH_BODY:
             raw.append((b"Content-Length", b"%d" % len(body)))
         with _as_httpx_errors():
-            response = await self._pool.request(
+            return await self._pool.request(
                 method.encode("ascii"),
                 origin_of(target.raw_scheme, target.raw_host, target.port),
                 target.raw_path,
                 raw,
                 body,
+                timeouts,
             )
+
+    async def open(
+        self,
+        method: str,
+        target: httpx.URL,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeouts: Timeouts,
+    ) -> httpx.Response:
+        """One request past httpx's client (its URL merging, cookies, hooks: most of a
+        request's CPU), the answer's body still to be read: ``aclose`` it."""
+        response = await self._send(method, target, content, headers, timeouts)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
+        )
+
+    async def exchange(
+        self,
+        method: str,
+        target: httpx.URL,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        max_response_bytes: int,
+    ) -> httpx.Response:
+        """As ``open``, the answer read, its body cut at ``max_response_bytes``. Time limits
+        are the caller's."""
+        response = await self._send(method, target, content, headers, NO_TIMEOUTS)
+        with _as_httpx_errors():
             try:
                 data = await response.read(max_response_bytes)
             finally:
@@ -219,207 +240,3 @@ class PinnedTransport(StreamsTransport):
             max_connections=max_connections,
             keepalive_expiry=keepalive_expiry,
         )
-
-
-async def guarded_post(
-    url: str,
-    *,
-    content: bytes,
-    headers: Mapping[str, str],
-    timeout: float,  # noqa: ASYNC109 - one budget for lookup and exchange, applied below
-    resolver: Resolver | None = None,
-    allowed_hosts: frozenset[str] = frozenset(),
-    ca_bundle: Path | None = None,
-    network_backend: httpcore.AsyncNetworkBackend | None = None,
-    max_response_bytes: int = MAX_RESPONSE_BYTES,
-) -> httpx.Response:
-    """POST ``content`` to ``url`` under every rule of this module (``guarded_request``)."""
-    return await guarded_request(
-        "POST",
-        url,
-        content=content,
-        headers=headers,
-        timeout=timeout,
-        resolver=resolver,
-        allowed_hosts=allowed_hosts,
-        ca_bundle=ca_bundle,
-        network_backend=network_backend,
-        max_response_bytes=max_response_bytes,
-    )
-
-
-async def guarded_request(
-    method: str,
-    url: str,
-    *,
-    content: bytes | None = None,
-    headers: Mapping[str, str] | None = None,
-    timeout: float,  # noqa: ASYNC109 - one budget for lookup and exchange, applied below
-    resolver: Resolver | None = None,
-    allowed_hosts: frozenset[str] = frozenset(),
-    ca_bundle: Path | None = None,
-    network_backend: httpcore.AsyncNetworkBackend | None = None,
-    max_response_bytes: int = MAX_RESPONSE_BYTES,
-) -> httpx.Response:
-    """Send one request to ``url`` under every rule of this module.
-
-    Checks the form, resolves once, connects to the first checked address that
-    accepts (the next on a connection failure), verifies TLS against the
-    hostname, follows no redirect. The whole exchange, lookup included, has
-    ``timeout`` seconds. The response comes back read, its body cut at
-    ``max_response_bytes``. Raises ``ForbiddenAddress`` or an ``httpx.HTTPError``.
-    The connection is closed afterwards; ``GuardedClient`` keeps it for the next.
-    """
-    target, connect_host, port = _checked_target(url, allowed_hosts)
-    try:
-        async with asyncio.timeout(timeout):
-            answers = CheckedAnswers(0, resolver=resolver, allowed_hosts=allowed_hosts)
-            addresses = await _resolve(connect_host, port, answers)
-            transport = PinnedTransport(
-                {connect_host: addresses}, ca_bundle=ca_bundle, network_backend=network_backend
-            )
-            try:
-                return await transport.exchange(
-                    method, target, content, headers, max_response_bytes
-                )
-            finally:
-                await transport.aclose()
-    except TimeoutError:
-        raise httpx.TimeoutException(f"no answer within {timeout} s") from None
-
-
-class GuardedClient:
-    """``guarded_request`` with connections kept alive between requests to a host.
-
-    Every request is checked exactly as by ``guarded_request``: the URL's form,
-    one lookup, every address public. It then goes through the transport pinned
-    to exactly the addresses that lookup gave (for that host and port): a kept
-    connection is reused only while the host still resolves to those checked
-    addresses; a host whose answer changed gets a new transport, pinned to the
-    new ones. Up to ``max_hosts`` transports are kept (the least recently used
-    one is closed past that), each with up to ``connections_per_host`` connections
-    idle at most ``keepalive_seconds``. ``aclose`` closes them all.
-
-    ``answer_seconds`` (default 0: a lookup per request) lets requests to a host
-    within that many seconds of its lookup use the same checked answer: only
-    answers that passed the check are kept, so nothing refused is ever reused,
-    and a connection failure forgets the host's answer. A busy receiver then
-    costs one lookup per interval, not one per request.
-    """
-
-    def __init__(
-        self,
-        *,
-        resolver: Resolver | None = None,
-        allowed_hosts: frozenset[str] = frozenset(),
-        ca_bundle: Path | None = None,
-        network_backend: httpcore.AsyncNetworkBackend | None = None,
-        max_hosts: int = 256,
-        connections_per_host: int = 32,
-        keepalive_seconds: float = 30.0,
-        answer_seconds: float = 0.0,
-    ) -> None:
-        self._answers = CheckedAnswers(
-            answer_seconds, resolver=resolver, allowed_hosts=allowed_hosts, max_hosts=max_hosts
-        )
-        self._allowed_hosts = allowed_hosts
-        self._ca_bundle = ca_bundle
-        self._network_backend = network_backend
-        self._max_hosts = max_hosts
-        self._per_host = connections_per_host
-        self._keepalive = keepalive_seconds
-        # Per host and answer: its transport (requests past its connections wait their turn).
-        self._transports: OrderedDict[tuple[str, int, tuple[IPAddress, ...]], PinnedTransport]
-        self._transports = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._transports)
-
-    async def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: float,  # noqa: ASYNC109 - one budget for lookup and exchange, applied below
-        max_response_bytes: int = MAX_RESPONSE_BYTES,
-    ) -> httpx.Response:
-        """As ``guarded_request``, over a kept connection when there is one."""
-        target, connect_host, port = _checked_target(url, self._allowed_hosts)
-        try:
-            async with asyncio.timeout(timeout):
-                addresses = await _resolve(connect_host, port, self._answers)
-                transport = await self._transport_for(connect_host, port, addresses)
-                try:
-                    return await transport.exchange(
-                        method, target, content, headers, max_response_bytes
-                    )
-                except (httpx.ConnectError, httpx.ConnectTimeout):
-                    # The host may have moved: its next request looks it up again.
-                    self._answers.forget(connect_host, port)
-                    raise
-        except TimeoutError:
-            raise httpx.TimeoutException(f"no answer within {timeout} s") from None
-
-    async def post(
-        self,
-        url: str,
-        *,
-        content: bytes,
-        headers: Mapping[str, str],
-        timeout: float,  # noqa: ASYNC109 - passed on
-    ) -> httpx.Response:
-        return await self.request("POST", url, content=content, headers=headers, timeout=timeout)
-
-    async def _transport_for(
-        self, host: str, port: int, addresses: Sequence[IPAddress]
-    ) -> PinnedTransport:
-        key = (host_key(host), port, tuple(addresses))
-        kept = self._transports.get(key)
-        if kept is not None:
-            self._transports.move_to_end(key)
-            return kept
-        # The host's checked addresses changed (or it is new): its old connections go.
-        stale = [k for k in self._transports if k[:2] == key[:2]]
-        while len(self._transports) - len(stale) >= self._max_hosts:
-            stale.append(next(k for k in self._transports if k not in stale))
-        for old in stale:
-            await self._transports.pop(old).aclose()
-        transport = PinnedTransport(
-            {host: addresses},
-            ca_bundle=self._ca_bundle,
-            network_backend=self._network_backend,
-            max_connections=self._per_host,
-            keepalive_expiry=self._keepalive,
-        )
-        self._transports[key] = transport
-        return transport
-
-    async def aclose(self) -> None:
-        transports, self._transports = list(self._transports.values()), OrderedDict()
-        self._answers.clear()
-        for transport in transports:
-            await transport.aclose()
-
-
-def _checked_target(url: str, allowed_hosts: frozenset[str]) -> tuple[httpx.URL, str, int]:
-    """The URL as httpx will send it, after the form's checks: (URL, host, port)."""
-    host = check_url(url, allowed_hosts=allowed_hosts)
-    try:
-        target = httpx.URL(url)
-    except httpx.InvalidURL:
-        raise ForbiddenAddress("is not a valid URL") from None
-    # The host httpx will connect to must be the one checked: two URL parsers
-    # that read a URL differently are a classic way around a guard.
-    connect_host = target.raw_host.decode("ascii")
-    if host_key(connect_host) != host_key(host):
-        raise ForbiddenAddress("is not a valid URL")
-    return target, connect_host, target.port or 443
-
-
-async def _resolve(host: str, port: int, answers: CheckedAnswers) -> list[IPAddress]:
-    try:
-        return await answers.resolve(host, port)
-    except OSError as exc:
-        raise httpx.ConnectError(f"could not resolve {host}: {exc}") from exc
