@@ -1,6 +1,7 @@
 """The generation job against the simulator over HTTP, with real PostgreSQL and Redis."""
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -393,3 +394,58 @@ async def test_a_task_past_its_deadline_fails_with_timeout(
             await stop_worker(worker, running)
         assert done["status"] == "failed"
         assert done["error"]["code"] == "timeout"
+
+
+async def test_a_worker_started_behind_a_backlog_recovers_the_queue_before_its_first_job(
+    settings: Settings,
+    client: Client,
+    tenant_key: tuple[str, str],
+    simulator: Sim,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No worker has marked the queue yet (a first start behind the gateways): the worker
+    queues it again before its first job, so that none of its own runs ends meanwhile and
+    is queued again (a job that would only find its task over). The recovery is slowed
+    here so that a worker running jobs beside it would show."""
+    import workers.main
+
+    recovered_at: list[float] = []
+    recover = workers.main.recover_lost_queue
+
+    async def slow_recovery(*args: Any) -> int | None:
+        await asyncio.sleep(0.5)
+        found = await recover(*args)
+        recovered_at.append(time.time())
+        return found
+
+    monkeypatch.setattr(workers.main, "recover_lost_queue", slow_recovery)
+    _, key = tenant_key
+    body = {"model": "flux-1-schnell", "prompt": "backlog", "size": "512x512"}
+    task_ids = [await create_task(client, key, body) for _ in range(40)]
+    caplog.set_level("INFO", logger="tollgate.generate")
+    worker, running = start_worker(settings)
+    try:
+        for task_id in task_ids:
+            done = await wait_for_status(client, key, task_id, {"completed", "failed"}, wait=60)
+            assert done["status"] == "completed", done
+    finally:
+        await stop_worker(worker, running)
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as conn:
+            first_start = (
+                await conn.execute(
+                    text(
+                        "SELECT extract(epoch FROM min(started_at)) FROM tasks WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": task_ids},
+                )
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    assert recovered_at
+    assert float(first_start) > recovered_at[0]
+    outcomes = [r.getMessage() for r in caplog.records if r.name == "tollgate.generate"]
+    assert sum("completed" in line for line in outcomes) == len(task_ids)
+    assert not [line for line in outcomes if "skipped" in line]
