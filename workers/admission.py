@@ -57,6 +57,8 @@ class Admission:
         self._renew_every = deps.settings.lease_seconds / 3
         self._lines: set[str] = set()  # lines this run waits in mid-run
         self._probes: set[str] = set()  # channels whose half-open probe this run holds
+        # The circuit keys of the channels that served this run: deleted with its end.
+        self.served: list[str] = []
 
     def _name(self, route: Route) -> str:
         return slot_name(self._queue_name, route.id)
@@ -165,15 +167,17 @@ class Admission:
             await self._circuits.release_probe(route.id, self.holder)
 
     async def record_outcome(self, route: Route, *, failed: bool, at_once: bool = False) -> None:
-        """The channel failed this run (counted against its circuit; ``at_once`` opens
-        it now) or served it."""
+        """The channel failed this run (counted against its circuit at once; ``at_once``
+        opens it now) or served it: its circuit closes with the run's end, in the end's
+        round trip (``served``; a run that raises past its end leaves the circuit as it
+        was, a probe to lapse after its cool-down)."""
         if self._circuits is None:
             return
         self._probes.discard(route.id)
         if failed:
             await self._circuits.failure(route.id, route.name, at_once=at_once)
         else:
-            await self._circuits.success(route.id)
+            self.served += self._circuits.success_keys(route.id)
 
     async def back_off(self, route: Route, retry_after: float | None) -> float:
         """The channel said 429: hold back every worker on it; returns the wait."""

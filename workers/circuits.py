@@ -149,13 +149,18 @@ class Circuits:
             metrics.circuit_opened(name or channel)
         return bool(opened)
 
+    def success_keys(self, channel: str) -> list[str]:
+        """What a success deletes: the channel's failures, its trip and its probe. A run
+        deletes them with its end, in that round trip (``workers/run_end.py``)."""
+        return [
+            self._key(channel, "failures"),
+            self._key(channel, "tripped"),
+            self._key(channel, "probe"),
+        ]
+
     async def success(self, channel: str) -> None:
         """The channel answered well: close its circuit and forget its failures."""
         try:
-            await self._redis.delete(
-                self._key(channel, "failures"),
-                self._key(channel, "tripped"),
-                self._key(channel, "probe"),
-            )
+            await self._redis.delete(*self.success_keys(channel))
         except RedisError as exc:
             self._outage.failed("could not reset the circuit of channel %s: %s", channel, exc)

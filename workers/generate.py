@@ -305,6 +305,7 @@ async def generate_task(
             holder=run.admission.holder if run.live else None,
             job_seconds=seconds,
             delivery_id=run.delivery_id,
+            circuit_keys=tuple(run.admission.served),
         )
         if ctx.get("redis") is not None:
             await record_run_end(ctx["redis"], end)

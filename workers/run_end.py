@@ -1,13 +1,15 @@
 """A generation run's end in Redis: one script, one round trip.
 
-When a run ends, up to three things are written to Redis, and each was its own round
-trip (three of the ten or so a task cost the worker in Redis):
+When a run ends, up to four things are written to Redis, and each was its own round
+trip (four of the ten or so a task cost the worker in Redis):
 
 - its liveness record is removed (``workers/liveness.py``: the run no longer needs a
   watcher);
 - the upstream job's time is pushed for the gateways' backlog estimate, and the model's
   finished-job count raised (``gateway/tasks/backlog.py``);
-- the first attempt of its callback is queued (``gateway/queue.py``'s enqueue).
+- the first attempt of its callback is queued (``gateway/queue.py``'s enqueue);
+- the circuits of the channels that served it close: their failures, trip and probe go
+  (``workers/circuits.py``).
 
 Each part is optional (a run that never claimed its task has no record; a failed one has
 no job time; a task without a callback URL has no delivery). None of it is money: if Redis
@@ -28,9 +30,10 @@ from gateway.tasks.backlog import JOB_TIMES_KEPT, JOB_TIMES_TTL_SECONDS
 
 logger = logging.getLogger("tollgate.generate")
 
-# KEYS: the runs hash, the model's job times, its finished-job count, then (with a
-# callback) the enqueue's three keys. ARGV: the run's holder ('' : none), the job's
-# seconds ('' : none), the times kept, their expiry (s), then the enqueue's five.
+# KEYS: the runs hash, the model's job times, its finished-job count, the n circuit keys
+# to delete, then (with a callback) the enqueue's three keys. ARGV: the run's holder ('' :
+# none), the job's seconds ('' : none), the times kept, their expiry (s), n, then the
+# enqueue's five.
 _END = (
     ENQUEUE_FUNCTION
     + """
@@ -41,8 +44,11 @@ if ARGV[2] ~= '' then
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('INCR', KEYS[3])
 end
-if #KEYS > 3 then
-  return enqueue(KEYS[4], KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+local n = tonumber(ARGV[5])
+if n > 0 then redis.call('DEL', unpack(KEYS, 4, 3 + n)) end
+if #KEYS > 3 + n then
+  return enqueue(KEYS[4 + n], KEYS[5 + n], KEYS[6 + n], ARGV[6], ARGV[7], ARGV[8], ARGV[9],
+    ARGV[10])
 end
 return 0
 """
@@ -61,21 +67,29 @@ class RunEnd:
     holder: str | None = None  # its liveness record, when it made one
     job_seconds: float | None = None  # its upstream job's time, images stored
     delivery_id: str | None = None  # the callback delivery its end recorded
+    circuit_keys: tuple[str, ...] = ()  # of the channels that served it: their circuits close
 
     def call(self) -> tuple[list[str], list[bytes | str | int]] | None:
         """The script's KEYS and ARGV; None when there is nothing to write."""
-        if self.holder is None and self.job_seconds is None and self.delivery_id is None:
+        if (
+            self.holder is None
+            and self.job_seconds is None
+            and self.delivery_id is None
+            and not self.circuit_keys
+        ):
             return None
         keys = [
             runs_key(self.queue_name),
             job_times_key(self.queue_name, self.model),
             jobs_done_key(self.queue_name, self.model),
+            *self.circuit_keys,
         ]
         argv: list[bytes | str | int] = [
             self.holder or "",
             "" if self.job_seconds is None else f"{self.job_seconds:.3f}",
             JOB_TIMES_KEPT,
             JOB_TIMES_TTL_SECONDS,
+            len(self.circuit_keys),
         ]
         if self.delivery_id is not None:
             job_keys, job_argv = callback_call(self.callback_queue_name, self.delivery_id, 1)

@@ -1,5 +1,6 @@
 """A generation run's end in Redis (``workers/run_end.py``): its liveness record, its job
-time and its callback's first attempt, in one command to a real Redis."""
+time, its callback's first attempt and its channels' circuits, in one command to a real
+Redis."""
 
 import logging
 import pickle
@@ -53,18 +54,29 @@ async def commands_of(redis: Redis, action: Awaitable[None]) -> list[str]:
     return seen
 
 
-async def test_a_runs_end_is_one_command_that_writes_all_three(
+async def test_a_runs_end_is_one_command_that_writes_all_four(
     queues: tuple[Redis, str, str],
 ) -> None:
     redis, queue, callbacks = queues
     await redis.hset(runs_key(queue), mapping={"task-a:0": "w1", "task-b:0": "w1"})
-    end = RunEnd(queue, callbacks, MODEL, holder="task-a:0", job_seconds=1.5, delivery_id="dlv-1")
+    circuit = [f"{queue}:circuit:{part}" for part in ("failures", "tripped", "probe")]
+    await redis.mset({key: "1" for key in circuit})
+    end = RunEnd(
+        queue,
+        callbacks,
+        MODEL,
+        holder="task-a:0",
+        job_seconds=1.5,
+        delivery_id="dlv-1",
+        circuit_keys=tuple(circuit),
+    )
     assert await commands_of(redis, record_run_end(redis, RunEnd(queue, callbacks, MODEL))) == []
     # Redis has the script from here on (a first call may load it: SCRIPT LOAD, EVALSHA).
     await record_run_end(redis, RunEnd(queue, callbacks, MODEL, holder="task-z:0"))
 
     assert await commands_of(redis, record_run_end(redis, end)) == ["EVALSHA"]
     assert await redis.hgetall(runs_key(queue)) == {b"task-b:0": b"w1"}
+    assert await redis.exists(*circuit) == 0  # the channel that served it: circuit closed
     assert (await redis.lrange(job_times_key(queue, MODEL), 0, -1))[0] == b"1.500"
     assert int(await redis.get(jobs_done_key(queue, MODEL)) or 0) >= 1
     job_id = callback_job_id("dlv-1", 1)
@@ -87,6 +99,16 @@ async def test_each_part_is_optional(queues: tuple[Redis, str, str]) -> None:
     # Queued once: the same delivery's first attempt is not queued twice.
     await record_run_end(redis, RunEnd(queue, callbacks, MODEL, delivery_id="dlv-1"))
     assert await redis.zcard(callbacks) == 1
+    # Only a circuit to close (two channels served it), with the callback after them.
+    keys = [f"{queue}:circuit:{n}" for n in range(6)]
+    await redis.mset({key: "1" for key in keys})
+    await record_run_end(redis, RunEnd(queue, callbacks, MODEL, circuit_keys=tuple(keys[:3])))
+    assert await redis.exists(*keys) == 3
+    end = RunEnd(queue, callbacks, MODEL, delivery_id="dlv-2", circuit_keys=tuple(keys[3:]))
+    await record_run_end(redis, end)
+    assert await redis.exists(*keys) == 0
+    assert await redis.zcard(callbacks) == 2
+    await redis.delete(job_key_prefix + callback_job_id("dlv-2", 1))
 
 
 async def test_a_redis_outage_is_logged_once_and_never_raised(
