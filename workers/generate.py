@@ -122,7 +122,7 @@ class GenerationRun:
                 return PARKED
             self.route, shared = entered
         try:
-            return await self._claim_and_run(shared)
+            return await self._claim_and_run(shared, task.model)
         except Exception as exc:
             if is_database_outage(exc) or is_redis_outage(exc):
                 # arq runs the job again: its upstream job may run on meanwhile, so the
@@ -153,14 +153,24 @@ class GenerationRun:
                 routes = [running, *(r for r in routes if r.id != running.id)]
         return routes
 
-    async def _claim_and_run(self, shared_slot: bool) -> str:
+    async def _claim_and_run(self, shared_slot: bool, model: str) -> str:
+        # The claim records the channel as the first submit's ``record_route`` would.
+        route, entry = self.route, self.deps.catalog.model(model)
+        can_cancel = bool(route and entry and entry.can_cancel and route.provider.supports_cancel)
         claimed = await lifecycle.claim(
-            self.deps.statements, self.task_id, self.attempt, self.settings.lease_seconds
+            self.deps.statements,
+            self.task_id,
+            self.attempt,
+            self.settings.lease_seconds,
+            channel_id=route.id if route is not None else None,
+            can_cancel=can_cancel,
         )
         if claimed is None:
             if shared_slot:
                 self.admission.forget_slot()
             return SKIPPED
+        if route is not None and claimed.upstream_job_id is None and claimed.model == model:
+            self.lease.claimed_route = route.id
         logs.bind(request_id=claimed.request_id)
         self.lease.start(claimed.created_at)
         liveness = self.deps.liveness

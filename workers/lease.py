@@ -66,6 +66,9 @@ class Lease:
         self._admission = admission
         self.deadline = 0.0  # monotonic; set once the task is claimed
         self._last_beat = 0.0
+        # The channel the claim recorded (no upstream job yet): its first submit needs no
+        # record of its own (``route_recorded``).
+        self.claimed_route: str | None = None
 
     def start(self, created_at: datetime) -> None:
         """The task was just claimed (submitted at ``created_at``): the lease is fresh."""
@@ -79,6 +82,13 @@ class Lease:
         if remaining <= 0:
             raise DeadlineExceeded
         return remaining
+
+    def route_recorded(self, channel_id: str) -> bool:
+        """Whether the claim recorded ``channel_id`` and nothing was sent since: true once.
+        The claim was then the fence a submit needs (the task still this attempt's), with
+        no network call between them but the run's liveness record."""
+        recorded, self.claimed_route = self.claimed_route, None
+        return recorded == channel_id
 
     async def record_route(
         self, channel_id: str, job_id: str | None, *, can_cancel: bool, progress: int | None = None

@@ -103,7 +103,8 @@ class UpstreamCalls:
         submitted_at = None  # a resumed job's submit is an earlier attempt's
         if job_id is None:
             self.lease.check_deadline()  # never pay for a generation the task cannot wait for
-            await self.lease.record_route(route.id, None, can_cancel=can_cancel)
+            if not self.lease.route_recorded(route.id):
+                await self.lease.record_route(route.id, None, can_cancel=can_cancel)
             submitted = await self._call(
                 route, "submit", lambda: provider.submit(route.upstream_model(entry), request)
             )

@@ -103,11 +103,18 @@ class Claimed:
     quote: dict[str, Any]
 
 
-# Exclusive: a second delivery of the same attempt finds a live lease and stays out.
+# Exclusive: a second delivery of the same attempt finds a live lease and stays out. With
+# a channel ($4), it records it (and whether the job there can be cancelled, $5) as
+# ``record_route`` would before a submit, unless an upstream job already runs somewhere:
+# that job's channel stays, and is what the claim returns.
 _CLAIM = (
     f"UPDATE tasks SET status = '{TaskStatus.PROCESSING.value}', "
     f"started_at = coalesce(started_at, now()), lease_expires_at = {_lease(3)}, "
-    f"progress = greatest(progress, 5) WHERE {_FENCE} "
+    "progress = greatest(progress, 5), "
+    "channel_id = CASE WHEN upstream_job_id IS NULL AND $4::text IS NOT NULL THEN $4 "
+    "ELSE channel_id END, "
+    "can_cancel = CASE WHEN upstream_job_id IS NULL AND $4::text IS NOT NULL THEN $5 "
+    f"ELSE can_cancel END WHERE {_FENCE} "
     f"AND status IN ({', '.join(repr(state) for state in OPEN_STATES)}) "
     "AND (lease_expires_at IS NULL OR lease_expires_at < now()) "
     "RETURNING model, provider, request, upstream_job_id, channel_id, created_at, "
@@ -115,9 +122,21 @@ _CLAIM = (
 )
 
 
-async def claim(db: Db, task_id: str, attempt: int, lease: float) -> Claimed | None:
-    """Mark the task processing under a lease; None if this run may not work on it."""
-    rows = await _fetch(db, _CLAIM, task_id, attempt, float(lease))
+async def claim(
+    db: Db,
+    task_id: str,
+    attempt: int,
+    lease: float,
+    *,
+    channel_id: str | None = None,
+    can_cancel: bool = False,
+) -> Claimed | None:
+    """Mark the task processing under a lease; None if this run may not work on it.
+
+    ``channel_id``: the channel the run holds a slot on, recorded with ``can_cancel`` in the
+    same statement when no upstream job runs yet (the first ``record_route`` a submit
+    needs: one round trip fewer)."""
+    rows = await _fetch(db, _CLAIM, task_id, attempt, float(lease), channel_id, can_cancel)
     if not rows:
         return None
     _signal(db, task_id)

@@ -373,6 +373,58 @@ async def test_a_run_records_only_the_progress_it_reports(
         await engine.dispose()
 
 
+async def test_a_claim_records_the_channel_unless_an_upstream_job_runs_elsewhere(
+    settings: Settings, tenant_key: tuple[str, str]
+) -> None:
+    """The claim records the channel the run holds a slot on (the first submit's route
+    record, in the same statement); a task whose upstream job runs keeps that job's channel,
+    and the claim returns it."""
+    from gateway.app import create_app
+
+    async with AsyncTestClient(app=create_app(settings), base_url="http://testserver.local") as c:
+        _, key = tenant_key
+        task_id = await create_task(c, key, {"model": "krea-2-medium", "prompt": "claim"})
+    engine = create_engine(settings)
+    lease = settings.lease_seconds
+
+    async def route() -> tuple[str | None, bool]:
+        async with engine.connect() as conn:
+            found = await conn.execute(
+                text("SELECT channel_id, can_cancel FROM tasks WHERE id = :id"), {"id": task_id}
+            )
+            channel, can_cancel = found.one()
+            return channel, can_cancel
+
+    try:
+        async with engine.begin() as conn:
+            claimed = await lifecycle.claim(
+                conn, task_id, 0, lease, channel_id="env:krea", can_cancel=True
+            )
+        assert claimed is not None
+        assert (claimed.channel_id, claimed.upstream_job_id) == ("env:krea", None)
+        assert await route() == ("env:krea", True)
+        async with engine.begin() as conn:
+            assert await lifecycle.record_route(
+                conn, task_id, 0, lease, channel_id="env:krea", upstream_job_id="job-1",
+                can_cancel=True,
+            )  # fmt: skip
+            await conn.execute(
+                text(
+                    "UPDATE tasks SET lease_expires_at = now() - interval '1 second', "
+                    "attempt = 1 WHERE id = :id"
+                ),
+                {"id": task_id},
+            )
+            claimed = await lifecycle.claim(
+                conn, task_id, 1, lease, channel_id="env:other", can_cancel=False
+            )
+        assert claimed is not None
+        assert (claimed.channel_id, claimed.upstream_job_id) == ("env:krea", "job-1")
+        assert await route() == ("env:krea", True)
+    finally:
+        await engine.dispose()
+
+
 async def test_a_task_past_its_deadline_fails_with_timeout(
     database_url: str,
     simulator_url: str,
