@@ -303,7 +303,8 @@ async def generate_task(
         log = logger.debug if outcome == PARKED else logger.info
         log("task %s attempt %d: %s", task_id, attempt, outcome)
         metrics.generation_ran(outcome)
-        # One round trip: the liveness record goes, the job time is pushed, and the
+        # One round trip, with arq's finish of the job: the liveness record goes, the job
+        # time is pushed, the circuits of the channels that served it close, and the
         # delivery committed with the task's end has its first attempt queued (the
         # callback reconciler would otherwise find it, later).
         settings = deps.settings
@@ -317,7 +318,10 @@ async def generate_task(
             delivery_id=run.delivery_id,
             circuit_keys=tuple(run.admission.served),
         )
-        if ctx.get("redis") is not None:
+        run_ends, job_id = ctx.get("run_ends"), ctx.get("job_id")
+        if run_ends is not None and job_id is not None:
+            run_ends[job_id] = end  # written with arq's finish of this job, one round trip
+        elif ctx.get("redis") is not None:
             await record_run_end(ctx["redis"], end)
         return outcome
 

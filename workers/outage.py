@@ -46,6 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import metrics
+from workers.run_end import RunEnd, finish_with_run_end, record_run_end
 
 logger = logging.getLogger("tollgate.worker")
 
@@ -234,6 +235,9 @@ class ResilientWorker(Worker):
         self._listener: asyncio.Task[None] | None = None
         self._backoff = BACKOFF_MIN
         self._start_script: Any = None
+        # Runs' ends their jobs left to be written with arq's finish (``finish_job``).
+        self._run_ends: dict[str, RunEnd] = {}
+        self.ctx["run_ends"] = self._run_ends
 
     async def main(self) -> None:
         while self._pool is None:
@@ -355,6 +359,38 @@ class ResilientWorker(Worker):
         except REDIS_ERRORS as exc:
             self.health.down(REDIS, exc)
             logger.debug("job %s could not record its end: %s", job_id, exc)
+        finally:
+            end = self._run_ends.pop(job_id, None)
+            if end is not None:  # stopped between its end and arq's finish (a shutdown)
+                await record_run_end(self.pool, end)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's finish; a job that ran to its end and left its run's end here
+        (``workers/run_end.py``) is finished with it, in one round trip."""
+        end = self._run_ends.pop(job_id, None)
+        if end is not None and finish and not result_data and keep_in_progress is None:
+            await finish_with_run_end(self.pool, job_id, end)
+            return
+        await super().finish_job(
+            job_id,
+            finish,
+            result_data,
+            result_timeout_s,
+            keep_result_forever,
+            incr_score,
+            keep_in_progress,
+        )
+        if end is not None:
+            await record_run_end(self.pool, end)
 
     async def _listen(self, channel: str) -> None:
         """Set the wake-up event on every message on ``channel``; reconnect when lost."""

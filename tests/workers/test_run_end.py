@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 
 import pytest
-from arq.constants import job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from conftest import REDIS_URL, free_port
 from redis.asyncio import Redis
 
@@ -126,3 +126,30 @@ async def test_a_redis_outage_is_logged_once_and_never_raised(
     levels = [r.levelname for r in caplog.records if "was not recorded" in r.getMessage()]
     assert levels[0] == "WARNING"
     assert levels[1:] == ["DEBUG", "DEBUG"]
+
+
+async def test_arqs_finish_of_the_job_goes_with_the_runs_end(
+    queues: tuple[Redis, str, str],
+) -> None:
+    """A job that ran to its end is finished with its run's end, in one command: its
+    in-progress, retry and job keys deleted, out of its queue and the abort set."""
+    redis, queue, callbacks = queues
+    job_id = f"gen:task-{uuid.uuid4().hex[:8]}:0"
+    keys = [in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id]
+    await redis.mset({key: "1" for key in keys})
+    await redis.zadd(queue, {job_id: 1, "gen:other:0": 2})
+    await redis.zadd(abort_jobs_ss, {job_id: 1})
+    await redis.hset(runs_key(queue), "task-a:0", "w1")
+    end = RunEnd(queue, callbacks, MODEL, holder="task-a:0", job_seconds=0.5)
+    await run_end.finish_with_run_end(redis, job_id, end)  # Redis has the script from here on
+
+    await redis.mset({key: "1" for key in keys})
+    await redis.zadd(queue, {job_id: 1})
+    await redis.hset(runs_key(queue), "task-a:0", "w1")
+    assert await commands_of(redis, run_end.finish_with_run_end(redis, job_id, end)) == ["EVALSHA"]
+    assert await redis.exists(*keys) == 0
+    assert await redis.zrange(queue, 0, -1) == [b"gen:other:0"]
+    assert await redis.zscore(abort_jobs_ss, job_id) is None
+    assert await redis.hgetall(runs_key(queue)) == {}
+    assert (await redis.lrange(job_times_key(queue, MODEL), 0, -1))[:2] == [b"0.500", b"0.500"]
+    await redis.delete(queue)
