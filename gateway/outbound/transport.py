@@ -77,6 +77,16 @@ class _ResponseStream(httpx.AsyncByteStream):
             await self._response.aclose()
 
 
+def _streamed(response: H1Response) -> httpx.Response:
+    """httpx's answer on ours: its head now, its body as the reader reads it."""
+    return httpx.Response(
+        status_code=response.status,
+        headers=response.headers,
+        stream=_ResponseStream(response),
+        extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
     # Built once per bundle: loading the certifi store costs milliseconds per delivery.
@@ -133,12 +143,7 @@ class StreamsTransport(httpx.AsyncBaseTransport):
                     pool=timeouts.get("pool"),
                 ),
             )
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
-        )
+        return _streamed(response)
 
     async def _send(
         self,
@@ -177,12 +182,7 @@ class StreamsTransport(httpx.AsyncBaseTransport):
         """One request past httpx's client (its URL merging, cookies, hooks: most of a
         request's CPU), the answer's body still to be read: ``aclose`` it."""
         response = await self._send(method, target, content, headers, timeouts)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
-        )
+        return _streamed(response)
 
     async def exchange(
         self,
