@@ -361,8 +361,8 @@ class ResilientWorker(Worker):
             logger.debug("job %s could not record its end: %s", job_id, exc)
         finally:
             end = self._run_ends.pop(job_id, None)
-            if end is not None:  # stopped between its end and arq's finish (a shutdown)
-                await record_run_end(self.pool, end)
+            if end is not None and self._pool is not None:  # stopped before arq's finish
+                await record_run_end(self._pool, end)
 
     async def finish_job(
         self,
