@@ -74,6 +74,10 @@ POLL_DELAY = 0.05
 # (``recover_lost_queue``) and looks for dead workers' runs (``reap_dead_runs``).
 QUEUE_CHECK_SECONDS = 1.0
 
+# How long a worker starting behind a queue no worker has marked lets its recovery run before
+# taking jobs (``_recover_before_the_first_job``).
+RECOVERY_HEAD_START_SECONDS = 5.0
+
 # How often each worker hands on the slots that expired leases and lapsed back-offs freed.
 SWEEP_SECONDS = 0.2
 
@@ -160,7 +164,7 @@ def create_worker(settings: Settings, **overrides: Any) -> ResilientWorker:
                 ctx["redis"], settings.queue_name, settings.worker_dead_after_seconds
             ),
         )
-        await _recover_before_the_first_job(ctx["deps"], ctx["redis"])
+        await _recover_before_the_first_job(ctx["deps"], ctx["redis"], opened)
         _start_background(
             opened,
             watch_database(engine, health),
@@ -282,12 +286,22 @@ async def _sweep_slots(slots: UpstreamSlots | None) -> None:
                 logger.exception("slot sweep failed")
 
 
-async def _recover_before_the_first_job(deps: WorkerDeps, redis: ArqRedis) -> None:
+async def _recover_before_the_first_job(
+    deps: WorkerDeps, redis: ArqRedis, opened: contextlib.AsyncExitStack
+) -> None:
     """A queue no worker has marked (Redis lost it, or workers start after the gateways took
-    tasks) is queued again before this worker takes a job. Recovering beside its own runs,
-    it would queue again the tasks those runs end meanwhile: each a job that only finds its
-    task over, queued ahead of newer tasks (a fifth of a 2,000-task backlog in the
-    benchmark). An outage leaves it to the every-second check."""
+    tasks) is queued again before this worker takes a job, for ``RECOVERY_HEAD_START_SECONDS``
+    at most. Recovering beside its own runs, it would queue again the tasks those runs end
+    meanwhile: each a job that only finds its task over, queued ahead of newer tasks (a
+    fifth of a 2,000-task backlog in the benchmark). A backlog too large to go again within
+    the head start (tens of thousands) goes on beside the jobs rather than idle the worker."""
+    recovery = asyncio.create_task(_recover_queue(deps, redis))
+    opened.push_async_callback(_stop, recovery)
+    await asyncio.wait({recovery}, timeout=RECOVERY_HEAD_START_SECONDS)
+
+
+async def _recover_queue(deps: WorkerDeps, redis: ArqRedis) -> None:
+    """``recover_lost_queue``; an outage leaves it to the every-second check."""
     try:
         await recover_lost_queue(deps, redis)
     except Exception as exc:

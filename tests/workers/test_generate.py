@@ -501,3 +501,37 @@ async def test_a_worker_started_behind_a_backlog_recovers_the_queue_before_its_f
     outcomes = [r.getMessage() for r in caplog.records if r.name == "tollgate.generate"]
     assert sum("completed" in line for line in outcomes) == len(task_ids)
     assert not [line for line in outcomes if "skipped" in line]
+
+
+async def test_a_recovery_longer_than_its_head_start_goes_on_beside_the_jobs(
+    settings: Settings,
+    client: Client,
+    tenant_key: tuple[str, str],
+    simulator: Sim,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backlog too large to queue again within the head start does not idle the worker:
+    past it, the jobs run beside the recovery."""
+    import workers.main
+
+    recover = workers.main.recover_lost_queue
+    finished: list[float] = []
+
+    async def long_recovery(*args: Any) -> int | None:
+        await asyncio.sleep(3)
+        found = await recover(*args)
+        finished.append(time.time())
+        return found
+
+    monkeypatch.setattr(workers.main, "recover_lost_queue", long_recovery)
+    monkeypatch.setattr(workers.main, "RECOVERY_HEAD_START_SECONDS", 0.2)
+    _, key = tenant_key
+    body = {"model": "flux-1-schnell", "prompt": "head start", "size": "512x512"}
+    task_id = await create_task(client, key, body)
+    worker, running = start_worker(settings)
+    try:
+        done = await wait_for_status(client, key, task_id, {"completed", "failed"}, wait=20)
+        assert done["status"] == "completed", done
+        assert not finished  # completed while the recovery still ran
+    finally:
+        await stop_worker(worker, running)
