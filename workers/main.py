@@ -51,7 +51,6 @@ from workers.ledger_audit import ledger_check_cron
 from workers.liveness import Liveness
 from workers.outage import (
     Health,
-    ResilientWorker,
     is_database_outage,
     is_redis_outage,
     retry_on_outage,
@@ -60,6 +59,7 @@ from workers.outage import (
 )
 from workers.providers import ADAPTERS
 from workers.reconciler import reap_dead_runs, reconcile, recover_lost_queue, restore_slots
+from workers.resilient import ResilientWorker
 from workers.retention import retention_cron
 from workers.routing import Directory
 from workers.upstream_slots import UpstreamSlots
