@@ -227,6 +227,7 @@ class ResilientWorker(Worker):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
+        await self._stop_main()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -252,6 +253,17 @@ class ResilientWorker(Worker):
             with contextlib.suppress(Exception):
                 await self.pool.close(close_connection_pool=True)
             self._pool = None
+
+    async def _stop_main(self) -> None:
+        """Stop the poll loop and wait for it to end before the pool closes. arq's close only
+        cancels it: closed as it starts (``async_run``, no signal handlers), the start-up
+        would still be closing what it opened, on a pool closed under it, and a connection
+        it takes meanwhile would be opened anew and never closed."""
+        main = self.main_task
+        if main is None or main.done() or main is asyncio.current_task():
+            return
+        main.cancel()
+        await asyncio.wait([main])
 
     async def _finish_close(self) -> None:
         """The rest of arq's ``close`` after its gather of the cancelled jobs."""
