@@ -258,6 +258,7 @@ class H1Pool:
         self._idle: dict[Origin, list[H1Connection]] = {}
         self._idle_count = 0
         self._active: set[H1Connection] = set()
+        self._closed = False
 
     async def request(
         self,
@@ -280,6 +281,10 @@ class H1Pool:
             connection = await self._idle_connection(origin) or await self._connect(
                 origin, timeouts.connect
             )
+            if self._closed:
+                # Closed while this request connected (a client closed as a delivery ran,
+                # a host's transport replaced): nobody would close this connection later.
+                raise httpcore.ConnectError("the connection pool was closed")
             self._active.add(connection)
             await connection.send(head, body, timeouts, head_only=method == b"HEAD")
         except BaseException:
@@ -318,7 +323,7 @@ class H1Pool:
     async def _release(self, connection: H1Connection) -> None:
         self._active.discard(connection)
         self._turns.release()
-        if not (connection.done and connection.reusable) or connection.closed:
+        if not (connection.done and connection.reusable) or connection.closed or self._closed:
             await connection.aclose()
             return
         if self._idle_count >= self._max_idle:
@@ -341,6 +346,8 @@ class H1Pool:
         return self._idle_count + len(self._active)
 
     async def aclose(self) -> None:
+        """Close every connection; one still connecting, or given back later, is closed then."""
+        self._closed = True
         idle, self._idle, self._idle_count = self._idle, {}, 0
         for kept in idle.values():
             for connection in kept:

@@ -3,14 +3,17 @@ real server on loopback that answers with the bytes each test scripts: framing (
 chunks, a body that runs to the close), informational answers, kept and dropped connections,
 cut answers, the pool's limits, and headers that would break the request's framing."""
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 from raw_server import always, serving
 
 from gateway import outbound
+from gateway.outbound.sockets import AsyncioBackend
 
 
 @contextlib.asynccontextmanager
@@ -144,3 +147,39 @@ async def test_a_request_body_goes_with_its_length_in_one_piece() -> None:
     assert streamed.endswith(b'{"a":1}')
     assert b"transfer-encoding" not in streamed.lower()
     assert b"content-length: 0\r\n" in empty.lower()
+
+
+class HeldConnects(AsyncioBackend):
+    """Connects only once ``go`` is set; keeps the streams it opened."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.streams: list[Any] = []
+
+    async def connect_tcp(self, *args: Any, **kwargs: Any) -> Any:
+        self.waiting.set()
+        await self.go.wait()
+        stream = await super().connect_tcp(*args, **kwargs)
+        self.streams.append(stream)
+        return stream
+
+
+async def test_a_connection_opened_as_its_pool_closes_is_closed_not_left_open() -> None:
+    """A client closed while a request connects (a host's transport replaced as a delivery
+    runs): that connection is closed at once, not kept by a pool nobody will close again
+    (an unclosed StreamWriter, a ResourceWarning whenever it is collected)."""
+    backend = HeldConnects()
+    transport = outbound.StreamsTransport(network_backend=backend)
+    async with (
+        serving(always(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as server,
+        httpx.AsyncClient(transport=transport, timeout=5) as http,
+    ):
+        request = asyncio.create_task(http.get(server.url()))
+        await backend.waiting.wait()
+        await transport.aclose()
+        backend.go.set()
+        with pytest.raises(httpx.ConnectError, match="pool was closed"):
+            await request
+    assert len(backend.streams) == 1
+    assert backend.streams[0]._writer.is_closing()
