@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +365,24 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     yield client
     await client.delete(settings.queue_name)
     await client.aclose()
+
+
+async def commands_of(redis: Redis, action: Awaitable[None]) -> list[str]:
+    """The commands Redis received from anyone while ``action`` (a coroutine) ran."""
+    watcher = Redis.from_url(REDIS_URL)
+    seen: list[str] = []
+    marker = f"end-{uuid.uuid4().hex}"
+    async with watcher.monitor() as monitor:
+        await action
+        await redis.echo(marker)
+        while True:
+            info = await monitor.next_command()
+            if marker in info["command"]:
+                break
+            if info.get("client_type") != "lua":
+                seen.append(info["command"].split()[0].upper())
+    await watcher.aclose()
+    return seen
 
 
 async def totals(engine: AsyncEngine, tenant_id: str) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from arq.worker import Retry
 from gateway.redis_keys import slot_name
 from workers.deps import WorkerDeps
 from workers.routing import Route
-from workers.upstream_slots import MIN_WAIT_SECONDS, backoff_seconds
+from workers.upstream_slots import MIN_WAIT_SECONDS, Grant, backoff_seconds
 
 logger = logging.getLogger("tollgate.generate")
 
@@ -87,20 +87,10 @@ class Admission:
         waits: list[float] = []
         parked = False
         for route in routes:
-            resuming = route.id == running_on
-            if not resuming:
-                wait = await self._circuit_wait(route)
-                if wait is not None:
-                    waits.append(wait)
-                    continue
-            grant = await self._slots.acquire(
-                self._name(route),
-                self.holder,
-                cap=route.max_concurrency,
-                ticket_ms=ticket_ms,
-                running=resuming,
-                model=model,
-            )
+            grant = await self._enter(route, resuming=route.id == running_on, model=model)
+            if grant.circuit_open:
+                waits.append(grant.wait_seconds)
+                continue
             if grant.acquired:
                 self._slot = self._name(route)
                 self._slot_renewed = time.monotonic()
@@ -116,6 +106,35 @@ class Admission:
         wait = max(min(waits), MIN_WAIT_SECONDS)
         logger.debug("%s waits %.2fs for a channel's circuit", self.holder, wait)
         raise Retry(defer=wait)
+
+    async def _enter(self, route: Route, *, resuming: bool, model: str | None) -> Grant:
+        """A slot on ``route`` or a place in its line, its circuit read in the same round
+        trip (``UpstreamSlots.acquire``): open, nothing is taken (``Grant.circuit_open``);
+        half-open, the circuit's probe decides first, as in ``admit_next``. ``resuming``:
+        the task's upstream job runs on this channel, let in past its circuit."""
+        assert self._slots is not None
+        slots, name = self._slots, self._name(route)
+
+        async def take(circuit: tuple[str, str] | None) -> Grant:
+            return await slots.acquire(
+                name,
+                self.holder,
+                cap=route.max_concurrency,
+                ticket_ms=self._ticket_ms,
+                running=resuming,
+                model=model,
+                circuit=circuit,
+            )
+
+        if resuming or self._circuits is None:
+            return await take(None)
+        grant = await take(self._circuits.state_keys(route.id))
+        if not grant.circuit_half_open:
+            return grant
+        wait = await self._circuit_wait(route)
+        if wait is not None:
+            return Grant(acquired=False, wait_seconds=wait, circuit_open=True)
+        return await take(None)  # this run holds the probe
 
     async def admit_next(self, routes: list[Route]) -> Route | float:
         """A slot on the first of ``routes`` that admits this run now, or seconds to wait.

@@ -95,9 +95,10 @@ class Circuits:
         same holder keeps the probe.
         """
         try:
+            open_key, tripped_key = self.state_keys(channel)
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.pttl(self._key(channel, "open"))
-                pipe.exists(self._key(channel, "tripped"))
+                pipe.pttl(open_key)
+                pipe.exists(tripped_key)
                 open_ms, tripped = await pipe.execute()
             if open_ms is not None and int(open_ms) > 0:
                 return CircuitState(open=True, retry_in=int(open_ms) / 1000)
@@ -112,6 +113,11 @@ class Circuits:
         except RedisError as exc:
             self._outage.failed("could not read the circuit of channel %s: %s", channel, exc)
             return CircuitState(open=False)
+
+    def state_keys(self, channel: str) -> tuple[str, str]:
+        """The keys ``state`` reads first (open, tripped): the slot's grant reads them in its
+        own round trip (``UpstreamSlots.acquire``) and asks ``state`` only when tripped."""
+        return self._key(channel, "open"), self._key(channel, "tripped")
 
     async def release_probe(self, channel: str, holder: str) -> None:
         """Give up the half-open probe without an outcome (the run did not use the channel)."""

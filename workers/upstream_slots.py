@@ -14,7 +14,9 @@ semaphore per account in Redis. Rules (docs/architecture.md, "Upstream concurren
 - **Acquiring** is one Lua script: drop expired holders, join the line (placed
   by the task's submission time), then hand the free slots to the head of the
   line. A holder asking again keeps its slot (a repeated delivery of the same
-  job).
+  job). Asked with the channel's circuit, the script reads it first and takes
+  nothing unless it is closed (``workers/admission.py`` asks a half-open one
+  for its probe, then again without it).
 - **Parking, not polling.** A refused job leaves its wake-up job (arq's
   payload) with its place in the line and ends: a waiting task holds no worker
   and no retry loop, and costs nothing per second. Whoever frees a slot (a
@@ -136,14 +138,21 @@ local function hand(me)
 end
 """
 
-# ARGV 6..11: holder, cap, ticket (task submission, ms), running (0/1), wake-up payload
-# ("" for a run that asks again by itself), check the marker (0/1). Returns {status,
-# back-off ms}; status 1 = granted, 2 = already held (renewed), 0 = waiting in the line,
-# 3 = Redis lost its state (no marker): nothing done, the slots must be restored first.
+# ARGV 6..12: holder, cap, ticket (task submission, ms), running (0/1), wake-up payload
+# ("" for a run that asks again by itself), check the marker (0/1), check the channel's
+# circuit (0/1; KEYS 10, 11: its open and tripped keys). Returns {status, back-off ms};
+# status 1 = granted, 2 = already held (renewed), 0 = waiting in the line, 3 = Redis lost
+# its state (no marker): nothing done, the slots must be restored first; 4 = the circuit
+# is open (the back-off is its time left), 5 = it is half-open: nothing done either.
 _ACQUIRE = (
     _COMMON
     + """
 if ARGV[11] == '1' and redis.call('EXISTS', KEYS[9]) == 0 then return {3, 0} end
+if ARGV[12] == '1' then
+  local open = redis.call('PTTL', KEYS[10])
+  if open > 0 then return {4, open} end
+  if redis.call('EXISTS', KEYS[11]) == 1 then return {5, 0} end
+end
 local holder = ARGV[6]
 redis.call('SET', KEYS[5], ARGV[7])
 expire()
@@ -215,6 +224,10 @@ class Grant:
     # Granted to a holder that had the slot already: another delivery of the same job
     # may be running it, so a run that then finds the task taken must not release it.
     already_held: bool = False
+    # Asked with the channel's circuit, which is not closed: nothing was done. Open, for
+    # ``wait_seconds`` more; half-open, the circuit's probe decides who may try it.
+    circuit_open: bool = False
+    circuit_half_open: bool = False
 
 
 def backoff_seconds(retry_after: float | None) -> float:
@@ -235,6 +248,8 @@ def wake_payload(holder: str, model: str | None = None, ticket_ms: int = 0) -> b
 # Puts the running tasks' slots back after Redis lost them, setting the marker last.
 Restore = Callable[[], Awaitable[object]]
 _RESTORE_NEEDED = 3
+_CIRCUIT_OPEN = 4
+_CIRCUIT_HALF_OPEN = 5
 
 
 class UpstreamSlots:
@@ -293,6 +308,7 @@ class UpstreamSlots:
         running: bool = False,
         wake: bool = True,
         model: str | None = None,
+        circuit: tuple[str, str] | None = None,
     ) -> Grant:
         """Take a slot on ``upstream`` for ``holder``, or wait in its line for one.
 
@@ -301,7 +317,13 @@ class UpstreamSlots:
         Refused with ``wake``, the holder's generation job is queued when a slot is
         handed to it (carrying ``model`` and ``ticket_ms`` when ``model`` is given: see
         ``workers/generate.py``); without, the caller asks again after ``wait_seconds``.
+        ``circuit``, the channel's circuit's open and tripped keys
+        (``Circuits.state_keys``), is read first in the same round trip: a circuit that
+        is not closed takes nothing (``Grant.circuit_open``, ``circuit_half_open``).
         """
+        keys = self._keys(upstream)
+        if circuit is not None:
+            keys += circuit
         args = [
             *self._args(upstream),
             holder,
@@ -310,13 +332,18 @@ class UpstreamSlots:
             1 if running else 0,
             wake_payload(holder, model, ticket_ms) if wake else b"",
         ]
-        raw: list[Any] = await self._acquire(keys=self._keys(upstream), args=[*args, 1])
+        check_circuit = 0 if circuit is None else 1
+        raw: list[Any] = await self._acquire(keys=keys, args=[*args, 1, check_circuit])
         status, backoff_ms = (int(v) for v in raw)
         if status == _RESTORE_NEEDED:
             # Redis lost the slots: count the running jobs again before granting any.
             await self._restore_lost()
-            raw = await self._acquire(keys=self._keys(upstream), args=[*args, 0])
+            raw = await self._acquire(keys=keys, args=[*args, 0, check_circuit])
             status, backoff_ms = (int(v) for v in raw)
+        if status == _CIRCUIT_OPEN:
+            return Grant(acquired=False, wait_seconds=backoff_ms / 1000, circuit_open=True)
+        if status == _CIRCUIT_HALF_OPEN:
+            return Grant(acquired=False, circuit_half_open=True)
         if status:
             return Grant(acquired=True, already_held=status == 2)
         wait = backoff_ms / 1000 if backoff_ms > 0 else self._step

@@ -5,21 +5,28 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
+from arq.worker import Retry
+from conftest import commands_of
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.channels import service as channels
 from gateway.db import session_factory, transaction
+from gateway.redis_keys import slot_name, slots_epoch_key, upstream_line_key
 from gateway.settings import Settings
 from pricing.catalog import load_catalog
+from workers.admission import Admission
 from workers.circuits import Circuits
+from workers.deps import WorkerDeps
 from workers.providers.base import Endpoint
 from workers.providers.krea import KreaProvider
 from workers.routing import Directory, Route, weighted_order
+from workers.upstream_slots import UpstreamSlots
 
 CATALOG = load_catalog()
 
@@ -173,3 +180,63 @@ async def test_half_open_lets_one_probe_through_and_its_outcome_decides(
     assert not (await circuits.state("ch", "other:0")).open
     assert not await circuits.failure("ch")
     assert not (await circuits.state("ch", "other:0")).open
+
+
+# ---------------------------------------------------------------- admission: circuit and slot
+
+
+def admission(redis: Redis, circuits: Circuits, namespace: str, holder: str) -> Admission:
+    """A run's admission over real Redis: the circuits' namespace is the slots' queue."""
+    slots = UpstreamSlots(redis, lease_seconds=30, poll_seconds=0.1, queue_name=namespace)
+    settings = SimpleNamespace(queue_name=namespace, lease_seconds=30.0)
+    deps = SimpleNamespace(slots=slots, circuits=circuits, settings=settings)
+    return Admission(cast(WorkerDeps, deps), holder)
+
+
+async def test_a_run_enters_a_channel_whose_circuit_is_closed_in_one_command(
+    redis: Redis,
+) -> None:
+    """The circuit is read in the slot's grant, one script: one round trip where a pipeline
+    of the circuit's keys and the grant's script took two."""
+    namespace = f"test-{uuid.uuid4().hex}"
+    circuits = Circuits(
+        redis, namespace=namespace, threshold=1, window_seconds=5, cooldown_seconds=0.4
+    )
+    await redis.set(slots_epoch_key(namespace), b"1")  # Redis holds the slots' state
+    channel_a, channel_b = route("a"), route("b")
+    warm = admission(redis, circuits, namespace, "warm:0")  # Redis loads the script
+    assert await warm.enter_first([channel_b], ticket_ms=1, running_on=None) == (channel_b, False)
+    await warm.release_slot()
+
+    entered: list[object] = []
+
+    async def enter(holder: str, routes: list[Route]) -> None:
+        """A run enters; what it entered is noted and its slot given back."""
+        run = admission(redis, circuits, namespace, holder)
+        entered.append(await run.enter_first(routes, ticket_ms=2, running_on=None))
+        await run.release_slot()
+
+    # The grant, then the release.
+    assert await commands_of(redis, enter("t1:0", [channel_a])) == ["EVALSHA"] * 2
+    assert entered.pop() == (channel_a, False)
+
+    # Open: the channel is passed over without a place in its line; the next one serves.
+    assert await circuits.failure("a")
+    # a's circuit, b's slot, a's line left (an earlier run may wait there), the release.
+    assert await commands_of(redis, enter("t2:0", [channel_a, channel_b])) == ["EVALSHA"] * 4
+    assert entered.pop() == (channel_b, False)
+    assert await redis.zscore(upstream_line_key(slot_name(namespace, "a")), "t2:0") is None
+    with pytest.raises(Retry):
+        await enter("t3:0", [channel_a])
+
+    # Half-open after the cool-down: one run takes the probe (and the slot); others wait.
+    await asyncio.sleep(0.45)
+    probing = admission(redis, circuits, namespace, "t4:0")
+    assert await probing.enter_first([channel_a], ticket_ms=2, running_on=None) == (
+        channel_a,
+        False,
+    )
+    with pytest.raises(Retry):
+        await enter("t5:0", [channel_a])
+    await probing.release_slot()
+    await redis.delete(*(await redis.keys(f"{namespace}*")))

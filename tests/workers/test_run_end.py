@@ -5,11 +5,11 @@ Redis."""
 import logging
 import pickle
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 
 import pytest
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
-from conftest import REDIS_URL, free_port
+from conftest import REDIS_URL, commands_of, free_port
 from redis.asyncio import Redis
 
 from gateway.logs import OutageLog
@@ -34,24 +34,6 @@ async def queues() -> AsyncIterator[tuple[Redis, str, str]]:
     keys = [runs_key(queue), job_times_key(queue, MODEL), jobs_done_key(queue, MODEL), callbacks]
     await redis.delete(*keys, job_key_prefix + callback_job_id("dlv-1", 1))
     await redis.aclose()
-
-
-async def commands_of(redis: Redis, action: Awaitable[None]) -> list[str]:
-    """The commands Redis received from anyone while ``action`` (a coroutine) ran."""
-    watcher = Redis.from_url(REDIS_URL)
-    seen: list[str] = []
-    marker = f"end-{uuid.uuid4().hex}"
-    async with watcher.monitor() as monitor:
-        await action
-        await redis.echo(marker)
-        while True:
-            info = await monitor.next_command()
-            if marker in info["command"]:
-                break
-            if info.get("client_type") != "lua":
-                seen.append(info["command"].split()[0].upper())
-    await watcher.aclose()
-    return seen
 
 
 async def test_a_runs_end_is_one_command_that_writes_all_four(
