@@ -699,7 +699,13 @@ def worker_phase(
         env={**run.env, "TOLLGATE_METRICS_PORT": str(metrics_port)},
     )
     early = max(1, args.tasks // 10)
-    wait_until("worker warm", lambda: counts(batch)[0] >= early, run, 120)
+    # Each look sends the batch's ids to PostgreSQL: a larger batch is looked at less often,
+    # so that the watching stays a small load (ten looks a second at 100,000 ids each kept
+    # a core of the machine busy, and the worker missed the warm-up's deadline). The
+    # warm-up may take longer behind a larger backlog (each first job parks once).
+    look_every = max(0.25, len(batch) / 20_000)
+    warm_within = 120 + len(batch) / 100
+    wait_until("worker warm", lambda: counts(batch)[0] >= early, run, warm_within, look_every)
     rss_before = rss_kib(worker.popen.pid)
     cpu_before, runs_before = cpu_seconds(worker.popen.pid), job_runs(metrics_port)
     done_before = counts(batch)[0]
@@ -715,7 +721,7 @@ def worker_phase(
         return done + ended_otherwise >= len(batch)
 
     with profiled(args, worker, "worker_batch"):
-        wait_until("worker batch", batch_done, run, args.tasks + 120, every=0.25)
+        wait_until("worker batch", batch_done, run, args.tasks + 120, every=look_every)
     cpu_after, runs_after = cpu_seconds(worker.popen.pid), job_runs(metrics_port)
     rss_after = rss_kib(worker.popen.pid)
     finished, failed_in_batch = counts(batch)  # the batch is over: these stay
