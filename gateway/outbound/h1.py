@@ -281,10 +281,6 @@ class H1Pool:
             connection = await self._idle_connection(origin) or await self._connect(
                 origin, timeouts.connect
             )
-            if self._closed:
-                # Closed while this request connected (a client closed as a delivery ran,
-                # a host's transport replaced): nobody would close this connection later.
-                raise httpcore.ConnectError("the connection pool was closed")
             self._active.add(connection)
             await connection.send(head, body, timeouts, head_only=method == b"HEAD")
         except BaseException:
@@ -321,6 +317,9 @@ class H1Pool:
         return H1Connection(origin, stream)
 
     async def _release(self, connection: H1Connection) -> None:
+        # A closed pool keeps nothing: a request that was connecting as it closed (a host's
+        # transport replaced or evicted mid-delivery) goes on, and its connection is closed
+        # here; kept, nobody would close it again.
         self._active.discard(connection)
         self._turns.release()
         if not (connection.done and connection.reusable) or connection.closed or self._closed:
@@ -346,7 +345,7 @@ class H1Pool:
         return self._idle_count + len(self._active)
 
     async def aclose(self) -> None:
-        """Close every connection; one still connecting, or given back later, is closed then."""
+        """Close every connection; one still connecting is closed once given back."""
         self._closed = True
         idle, self._idle, self._idle_count = self._idle, {}, 0
         for kept in idle.values():

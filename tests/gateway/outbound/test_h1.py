@@ -166,9 +166,10 @@ class HeldConnects(AsyncioBackend):
 
 
 async def test_a_connection_opened_as_its_pool_closes_is_closed_not_left_open() -> None:
-    """A client closed while a request connects (a host's transport replaced as a delivery
-    runs): that connection is closed at once, not kept by a pool nobody will close again
-    (an unclosed StreamWriter, a ResourceWarning whenever it is collected)."""
+    """A pool closed while a request connects (a host's transport replaced as a delivery
+    runs): the request goes on, and its connection is closed once given back, not kept by
+    a pool nobody will close again (an unclosed StreamWriter, a ResourceWarning whenever
+    it is collected)."""
     backend = HeldConnects()
     transport = outbound.StreamsTransport(network_backend=backend)
     async with (
@@ -179,7 +180,8 @@ async def test_a_connection_opened_as_its_pool_closes_is_closed_not_left_open() 
         await backend.waiting.wait()
         await transport.aclose()
         backend.go.set()
-        with pytest.raises(httpx.ConnectError, match="pool was closed"):
-            await request
-    assert len(backend.streams) == 1
-    assert backend.streams[0]._writer.is_closing()
+        answer = await request
+        assert answer.text == "ok"
+        # Closed now, not by a later close of the client (none comes for a replaced transport).
+        assert len(backend.streams) == 1
+        assert backend.streams[0]._writer.is_closing()
