@@ -448,6 +448,23 @@ async def test_a_task_past_its_deadline_fails_with_timeout(
         assert done["error"]["code"] == "timeout"
 
 
+def slow_down_recovery(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[float]:
+    """The worker's queue recovery, ``seconds`` slower; returns when each one finished."""
+    import workers.main
+
+    finished: list[float] = []
+    recover = workers.main.recover_lost_queue
+
+    async def slow_recovery(*args: Any) -> int | None:
+        await asyncio.sleep(seconds)
+        found = await recover(*args)
+        finished.append(time.time())
+        return found
+
+    monkeypatch.setattr(workers.main, "recover_lost_queue", slow_recovery)
+    return finished
+
+
 async def test_a_worker_started_behind_a_backlog_recovers_the_queue_before_its_first_job(
     settings: Settings,
     client: Client,
@@ -460,18 +477,7 @@ async def test_a_worker_started_behind_a_backlog_recovers_the_queue_before_its_f
     queues it again before its first job, so that none of its own runs ends meanwhile and
     is queued again (a job that would only find its task over). The recovery is slowed
     here so that a worker running jobs beside it would show."""
-    import workers.main
-
-    recovered_at: list[float] = []
-    recover = workers.main.recover_lost_queue
-
-    async def slow_recovery(*args: Any) -> int | None:
-        await asyncio.sleep(0.5)
-        found = await recover(*args)
-        recovered_at.append(time.time())
-        return found
-
-    monkeypatch.setattr(workers.main, "recover_lost_queue", slow_recovery)
+    recovered_at = slow_down_recovery(monkeypatch, 0.5)
     _, key = tenant_key
     body = {"model": "flux-1-schnell", "prompt": "backlog", "size": "512x512"}
     task_ids = [await create_task(client, key, body) for _ in range(40)]
@@ -514,16 +520,7 @@ async def test_a_recovery_longer_than_its_head_start_goes_on_beside_the_jobs(
     past it, the jobs run beside the recovery."""
     import workers.main
 
-    recover = workers.main.recover_lost_queue
-    finished: list[float] = []
-
-    async def long_recovery(*args: Any) -> int | None:
-        await asyncio.sleep(3)
-        found = await recover(*args)
-        finished.append(time.time())
-        return found
-
-    monkeypatch.setattr(workers.main, "recover_lost_queue", long_recovery)
+    finished = slow_down_recovery(monkeypatch, 3)
     monkeypatch.setattr(workers.main, "RECOVERY_HEAD_START_SECONDS", 0.2)
     _, key = tenant_key
     body = {"model": "flux-1-schnell", "prompt": "head start", "size": "512x512"}
