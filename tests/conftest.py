@@ -368,9 +368,11 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 
 
 async def commands_of(redis: Redis, action: Awaitable[None]) -> list[str]:
-    """The commands Redis received from anyone while ``action`` (a coroutine) ran."""
+    """The commands ``redis``'s own connections sent while ``action`` (a coroutine) ran;
+    any other client's commands (another test's, a worker's) are not counted, nor are
+    the commands a script runs inside Redis."""
     watcher = Redis.from_url(REDIS_URL)
-    seen: list[str] = []
+    seen: list[tuple[str, str]] = []
     marker = f"end-{uuid.uuid4().hex}"
     async with watcher.monitor() as monitor:
         await action
@@ -379,10 +381,25 @@ async def commands_of(redis: Redis, action: Awaitable[None]) -> list[str]:
             info = await monitor.next_command()
             if marker in info["command"]:
                 break
-            if info.get("client_type") != "lua":
-                seen.append(info["command"].split()[0].upper())
+            if info.get("client_type") == "tcp":
+                address = f"{info['client_address']}:{info['client_port']}"
+                seen.append((address, info["command"].split()[0].upper()))
     await watcher.aclose()
-    return seen
+    own = _addresses_of(redis)
+    return [command for address, command in seen if address in own]
+
+
+def _addresses_of(redis: Redis) -> set[str]:
+    """The local ``host:port`` of each connection open in ``redis``'s pool."""
+    pool = redis.connection_pool
+    connections = [*pool._available_connections, *pool._in_use_connections]
+    addresses = set()
+    for connection in connections:
+        writer = getattr(connection, "_writer", None)
+        if writer is not None:
+            host, port = writer.get_extra_info("sockname")[:2]
+            addresses.add(f"{host}:{port}")
+    return addresses
 
 
 async def totals(engine: AsyncEngine, tenant_id: str) -> tuple[int, int]:
