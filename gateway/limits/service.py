@@ -41,8 +41,8 @@ from sqlalchemy import Table
 from gateway import metrics
 from gateway.auth import Principal
 from gateway.errors import ApiError, ServiceUnavailable
-from gateway.limits.batch import ScriptBatch
 from gateway.redis_keys import rate_key_for_key, rate_key_for_tenant
+from gateway.script_batch import ScriptBatch
 from gateway.settings import Settings
 from gateway.tenants.models import KeySpend, Tenant
 from pricing.money import credits_from_micros
@@ -191,8 +191,10 @@ class RateLimiter:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(_GCRA)
         self._settings = settings
-        # Checks that arrive together share one round trip (gateway/limits/batch.py).
-        self.batch = ScriptBatch(redis, self._script, settings.redis_timeout_seconds)
+        # Checks that arrive together share one round trip (gateway/script_batch.py).
+        self.batch = ScriptBatch(
+            redis, self._script, settings.redis_timeout_seconds, name="rate-limit-batch"
+        )
 
     async def check(self, principal: Principal) -> RateDecision:
         """Count one request against every rate limit that applies, or raise RateLimited."""

@@ -285,7 +285,7 @@ async def test_a_key_passes_its_burst_then_gets_429_until_one_interval_has_passe
 async def test_checks_that_arrive_together_share_round_trips_and_each_counts_once(
     settings: Settings,
 ) -> None:
-    """Concurrent checks go to Redis in pipelines (gateway/limits/batch.py), each still its
+    """Concurrent checks go to Redis in pipelines (gateway/script_batch.py), each still its
     own GCRA run: of 60 at once against a burst of 20, exactly 20 pass."""
     redis = Redis.from_url(settings.redis_url)
     limiter = RateLimiter(redis, settings)
