@@ -54,6 +54,7 @@ from gateway.openapi_docs import (
     full_options_allow,
 )
 from gateway.prices.book import PriceBook
+from gateway.queue import enqueue_batch
 from gateway.redis_client import request_path_redis
 from gateway.redis_keys import task_events_channel
 from gateway.responses import exception_handler
@@ -298,6 +299,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 task_events=task_events,
                 task_reads=TaskReads(pg),
                 backlog=backlog,
+                enqueues=enqueue_batch(quick, settings.redis_timeout_seconds),
             )
             freeze_startup_objects()
             yield

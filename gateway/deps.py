@@ -23,6 +23,7 @@ from gateway.auth import KeyCache, Principal
 from gateway.catalog_view import ModelLists
 from gateway.limits.service import RateLimiter
 from gateway.prices.book import PriceBook
+from gateway.script_batch import ScriptBatch
 from gateway.settings import Settings
 from gateway.storage import Storage, UrlSigner
 from gateway.tasks.backlog import Backlog
@@ -53,6 +54,7 @@ class Services:
     task_events: TaskEvents  # the process's one subscription to task signals
     task_reads: TaskReads  # reads of tasks by id that arrive together, in one query
     backlog: Backlog  # each model's backlog estimate: overload refused at submit
+    enqueues: ScriptBatch  # submits' jobs queued together (gateway/queue.enqueue_batch)
 
 
 @dataclass

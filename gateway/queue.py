@@ -26,6 +26,7 @@ from gateway.redis_keys import (
     generate_job_id,
     queue_wake_channel,
 )
+from gateway.script_batch import ScriptBatch
 
 logger = logging.getLogger("tollgate.queue")
 
@@ -79,15 +80,18 @@ async def _enqueue(redis: Redis, keys: list[str], argv: list[bytes | str | int])
     return bool(await script(keys=keys, args=argv))
 
 
-async def enqueue_generation(
-    redis: Redis,
-    queue_name: str,
-    task_id: str,
-    attempt: int,
-    *,
-    fresh: tuple[str, int] | None = None,
-) -> bool:
-    """Queue the task's generation job; False if that job is already queued or running.
+def enqueue_batch(redis: Redis, timeout_seconds: float) -> ScriptBatch:
+    """Enqueues (``job_call``'s KEYS and ARGV) that arrive together, sent in one pipeline:
+    the submit path's (``gateway/script_batch.py``). A run's answer is 1 if it queued the
+    job, 0 if the job was already queued or running."""
+    script = redis.register_script(_ENQUEUE)
+    return ScriptBatch(redis, script, timeout_seconds, name="enqueue-batch")
+
+
+def generation_call(
+    queue_name: str, task_id: str, attempt: int, *, fresh: tuple[str, int] | None = None
+) -> tuple[list[str], list[bytes | str | int]]:
+    """The KEYS and ARGV of ``enqueue`` for the task's generation job.
 
     ``fresh``: a just-submitted task's (model, submission ms). The job carries them, and
     its first run asks nothing of PostgreSQL before it has an upstream slot
@@ -95,9 +99,12 @@ async def enqueue_generation(
     """
     kwargs: dict[str, object] = {} if fresh is None else {"model": fresh[0], "ticket_ms": fresh[1]}
     job_id = generate_job_id(task_id, attempt)
-    return await _enqueue(
-        redis, *job_call(queue_name, GENERATE_JOB, (task_id, attempt), job_id, kwargs=kwargs)
-    )
+    return job_call(queue_name, GENERATE_JOB, (task_id, attempt), job_id, kwargs=kwargs)
+
+
+async def enqueue_generation(redis: Redis, queue_name: str, task_id: str, attempt: int) -> bool:
+    """Queue the task's generation job; False if that job is already queued or running."""
+    return await _enqueue(redis, *generation_call(queue_name, task_id, attempt))
 
 
 async def generation_in_progress(redis: ArqRedis, task_id: str, attempt: int) -> bool:

@@ -74,7 +74,7 @@ async def submit_and_queue(
     task = submission.task
     if submission.created:
         services.backlog.accepted(task.model)
-        await service.queue_new_task(services.quick_redis, settings.queue_name, task)
+        await service.queue_new_task(services.enqueues, settings.queue_name, task)
     return task
 
 

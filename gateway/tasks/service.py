@@ -31,7 +31,6 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 from sqlalchemy import Table
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -44,7 +43,8 @@ from gateway.errors import Conflict, InvalidRequest, ModelAccessDenied, NotFound
 from gateway.ledger.service import InsufficientQuota
 from gateway.limits import service as limits
 from gateway.prices.book import Snapshot, build_snapshot
-from gateway.queue import enqueue_generation
+from gateway.queue import generation_call
+from gateway.script_batch import ScriptBatch
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import FINAL_STATES, IdempotencyKey, Task, TaskStatus
@@ -311,14 +311,17 @@ async def _reserve(
     return outcome
 
 
-async def queue_new_task(redis: Redis, queue_name: str, task: "TaskView") -> None:
-    """Queue a just-submitted task's job. The task is committed: if Redis fails now, the
-    reconciler queues it from its row (``requeue_pending_after_seconds``)."""
+async def queue_new_task(enqueues: ScriptBatch, queue_name: str, task: "TaskView") -> None:
+    """Queue a just-submitted task's job, in one pipeline with the other submits' that
+    arrive together (``gateway/queue.py``, ``enqueue_batch``). The task is committed: if
+    Redis fails now, the reconciler queues it from its row
+    (``requeue_pending_after_seconds``)."""
     try:
         ticket_ms = int(task.created_at.timestamp() * 1000)
-        await enqueue_generation(
-            redis, queue_name, task.id, task.attempt, fresh=(task.model, ticket_ms)
+        keys, argv = generation_call(
+            queue_name, task.id, task.attempt, fresh=(task.model, ticket_ms)
         )
+        await enqueues.run(keys, argv)
     except Exception:
         logger.exception("queueing task %s failed; the reconciler will queue it", task.id)
 
