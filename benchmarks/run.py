@@ -215,6 +215,10 @@ class Load:
     non_2xx: int
     socket_errors: int
     cpu_ms_per_request: float | None = None  # of the server's processes, when given
+    # Of this machine's PostgreSQL and Redis servers, and of all its cores (the load
+    # generator's, the servers', anything else's): where a request's CPU goes besides.
+    stores_cpu_ms_per_request: float | None = None
+    machine_cpu_ms_per_request: float | None = None
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -232,6 +236,29 @@ def cpu_seconds(pid: int) -> float:
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(c) for c in (task / "children").read_text().split()]
     return total / _TICK
+
+
+def stores_cpu_seconds() -> float:
+    """CPU time so far of this machine's PostgreSQL and Redis server processes (found by
+    name), with their ended children's: a backend that exits is counted in its parent."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            if name.startswith(("postgres", "redis-server")):
+                fields = stat.rpartition(")")[2].split()
+                total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / _TICK
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU time of all cores so far (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _TICK
 
 
 def wrk(
@@ -252,8 +279,11 @@ def wrk(
         "--timeout", "10s", "-s", str(path), base_url,
     ]  # fmt: skip
     cpu_before = cpu_seconds(pid) if pid is not None else 0.0
+    stores_before, machine_before = stores_cpu_seconds(), machine_cpu_seconds()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     cpu = cpu_seconds(pid) - cpu_before if pid is not None else None
+    stores = stores_cpu_seconds() - stores_before
+    machine = machine_cpu_seconds() - machine_before
     run.check_alive()
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if done.returncode != 0 or line is None:
@@ -270,6 +300,12 @@ def wrk(
         socket_errors=raw["socket_errors"],
         cpu_ms_per_request=(
             round(cpu * 1000 / raw["requests"], 3) if cpu is not None and raw["requests"] else None
+        ),
+        stores_cpu_ms_per_request=(
+            round(stores * 1000 / raw["requests"], 3) if raw["requests"] else None
+        ),
+        machine_cpu_ms_per_request=(
+            round(machine * 1000 / raw["requests"], 3) if raw["requests"] else None
         ),
     )
 
@@ -507,6 +543,7 @@ def paced_phase(args: argparse.Namespace, stack: Stack, keys: list[str]) -> dict
         with profiled(args, stack.gateway, "submit_1_tenant"):
             most = wrk(stack.run, stack.gateway_url, submit, **load, pid=stack.gateway.popen.pid)
         found["submit_1_tenant_rps"] = most.rps
+        found["submit_1_tenant"] = most.__dict__
         rate = most.rps / 2
     say(f"paced: submit_1_tenant at {rate:.0f}/s")
     url = f"{stack.gateway_url}/v1/images/generations"
@@ -660,12 +697,28 @@ def end_http_tasks(database_url: str) -> None:
     thousands of them would run beside the worker's batch and count in its figure
     (before the sixth round they did: 191.3 tasks/s at 4.38 ms of CPU per task, against
     229.3 and 3.79 with them ended, in two runs on the same machine)."""
-    rows = fetch(
-        database_url,
-        "SELECT count(*) FROM tollgate_fail_overdue(0, 100000000, 'benchmark',"
-        " 'submitted by the benchmark''s HTTP paths, never run')",
-    )
-    say(f"ended the {rows[0][0]:,} tasks the HTTP paths left open")
+    ended = asyncio.run(_end_open_tasks(database_url))
+    say(f"ended the {ended:,} tasks the HTTP paths left open")
+
+
+async def _end_open_tasks(database_url: str) -> int:
+    """Fail every open task, 2,000 a transaction. Not all at once: ending settles each
+    on its tenant's row, and one transaction updating a row 250,000 times (a soak's
+    tasks, one tenant's) slows down with every version it leaves of it (over 15 minutes,
+    where batches take seconds)."""
+    ended = 0
+    conn = await asyncpg.connect(plain_url(database_url))
+    try:
+        while True:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM tollgate_fail_overdue(0, 2000, 'benchmark',"
+                " 'submitted by the benchmark''s HTTP paths, never run')"
+            )
+            ended += count
+            if count == 0:
+                return ended
+    finally:
+        await conn.close()
 
 
 def job_runs(metrics_port: int) -> int:
@@ -877,14 +930,16 @@ def _mib(rss: dict[str, int], between: str) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     rows = [
         "| path | req/s | p50 ms | p99 ms | bare req/s just before | ratio to bare "
-        "| server CPU ms/request | CPU ratio to bare | non-2xx |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| server CPU ms/request | CPU ratio to bare | PostgreSQL + Redis CPU ms/request "
+        "| machine CPU ms/request | non-2xx |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, load in result["http"].items():
         rows.append(
             f"| {name} | {load['rps']:,.0f} | {load['p50_ms']} | {load['p99_ms']} | "
             f"{load['bare_rps']:,.0f} | {load['ratio_to_bare']:.3f} | "
             f"{load['cpu_ms_per_request']} | {load['cpu_ratio_to_bare']} | "
+            f"{load['stores_cpu_ms_per_request']} | {load['machine_cpu_ms_per_request']} | "
             f"{load['non_2xx'] + load['socket_errors']} |"
         )
     worker, callbacks, rss = result["worker"], result["callbacks"], result["rss_mib"]

@@ -53,6 +53,9 @@ def test_smoke_run_prints_every_figure() -> None:
         for figure in ("rps", "p50_ms", "p99_ms", "ratio_to_bare", "bare_rps"):
             assert isinstance(load[figure], float | int), (name, figure)
         assert load["cpu_ms_per_request"] is not None, name
+        # a submit is a PostgreSQL call and two Redis scripts: their servers' CPU shows
+        assert load["stores_cpu_ms_per_request"] > (0 if name.startswith("submit") else -1), name
+        assert load["machine_cpu_ms_per_request"] > 0, name
         assert "cpu_ratio_to_bare" in load, name
         assert f"| {name} |" in table
     half = result["submit_at_half_rate"]  # benchmarks/paced.py
