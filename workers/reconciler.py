@@ -21,6 +21,12 @@ workers). Each tick:
    So a task stranded that way runs again within
    ``requeue_pending_after_seconds + reconcile_interval_seconds`` of its
    submission, or one reconcile interval of the worker's death if later.
+5. vacuums the two small tables whose rows every submit and every settlement
+   update (``HOT_TABLES``: the tenants' balances and in-flight counts, the keys'
+   spend), whatever the server's autovacuum does: a hot tenant's row updated a
+   thousand times a second leaves versions behind that every later update walks
+   past, and its reservation grows several times dearer within minutes
+   (docs/performance.md, tenth round).
 
 A pending task parked in an upstream slot's line has no job on purpose
 (``workers/upstream_slots.py``): steps 3 and 4 leave it alone, and page past
@@ -45,6 +51,8 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.callbacks import service as callbacks
@@ -64,6 +72,8 @@ from workers.liveness import Liveness
 logger = logging.getLogger("tollgate.reconciler")
 
 BATCH = 500
+# The tables whose few rows every submit and settlement updates (step 5 above).
+HOT_TABLES = ("tenants", "key_spend")
 # Pages of stale pending tasks looked through per tick (parked ones are skipped).
 MAX_PAGES = 40
 
@@ -242,6 +252,21 @@ async def reap_dead_runs(deps: WorkerDeps, redis: ArqRedis, liveness: Liveness) 
     return len(handed)
 
 
+async def vacuum_hot_tables(engine: AsyncEngine) -> bool:
+    """VACUUM ``HOT_TABLES`` (outside a transaction, as VACUUM must be), passing over one
+    another vacuum holds. False, and a warning, if it failed: the tick goes on without it.
+    A role that does not own the tables gets PostgreSQL's warning and vacuums nothing."""
+    try:
+        async with engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in HOT_TABLES:
+                await autocommit.execute(text(f"VACUUM (SKIP_LOCKED) {table}"))
+    except (SQLAlchemyError, OSError) as exc:
+        logger.warning("vacuuming %s failed: %s", ", ".join(HOT_TABLES), exc)
+        return False
+    return True
+
+
 async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     deps: WorkerDeps = ctx["deps"]
     redis: ArqRedis = ctx["redis"]
@@ -274,6 +299,7 @@ async def reconcile(ctx: dict[str, Any]) -> dict[str, int]:
     for task_id, attempt in [*reclaimed, *waiting, *stranded]:
         if await enqueue_generation(redis, settings.queue_name, task_id, attempt):
             requeued += 1
+    await vacuum_hot_tables(deps.engine)
     if overdue or reclaimed or requeued:
         logger.info(
             "reconciled: %d overdue failed, %d leases reclaimed, %d stranded jobs restarted,"
