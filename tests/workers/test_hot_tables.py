@@ -28,7 +28,8 @@ async def test_the_hot_tables_are_vacuumed(engine: AsyncEngine) -> None:
     assert await vacuum_hot_tables(engine) is True
 
     after = await _vacuums(engine)
-    assert all(after[table] == before[table] + 1 for table in HOT_TABLES), (before, after)
+    # at least ours (a worker's tick, were one running, could add its own)
+    assert all(after[table] > before[table] for table in HOT_TABLES), (before, after)
 
 
 async def test_a_database_that_cannot_be_reached_fails_the_vacuum_not_the_tick(
