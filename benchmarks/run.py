@@ -224,6 +224,14 @@ class Load:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(process: Path) -> tuple[str, list[str]]:
+    """A process's name and the fields of its ``/proc/<pid>/stat`` after the name (the
+    name is in parentheses and may hold spaces)."""
+    stat = (process / "stat").read_text()
+    name, _, rest = stat[stat.index("(") + 1 :].rpartition(")")
+    return name, rest.split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and all its descendants so far, seconds."""
     total = 0
@@ -231,7 +239,7 @@ def cpu_seconds(pid: int) -> float:
     while pending:
         current = pending.pop()
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            _, fields = _stat(Path(f"/proc/{current}"))
             total += int(fields[11]) + int(fields[12])  # utime, stime
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(c) for c in (task / "children").read_text().split()]
@@ -246,10 +254,8 @@ def stores_cpu_seconds() -> float:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            name, fields = _stat(entry)
             if name.startswith(("postgres", "redis-server")):
-                fields = stat.rpartition(")")[2].split()
                 total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / _TICK
 
