@@ -88,6 +88,11 @@ class S3Server:
             got = client.get_object(Bucket=bucket, Key=key)
             return got["Body"].read(), got["ContentType"]
 
+    def delete(self, bucket: str, key: str) -> None:
+        """Remove an object behind Tollgate's back (a bucket rule, an operator)."""
+        with contextlib.closing(self.client()) as client:
+            client.delete_object(Bucket=bucket, Key=key)
+
 
 @contextlib.contextmanager
 def s3_server(logs: Path) -> Iterator[S3Server]:

@@ -405,7 +405,7 @@ async def test_results_stored_in_s3_stream_through_the_gateway_and_missing_ones_
     assert png_size(response.content) == (512, 512)
 
     # The object vanished behind a valid link (a bucket rule, an operator): 404, never 500.
-    s3.client().delete_object(Bucket=bucket, Key=f"r/{done['id']}/0.png")
+    s3.delete(bucket, f"r/{done['id']}/0.png")
     missing = await s3_client.get(f"{link.path}?{link.query}")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "not_found"
