@@ -10,6 +10,7 @@ using their own queue name; Redis is never flushed under another run.
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import socket
@@ -45,6 +46,31 @@ from workers.routing import Directory
 from workers.simulator.app import SimulatorConfig, create_simulator_app
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Collect garbage as each test module ends, and fail its last test on what it leaked.
+
+    An object left open in a reference cycle (a socket, a stream, a transport) warns when
+    the collector frees it, and the warning is an error in this suite. Left to the
+    collector's own timing, it fails whichever later test the collector happens to run in
+    (CI once failed the S3 test's set-up on a socket an earlier module had left); collected
+    here, the error names the module that leaked it."""
+    yield
+    if nextitem is not None and nextitem.path == item.path:
+        return
+    leaked: list[str] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda found: leaked.append(f"{found.object!r}: {found.exc_value!r}")
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    if leaked:
+        raise AssertionError(f"{item.path.name} left garbage that warns:\n" + "\n".join(leaked))
+
+
 SERVER_URL = os.environ.get(
     "TOLLGATE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
