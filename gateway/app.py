@@ -63,6 +63,7 @@ from gateway.storage import Storage, StorageUnavailable, build_signer, build_sto
 from gateway.tasks import events
 from gateway.tasks.backlog import Backlog
 from gateway.tasks.reads import TaskReads
+from gateway.tasks.reservations import Reservations
 from gateway.tasks.routes import FileController, TaskController
 from gateway.tasks.schemas import REQUEST_FIELDS
 from gateway.tasks.service import FinishedTasks
@@ -266,6 +267,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
         publisher = None
         task_events = None
         backlog: Backlog | None = None
+        reservations: Reservations | None = None
         try:
             if check_schema:
                 await check_migrated(engine)
@@ -281,6 +283,7 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
             task_events = events.TaskEvents(settings.redis_url, channel, pg)
             task_events.start()
             backlog = Backlog(engine, redis, settings, catalog)
+            reservations = Reservations(pg)
             app.state.services = Services(
                 settings=settings,
                 catalog=catalog,
@@ -300,10 +303,13 @@ def create_app(settings: Settings, *, check_schema: bool = True) -> Litestar:
                 task_reads=TaskReads(pg),
                 backlog=backlog,
                 enqueues=enqueue_batch(quick, settings.redis_timeout_seconds),
+                reservations=reservations,
             )
             freeze_startup_objects()
             yield
         finally:
+            if reservations is not None:
+                await reservations.close()
             if backlog is not None:
                 await backlog.close()
             if task_events is not None:

@@ -29,6 +29,7 @@ from gateway.storage import Storage, UrlSigner
 from gateway.tasks.backlog import Backlog
 from gateway.tasks.events import TaskEvents
 from gateway.tasks.reads import TaskReads
+from gateway.tasks.reservations import Reservations
 from gateway.tasks.service import FinishedTasks
 from pricing.catalog import Catalog
 
@@ -55,6 +56,7 @@ class Services:
     task_reads: TaskReads  # reads of tasks by id that arrive together, in one query
     backlog: Backlog  # each model's backlog estimate: overload refused at submit
     enqueues: ScriptBatch  # submits' jobs queued together (gateway/queue.enqueue_batch)
+    reservations: Reservations  # a tenant's submits reserved together (tasks/reservations)
 
 
 @dataclass

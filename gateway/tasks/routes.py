@@ -62,6 +62,7 @@ async def submit_and_queue(
         await services.backlog.check(model)  # 503 overloaded before anything is held
     submission = await service.submit_generation(
         services.pg,
+        reservations=services.reservations,
         catalog=services.catalog,
         settings=settings,
         principal=principal,

@@ -6,11 +6,13 @@ A tenant only sees its own tasks: another's task id is answered as an unknown on
 The two hot paths talk to PostgreSQL through the asyncpg pool (``Services.pg``)
 instead, with statements prepared once per connection:
 
-- **Submit** is one call of the database function ``tollgate_submit``
-  (migration 0007, ADR 0005), outside any explicit transaction, so that call is
-  the whole transaction and one round trip: the idempotency key, the task row,
-  the ledger's hold, the tenant's held credits and in-flight count, and the
-  key's spend, or none of them. The job is queued after it returns (committed).
+- **Submit** is one call of the database function ``tollgate_submit_batch``
+  (migration 0015, ADR 0007), shared with the tenant's other submits waiting in
+  this process (``reservations.py``), outside any explicit transaction, so that
+  call is the whole transaction and one round trip: for each submit the
+  idempotency key, the task row, the ledger's hold, the tenant's held credits and
+  in-flight count, and the key's spend, or none of them. The job is queued after
+  it returns (committed).
 - **Read** is one indexed ``SELECT``. A finished task never changes (every write
   to it is fenced to an open status, ``lifecycle.py``), so its rendered body is
   kept per process (``FinishedTasks``) and served again without a query.
@@ -48,6 +50,7 @@ from gateway.script_batch import ScriptBatch
 from gateway.settings import Settings
 from gateway.storage import UrlSigner
 from gateway.tasks.models import FINAL_STATES, IdempotencyKey, Task, TaskStatus
+from gateway.tasks.reservations import Reservation, Reservations
 from gateway.tasks.schemas import ResultSize, TaskError, TaskInfo, TaskObject, Usage
 from pricing.catalog import Catalog, ModelEntry
 from pricing.money import credits_from_micros
@@ -171,6 +174,7 @@ def request_fingerprint(fields: dict[str, Any], callback_url: str | None) -> str
 async def submit_generation(
     pg: asyncpg.Pool,
     *,
+    reservations: Reservations,
     catalog: Catalog,
     settings: Settings,
     principal: Principal,
@@ -185,9 +189,10 @@ async def submit_generation(
     Also enforces the tenant's cap on tasks in flight, the models the key may
     use and the key's budgets (``gateway/limits/service.py``).
 
-    All in one database call (``tollgate_submit``): if the hold fails (402) nothing
-    of it remains. A retry with the same Idempotency-Key finds the first task; a
-    concurrent one waits on the key's row until the first commits.
+    All in one database call, shared with the tenant's other waiting submits
+    (``reservations.py``): if the hold fails (402) nothing of it remains. A retry with
+    the same Idempotency-Key finds the first task; a concurrent one waits until the
+    first commits.
 
     ``api`` is the front door the request came through ("unified", or "krea" from
     ``gateway/krea/``); it is recorded on the task and decides the shape of its
@@ -239,7 +244,7 @@ async def submit_generation(
         # "api" joins the fingerprint only off the unified door, so stored unified ones still match.
         door = {} if api == "unified" else {"api": api}
         fingerprint = request_fingerprint({"model": model_id, **fields, **door}, callback_url)
-    outcome = await _reserve(pg, task, settings, principal, idempotency_key, fingerprint)
+    outcome = await _reserve(reservations, task, settings, principal, idempotency_key, fingerprint)
     if outcome == "conflict":
         raise Conflict(
             "Idempotency-Key: this key was already used with a different request body; "
@@ -252,62 +257,37 @@ async def submit_generation(
     return Submission(task=task, created=True)
 
 
-_SUBMIT = "SELECT tollgate_submit(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
-
-
 async def _reserve(
-    pg: asyncpg.Pool,
+    reservations: Reservations,
     task: NewTask,
     settings: Settings,
     principal: Principal,
     idempotency_key: str | None,
     fingerprint: str | None,
 ) -> str:
-    """Run ``tollgate_submit``; the database's refusals become our errors."""
+    """Reserve the submit (``reservations.py``); the database's refusals become our errors."""
     cap = limits.max_in_flight(settings, principal)
-    periods = limits.spend_periods(task.created_at)
     budgets = [
         principal.budget_total_micros,
         principal.budget_daily_micros,
         principal.budget_monthly_micros,
     ]
-    try:
-        outcome: str = await pg.fetchval(
-            _SUBMIT,
-            task.id,
-            task.tenant_id,
-            task.api_key_id,
-            task.model,
-            task.provider,
-            task.request,
-            task.quote,
-            task.billing_rule,
-            task.user_group,
-            task.credits_reserved_micros,
-            task.estimated_seconds,
-            task.can_cancel,
-            task.callback_url,
-            task.api,
-            task.request_id,
-            task.created_at,
-            cap,
-            list(periods),
-            budgets,
-            idempotency_key,
-            fingerprint,
-        )
-    except asyncpg.PostgresError as exc:
-        state = getattr(exc, "sqlstate", None)
-        if state == "TG402":
-            raise InsufficientQuota() from None
-        if state == "TG429":
-            raise limits.too_many_in_flight(cap) from None
-        if state == "TGBUD":
-            index, budget, spent = (int(part) for part in str(exc.detail).split(","))
-            raise limits.key_budget_exceeded(
-                index - 1, budget, spent, task.credits_reserved_micros
-            ) from None
-        raise
+    reservation = Reservation(
+        task=task,
+        cap=cap,
+        periods=limits.spend_periods(task.created_at),
+        budgets=budgets,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+    )
+    outcome = await reservations.reserve(reservation)
+    if outcome == "TG402":
+        raise InsufficientQuota()
+    if outcome == "TG429":
+        raise limits.too_many_in_flight(cap)
+    if outcome.startswith("TGBUD:"):
+        index, budget, spent = (int(part) for part in outcome.removeprefix("TGBUD:").split(","))
+        raise limits.key_budget_exceeded(index - 1, budget, spent, task.credits_reserved_micros)
     return outcome
 
 
