@@ -205,15 +205,18 @@ async def test_a_spend_row_made_under_the_call_sends_its_submits_one_by_one(
             day,
         )
         with caplog.at_level(logging.WARNING, logger="tollgate.tasks"):
-            reserving = asyncio.create_task(
-                reservations.reserve(submit(tenant_id, key_id, 1_000, budgets=(None, 1_500, None)))
+            budgets = (None, 1_500, None)
+            reserving = asyncio.gather(
+                reservations.reserve(submit(tenant_id, key_id, 1_000, budgets=budgets)),
+                reservations.reserve(submit(tenant_id, key_id, 300, budgets=budgets)),
             )
             await asyncio.sleep(0.5)
             assert not reserving.done()  # waiting on the other's new row
             await transaction.commit()
-            # Alone, it counts the other's 700: 1,700 would pass the day's 1,500.
-            assert await reserving == "TGBUD:2,1500,700"
-    assert "reserving 1 submits together failed" in caplog.text
+            # One by one, they count the other's 700: 1,700 would pass the day's 1,500.
+            assert await reserving == ["TGBUD:2,1500,700", "created"]
+    assert reservations.calls == 1
+    assert "reserving 2 submits together failed" in caplog.text
     held, spends, tasks, _ = await state(pool, tenant_id, key_id)
-    assert (held, tasks) == ((0, 0), 0)
-    assert dict(spends) == {day: 700}
+    assert (held, tasks) == ((300, 1), 1)
+    assert dict(spends)[day] == 1_000
