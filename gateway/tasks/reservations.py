@@ -91,6 +91,7 @@ class Reservations:
 
     async def _send(self, tenant_id: str) -> None:
         waiting = self._waiting[tenant_id]
+        batch: _Waiting = []
         try:
             while waiting:
                 batch = self._take(waiting)
@@ -102,13 +103,9 @@ class Reservations:
                         answer.set_exception(outcome)
                     else:
                         answer.set_result(outcome)
-        except BaseException as exc:  # cancelled at shutdown: no caller is left hanging
-            for _, answer in waiting:
-                if not answer.done():
-                    answer.set_exception(exc)
-            raise
-        finally:
-            del self._waiting[tenant_id]
+        finally:  # cancelled at shutdown (a call out is cancelled with it): no caller hangs
+            _cancel_all(batch + waiting)
+            self._waiting.pop(tenant_id, None)
 
     def _take(self, waiting: _Waiting) -> _Waiting:
         """The next call's submits, in order; a second one with the same Idempotency-Key,
@@ -181,10 +178,21 @@ class Reservations:
         return outcome
 
     async def close(self) -> None:
+        """Stop sending: a call out is cancelled (its transaction rolls back) and every
+        submit still waiting is cancelled, not left hanging."""
         for sender in list(self._senders):
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+        for waiting in self._waiting.values():  # a sender cancelled before it began
+            _cancel_all(waiting)
+        self._waiting.clear()
+
+
+def _cancel_all(entries: _Waiting) -> None:
+    for _, answer in entries:
+        if not answer.done():
+            answer.cancel()
 
 
 def _columns(items: list[Reservation]) -> list[Any]:

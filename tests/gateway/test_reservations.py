@@ -220,3 +220,30 @@ async def test_a_spend_row_made_under_the_call_sends_its_submits_one_by_one(
     held, spends, tasks, _ = await state(pool, tenant_id, key_id)
     assert (held, tasks) == ((300, 1), 1)
     assert dict(spends)[day] == 1_000
+
+
+async def test_close_cancels_a_call_out_and_the_submits_waiting(
+    pool: Any, settings: Settings
+) -> None:
+    """At shutdown: a call held up (here by a lock on the tenant's row) is cancelled, its
+    transaction rolls back, and no submit's caller is left waiting."""
+    tenant_id, key_id = await tenant(pool, settings, 10_000)
+    reservations = Reservations(pool)
+    async with pool.acquire() as other:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", tenant_id)
+        reserving = [
+            asyncio.create_task(reservations.reserve(submit(tenant_id, key_id, 1_000)))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in reserving)
+        await asyncio.wait_for(reservations.close(), timeout=5)
+        results = await asyncio.wait_for(
+            asyncio.gather(*reserving, return_exceptions=True), timeout=5
+        )
+        assert all(isinstance(result, asyncio.CancelledError) for result in results)
+        await transaction.rollback()
+    held, _, tasks, holds = await state(pool, tenant_id, key_id)
+    assert (held, tasks, holds) == ((0, 0), 0, 0)
