@@ -6,13 +6,14 @@ A tenant only sees its own tasks: another's task id is answered as an unknown on
 The two hot paths talk to PostgreSQL through the asyncpg pool (``Services.pg``)
 instead, with statements prepared once per connection:
 
-- **Submit** is one call of the database function ``tollgate_submit_batch``
-  (migration 0015, ADR 0007), shared with the tenant's other submits waiting in
-  this process (``reservations.py``), outside any explicit transaction, so that
-  call is the whole transaction and one round trip: for each submit the
-  idempotency key, the task row, the ledger's hold, the tenant's held credits and
-  in-flight count, and the key's spend, or none of them. The job is queued after
-  it returns (committed).
+- **Submit** is one call of a database function, outside any explicit
+  transaction, so that call is the whole transaction and one round trip: for each
+  submit the idempotency key, the task row, the ledger's hold, the tenant's held
+  credits and in-flight count, and the key's spend, or none of them. A lone submit
+  calls ``tollgate_submit`` (migration 0007, ADR 0005); the submits of one tenant
+  that wait together in this process share a call of ``tollgate_submit_batch``
+  (migration 0015, ADR 0007; ``reservations.py``). The job is queued after the
+  call returns (committed).
 - **Read** is one indexed ``SELECT``. A finished task never changes (every write
   to it is fenced to an open status, ``lifecycle.py``), so its rendered body is
   kept per process (``FinishedTasks``) and served again without a query.
