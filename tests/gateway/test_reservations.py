@@ -85,13 +85,22 @@ def submit(
 
 
 async def state(pool: Any, tenant_id: str, key_id: str) -> tuple[Any, ...]:
-    """The tenant's held credits and tasks in flight, its key's spends, its tasks and holds."""
+    """The tenant's held credits and tasks in flight, its key's spends, its tasks (what
+    they store, but their ids) and the sum of its holds."""
     row = await pool.fetchrow("SELECT held_micros, in_flight FROM tenants WHERE id = $1", tenant_id)
     spends = await pool.fetch(
         "SELECT period, spent_micros FROM key_spend WHERE api_key_id = $1 ORDER BY period",
         key_id,
     )
-    tasks = await pool.fetchval("SELECT count(*) FROM tasks WHERE tenant_id = $1", tenant_id)
+    tasks = [
+        tuple(task)
+        for task in await pool.fetch(
+            "SELECT model, provider, status, request, quote, billing_rule, user_group, "
+            "credits_reserved_micros, estimated_seconds, can_cancel, api, attempt, created_at "
+            "FROM tasks WHERE tenant_id = $1 ORDER BY credits_reserved_micros",
+            tenant_id,
+        )
+    ]
     holds = await pool.fetchval(
         "SELECT coalesce(sum(amount_micros), 0) FROM ledger_entries "
         "WHERE tenant_id = $1 AND kind = 'hold'",
@@ -128,7 +137,8 @@ async def test_submits_that_wait_together_are_decided_in_order_as_each_alone(
     # The same rows: 4,500 held by 4 tasks, the key's spend 4,500 in each period.
     assert outcomes["together"][1] == outcomes["alone"][1]
     held, spends, tasks, holds = outcomes["together"][1]
-    assert (held, tasks, holds) == ((4_500, 4), 4, 4_500)
+    assert (held, len(tasks), holds) == ((4_500, 4), 4, 4_500)
+    assert [(task[3]["prompt"], task[4]) for task in tasks] == [("a lighthouse", {})] * 4
     assert [spent for _, spent in spends] == [4_500, 4_500, 4_500]
     assert together.calls < len(AMOUNTS)  # they shared calls
     assert alone.calls == len(AMOUNTS)
@@ -156,7 +166,7 @@ async def test_one_idempotency_key_twice_goes_in_the_next_call(
         "created",
     ]
     held, _, tasks, holds = await state(pool, tenant_id, key_id)
-    assert (held, tasks, holds) == ((3_000, 2), 2, 3_000)
+    assert (held, len(tasks), holds) == ((3_000, 2), 2, 3_000)
     claims = await pool.fetch(
         "SELECT key, task_id FROM idempotency_keys WHERE tenant_id = $1 ORDER BY key", tenant_id
     )
@@ -184,7 +194,7 @@ async def test_a_bad_submit_fails_alone_and_the_rest_are_reserved(
     assert isinstance(answers[1], Exception)
     assert "reserving them one by one" in caplog.text
     held, _, tasks, holds = await state(pool, tenant_id, key_id)
-    assert (held, tasks, holds) == ((7_000, 3), 3, 7_000)
+    assert (held, len(tasks), holds) == ((7_000, 3), 3, 7_000)
 
 
 async def test_a_spend_row_made_under_the_call_sends_its_submits_one_by_one(
@@ -218,7 +228,7 @@ async def test_a_spend_row_made_under_the_call_sends_its_submits_one_by_one(
     assert reservations.calls == 1
     assert "reserving 2 submits together failed" in caplog.text
     held, spends, tasks, _ = await state(pool, tenant_id, key_id)
-    assert (held, tasks) == ((300, 1), 1)
+    assert (held, len(tasks)) == ((300, 1), 1)
     assert dict(spends)[day] == 1_000
 
 
@@ -246,4 +256,4 @@ async def test_close_cancels_a_call_out_and_the_submits_waiting(
         assert all(isinstance(result, asyncio.CancelledError) for result in results)
         await transaction.rollback()
     held, _, tasks, holds = await state(pool, tenant_id, key_id)
-    assert (held, tasks, holds) == ((0, 0), 0, 0)
+    assert (held, tasks, holds) == ((0, 0), [], 0)
