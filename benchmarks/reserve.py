@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from gateway.db import alembic_config
 from gateway.limits.service import spend_periods
+from gateway.tasks.reservations import SUBMIT, SUBMIT_BATCH
 
 AMOUNT = 3_277
 FLUX_REQUEST = {"prompt": "a lighthouse at dawn", "size": "512x512"}
@@ -50,8 +51,6 @@ TRANSACTION = [
     "SELECT $1, p, $2 FROM unnest($3::text[]) AS p ON CONFLICT (api_key_id, period) "
     "DO UPDATE SET spent_micros = s.spent_micros + EXCLUDED.spent_micros",
 ]
-FUNCTION = "SELECT tollgate_submit(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
-BATCH_FUNCTION = "SELECT tollgate_submit_batch(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
 BATCH = 16  # submits per call of the batch way
 
 
@@ -111,7 +110,7 @@ async def by_transaction(conn: asyncpg.Connection, tenant: str, key: str) -> int
 async def by_function(conn: asyncpg.Connection, tenant: str, key: str) -> int:
     task, now = f"task-{secrets.token_hex(10)}", datetime.now(UTC)
     outcome = await conn.fetchval(
-        FUNCTION, task, tenant, key, "flux-1-schnell", "siliconflow",
+        SUBMIT, task, tenant, key, "flux-1-schnell", "siliconflow",
         json.dumps(FLUX_REQUEST), json.dumps(QUOTE), "per_megapixel_step", "default", AMOUNT,
         2, False, None, "unified", None, now, 0, list(spend_periods(now)),
         [None, None, None], None, None,
@@ -128,7 +127,7 @@ async def by_batch(conn: asyncpg.Connection, tenant: str, key: str) -> int:
         "per_megapixel_step", "default", AMOUNT, 2, False, None, "unified", None, now, 0,
         list(spend_periods(now)), [None, None, None], None, None,
     )]  # fmt: skip
-    outcomes = await conn.fetchval(BATCH_FUNCTION, tenant, tasks, *each)
+    outcomes = await conn.fetchval(SUBMIT_BATCH, tenant, tasks, *each)
     if set(outcomes) != {"created"}:
         raise RuntimeError(outcomes)
     return BATCH

@@ -46,8 +46,11 @@ MAX_BATCH = 64  # submits in one call; more wait for the next
 # 'TG402' (credits), 'TG429' (tasks in flight), 'TGBUD:<period 1-3>,<budget>,<spent>'.
 Outcome = str
 
-_SUBMIT = "SELECT tollgate_submit(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
-_SUBMIT_BATCH = "SELECT tollgate_submit_batch(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
+# The two functions take the same 21 arguments, in the same order: one submit's values
+# (``_arguments``), or the tenant's id and then an array of each other argument's.
+SUBMIT = "SELECT tollgate_submit(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
+SUBMIT_BATCH = "SELECT tollgate_submit_batch(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
+_TENANT = 1  # the tenant's place among the arguments
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +133,7 @@ class Reservations:
         if len(items) == 1:  # alone, the one-submit function costs PostgreSQL less
             return [await self._one(items[0])]
         try:
-            outcomes: list[Outcome] = await self._pg.fetchval(_SUBMIT_BATCH, *_columns(items))
+            outcomes: list[Outcome] = await self._pg.fetchval(SUBMIT_BATCH, *_columns(items))
             return list(outcomes)
         except Exception as exc:
             logger.warning(
@@ -142,32 +145,8 @@ class Reservations:
 
     async def _one(self, item: Reservation) -> Outcome | BaseException:
         """One submit through ``tollgate_submit``, its refusal as the batch answers it."""
-        task = item.task
         try:
-            outcome: Outcome = await self._pg.fetchval(
-                _SUBMIT,
-                task.id,
-                task.tenant_id,
-                task.api_key_id,
-                task.model,
-                task.provider,
-                task.request,
-                task.quote,
-                task.billing_rule,
-                task.user_group,
-                task.credits_reserved_micros,
-                task.estimated_seconds,
-                task.can_cancel,
-                task.callback_url,
-                task.api,
-                task.request_id,
-                task.created_at,
-                item.cap,
-                list(item.periods),
-                list(item.budgets),
-                item.idempotency_key,
-                item.fingerprint,
-            )
+            outcome: Outcome = await self._pg.fetchval(SUBMIT, *_arguments(item))
         except Exception as exc:  # asyncpg's errors carry the function's SQLSTATE
             state = getattr(exc, "sqlstate", None)
             if state in ("TG402", "TG429"):
@@ -195,29 +174,36 @@ def _cancel_all(entries: _Waiting) -> None:
             answer.cancel()
 
 
-def _columns(items: list[Reservation]) -> list[Any]:
-    """``tollgate_submit_batch``'s arguments: the tenant, then one array per column."""
-    tasks = [item.task for item in items]
+def _arguments(item: Reservation) -> list[Any]:
+    """``tollgate_submit``'s arguments for one submit."""
+    task = item.task
     return [
-        tasks[0].tenant_id,
-        [t.id for t in tasks],
-        [t.api_key_id for t in tasks],
-        [t.model for t in tasks],
-        [t.provider for t in tasks],
-        [t.request for t in tasks],
-        [t.quote for t in tasks],
-        [t.billing_rule for t in tasks],
-        [t.user_group for t in tasks],
-        [t.credits_reserved_micros for t in tasks],
-        [t.estimated_seconds for t in tasks],
-        [t.can_cancel for t in tasks],
-        [t.callback_url for t in tasks],
-        [t.api for t in tasks],
-        [t.request_id for t in tasks],
-        [t.created_at for t in tasks],
-        [item.cap for item in items],
-        [list(item.periods) for item in items],
-        [list(item.budgets) for item in items],
-        [item.idempotency_key for item in items],
-        [item.fingerprint for item in items],
+        task.id,
+        task.tenant_id,
+        task.api_key_id,
+        task.model,
+        task.provider,
+        task.request,
+        task.quote,
+        task.billing_rule,
+        task.user_group,
+        task.credits_reserved_micros,
+        task.estimated_seconds,
+        task.can_cancel,
+        task.callback_url,
+        task.api,
+        task.request_id,
+        task.created_at,
+        item.cap,
+        list(item.periods),
+        list(item.budgets),
+        item.idempotency_key,
+        item.fingerprint,
     ]
+
+
+def _columns(items: list[Reservation]) -> list[Any]:
+    """``tollgate_submit_batch``'s arguments: the tenant's id (one tenant a call), then
+    each other argument of ``tollgate_submit`` as an array, one element per submit."""
+    columns = [list(column) for column in zip(*map(_arguments, items), strict=True)]
+    return [items[0].task.tenant_id, *columns[:_TENANT], *columns[_TENANT + 1 :]]
